@@ -1,0 +1,34 @@
+# Set-up is two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates the virtual environment it needs. torch is pinned through constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test lint format clean
+
+$(STAMP):
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m hf_m2n2.toy out/seeds
+	$(VENV)/bin/hf-m2n2 merge examples/tiny_merge/spec.yaml out/tiny-merged --overwrite
+	$(PY) examples/tiny_merge/check.py out/tiny-merged
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,313 @@
+"""Lazy checkpoint reading (safetensors, mmap'd; `.bin` only through `torch.load(weights_only=True)`) and a
+streaming sharded safetensors writer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_m2n2.errors import CheckpointError, OutputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+class Checkpoint:
+    """Read-only, lazy view of the tensors of one model directory.
+
+    Tensors are read one at a time on request; nothing is loaded at construction beyond the file headers.
+
+    Args:
+        path: a directory holding `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
+            any `*.safetensors`, or (only if there are none) `pytorch_model*.bin`.
+
+    Raises:
+        CheckpointError: no weights found, a corrupted header, or an unsafe `.bin`.
+
+    Example:
+        >>> ckpt = Checkpoint("path/to/model")
+        >>> ckpt.info("model.norm.weight").shape
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._infos: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
+        files = _weight_files(self.path)
+        if not files:
+            raise CheckpointError(f"{self.path}: no *.safetensors or pytorch_model*.bin weights found")
+        for file in files:
+            for name, info in self._read_header(file).items():
+                self._infos.setdefault(name, info)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (CPU, its stored dtype)."""
+        info = self.info(name)
+        handle = self._open(info.file)
+        try:
+            if info.file.suffix == ".safetensors":
+                return handle.get_tensor(name)
+            return handle[name]
+        except Exception as exc:  # a truncated file surfaces only when its data is touched
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
+
+    def _read_header(self, file: Path) -> dict[str, TensorInfo]:
+        handle = self._open(file)
+        infos: dict[str, TensorInfo] = {}
+        if file.suffix == ".safetensors":
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                sl = handle.get_slice(name)
+                dtype = _ST_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
+                infos[name] = TensorInfo(file, dtype, tuple(sl.get_shape()))
+        else:
+            for name, value in handle.items():
+                if isinstance(value, torch.Tensor):
+                    infos[name] = TensorInfo(file, value.dtype, tuple(value.shape))
+        return infos
+
+    def _open(self, file: Path):
+        with self._lock:
+            if file not in self._handles:
+                self._handles[file] = _open_file(file)
+            return self._handles[file]
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    for index_name, pattern in ((SAFETENSORS_INDEX, "*.safetensors"), (BIN_INDEX, "pytorch_model*.bin")):
+        index = path / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: invalid index json ({exc})") from exc
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
+            return files
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _open_file(file: Path):
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(file), framework="pt", device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{file}: corrupted or truncated safetensors file ({exc})") from exc
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{file}: refused to load: it contains a pickled object that is not a tensor ({first_line})"
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def safetensors_dtype_name(dtype: torch.dtype) -> str:
+    return _ST_NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor the writer expects: name, shape and dtype are fixed before any data is computed."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclass
+class _Slot:
+    file: Path
+    offset: int
+    nbytes: int
+    written: bool = False
+
+
+class ShardedSafetensorsWriter:
+    """Writes a fixed list of tensors into safetensors shards, streaming, in any order, from several threads.
+
+    The safetensors library serializes only complete in-memory dicts; a model must be written tensor by tensor
+    with bounded memory, so shard headers are laid out up front from the planned shapes and each tensor's bytes
+    are written at its offset when it is ready.
+
+    Args:
+        directory: where the shards and the index go (an existing, empty temporary directory).
+        planned: every tensor to be written, in output order.
+        max_shard_bytes: a new shard starts when adding a tensor would exceed this (a tensor larger than the
+            limit gets a shard of its own).
+    """
+
+    def __init__(self, directory: Path, planned: Sequence[PlannedTensor], max_shard_bytes: int):
+        self.directory = Path(directory)
+        groups = _group_shards(planned, max_shard_bytes)
+        self.total_size = sum(t.nbytes for t in planned)
+        if len(groups) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        self._slots: dict[str, _Slot] = {}
+        self._fds: dict[Path, int] = {}
+        self.weight_map: dict[str, str] = {}
+        try:
+            for file_name, group in zip(names, groups):
+                self._open_shard(self.directory / file_name, group)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write {self.directory}: {exc.strerror or exc}") from exc
+
+    def _open_shard(self, file: Path, group: Sequence[PlannedTensor]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in group:
+            header[t.name] = {
+                "dtype": safetensors_dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + t.nbytes],
+            }
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds[file] = fd
+        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+        data_start = 8 + len(raw)
+        for t in group:
+            start = header[t.name]["data_offsets"][0]  # type: ignore[index]
+            self._slots[t.name] = _Slot(file, data_start + start, t.nbytes)
+            self.weight_map[t.name] = file.name
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (thread-safe: every tensor has its own byte range)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise OutputError(f"tensor {name!r} was not planned for output")
+        data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+        if data.nbytes != slot.nbytes:
+            raise OutputError(f"tensor {name!r}: {data.nbytes} bytes, planned {slot.nbytes}")
+        view = memoryview(data)
+        fd = self._fds[slot.file]
+        done = 0
+        try:
+            while done < slot.nbytes:
+                done += os.pwrite(fd, view[done:], slot.offset + done)
+        except OSError as exc:
+            raise OutputError(f"writing {slot.file.name}: {exc.strerror or exc}") from exc
+        slot.written = True
+
+    def finish(self) -> None:
+        """Check every planned tensor was written, flush to disk, write the index (if sharded)."""
+        missing = [name for name, slot in self._slots.items() if not slot.written]
+        if missing:
+            raise OutputError(f"{len(missing)} planned tensors were never written (first: {missing[0]})")
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+            if len({s.file for s in self._slots.values()}) > 1:
+                index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+                (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        except OSError as exc:
+            raise OutputError(f"finishing {self.directory}: {exc.strerror or exc}") from exc
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+def _group_shards(planned: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in planned:
+        if groups[-1] and size + t.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups

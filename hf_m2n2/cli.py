@@ -1,0 +1,147 @@
+"""The `hf-m2n2` command line. Heavy libraries are imported inside the commands so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+
+EXIT_USER_ERROR = 2
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgb]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `5000000`, `500M`, `5GB`, `5B` (mergekit's billions), `2GiB`."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB, 1000000)")
+    number, unit, binary, _ = match.groups()
+    if unit.lower() == "b" and not binary:
+        unit = "g"  # mergekit's "5B" = 5 billion
+    power = {"": 0, "k": 1, "m": 2, "g": 3}[unit.lower()]
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hf_m2n2 import __version__
+
+    parser = argparse.ArgumentParser(prog="hf-m2n2", description="Merge and evolve Hugging Face models.")
+    parser.add_argument("--version", action="version", version=f"hf-m2n2 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge models from a mergekit-style YAML spec")
+    merge.add_argument("config", help="merge spec (mergekit YAML)")
+    merge.add_argument("out_dir", help="output directory (written atomically)")
+    merge.add_argument(
+        "--out-shard-size", type=parse_size, default="5GB", help="max bytes per shard (default 5GB)"
+    )
+    merge.add_argument(
+        "--copy-tokenizer",
+        dest="copy_tokenizer",
+        nargs="?",
+        const=True,
+        default=True,
+        type=_bool,
+        help="copy the base model's tokenizer (default)",
+    )
+    merge.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
+    merge.add_argument("--random-seed", type=int, default=0, help="seed of randomized methods (default 0)")
+    merge.add_argument("--device", default="cpu", help="device for the tensor math (cpu, cuda, cuda:1, ...)")
+    merge.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures")
+    merge.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in seed tensors")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    merge.add_argument("--workers", type=int, default=2, help="tensors computed concurrently (default 2)")
+    merge.add_argument("--trust-remote-code", action="store_true", help="allow tokenizers with custom code")
+    merge.add_argument(
+        "--lazy-unpickle", action="store_true", help=argparse.SUPPRESS
+    )  # mergekit compatibility
+    _verbosity(merge)
+
+    validate = sub.add_parser("validate", help="check a spec (and, unless --no-resolve, that its models fit)")
+    validate.add_argument("config")
+    validate.add_argument("--no-resolve", action="store_true", help="only check the YAML, do not open models")
+    _verbosity(validate)
+    return parser
+
+
+def _verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    group.add_argument("-q", "--quiet", action="store_true", help="only errors")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from hf_m2n2.merge import MergeOptions, run_merge
+
+    options = MergeOptions(
+        out_shard_size=args.out_shard_size,
+        copy_tokenizer=args.copy_tokenizer,
+        random_seed=args.random_seed,
+        device=args.device,
+        allow_crimes=args.allow_crimes,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+        workers=args.workers,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.quiet,
+    )
+    result = run_merge(args.config, args.out_dir, options)
+    if not args.quiet:
+        gb = result.total_bytes / 1e9
+        print(
+            f"merged {len(result.seeds)} models into {result.out_dir} ({result.tensors} tensors, {gb:.2f} GB)"
+        )
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from hf_m2n2.merge import validate
+
+    spec = validate(args.config, resolve=not args.no_resolve)
+    if not args.quiet:
+        print(f"{args.config}: valid {spec.merge_method} spec over {len(spec.referenced_models())} models")
+    return 0
+
+
+COMMANDS = {"merge": _cmd_merge, "validate": _cmd_validate}
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # so SIGTERM cleans up temporary output like Ctrl-C does
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    signal.signal(signal.SIGTERM, _terminate)
+    from hf_m2n2.errors import HfM2n2Error
+
+    try:
+        return COMMANDS[args.command](args)
+    except HfM2n2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

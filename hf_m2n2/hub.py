@@ -1,0 +1,187 @@
+"""Model references (`org/name`, `org/name@revision`, a local directory) resolved to local files and a pinned sha."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hf_m2n2.errors import ModelResolutionError
+
+# What a merge needs from a repo: weights, configs, tokenizer files and the card (for its license).
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+SUPPORT_PATTERNS = [
+    "*.json",
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "vocab.txt",
+    "merges.txt",
+    "*.jinja",
+    "README.md",
+]
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference resolved to a local directory.
+
+    Attributes:
+        ref: the reference as written in the spec.
+        path: local directory holding the files.
+        repo_id: Hub repo id, or None for a local directory.
+        revision: the revision asked for (branch, tag or sha), if any.
+        commit: the pinned commit sha the files come from (None for a local directory).
+    """
+
+    ref: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A readable name for cards and logs: the repo id, or the directory name for local models."""
+        return self.repo_id or self.path.name
+
+    @property
+    def pinned(self) -> str:
+        """`org/name@sha` for Hub models, the directory name for local ones."""
+        if self.repo_id and self.commit:
+            return f"{self.repo_id}@{self.commit}"
+        return self.name
+
+
+def split_reference(ref: str) -> tuple[str, str | None]:
+    """`org/name@rev` -> (`org/name`, `rev`); no `@` -> (ref, None)."""
+    if "@" in ref:
+        name, _, revision = ref.rpartition("@")
+        if name and revision:
+            return name, revision
+    return ref, None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+def resolve_model(
+    ref: str,
+    *,
+    base_dir: Path | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    allow_bin: bool = True,
+) -> ResolvedModel:
+    """Resolve a model reference to a local directory.
+
+    A reference that names an existing directory (relative to the working directory, then to `base_dir`) is used
+    in place. Anything else is a Hub repo id, fetched with `huggingface_hub.snapshot_download` (weights, configs
+    and tokenizer files only), which honours `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT` and the cache.
+
+    Args:
+        ref: `org/name`, `org/name@revision`, or a directory.
+        base_dir: second place to look for relative directories (the spec file's folder).
+        token: passed to huggingface_hub (None: its standard lookup).
+        cache_dir: Hugging Face cache directory (None: the default).
+        allow_bin: also fetch `pytorch_model*.bin` when the repo has no safetensors.
+
+    Returns:
+        The resolved model, with the pinned commit sha for Hub models.
+
+    Raises:
+        ModelResolutionError: the directory does not exist, the repo id is invalid, the repo or revision is not
+            found (or not cached while offline), or access is denied.
+
+    Example:
+        >>> resolve_model("HuggingFaceTB/SmolLM2-135M@main").commit
+    """
+    for candidate in _local_candidates(ref, base_dir):
+        if candidate.is_dir():
+            return ResolvedModel(ref=ref, path=candidate)
+    repo_id, revision = split_reference(ref)
+    if _looks_like_path(repo_id):
+        raise ModelResolutionError(f"model directory {ref!r} does not exist")
+    return _download(ref, repo_id, revision, token=token, cache_dir=cache_dir, allow_bin=allow_bin)
+
+
+def _local_candidates(ref: str, base_dir: Path | None) -> list[Path]:
+    path = Path(ref).expanduser()
+    if path.is_absolute() or base_dir is None:
+        return [path]
+    return [path, base_dir / path]
+
+
+def _download(ref, repo_id, revision, *, token, cache_dir, allow_bin) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = WEIGHT_PATTERNS + SUPPORT_PATTERNS
+    if allow_bin and not _has_safetensors(repo_id, revision, token):
+        patterns = BIN_PATTERNS + SUPPORT_PATTERNS
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir
+        )
+    except HFValidationError as exc:
+        raise ModelResolutionError(f"invalid model reference {ref!r}: {_first_line(exc)}") from exc
+    except GatedRepoError as exc:
+        raise ModelResolutionError(f"{repo_id}: gated repo, access not granted for this token") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelResolutionError(f"{repo_id}: revision {revision!r} not found") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelResolutionError(
+            f"{repo_id}: repository not found (or private and no valid token)"
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        if revision and _cached_repo(repo_id, cache_dir):
+            raise ModelResolutionError(
+                f"{where}: revision {revision!r} not found in the local cache"
+            ) from exc
+        raise ModelResolutionError(
+            f"{where}: not found locally and the Hub cannot be reached (offline or no network); "
+            "download it first or pass a local directory"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise ModelResolutionError(f"{where}: Hub request failed: {_first_line(exc)}") from exc
+    path = Path(path)
+    commit = path.name if _SHA.match(path.name) else None
+    return ResolvedModel(ref=ref, path=path, repo_id=repo_id, revision=revision, commit=commit)
+
+
+def _has_safetensors(repo_id: str, revision: str | None, token) -> bool:
+    """Ask the Hub whether the repo has safetensors weights; offline, assume so (the cache decides)."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    except Exception:  # resolution errors are reported by snapshot_download with a precise class
+        return True
+    return any(f.endswith(".safetensors") for f in files)
+
+
+def _cached_repo(repo_id: str, cache_dir) -> bool:
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE)
+    return (root / f"models--{repo_id.replace('/', '--')}").is_dir()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,327 @@
+"""`hf-m2n2 merge`: a MergeSpec to a merged model directory (weights, config, tokenizer, card), atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hf_m2n2.card import CardModel, build_merge_card
+from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
+from hf_m2n2.errors import SpecError
+from hf_m2n2.hub import ResolvedModel
+from hf_m2n2.materialize import compute_task, materialize
+from hf_m2n2.methods import get_method
+from hf_m2n2.outdir import atomic_output_dir, check_output_dir
+from hf_m2n2.plan import plan_merge
+from hf_m2n2.recipe import MethodRecipe
+from hf_m2n2.seeds import Seed, open_seeds
+from hf_m2n2.spec import MergeSpec, load_spec, model_ref_string, parse_spec, parse_yaml, read_spec_text
+from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 5_000_000_000
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class MergeOptions:
+    """Run options (the CLI flags). Defaults follow mergekit-yaml where it has the same flag."""
+
+    out_shard_size: int = DEFAULT_SHARD_SIZE
+    copy_tokenizer: bool = True
+    random_seed: int = 0
+    device: str = "cpu"
+    allow_crimes: bool = False
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    workers: int = 2
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    seeds: list[ResolvedModel]
+    tensors: int
+    total_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+def run_merge(
+    config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: MergeOptions | None = None
+) -> MergeResult:
+    """Merge the models of a YAML spec file into `out_dir`.
+
+    Example:
+        >>> run_merge("examples/tiny_merge/spec.yaml", "out/tiny-merged")
+    """
+    text = read_spec_text(config_path)
+    spec = parse_spec(parse_yaml(text, config_path), source=str(config_path))
+    return merge(spec, out_dir, options, spec_text=text, spec_dir=Path(config_path).resolve().parent)
+
+
+def merge(
+    spec: MergeSpec,
+    out_dir: str | os.PathLike[str],
+    options: MergeOptions | None = None,
+    *,
+    spec_text: str | None = None,
+    spec_dir: Path | None = None,
+) -> MergeResult:
+    """Run a static merge. Nothing is written to `out_dir` unless the whole merge succeeds.
+
+    Raises:
+        SpecError, ModelResolutionError, CheckpointError, OutputError: with a one-line message.
+    """
+    options = options or MergeOptions()
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, options.overwrite)
+    refs = spec.referenced_models()
+    seeds = open_seeds(refs, base_dir=spec_dir)
+    seed_index = {ref: i for i, ref in enumerate(refs)}
+    vocab = _plan_vocab(spec, seeds, seed_index, options)
+    recipe = plan_merge(
+        spec,
+        seeds,
+        seed_index,
+        random_seed=options.random_seed,
+        allow_crimes=options.allow_crimes,
+        align_rows=vocab is not None,
+    )
+    planned = [
+        PlannedTensor(t.name, (vocab.rows, *t.shape[1:]) if t.align_rows and vocab else t.shape, t.out_dtype)
+        for t in recipe.tasks
+    ]
+    notes = [*recipe.notes, *(vocab.notes if vocab else [])]
+    with atomic_output_dir(out_dir, options.overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, planned, options.out_shard_size)
+        try:
+            _run_tasks(recipe, seeds, writer, vocab, options)
+            writer.finish()
+        finally:
+            writer.abort()
+        _write_config(tmp, seeds, recipe, vocab, planned)
+        chat_template = _write_tokenizer(tmp, spec, seeds, seed_index, recipe, vocab, options)
+        (tmp / "merge_config.yaml").write_text(spec_text if spec_text is not None else spec.to_yaml())
+        _write_card(tmp, out_dir.name, spec, seeds, seed_index, recipe, notes, chat_template)
+    return MergeResult(out_dir, [s.model for s in seeds], len(planned), sum(p.nbytes for p in planned), notes)
+
+
+def _plan_vocab(
+    spec: MergeSpec, seeds: list[Seed], seed_index: dict[str, int], options: MergeOptions
+) -> VocabPlan | None:
+    source = spec.tokenizer_source_ref()
+    if spec.tokenizer is not None and spec.tokenizer.tokens:
+        raise SpecError("tokenizer.tokens", "per-token embedding sources are not supported")
+    users = [seed_index[r] for r in spec.referenced_models() if r != source or r in _merged_refs(spec)]
+    base = seed_index[spec.base_ref()] if spec.base_model is not None else None
+    reference = base if base is not None else users[0]
+    pad = spec.tokenizer.pad_to_multiple_of if spec.tokenizer else None
+    return plan_vocab(source, seeds, seed_index, users, base, reference, pad, options.trust_remote_code)
+
+
+def _merged_refs(spec: MergeSpec) -> set[str]:
+    refs = {model_ref_string(m.model) for m in spec.models or []}
+    refs |= {model_ref_string(src.model) for s in spec.slices or [] for src in s.sources}
+    if spec.base_model is not None:
+        refs.add(spec.base_ref())
+    return refs
+
+
+def _run_tasks(
+    recipe: MethodRecipe,
+    seeds: list[Seed],
+    writer: ShardedSafetensorsWriter,
+    vocab: VocabPlan | None,
+    options: MergeOptions,
+) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(recipe.tasks), unit="tensor", desc="merging", disable=not options.progress)
+
+    def compute(task):
+        return compute_task(
+            task,
+            seeds,
+            compute_dtype=recipe.compute_dtype,
+            device=options.device,
+            vocab=vocab,
+            allow_nonfinite=options.allow_nonfinite,
+        )
+
+    try:
+        materialize(recipe.tasks, compute, writer, workers=options.workers, on_done=lambda _: bar.update())
+    finally:
+        bar.close()
+
+
+def _write_config(
+    tmp: Path, seeds: list[Seed], recipe: MethodRecipe, vocab: VocabPlan | None, planned: list[PlannedTensor]
+) -> None:
+    ref = seeds[recipe.reference_seed]
+    src = ref.model.path
+    if not (src / "config.json").exists():
+        log.warning("%s has no config.json; the output has none either", ref.name)
+        return
+    config = dict(ref.config)
+    if ref.arch.num_layers_key in config:
+        config[ref.arch.num_layers_key] = recipe.num_layers
+    if vocab is not None:
+        config[ref.arch.vocab_key] = vocab.rows
+    dtypes = Counter(p.dtype for p in planned if p.dtype.is_floating_point)
+    if dtypes:
+        dtype_name = str(dtypes.most_common(1)[0][0]).removeprefix("torch.")
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+            config[key] = dtype_name
+    names = {p.name for p in planned}
+    if config.get("tie_word_embeddings") and any(head in names for head, _ in ref.arch.tied_pairs):
+        config["tie_word_embeddings"] = False
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (src / "generation_config.json").exists():
+        shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
+
+
+def _write_tokenizer(
+    tmp: Path,
+    spec: MergeSpec,
+    seeds: list[Seed],
+    seed_index: dict[str, int],
+    recipe: MethodRecipe,
+    vocab: VocabPlan | None,
+    options: MergeOptions,
+) -> bool:
+    """Copy (or build, for `union`) the output tokenizer; apply `chat_template`. Returns whether one is set."""
+    source = spec.tokenizer_source_ref()
+    if not options.copy_tokenizer and source is None and spec.chat_template is None:
+        return False
+    if vocab is not None and vocab.union_tokenizer is not None:
+        vocab.union_tokenizer.save_pretrained(str(tmp))
+    else:
+        owner = (
+            vocab.tokenizer_seed
+            if vocab is not None and vocab.tokenizer_seed is not None
+            else (
+                seed_index[source]
+                if source not in (None, "base", "union")
+                else (recipe.base_seed if recipe.base_seed is not None else recipe.reference_seed)
+            )
+        )
+        for name in TOKENIZER_FILES:
+            if (seeds[owner].model.path / name).exists():
+                shutil.copyfile(seeds[owner].model.path / name, tmp / name)
+    template = _chat_template(spec.chat_template, seeds, options)
+    if template is not None:
+        _set_chat_template(tmp, template)
+        return True
+    return (tmp / "chat_template.jinja").exists() or "chat_template" in _tokenizer_config(tmp)
+
+
+def _chat_template(value: str | None, seeds: list[Seed], options: MergeOptions) -> str | None:
+    if value is None:
+        return None
+    if "{{" in value or "{%" in value:
+        return value
+    if value == "chatml":
+        return CHATML
+    if value == "auto":
+        templates = Counter()
+        for seed in seeds:
+            try:
+                tmpl = load_tokenizer(seed, options.trust_remote_code).chat_template
+            except Exception:
+                tmpl = None
+            if isinstance(tmpl, str):
+                templates[tmpl] += 1
+        if not templates:
+            raise SpecError("chat_template", "auto: none of the seeds has a chat template")
+        return templates.most_common(1)[0][0]
+    raise SpecError("chat_template", f"unknown template {value!r} (use auto, chatml, or a Jinja template)")
+
+
+def _tokenizer_config(directory: Path) -> dict:
+    file = directory / "tokenizer_config.json"
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def _set_chat_template(directory: Path, template: str) -> None:
+    (directory / "chat_template.jinja").write_text(template)
+    config = _tokenizer_config(directory)
+    if config:
+        config.pop("chat_template", None)  # chat_template.jinja takes its place
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_card(
+    tmp: Path,
+    model_name: str,
+    spec: MergeSpec,
+    seeds: list[Seed],
+    seed_index: dict[str, int],
+    recipe: MethodRecipe,
+    notes: list[str],
+    chat_template: bool,
+) -> None:
+    base = spec.base_ref()
+    models = []
+    for ref, i in seed_index.items():
+        role = (
+            "base"
+            if ref == base
+            else (
+                "tokenizer"
+                if ref == spec.tokenizer_source_ref() and ref not in _merged_refs(spec)
+                else "merged"
+            )
+        )
+        models.append(CardModel(seeds[i].model, role))
+    card = build_merge_card(
+        model_name=model_name,
+        method=recipe.method,
+        paper=get_method(recipe.method).paper,
+        models=models,
+        config_yaml=(tmp / "merge_config.yaml").read_text(),
+        notes=notes,
+        chat_template=chat_template,
+    )
+    card.save(tmp / "README.md")
+
+
+def validate(config_path: str | os.PathLike[str], *, resolve: bool = True) -> MergeSpec:
+    """`hf-m2n2 validate`: parse the spec; with `resolve`, also resolve the seeds and plan the merge (no writes)."""
+    spec = load_spec(config_path)
+    if resolve:
+        refs = spec.referenced_models()
+        seeds = open_seeds(refs, base_dir=Path(config_path).resolve().parent)
+        seed_index = {ref: i for i, ref in enumerate(refs)}
+        vocab = _plan_vocab(spec, seeds, seed_index, MergeOptions())
+        plan_merge(spec, seeds, seed_index, align_rows=vocab is not None)
+    return spec
+
+
+def torch_threads_for_merge() -> None:
+    """Merges are bandwidth-bound big-tensor math: use every core (tests pin one thread themselves)."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -1,0 +1,70 @@
+"""All-or-nothing output directories: write into a temporary sibling, rename onto the target at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from hf_m2n2.errors import OutputError
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Fail before any work if OUT_DIR exists (without --overwrite) or is not a directory."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{out_dir} already exists (use --overwrite to replace it)")
+        if not out_dir.is_dir():
+            raise OutputError(f"{out_dir} exists and is not a directory")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: parent directory does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir`; on success it replaces `out_dir`, on any failure it is removed.
+
+    A crash, Ctrl-C or full disk leaves `out_dir` as it was (absent, or the previous result).
+
+    Raises:
+        OutputError: `out_dir` exists and `overwrite` is false, or the rename fails.
+    """
+    target = Path(out_dir)
+    check_output_dir(target, overwrite)
+    parent = target.resolve().parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create a temporary directory in {parent}: {exc.strerror or exc}") from exc
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a result directory is ordinary
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    old = None
+    try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.resolve().parent))
+            os.rename(target, old / "previous")
+        os.rename(tmp, target)
+    except OSError as exc:
+        if old is not None and not target.exists():
+            os.rename(old / "previous", target)
+        raise OutputError(f"cannot move the result into {target}: {exc.strerror or exc}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,337 @@
+"""Plan a static merge: a MergeSpec over opened seeds becomes a MethodRecipe (one TensorTask per output tensor).
+
+Follows mergekit's planning semantics: `models:` is one slice over every layer (the base appended when not
+listed); embeddings and other tensors before the layers take the first slice's sources at gradient position
+t = 0, tensors after the layers the last slice's at t = 1; layer k of an n-layer slice sits at t = k / (n - 1).
+Parameters are looked up per model, then per slice, then globally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hf_m2n2.architectures import architecture_signature, ties_word_embeddings
+from hf_m2n2.errors import CheckpointError, SpecError
+from hf_m2n2.methods import MergeMethod, Param, get_method
+from hf_m2n2.recipe import MethodRecipe, SourceTensor, TensorTask
+from hf_m2n2.seeds import Seed
+from hf_m2n2.spec import MergeSpec, evaluate_setting, model_ref_string
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Source:
+    seed: int
+    layer_start: int
+    params: dict[str, Any] | None
+    path: str
+
+
+@dataclass
+class _Slice:
+    sources: list[_Source]
+    base: int | None
+    params: dict[str, Any] | None
+    num_layers: int
+    path: str
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else _DTYPES[name]
+
+
+def plan_merge(
+    spec: MergeSpec,
+    seeds: list[Seed],
+    seed_index: dict[str, int],
+    *,
+    random_seed: int = 0,
+    allow_crimes: bool = False,
+    align_rows: bool = False,
+) -> MethodRecipe:
+    """Build the recipe of a static merge.
+
+    Args:
+        spec: the validated spec.
+        seeds: opened seeds; `seed_index` maps each spec reference to its position in `seeds`.
+        random_seed: run seed; each randomized tensor's generator is seeded from it and the tensor name.
+        allow_crimes: merge seeds of different architectures.
+        align_rows: embeddings need re-ordering by token (vocabulary alignment).
+
+    Raises:
+        SpecError: a parameter or model count problem, naming the YAML path.
+        CheckpointError: seeds that do not fit together (architecture, missing tensor, shape).
+    """
+    method = get_method(spec.merge_method)
+    base = None if spec.base_model is None else seed_index[spec.base_ref()]
+    slices = _normalize(spec, seeds, seed_index, method, base)
+    _check_architectures(seeds, [s.seed for sl in slices for s in sl.sources], allow_crimes)
+    _check_declared(spec, method, slices)
+    reference = base if base is not None else slices[0].sources[0].seed
+    compute_dtype = torch_dtype(spec.dtype) or torch.float32
+    out_dtype = torch_dtype(spec.out_dtype) or torch_dtype(spec.dtype)
+    planner = _Planner(spec, seeds, method, random_seed, out_dtype, align_rows)
+
+    tasks: list[TensorTask] = []
+    ref_seed = seeds[reference]
+    non_layer = [n for n in ref_seed.checkpoint.names if ref_seed.arch.layer_index(n) is None]
+    non_layer += _tied_heads(seeds, slices, non_layer)
+    for name in non_layer:
+        if ref_seed.arch.is_pre(name):
+            tasks.append(planner.task(name, {}, slices[0], 0.0))
+    out_layer = 0
+    for sl in slices:
+        for offset in range(sl.num_layers):
+            t = offset / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
+            first = seeds[sl.sources[0].seed]
+            for in_name in _layer_tensors(first, sl.sources[0].layer_start + offset):
+                suffix_names = {
+                    s.seed: seeds[s.seed].arch.with_layer(in_name, s.layer_start + offset) for s in sl.sources
+                }
+                if sl.base is not None and sl.base not in suffix_names:
+                    raise SpecError(f"{sl.path}", "the base model must be one of the slice's sources")
+                out_name = first.arch.with_layer(in_name, out_layer)
+                tasks.append(planner.task(out_name, suffix_names, sl, t))
+            out_layer += 1
+    for name in non_layer:
+        if not ref_seed.arch.is_pre(name):
+            tasks.append(planner.task(name, {}, slices[-1], 1.0))
+    return MethodRecipe(method.name, tasks, compute_dtype, out_layer, reference, base, planner.notes)
+
+
+def _normalize(
+    spec: MergeSpec, seeds: list[Seed], index: dict[str, int], method: MergeMethod, base: int | None
+) -> list[_Slice]:
+    if method.uses_base == "required" and base is None and not any(s.base_model for s in spec.slices or []):
+        raise SpecError("base_model", f"required by {method.name}")
+    if spec.models is not None:
+        sources = [
+            _Source(index[model_ref_string(m.model)], 0, m.parameters, f"models[{i}]")
+            for i, m in enumerate(spec.models)
+        ]
+        listed = {s.seed for s in sources}
+        if base is not None and base not in listed:
+            if method.uses_base == "never":
+                log.warning("base_model is not used by %s; merging only the listed models", method.name)
+            else:
+                sources.append(_Source(base, 0, None, "base_model"))
+        n_layers = {seeds[s.seed].num_layers for s in sources}
+        if len(n_layers) > 1:
+            detail = ", ".join(f"{seeds[s.seed].name}: {seeds[s.seed].num_layers}" for s in sources)
+            raise CheckpointError(
+                f"models have different layer counts ({detail}); use slices to select layers"
+            )
+        slices = [_Slice(sources, base, None, n_layers.pop(), "models")]
+    else:
+        slices = []
+        for i, sl in enumerate(spec.slices or []):
+            srcs = []
+            lengths = set()
+            for j, src in enumerate(sl.sources):
+                seed = index[model_ref_string(src.model)]
+                start, end = src.layer_range
+                if end > seeds[seed].num_layers:
+                    raise SpecError(
+                        f"slices[{i}].sources[{j}].layer_range",
+                        f"[{start}, {end}) exceeds {seeds[seed].name}'s {seeds[seed].num_layers} layers",
+                    )
+                lengths.add(end - start)
+                srcs.append(_Source(seed, start, src.parameters, f"slices[{i}].sources[{j}]"))
+            if len(lengths) > 1:
+                raise SpecError(
+                    f"slices[{i}].sources", "all sources of a slice must span the same number of layers"
+                )
+            slice_base = index[model_ref_string(sl.base_model)] if sl.base_model is not None else base
+            slices.append(_Slice(srcs, slice_base, sl.parameters, lengths.pop(), f"slices[{i}]"))
+    for sl in slices:
+        _check_model_count(method, sl)
+    return slices
+
+
+def _uses_base(method: MergeMethod, sl: _Slice) -> bool:
+    return method.uses_base != "never" and sl.base is not None
+
+
+def _check_model_count(method: MergeMethod, sl: _Slice) -> None:
+    n = sum(1 for s in sl.sources if not (_uses_base(method, sl) and s.seed == sl.base))
+    where = f"{sl.path}.sources" if sl.path.startswith("slices") else sl.path
+    if n < method.min_models:
+        raise SpecError(
+            where, f"{method.name} needs at least {method.min_models} model(s) besides the base, got {n}"
+        )
+    if method.max_models is not None and n > method.max_models:
+        raise SpecError(
+            where, f"{method.name} takes at most {method.max_models} model(s) besides the base, got {n}"
+        )
+
+
+def _check_architectures(seeds: list[Seed], used: list[int], allow_crimes: bool) -> None:
+    signatures = {seeds[i].name: architecture_signature(seeds[i].config) for i in dict.fromkeys(used)}
+    if len(set(signatures.values())) > 1 and not allow_crimes:
+        detail = "; ".join(f"{name}: {'/'.join(sig) or 'unknown'}" for name, sig in signatures.items())
+        raise CheckpointError(
+            f"seeds have different architectures ({detail}); pass --allow-crimes to merge anyway"
+        )
+
+
+def _check_declared(spec: MergeSpec, method: MergeMethod, slices: list[_Slice]) -> None:
+    """Static checks: required parameters are given somewhere; warn about parameters the method ignores."""
+    known = {p.name for p in method.params}
+    for place, params in _all_parameter_places(spec):
+        for name in params or {}:
+            if name not in known:
+                log.warning("%s.%s is not a parameter of %s; ignored", place, name, method.name)
+    global_given = set(spec.parameters or {})
+    for p in method.global_params:
+        if (
+            p.required
+            and p.name not in global_given
+            and not all(p.name in (sl.params or {}) for sl in slices)
+        ):
+            raise SpecError(f"parameters.{p.name}", f"required by {method.name}")
+    for sl in slices:
+        for src in sl.sources:
+            if _uses_base(method, sl) and src.seed == sl.base:
+                continue
+            for p in method.model_params:
+                given = p.name in (src.params or {}) or p.name in (sl.params or {}) or p.name in global_given
+                if p.required and not given:
+                    raise SpecError(f"{src.path}.parameters.{p.name}", f"required by {method.name}")
+
+
+def _all_parameter_places(spec: MergeSpec):
+    yield "parameters", spec.parameters
+    for i, m in enumerate(spec.models or []):
+        yield f"models[{i}].parameters", m.parameters
+    for i, sl in enumerate(spec.slices or []):
+        yield f"slices[{i}].parameters", sl.parameters
+        for j, src in enumerate(sl.sources):
+            yield f"slices[{i}].sources[{j}].parameters", src.parameters
+
+
+def _layer_tensors(seed: Seed, layer: int) -> list[str]:
+    return [n for n in seed.checkpoint.names if seed.arch.layer_index(n) == layer]
+
+
+def _tied_heads(seeds: list[Seed], slices: list[_Slice], names: list[str]) -> list[str]:
+    """Output heads absent from the reference (tied) but stored by another seed: merged like any tensor."""
+    extra = []
+    for sl in slices:
+        for src in sl.sources:
+            seed = seeds[src.seed]
+            for head, _ in seed.arch.tied_pairs:
+                if head in seed.checkpoint and head not in names and head not in extra:
+                    extra.append(head)
+    return extra
+
+
+class _Planner:
+    def __init__(
+        self,
+        spec: MergeSpec,
+        seeds: list[Seed],
+        method: MergeMethod,
+        random_seed: int,
+        out_dtype: torch.dtype | None,
+        align_rows: bool,
+    ):
+        self.spec = spec
+        self.seeds = seeds
+        self.method = method
+        self.random_seed = random_seed
+        self.out_dtype = out_dtype
+        self.align_rows = align_rows
+        self.notes: list[str] = []
+
+    def task(self, out_name: str, in_names: dict[int, str], sl: _Slice, t: float) -> TensorTask:
+        sources = [self._source(src.seed, in_names.get(src.seed, out_name)) for src in sl.sources]
+        shapes = {}
+        for src, st in zip(sl.sources, sources):
+            shapes[self.seeds[src.seed].name] = self.seeds[src.seed].checkpoint.info(st.name).shape
+        embed = self.seeds[sl.sources[0].seed].arch.is_embed(out_name)
+        rows_differ = len({s[1:] for s in shapes.values()}) == 1 and len({s[0] for s in shapes.values()}) > 1
+        if len(set(shapes.values())) > 1 and not (embed and rows_differ and self.align_rows):
+            detail = ", ".join(f"{name}: {list(shape)}" for name, shape in shapes.items())
+            raise CheckpointError(f"tensor {out_name!r} has different shapes ({detail})")
+        ref = self.seeds[sources[0].seed].checkpoint.info(sources[0].name)
+        uses_base = _uses_base(self.method, sl)
+        base_pos = next((i for i, s in enumerate(sl.sources) if uses_base and s.seed == sl.base), None)
+        inputs = [(s, st) for i, (s, st) in enumerate(zip(sl.sources, sources)) if i != base_pos]
+        if not ref.dtype.is_floating_point:
+            first = sources[base_pos if base_pos is not None else 0]
+            return TensorTask(
+                out_name, ref.shape, ref.dtype, "passthrough", (first,), None, {}, ({"scale": 1.0},)
+            )
+        params = {p.name: self._param(p, None, sl, out_name, t) for p in self.method.global_params}
+        model_params = tuple(
+            {p.name: self._param(p, src, sl, st.name, t) for p in self.method.model_params}
+            for src, st in inputs
+        )
+        return TensorTask(
+            name=out_name,
+            shape=ref.shape,
+            out_dtype=self.out_dtype or ref.dtype,
+            method=self.method.name,
+            inputs=tuple(st for _, st in inputs),
+            base=sources[base_pos] if base_pos is not None else None,
+            params=params,
+            model_params=model_params,
+            rng_seed=_tensor_seed(self.random_seed, out_name),
+            align_rows=embed and self.align_rows,
+        )
+
+    def _source(self, seed_idx: int, name: str) -> SourceTensor:
+        seed = self.seeds[seed_idx]
+        if name in seed.checkpoint:
+            return SourceTensor(seed_idx, name)
+        for head, embedding in seed.arch.tied_pairs:
+            if name == head and embedding in seed.checkpoint and ties_word_embeddings(seed.config):
+                return SourceTensor(seed_idx, embedding)
+        raise CheckpointError(f"tensor {name!r} is missing in seed {seed.name}")
+
+    def _param(self, p: Param, src: _Source | None, sl: _Slice, tensor: str, t: float) -> Any:
+        places = []
+        if src is not None and src.params and p.name in src.params:
+            places.append(src.params[p.name])
+        if sl.params and p.name in sl.params:
+            places.append(sl.params[p.name])
+        if self.spec.parameters and p.name in self.spec.parameters:
+            places.append(self.spec.parameters[p.name])
+        for setting in places:
+            value = evaluate_setting(setting, tensor, t)
+            if value is not None:
+                return _coerce(p, value, src.path if src else "parameters")
+        if p.required:
+            where = f"{src.path}.parameters.{p.name}" if src else f"parameters.{p.name}"
+            raise SpecError(where, f"required by {self.method.name}, but no filter matches tensor {tensor!r}")
+        return p.default
+
+
+def _coerce(p: Param, value: Any, where: str) -> Any:
+    try:
+        if p.kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                return value.lower() == "true"
+            return bool(value)
+        if p.kind == "int":
+            return int(value)
+        if p.kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{where}.parameters.{p.name}", f"expected a {p.kind}, got {value!r}") from None
+
+
+def _tensor_seed(random_seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{random_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,307 @@
+"""MergeSpec: mergekit-compatible merge YAML, parsed and validated with errors that name the YAML path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hf_m2n2.errors import SpecError
+
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRefDict(_Strict):
+    path: str
+    revision: str | None = None
+
+
+def model_ref_string(value: Any) -> str:
+    """A model reference as one string: `org/name`, `org/name@revision`, or a directory."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, ModelRefDict):
+        return f"{value.path}@{value.revision}" if value.revision else value.path
+    raise TypeError(value)
+
+
+def _coerce_ref(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"model"} and isinstance(value["model"], dict):
+        value = value["model"]  # mergekit's {model: {path, revision}} form
+    if isinstance(value, dict):
+        return ModelRefDict(**value)
+    if isinstance(value, str):
+        if "+" in value and not os.path.exists(value):
+            raise ValueError("LoRA references (model+lora) are not supported")
+        if not value.strip():
+            raise ValueError("empty model reference")
+        return value
+    raise ValueError("expected a model reference (org/name, org/name@revision or a directory)")
+
+
+ModelRef = str | ModelRefDict
+
+
+class InputModel(_Strict):
+    model: ModelRef
+    parameters: dict[str, Any] | None = None
+
+    _ref = field_validator("model", mode="before")(_coerce_ref)
+
+
+class InputSlice(_Strict):
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] | None = None
+
+    _ref = field_validator("model", mode="before")(_coerce_ref)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError(f"must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: ModelRef | None = None
+    residual_weight: float | None = None
+    parameters: dict[str, Any] | None = None
+
+    _ref = field_validator("base_model", mode="before")(lambda v: None if v is None else _coerce_ref(v))
+
+
+class TokenizerConfig(_Strict):
+    source: str | ModelRefDict
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+    _ref = field_validator("source", mode="before")(_coerce_ref)
+
+
+class MergeSpec(_Strict):
+    """A merge recipe, in mergekit's YAML schema.
+
+    Exactly one of `models` and `slices` is given. Parameters (global, per slice, per model) are scalars,
+    gradient lists (interpolated over the layer index within a slice) or `[{filter, value}]` lists.
+
+    Example:
+        >>> spec = load_spec("examples/tiny_merge/spec.yaml")
+        >>> spec.merge_method
+        'linear'
+    """
+
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: ModelRef | None = None
+    parameters: dict[str, Any] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | ModelRefDict | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+
+    _ref = field_validator("base_model", "tokenizer_source", mode="before")(
+        lambda v: None if v is None else _coerce_ref(v)
+    )
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r} (use float32, float16 or bfloat16)")
+        return DTYPES[value]
+
+    def base_ref(self) -> str | None:
+        return None if self.base_model is None else model_ref_string(self.base_model)
+
+    def tokenizer_source_ref(self) -> str | None:
+        """`base`, `union`, a model reference, or None (from `tokenizer_source` or `tokenizer.source`)."""
+        source = self.tokenizer.source if self.tokenizer else self.tokenizer_source
+        return None if source is None else model_ref_string(source)
+
+    def referenced_models(self) -> list[str]:
+        """Every model the spec names, in first-mention order (base first)."""
+        refs: list[str] = []
+        if self.base_model is not None:
+            refs.append(model_ref_string(self.base_model))
+        for m in self.models or []:
+            refs.append(model_ref_string(m.model))
+        for s in self.slices or []:
+            if s.base_model is not None:
+                refs.append(model_ref_string(s.base_model))
+            refs.extend(model_ref_string(src.model) for src in s.sources)
+        source = self.tokenizer_source_ref()
+        if source not in (None, "base", "union"):
+            refs.append(source)
+        return list(dict.fromkeys(refs))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif (
+            isinstance(part, str)
+            and not part.startswith(("function-", "tagged-union", "union"))
+            and part
+            not in (
+                "str",
+                "ModelRefDict",
+                "dict[str,any]",
+                "list[InputModel]",
+                "list[OutputSlice]",
+            )
+        ):
+            out += f".{part}" if out else part
+    return out
+
+
+def _format_validation_error(exc: ValidationError) -> SpecError:
+    err = exc.errors()[0]
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required"
+    msg = msg.removeprefix("Value error, ")
+    return SpecError(_yaml_path(tuple(err["loc"])), msg)
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> MergeSpec:
+    """Validate a spec given as a mapping (the parsed YAML).
+
+    Raises:
+        SpecError: with the YAML path of the first problem.
+    """
+    if not isinstance(data, dict):
+        raise SpecError("", f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    if "modules" in data:
+        raise SpecError("modules", "multi-module merges are not supported; use models or slices")
+    try:
+        spec = MergeSpec(**data)
+    except ValidationError as exc:
+        raise _format_validation_error(exc) from None
+    except TypeError as exc:
+        raise SpecError("", f"{source}: {exc}") from None
+    if (spec.models is None) == (spec.slices is None):
+        raise SpecError("models", "exactly one of 'models' or 'slices' must be given")
+    if spec.tokenizer_source is not None and spec.tokenizer is not None:
+        raise SpecError("tokenizer", "give either tokenizer_source or tokenizer, not both")
+    _check_parameter_values(spec)
+    return spec
+
+
+def load_spec(path: str | os.PathLike[str]) -> MergeSpec:
+    """Read and validate a merge YAML file.
+
+    Raises:
+        SpecError: the file is missing, not valid YAML, or not a valid spec (message names the YAML path).
+    """
+    text = read_spec_text(path)
+    return parse_spec(parse_yaml(text, path), source=str(path))
+
+
+def read_spec_text(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SpecError("", f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def parse_yaml(text: str, path: str | os.PathLike[str] = "spec") -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError("", f"{path}:{where}: malformed YAML ({problem})") from None
+
+
+def spec_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_parameter_values(spec: MergeSpec) -> None:
+    """Check each parameter is a scalar, a gradient list, or a list of {filter, value}."""
+    places: list[tuple[str, dict[str, Any] | None]] = [("parameters", spec.parameters)]
+    for i, m in enumerate(spec.models or []):
+        places.append((f"models[{i}].parameters", m.parameters))
+    for i, s in enumerate(spec.slices or []):
+        places.append((f"slices[{i}].parameters", s.parameters))
+        for j, src in enumerate(s.sources):
+            places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    for prefix, params in places:
+        for name, value in (params or {}).items():
+            check_setting(f"{prefix}.{name}", value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, bool, str))
+
+
+def check_setting(path: str, value: Any) -> None:
+    if _is_scalar(value):
+        return
+    if isinstance(value, list) and value:
+        if all(_is_scalar(v) for v in value):
+            return
+        for i, cond in enumerate(value):
+            if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+                raise SpecError(f"{path}[{i}]", "expected {filter, value}")
+            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                raise SpecError(f"{path}[{i}].filter", "expected a string")
+            check_setting(f"{path}[{i}].value", cond["value"])
+        return
+    raise SpecError(path, "expected a number, a gradient list or a list of {filter, value}")
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """The value of a parameter setting for one tensor at gradient position t in [0, 1] (None: no filter matched).
+
+    Gradients interpolate linearly between their anchor points spread evenly over [0, 1]; non-numeric lists pick
+    the anchor at or below t; filter lists take the first entry whose filter is a substring of the tensor name
+    (a missing filter or `*` matches everything).
+    """
+    if _is_scalar(setting):
+        return setting
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+        pos = t * (len(setting) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(setting) - 1)
+        frac = pos - lo
+        return (1 - frac) * setting[lo] + frac * setting[hi]
+    if all(_is_scalar(v) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or flt in tensor_name:
+            return evaluate_setting(cond["value"], tensor_name, t)
+    return None

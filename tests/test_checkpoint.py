@@ -1,0 +1,77 @@
+"""Lazy reading and the streaming sharded writer, checked against the safetensors library itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hf_m2n2.checkpoint import Checkpoint, PlannedTensor, ShardedSafetensorsWriter
+from hf_m2n2.errors import CheckpointError, OutputError
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(64, 33, generator=g),
+        "b.bias": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c.ids": torch.arange(5, dtype=torch.int64),
+        "d.half": torch.randn(3, 3, generator=g).to(torch.float16),
+    }
+
+
+def test_writer_out_of_order_sharded_roundtrip(tmp_path):
+    tensors = _tensors()
+    planned = [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = ShardedSafetensorsWriter(tmp_path, planned, max_shard_bytes=4096)
+    for name in reversed(list(tensors)):  # any order, as threads finish
+        writer.write(name, tensors[name])
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert len(set(index["weight_map"].values())) == 2
+    for name, file in index["weight_map"].items():
+        with safe_open(str(tmp_path / file), framework="pt") as f:
+            assert torch.equal(f.get_tensor(name), tensors[name])
+            assert f.metadata() == {"format": "pt"}
+    ckpt = Checkpoint(tmp_path)
+    assert sorted(ckpt.names) == sorted(tensors)
+    assert ckpt.info("b.bias").dtype == torch.bfloat16 and ckpt.info("a.weight").shape == (64, 33)
+    assert torch.equal(ckpt.get("d.half"), tensors["d.half"])
+
+
+def test_single_shard_has_no_index(tmp_path):
+    tensors = _tensors()
+    writer = ShardedSafetensorsWriter(
+        tmp_path,
+        [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()],
+        max_shard_bytes=10**9,
+    )
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_writer_refuses_unplanned_and_missing(tmp_path):
+    writer = ShardedSafetensorsWriter(
+        tmp_path, [PlannedTensor("x", (2,), torch.float32)], max_shard_bytes=100
+    )
+    with pytest.raises(OutputError, match="not planned"):
+        writer.write("y", torch.zeros(2))
+    with pytest.raises(OutputError, match="bytes, planned"):
+        writer.write("x", torch.zeros(3))
+    with pytest.raises(OutputError, match="never written"):
+        writer.finish()
+    writer.abort()
+
+
+def test_reader_is_lazy_and_reports_missing(tmp_path, seeds):
+    ckpt = Checkpoint(seeds["a"])
+    assert "model.norm.weight" in ckpt and ckpt.info("model.norm.weight").nbytes == 64 * 4
+    with pytest.raises(CheckpointError, match="'nope' not found"):
+        ckpt.get("nope")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        Checkpoint(tmp_path)
