@@ -49,7 +49,13 @@ class Param:
 #   model_params: one {name: scalar} per entry of `tensors`
 #   generator:    a seeded torch.Generator for randomized methods (None for deterministic ones)
 MergeFn = Callable[
-    [Sequence[torch.Tensor], "torch.Tensor | None", Mapping[str, Scalar], Sequence[Mapping[str, Scalar]], "torch.Generator | None"],
+    [
+        Sequence[torch.Tensor],
+        "torch.Tensor | None",
+        Mapping[str, Scalar],
+        Sequence[Mapping[str, Scalar]],
+        "torch.Generator | None",
+    ],
     torch.Tensor,
 ]
 

@@ -1,0 +1,29 @@
+"""Per-tensor merge methods. Importing this package registers every method."""
+
+from hf_m2n2.methods import (  # noqa: F401  (imported to register the methods)
+    linear,
+    model_stock,
+    nuslerp,
+    passthrough,
+    slerp,
+    task_arithmetic,
+)
+from hf_m2n2.methods.base import (
+    REQUIRED,
+    MergeMethod,
+    MethodParameterError,
+    Param,
+    UnknownMethodError,
+    all_methods,
+    get_method,
+)
+
+__all__ = [
+    "REQUIRED",
+    "MergeMethod",
+    "MethodParameterError",
+    "Param",
+    "UnknownMethodError",
+    "all_methods",
+    "get_method",
+]

@@ -1,0 +1,185 @@
+"""Task-vector methods: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear.
+
+All share one core: delta_i = model_i - base, sparsified per model, weighted, optionally reduced to the entries
+agreeing with the elected sign (TIES consensus), summed, optionally normalized by the summed weights, scaled by
+lambda and added to the base. Sums accumulate like torch reductions (float32 for half types, rounded once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+
+import torch
+
+from hf_m2n2.methods import sparsify
+from hf_m2n2.methods._common import accumulate_dtype, per_model, round_to
+from hf_m2n2.methods.base import REQUIRED, MergeMethod, Param, Scalar, register
+
+# (delta, one model's params, rescale, generator) -> sparsified delta
+Sparsifier = Callable[[torch.Tensor, Mapping[str, Scalar], bool, "torch.Generator | None"], torch.Tensor]
+
+_ZERO_WEIGHT_SUM = 1e-8
+
+
+def _magnitude(delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, _: object) -> torch.Tensor:
+    return sparsify.magnitude(delta, float(mp["density"]), rescale)
+
+
+def _outliers(delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, _: object) -> torch.Tensor:
+    return sparsify.magnitude_outliers(delta, float(mp["density"]), float(mp["gamma"]), rescale)
+
+
+def _random(
+    delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    return sparsify.random_drop(delta, float(mp["density"]), rescale, generator)
+
+
+def _della(
+    delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    return sparsify.della_magprune(delta, float(mp["density"]), float(mp["epsilon"]), rescale, generator)
+
+
+def weighted_deltas(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    model_params: Sequence[Mapping[str, Scalar]],
+    sparsifier: Sparsifier | None,
+    rescale: bool,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[torch.Tensor, float]]:
+    """Yield (w_i * sparsify(model_i - base), w_i) per model, in order, one at a time."""
+    for x, mp, weight in zip(tensors, model_params, per_model(model_params, "weight")):
+        delta = x - base
+        if sparsifier is not None:
+            delta = sparsifier(delta, mp, rescale, generator)
+        weight = round_to(weight, delta.dtype)  # mergekit holds the weights in the tensors' dtype
+        yield delta.mul_(weight), weight
+
+
+def _plain_sum(
+    deltas: Iterable[tuple[torch.Tensor, float]], like: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Sum of the weighted deltas, and the divisor for normalizing (sum of weights; 1 if ~0)."""
+    total = torch.zeros_like(like, dtype=accumulate_dtype(like.dtype))
+    weights = []
+    for delta, weight in deltas:
+        total.add_(delta)
+        weights.append(weight)
+        del delta
+    divisor = float(torch.tensor(weights, dtype=like.dtype).sum())
+    return total.to(like.dtype), 1.0 if abs(divisor) < _ZERO_WEIGHT_SUM else divisor
+
+
+def _consensus_sum(
+    deltas: Iterable[tuple[torch.Tensor, float]], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES disjoint merge: elect each element's sign by summed weighted mass (ties go to +), then sum the
+    deltas that agree with it; the divisor is the per-element sum of the agreeing models' weights (1 where 0)."""
+    kept = list(deltas)
+    acc_dtype = accumulate_dtype(like.dtype)
+    total = torch.zeros_like(like, dtype=acc_dtype)
+    for delta, _ in kept:
+        total.add_(delta)
+    positive = total >= 0
+    total.zero_()
+    divisor = torch.zeros_like(total)
+    for delta, weight in kept:
+        agree = torch.where(positive, delta > 0, delta < 0)
+        divisor.add_(agree, alpha=weight)
+        total.add_(delta.masked_fill_(agree.logical_not_(), 0))
+        del agree
+    del kept, positive
+    divisor = divisor.to(like.dtype)
+    return total.to(like.dtype), divisor.masked_fill_(divisor == 0, 1)
+
+
+def generalized_task_arithmetic(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params: Mapping[str, Scalar],
+    model_params: Sequence[Mapping[str, Scalar]],
+    generator: torch.Generator | None,
+    *,
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+) -> torch.Tensor:
+    """base + lambda * merge_i(w_i * sparsify(model_i - base)) [/ summed weights when normalize]."""
+    if base is None:
+        raise ValueError("task-vector methods need a base tensor")
+    if not tensors:
+        return base
+    deltas = weighted_deltas(tensors, base, model_params, sparsifier, bool(params["rescale"]), generator)
+    merge = _consensus_sum if consensus else _plain_sum
+    mixed, divisor = merge(deltas, base)
+    if params["normalize"]:
+        mixed /= divisor
+    lam = float(params["lambda"])
+    if lam != 1:
+        mixed *= lam
+    return mixed.add_(base)
+
+
+def _params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
+    return (
+        Param("int8_mask", False, kind="bool"),  # memory-only in mergekit; no effect on values
+        Param("normalize", normalize, kind="bool"),
+        Param("rescale", rescale, kind="bool"),
+        Param("lambda", 1.0),
+        Param("weight", REQUIRED, per_model=True),
+        Param("density", 1.0, per_model=True),
+        *extra,
+    )
+
+
+_GAMMA = (Param("gamma", 0.01, per_model=True),)
+_EPSILON = (Param("epsilon", 0.15, per_model=True),)
+_TASK_ARITHMETIC = "Editing Models with Task Arithmetic (https://arxiv.org/abs/2212.04089)"
+_TIES = "TIES-Merging: Resolving Interference When Merging Models (https://arxiv.org/abs/2306.01708)"
+_DARE = (
+    "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch "
+    "(https://arxiv.org/abs/2311.03099)"
+)
+_BREADCRUMBS = (
+    "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (https://arxiv.org/abs/2312.06795)"
+)
+_DELLA = (
+    "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling "
+    "(https://arxiv.org/abs/2406.11617)"
+)
+
+# name, sparsifier, sign consensus, normalize default, rescale default, extra params, paper, description
+_VARIANTS: tuple[tuple[str, Sparsifier | None, bool, bool, bool, tuple[Param, ...], str, str], ...] = (
+    ("task_arithmetic", None, False, False, False, (), _TASK_ARITHMETIC,
+     "Adds the weighted task vectors (model - base) to the base, scaled by lambda."),
+    ("ties", _magnitude, True, True, False, (), _TIES,
+     "Keeps the top-density magnitudes of each task vector, elects a sign per element, averages the agreeing ones."),
+    ("dare_ties", _random, True, False, True, (), _DARE,
+     "Randomly drops task-vector entries (keep rate density, L1 rescale), then TIES sign consensus."),
+    ("dare_linear", _random, False, False, True, (), _DARE,
+     "Randomly drops task-vector entries (keep rate density, L1 rescale), then a weighted sum."),
+    ("breadcrumbs", _outliers, False, False, False, _GAMMA, _BREADCRUMBS,
+     "Drops the largest (gamma) and smallest magnitudes of each task vector, keeping density; weighted sum."),
+    ("breadcrumbs_ties", _outliers, True, False, False, _GAMMA, _BREADCRUMBS,
+     "Breadcrumbs sparsification followed by TIES sign consensus."),
+    ("della", _della, True, True, True, _EPSILON, _DELLA,
+     "Drops entries with probability falling with magnitude rank (density +/- epsilon), then TIES consensus."),
+    ("della_linear", _della, False, False, True, _EPSILON, _DELLA,
+     "DELLA magnitude-ranked random dropping, then a weighted sum."),
+)  # fmt: skip
+
+for _name, _sparsifier, _consensus, _normalize, _rescale, _extra, _paper, _description in _VARIANTS:
+    register(
+        MergeMethod(
+            name=_name,
+            fn=partial(generalized_task_arithmetic, sparsifier=_sparsifier, consensus=_consensus),
+            params=_params(_normalize, _rescale, _extra),
+            uses_base="required",
+            randomized=_sparsifier in (_random, _della),
+            min_models=1,
+            paper=_paper,
+            description=_description,
+        )
+    )
