@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int | None = None  # absolute byte offset of the data (safetensors)
 
     @property
     def nbytes(self) -> int:
@@ -93,28 +95,27 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: tensor {name!r} not found") from None
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (CPU, its stored dtype)."""
+        """Read one tensor into a new CPU tensor of its stored dtype."""
         info = self.info(name)
         handle = self._open(info.file)
-        try:
-            if info.file.suffix == ".safetensors":
-                return handle.get_tensor(name)
+        if info.offset is None:
             return handle[name]
-        except Exception as exc:  # a truncated file surfaces only when its data is touched
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {exc}") from exc
+        return _pread_tensor(handle, info, name)
 
     def _read_header(self, file: Path) -> dict[str, TensorInfo]:
-        handle = self._open(file)
         infos: dict[str, TensorInfo] = {}
         if file.suffix == ".safetensors":
-            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                sl = handle.get_slice(name)
-                dtype = _ST_DTYPES.get(sl.get_dtype())
+            data_start, header = _safetensors_header(file)
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _ST_DTYPES.get(entry["dtype"])
                 if dtype is None:
-                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
-                infos[name] = TensorInfo(file, dtype, tuple(sl.get_shape()))
+                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+                offset = data_start + entry["data_offsets"][0]
+                infos[name] = TensorInfo(file, dtype, tuple(entry["shape"]), offset)
         else:
-            for name, value in handle.items():
+            for name, value in self._open(file).items():
                 if isinstance(value, torch.Tensor):
                     infos[name] = TensorInfo(file, value.dtype, tuple(value.shape))
         return infos
@@ -127,6 +128,9 @@ class Checkpoint:
 
     def close(self) -> None:
         with self._lock:
+            for handle in self._handles.values():
+                if isinstance(handle, int):
+                    os.close(handle)
             self._handles.clear()
 
     def __enter__(self) -> Checkpoint:
@@ -157,20 +161,51 @@ def _weight_files(path: Path) -> list[Path]:
     return []
 
 
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """(data start, header) of a safetensors file, after the safetensors library has validated it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu"):
+            pass  # validates the header and that the file holds every tensor's bytes
+    except Exception as exc:
+        raise CheckpointError(f"{file}: corrupted or truncated safetensors file ({exc})") from exc
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def _pread_tensor(fd: int, info: TensorInfo, name: str) -> torch.Tensor:
+    # pread into our own buffer instead of safetensors' mmap: the page cache is not charged to this process's RSS
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < info.nbytes:
+        n = os.preadv(fd, [view[done:]], info.offset + done)
+        if n == 0:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        done += n
+    return buf.view(info.dtype).reshape(info.shape)
+
+
 def _open_file(file: Path):
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            return safe_open(str(file), framework="pt", device="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"{file}: corrupted or truncated safetensors file ({exc})") from exc
+        return os.open(file, os.O_RDONLY)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; errors are reported below
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = next(
+            (ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower()), "unsupported object"
+        )
         raise CheckpointError(
-            f"{file}: refused to load: it contains a pickled object that is not a tensor ({first_line})"
+            f"{file}: refused to load: it contains a pickled object that is not a tensor ({reason})"
         ) from exc
     except Exception as exc:
         raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({exc})") from exc

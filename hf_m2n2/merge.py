@@ -102,6 +102,21 @@ def merge(
     check_output_dir(out_dir, options.overwrite)
     refs = spec.referenced_models()
     seeds = open_seeds(refs, base_dir=spec_dir)
+    try:
+        return _merge_seeds(spec, seeds, refs, out_dir, options, spec_text)
+    finally:
+        for seed in seeds:
+            seed.checkpoint.close()
+
+
+def _merge_seeds(
+    spec: MergeSpec,
+    seeds: list[Seed],
+    refs: list[str],
+    out_dir: Path,
+    options: MergeOptions,
+    spec_text: str | None,
+) -> MergeResult:
     seed_index = {ref: i for i, ref in enumerate(refs)}
     vocab = _plan_vocab(spec, seeds, seed_index, options)
     recipe = plan_merge(
@@ -173,9 +188,13 @@ def _run_tasks(
             allow_nonfinite=options.allow_nonfinite,
         )
 
+    threads = torch.get_num_threads()
+    if options.workers > 1:
+        torch.set_num_threads(1)  # parallel over tensors; an OpenMP team per worker oversubscribes
     try:
         materialize(recipe.tasks, compute, writer, workers=options.workers, on_done=lambda _: bar.update())
     finally:
+        torch.set_num_threads(threads)
         bar.close()
 
 
@@ -320,8 +339,3 @@ def validate(config_path: str | os.PathLike[str], *, resolve: bool = True) -> Me
         vocab = _plan_vocab(spec, seeds, seed_index, MergeOptions())
         plan_merge(spec, seeds, seed_index, align_rows=vocab is not None)
     return spec
-
-
-def torch_threads_for_merge() -> None:
-    """Merges are bandwidth-bound big-tensor math: use every core (tests pin one thread themselves)."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
