@@ -213,9 +213,7 @@ def _write_config(
         config[ref.arch.vocab_key] = vocab.rows
     dtypes = Counter(p.dtype for p in planned if p.dtype.is_floating_point)
     if dtypes:
-        dtype_name = str(dtypes.most_common(1)[0][0]).removeprefix("torch.")
-        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-            config[key] = dtype_name
+        set_config_dtype(config, dtypes.most_common(1)[0][0])
     names = {p.name for p in planned}
     if config.get("tie_word_embeddings") and any(head in names for head, _ in ref.arch.tied_pairs):
         config["tie_word_embeddings"] = False
@@ -249,14 +247,24 @@ def _write_tokenizer(
                 else (recipe.base_seed if recipe.base_seed is not None else recipe.reference_seed)
             )
         )
-        for name in TOKENIZER_FILES:
-            if (seeds[owner].model.path / name).exists():
-                shutil.copyfile(seeds[owner].model.path / name, tmp / name)
+        copy_tokenizer_files(seeds[owner].model.path, tmp)
     template = _chat_template(spec.chat_template, seeds, options)
     if template is not None:
         _set_chat_template(tmp, template)
         return True
     return (tmp / "chat_template.jinja").exists() or "chat_template" in _tokenizer_config(tmp)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """Record the weights' dtype under the key(s) the config already uses (`dtype` in transformers 5)."""
+    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+        config[key] = str(dtype).removeprefix("torch.")
 
 
 def _chat_template(value: str | None, seeds: list[Seed], options: MergeOptions) -> str | None:

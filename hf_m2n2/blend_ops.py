@@ -1,0 +1,304 @@
+"""Blend genomes over real checkpoints: GenomeOps for the strategies, materialization into a LiveModel, and
+streaming export of a Blend recipe to a safetensors directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hf_m2n2.blend import Blend, SeedLayout, blend_tensor, crossover, gram_prefix, load_or_compute_gram
+from hf_m2n2.errors import HfM2n2Error, SpecError
+from hf_m2n2.live import LiveModel
+from hf_m2n2.seeds import Seed
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BlendRecipe:
+    """Everything needed to rebuild a Blend's weights bit for bit: seeds (pinned), layout, genome, dtype.
+
+    Attributes:
+        seeds: one `{ref, name, repo_id, commit}` per seed, in genome column order.
+        tensors: evolved tensor names in canonical order (with `block_size`, this fixes the layout).
+        block_size: elements per block.
+        fixed_from: seed index whose tensors are copied for everything not evolved.
+        dtype: dtype of the arithmetic and of the written weights (the live model's dtype).
+        blend: the genome.
+        lineage: the ancestors (id, origin, parents, w, split), oldest first.
+    """
+
+    seeds: list[dict[str, Any]]
+    tensors: list[str]
+    block_size: int
+    fixed_from: int
+    dtype: str
+    blend: Blend
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "blend",
+            "seeds": self.seeds,
+            "tensors": self.tensors,
+            "block_size": self.block_size,
+            "fixed_from": self.fixed_from,
+            "dtype": self.dtype,
+            "blend": self.blend.to_json(),
+            "lineage": self.lineage,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> BlendRecipe:
+        if data.get("kind") != "blend":
+            raise SpecError("kind", "not a blend recipe")
+        try:
+            return BlendRecipe(
+                seeds=list(data["seeds"]),
+                tensors=list(data["tensors"]),
+                block_size=int(data["block_size"]),
+                fixed_from=int(data["fixed_from"]),
+                dtype=str(data["dtype"]),
+                blend=Blend.from_json(data["blend"]),
+                lineage=list(data.get("lineage", [])),
+            )
+        except KeyError as exc:
+            raise SpecError(str(exc.args[0]), "required in a blend recipe") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> BlendRecipe:
+        try:
+            return BlendRecipe.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise SpecError("", f"{path}: cannot read the recipe ({exc})") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def seed_record(seed: Seed) -> dict[str, Any]:
+    m = seed.model
+    return {"ref": m.ref, "name": m.name, "repo_id": m.repo_id, "commit": m.commit}
+
+
+class SeedTensors:
+    """The seeds' evolved tensors, resident on a device in one dtype, or read from the checkpoints on demand."""
+
+    def __init__(
+        self,
+        seeds: Sequence[Seed],
+        names: Sequence[str],
+        dtype: torch.dtype,
+        device: str | torch.device,
+        resident: bool = True,
+    ):
+        self.seeds = list(seeds)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._resident: list[dict[str, torch.Tensor]] | None = None
+        if resident:
+            self._resident = [{n: self._read(k, n) for n in names} for k in range(len(self.seeds))]
+
+    def _read(self, k: int, name: str) -> torch.Tensor:
+        return self.seeds[k].checkpoint.get(name).to(device=self.device, dtype=self.dtype)
+
+    def get(self, k: int, name: str) -> torch.Tensor:
+        return self._resident[k][name] if self._resident is not None else self._read(k, name)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+def evolved_layout(seeds: Sequence[Seed], names: Sequence[str], block_size: int) -> SeedLayout:
+    """The canonical layout of the evolved tensors; every seed must hold each of them with the same shape."""
+    shapes = []
+    for name in names:
+        shape = seeds[0].checkpoint.info(name).shape
+        for seed in seeds[1:]:
+            if name not in seed.checkpoint:
+                raise HfM2n2Error(f"tensor {name!r} is missing in seed {seed.name}")
+            if seed.checkpoint.info(name).shape != shape:
+                raise HfM2n2Error(f"tensor {name!r} has different shapes in {seeds[0].name} and {seed.name}")
+        shapes.append((name, shape))
+    return SeedLayout(shapes, block_size)
+
+
+def seed_gram(layout: SeedLayout, tensors: SeedTensors, cache: Path | None) -> np.ndarray:
+    """Gram prefix sums of the seeds (float64), cached in `cache` keyed by the seeds and the layout."""
+    key = json.dumps(
+        [layout.fingerprint(), [seed_record(s) | {"path": str(s.model.path)} for s in tensors.seeds]]
+    )
+
+    def compute() -> np.ndarray:
+        return gram_prefix(layout, lambda k, name: tensors.get(k, name).cpu(), len(tensors))
+
+    return compute() if cache is None else load_or_compute_gram(cache, key, compute)
+
+
+class BlendOps:
+    """GenomeOps over Blend genomes of real seeds; `materialize` writes the candidate into the live model.
+
+    Args:
+        layout: evolved tensors and blocks.
+        gram: the seeds' Gram prefix sums.
+        tensors: seed tensors (resident or on demand) in the live model's dtype and device.
+        live: the resident model candidates are written into (None: materialize returns the Blend itself).
+        slerp_scope: `global`, `segment` or `tensor` (where SLERP angles are measured).
+    """
+
+    kind = "blend"
+
+    def __init__(
+        self,
+        layout: SeedLayout,
+        gram: np.ndarray,
+        tensors: SeedTensors,
+        live: LiveModel | None,
+        slerp_scope: str = "global",
+    ):
+        self.layout = layout
+        self.gram = gram
+        self.tensors = tensors
+        self.live = live
+        self.slerp_scope = slerp_scope
+        self._last_written: Blend | None = None
+
+    @property
+    def size(self) -> int:
+        return self.layout.num_params
+
+    def seed_genomes(self) -> list[Blend]:
+        return [Blend.seed(k, len(self.tensors), self.layout.num_blocks) for k in range(len(self.tensors))]
+
+    def crossover(self, x: Blend, y: Blend, w: float, split: int) -> Blend:
+        use_split = split < self.size
+        return crossover(
+            x, y, w, self.layout.snap(split), self.gram, self.layout, self.slerp_scope, use_split
+        )
+
+    def mutate(self, x: Blend, std: float, rng: np.random.Generator) -> Blend:
+        raise HfM2n2Error("Blend genomes are not mutated (pretrained seeds): leave evolve.mutation_std out")
+
+    def random(self, std: float, rng: np.random.Generator) -> Blend:
+        raise HfM2n2Error("Blend genomes start from seeds, not from random vectors")
+
+    def materialize(self, x: Blend) -> Any:
+        if self.live is None:
+            return x
+        if self._last_written is not None and _same(self._last_written, x):
+            return self.live.model
+        targets = self.live.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for t in self.layout.tensors:
+                seeds = [self.tensors.get(k, t.name) for k in range(len(self.tensors))]
+                target = targets.get(t.name)
+                if target is not None and target.device.type != "meta" and target.dtype == seeds[0].dtype:
+                    blend_tensor(x, t, self.layout, seeds, out=target)
+                else:
+                    self.live.write(t.name, blend_tensor(x, t, self.layout, seeds))
+        self._last_written = x
+        return self.live.model
+
+    def to_state(self, x: Blend) -> dict[str, Any]:
+        return {"breakpoints": x.breakpoints, "coefs": x.coefs}
+
+    def from_state(self, state: Any) -> Blend:
+        return Blend(
+            np.asarray(state["breakpoints"], dtype=np.int64), np.asarray(state["coefs"], dtype=np.float64)
+        )
+
+
+def _same(a: Blend, b: Blend) -> bool:
+    return a is b or (np.array_equal(a.breakpoints, b.breakpoints) and np.array_equal(a.coefs, b.coefs))
+
+
+@dataclass(frozen=True)
+class _ExportTask:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    evolved: bool
+
+
+def pinned_refs(recipe: BlendRecipe) -> list[str]:
+    """Seed references pinned to the commit the recipe was made from (Hub seeds), else as written."""
+    return [
+        f"{s['repo_id']}@{s['commit']}" if s.get("repo_id") and s.get("commit") else s["ref"]
+        for s in recipe.seeds
+    ]
+
+
+def export_blend(
+    recipe: BlendRecipe,
+    seeds: Sequence[Seed],
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    shard_size: int = 5_000_000_000,
+    workers: int = 2,
+    write_card=None,
+) -> Path:
+    """Stream a Blend recipe's weights (plus config and tokenizer of the fixed seed) into `out_dir`, atomically.
+
+    The arithmetic is the live model's: seed tensors cast to `recipe.dtype`, then blended, so the exported
+    weights are bit for bit those that were evaluated, and `hf-m2n2 rebuild` reproduces them.
+
+    Args:
+        seeds: the opened seeds, in recipe order.
+        write_card: optional `write_card(tmp_dir)` adding README.md and friends before the rename.
+    """
+    from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
+    from hf_m2n2.materialize import materialize
+    from hf_m2n2.merge import copy_tokenizer_files, set_config_dtype
+    from hf_m2n2.outdir import atomic_output_dir
+
+    dtype = torch_dtype(recipe.dtype)
+    layout = evolved_layout(seeds, recipe.tensors, recipe.block_size)
+    by_name = {t.name: t for t in layout.tensors}
+    reference = seeds[recipe.fixed_from]
+    tasks = []
+    for name in reference.checkpoint.names:
+        info = reference.checkpoint.info(name)
+        out_dtype = dtype if info.dtype.is_floating_point else info.dtype
+        tasks.append(_ExportTask(name, info.shape, out_dtype, name in by_name))
+    missing = set(by_name) - {t.name for t in tasks}
+    if missing:
+        raise HfM2n2Error(f"seed {reference.name} lacks evolved tensor {sorted(missing)[0]!r}")
+
+    def compute(task: _ExportTask) -> torch.Tensor:
+        if not task.evolved:
+            return reference.checkpoint.get(task.name).to(task.dtype)
+        parts = [s.checkpoint.get(task.name).to(dtype) for s in seeds]
+        return blend_tensor(recipe.blend, by_name[task.name], layout, parts)
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(
+            tmp, [PlannedTensor(t.name, t.shape, t.dtype) for t in tasks], shard_size
+        )
+        try:
+            materialize(tasks, compute, writer, workers=workers)
+            writer.finish()
+        finally:
+            writer.abort()
+        config = dict(reference.config)
+        set_config_dtype(config, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for extra in ("generation_config.json",):
+            if (reference.model.path / extra).exists():
+                (tmp / extra).write_bytes((reference.model.path / extra).read_bytes())
+        copy_tokenizer_files(reference.model.path, tmp)
+        recipe.save(tmp / "recipe.json")
+        if write_card is not None:
+            write_card(tmp)
+    return Path(out_dir)
