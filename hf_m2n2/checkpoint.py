@@ -10,6 +10,7 @@ import pickle
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,14 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} not found") from None
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new CPU tensor of its stored dtype."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or its rows [start, stop) along dim 0) into a new CPU tensor of its stored dtype."""
         info = self.info(name)
         handle = self._open(info.file)
         if info.offset is None:
-            return handle[name]
-        return _pread_tensor(handle, info, name)
+            tensor = handle[name]
+            return tensor if rows is None else tensor[rows[0] : rows[1]].clone()
+        return _pread_tensor(handle, info, name, rows)
 
     def _read_header(self, file: Path) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
@@ -175,17 +177,23 @@ def _safetensors_header(file: Path) -> tuple[int, dict]:
         return 8 + size, json.loads(f.read(size))
 
 
-def _pread_tensor(fd: int, info: TensorInfo, name: str) -> torch.Tensor:
+def _pread_tensor(fd: int, info: TensorInfo, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
     # pread into our own buffer instead of safetensors' mmap: the page cache is not charged to this process's RSS
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    shape, offset, nbytes = info.shape, info.offset, info.nbytes
+    if rows is not None:
+        row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+        shape = (rows[1] - rows[0], *shape[1:])
+        offset += rows[0] * row_bytes
+        nbytes = (rows[1] - rows[0]) * row_bytes
+    buf = torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     done = 0
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], info.offset + done)
+    while done < nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
         done += n
-    return buf.view(info.dtype).reshape(info.shape)
+    return buf.view(info.dtype).reshape(shape)
 
 
 def _open_file(file: Path):
@@ -239,7 +247,11 @@ class _Slot:
     file: Path
     offset: int
     nbytes: int
-    written: bool = False
+    done: int = 0  # bytes written so far (rows may arrive in pieces)
+
+    @property
+    def written(self) -> bool:
+        return self.done == self.nbytes
 
 
 class ShardedSafetensorsWriter:
@@ -256,8 +268,19 @@ class ShardedSafetensorsWriter:
             limit gets a shard of its own).
     """
 
-    def __init__(self, directory: Path, planned: Sequence[PlannedTensor], max_shard_bytes: int):
+    def __init__(
+        self,
+        directory: Path,
+        planned: Sequence[PlannedTensor],
+        max_shard_bytes: int,
+        flush_bytes: int = 256 << 20,
+    ):
         self.directory = Path(directory)
+        self.flush_bytes = flush_bytes
+        self._lock = threading.Lock()
+        self._unflushed: dict[Path, int] = {}
+        # Written data is flushed to disk in the background while later tensors compute, not all at the end.
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush")
         groups = _group_shards(planned, max_shard_bytes)
         self.total_size = sum(t.nbytes for t in planned)
         if len(groups) == 1:
@@ -295,23 +318,31 @@ class ShardedSafetensorsWriter:
             self._slots[t.name] = _Slot(file, data_start + start, t.nbytes)
             self.weight_map[t.name] = file.name
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor (thread-safe: every tensor has its own byte range)."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write a planned tensor, or a block of its rows starting at `row_start` (thread-safe)."""
         slot = self._slots.get(name)
         if slot is None:
             raise OutputError(f"tensor {name!r} was not planned for output")
         data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
-        if data.nbytes != slot.nbytes:
-            raise OutputError(f"tensor {name!r}: {data.nbytes} bytes, planned {slot.nbytes}")
+        start = row_start * (data.nbytes // tensor.shape[0]) if row_start else 0
+        if start + data.nbytes > slot.nbytes:
+            raise OutputError(
+                f"tensor {name!r}: {data.nbytes} bytes at offset {start}, planned {slot.nbytes}"
+            )
         view = memoryview(data)
         fd = self._fds[slot.file]
         done = 0
         try:
-            while done < slot.nbytes:
-                done += os.pwrite(fd, view[done:], slot.offset + done)
+            while done < data.nbytes:
+                done += os.pwrite(fd, view[done:], slot.offset + start + done)
         except OSError as exc:
             raise OutputError(f"writing {slot.file.name}: {exc.strerror or exc}") from exc
-        slot.written = True
+        with self._lock:
+            slot.done += data.nbytes
+            self._unflushed[slot.file] = self._unflushed.get(slot.file, 0) + data.nbytes
+            if self._unflushed[slot.file] >= self.flush_bytes:
+                self._unflushed[slot.file] = 0
+                self._flusher.submit(os.fdatasync, fd)
 
     def finish(self) -> None:
         """Check every planned tensor was written, flush to disk, write the index (if sharded)."""
@@ -319,6 +350,7 @@ class ShardedSafetensorsWriter:
         if missing:
             raise OutputError(f"{len(missing)} planned tensors were never written (first: {missing[0]})")
         try:
+            self._flusher.shutdown(wait=True)
             for fd in self._fds.values():
                 os.fsync(fd)
                 os.close(fd)
@@ -330,6 +362,7 @@ class ShardedSafetensorsWriter:
             raise OutputError(f"finishing {self.directory}: {exc.strerror or exc}") from exc
 
     def abort(self) -> None:
+        self._flusher.shutdown(wait=True)
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)

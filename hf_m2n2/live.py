@@ -96,14 +96,17 @@ class LiveModel:
     def names(self) -> list[str]:
         return list(self._targets)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Overwrite one weight in place (resident, CPU-offloaded or disk-offloaded)."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Overwrite one weight (or its rows from `row_start`) in place: resident, CPU- or disk-offloaded."""
         target = self._targets.get(name)
         if target is None:
             raise CheckpointError(f"live model has no tensor {name!r}")
         with torch.no_grad():
             if target.device.type != "meta":
-                target.copy_(tensor)
+                whole = tensor.shape == target.shape
+                (target if whole else target[row_start : row_start + tensor.shape[0]]).copy_(tensor)
+            elif row_start:
+                raise CheckpointError(f"{name!r} is offloaded: write it whole")
             else:
                 _write_offloaded(self.model, name, tensor)
 

@@ -8,9 +8,11 @@ tensors, not by shard or model size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -22,12 +24,14 @@ from hf_m2n2.vocab import VocabPlan, align_rows
 
 
 class Sink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None: ...
 
 
-def load_source(seeds: Sequence[Seed], source: SourceTensor, allow_nonfinite: bool) -> torch.Tensor:
+def load_source(
+    seeds: Sequence[Seed], source: SourceTensor, allow_nonfinite: bool, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     seed = seeds[source.seed]
-    tensor = seed.checkpoint.get(source.name)
+    tensor = seed.checkpoint.get(source.name, rows)
     if not allow_nonfinite and tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
         raise CheckpointError(
             f"{seed.name}: tensor {source.name!r} contains NaN or Inf (pass --allow-nonfinite to merge anyway)"
@@ -48,12 +52,15 @@ def compute_task(
     device: str | torch.device = "cpu",
     vocab: VocabPlan | None = None,
     allow_nonfinite: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Compute one output tensor of a MethodRecipe (returned in `task.out_dtype`, on `device`)."""
+    """Compute one output tensor of a MethodRecipe, or its `rows` for an elementwise method (returned in
+    `task.out_dtype`, on `device`)."""
     if not task.out_dtype.is_floating_point:  # integer buffers are copied, never blended
-        return load_source(seeds, task.sources[0], allow_nonfinite)
+        return load_source(seeds, task.sources[0], allow_nonfinite, rows)
     loaded = [
-        load_source(seeds, s, allow_nonfinite).to(device=device, dtype=compute_dtype) for s in task.sources
+        load_source(seeds, s, allow_nonfinite, rows).to(device=device, dtype=compute_dtype)
+        for s in task.sources
     ]
     if task.align_rows and vocab is not None:
         loaded = _align(task.sources, loaded, vocab)
@@ -80,36 +87,77 @@ def _align(
     return out
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """A unit of work: a whole recipe task, or rows [start, stop) of an elementwise one.
+
+    Attributes:
+        task: the recipe task (anything with a `.name`).
+        rows: a block of rows along dim 0, or None for the whole tensor.
+        cost: estimated peak bytes while it is computed (for the memory budget).
+    """
+
+    task: Any
+    rows: tuple[int, int] | None = None
+    cost: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+
+def row_blocks(shape: Sequence[int], max_elements: int) -> list[tuple[int, int] | None]:
+    """Row ranges of at most `max_elements` elements each ([None] when the tensor is small enough)."""
+    numel = math.prod(shape)
+    if numel <= max_elements or len(shape) < 2:
+        return [None]
+    per_row = numel // shape[0]
+    step = max(1, max_elements // per_row)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
 def materialize(
-    tasks: Sequence[TensorTask],
-    compute: Callable[[TensorTask], torch.Tensor],
+    items: Sequence[Any],
+    compute: Callable[[Any], torch.Tensor],
     sink: Sink,
     *,
     workers: int = 2,
-    on_done: Callable[[TensorTask], None] | None = None,
+    budget_bytes: int | None = None,
+    on_done: Callable[[Any], None] | None = None,
 ) -> None:
-    """Compute every task and write it to the sink, `workers` tensors at a time (plus one queued).
+    """Compute every item and write it to the sink, up to `workers` at a time (plus one queued).
 
-    The first error stops the submission of new tasks and is re-raised once the running ones finish.
+    Items are recipe tasks (anything with a `.name`) or WorkItems (a block of rows, with a cost). With a budget,
+    an item starts only while the estimated bytes of those in flight stay within it (a bigger one runs alone),
+    so peak memory is bounded by the budget, not by the largest tensors all at once. The first error stops the
+    submission of new items and is re-raised once the running ones finish.
     """
 
-    def run(task: TensorTask) -> TensorTask:
-        sink.write(task.name, compute(task))
-        return task
+    def run(item: Any) -> Any:
+        rows = getattr(item, "rows", None)
+        if rows is None:
+            sink.write(item.name, compute(item))
+        else:
+            sink.write(item.name, compute(item), rows[0])
+        return item
 
     if workers <= 1:
-        for task in tasks:
-            run(task)
+        for item in items:
+            run(item)
             if on_done:
-                on_done(task)
+                on_done(item)
         return
-    pending: set[Future[TensorTask]] = set()
+    pending: dict[Future[Any], int] = {}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="materialize") as pool:
         try:
-            for task in tasks:
-                if len(pending) > workers:
-                    pending = _drain(pending, on_done, FIRST_COMPLETED)
-                pending.add(pool.submit(run, task))
+            for item in items:
+                cost = getattr(item, "cost", 0)
+                while pending and (
+                    len(pending) > workers
+                    or (budget_bytes is not None and sum(pending.values()) + cost > budget_bytes)
+                ):
+                    _drain(pending, on_done, FIRST_COMPLETED)
+                pending[pool.submit(run, item)] = cost
             _drain(pending, on_done, ALL_COMPLETED)
         except BaseException:
             for f in pending:
@@ -117,10 +165,10 @@ def materialize(
             raise
 
 
-def _drain(pending: set[Future[TensorTask]], on_done, return_when: str) -> set[Future[TensorTask]]:
-    done, rest = wait(pending, return_when=return_when)
+def _drain(pending: dict[Future[Any], int], on_done, return_when: str) -> None:
+    done, _ = wait(pending, return_when=return_when)
     for f in done:
-        task = f.result()  # re-raises the task's error
+        del pending[f]
+        item = f.result()  # re-raises the item's error
         if on_done:
-            on_done(task)
-    return set(rest)
+            on_done(item)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections import Counter
@@ -16,11 +17,11 @@ from hf_m2n2.card import CardModel, build_merge_card
 from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
 from hf_m2n2.errors import SpecError
 from hf_m2n2.hub import ResolvedModel
-from hf_m2n2.materialize import compute_task, materialize
+from hf_m2n2.materialize import WorkItem, compute_task, materialize, row_blocks
 from hf_m2n2.methods import get_method
 from hf_m2n2.outdir import atomic_output_dir, check_output_dir
 from hf_m2n2.plan import plan_merge
-from hf_m2n2.recipe import MethodRecipe
+from hf_m2n2.recipe import MethodRecipe, TensorTask
 from hf_m2n2.seeds import Seed, open_seeds
 from hf_m2n2.spec import MergeSpec, load_spec, model_ref_string, parse_spec, parse_yaml, read_spec_text
 from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
@@ -28,6 +29,7 @@ from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
+CHUNK_ELEMENTS = 8 << 20  # row blocks of elementwise merges: memory stays flat however big the embeddings
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -58,6 +60,8 @@ class MergeOptions:
     overwrite: bool = False
     allow_nonfinite: bool = False
     workers: int = 2
+    memory_budget: int = 768 << 20
+    chunk_elements: int = CHUNK_ELEMENTS
     trust_remote_code: bool = False
     progress: bool = True
 
@@ -167,6 +171,24 @@ def _merged_refs(spec: MergeSpec) -> set[str]:
     return refs
 
 
+def work_items(recipe: MethodRecipe, chunk_elements: int = CHUNK_ELEMENTS) -> list[WorkItem]:
+    """The recipe's tasks as work items: elementwise methods on big tensors are split into row blocks."""
+    items = []
+    for task in recipe.tasks:
+        elementwise = get_method(task.method).elementwise and not task.align_rows
+        blocks = row_blocks(task.shape, chunk_elements) if elementwise else [None]
+        for rows in blocks:
+            numel = math.prod(task.shape) if rows is None else (rows[1] - rows[0]) * math.prod(task.shape[1:])
+            items.append(WorkItem(task, rows, numel * _bytes_per_element(task, recipe.compute_dtype)))
+    return items
+
+
+def _bytes_per_element(task: TensorTask, compute_dtype: torch.dtype) -> int:
+    """Rough peak bytes per output element while computing: inputs as read and cast, two temporaries, output."""
+    k = len(task.sources)
+    return k * (task.out_dtype.itemsize + compute_dtype.itemsize) + 2 * 4 + task.out_dtype.itemsize
+
+
 def _run_tasks(
     recipe: MethodRecipe,
     seeds: list[Seed],
@@ -176,23 +198,31 @@ def _run_tasks(
 ) -> None:
     from tqdm.auto import tqdm
 
+    items = work_items(recipe, options.chunk_elements)
     bar = tqdm(total=len(recipe.tasks), unit="tensor", desc="merging", disable=not options.progress)
 
-    def compute(task):
+    def compute(item: WorkItem) -> torch.Tensor:
         return compute_task(
-            task,
+            item.task,
             seeds,
             compute_dtype=recipe.compute_dtype,
             device=options.device,
             vocab=vocab,
             allow_nonfinite=options.allow_nonfinite,
+            rows=item.rows,
         )
+
+    def done(item: WorkItem) -> None:
+        if item.rows is None or item.rows[1] == item.task.shape[0]:
+            bar.update()
 
     threads = torch.get_num_threads()
     if options.workers > 1:
         torch.set_num_threads(1)  # parallel over tensors; an OpenMP team per worker oversubscribes
     try:
-        materialize(recipe.tasks, compute, writer, workers=options.workers, on_done=lambda _: bar.update())
+        materialize(
+            items, compute, writer, workers=options.workers, budget_bytes=options.memory_budget, on_done=done
+        )
     finally:
         torch.set_num_threads(threads)
         bar.close()

@@ -96,7 +96,7 @@ def plan_merge(
                 suffix_names = {
                     s.seed: seeds[s.seed].arch.with_layer(in_name, s.layer_start + offset) for s in sl.sources
                 }
-                if sl.base is not None and sl.base not in suffix_names:
+                if _uses_base(method, sl) and sl.base not in suffix_names:
                     raise SpecError(f"{sl.path}", "the base model must be one of the slice's sources")
                 out_name = first.arch.with_layer(in_name, out_layer)
                 tasks.append(planner.task(out_name, suffix_names, sl, t))

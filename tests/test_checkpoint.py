@@ -61,7 +61,7 @@ def test_writer_refuses_unplanned_and_missing(tmp_path):
     )
     with pytest.raises(OutputError, match="not planned"):
         writer.write("y", torch.zeros(2))
-    with pytest.raises(OutputError, match="bytes, planned"):
+    with pytest.raises(OutputError, match="planned 8"):
         writer.write("x", torch.zeros(3))
     with pytest.raises(OutputError, match="never written"):
         writer.finish()

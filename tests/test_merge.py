@@ -230,3 +230,29 @@ def test_gpt2_architecture_merges(seeds, write_spec, cli, tmp_path):
     for name in original:
         torch.testing.assert_close(merged[name], original[name])
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_row_chunked_elementwise_merge_is_byte_identical(seeds, tmp_path, method):
+    """Elementwise methods are merged in row blocks (bounded memory); the bytes must not change."""
+    from hf_m2n2.merge import MergeOptions, merge
+    from hf_m2n2.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "merge_method": method,
+            "base_model": str(seeds["base"]),
+            "models": [
+                {"model": str(seeds["a"]), "parameters": {"weight": 0.7}},
+                {"model": str(seeds["b"]), "parameters": {"weight": 0.4}},
+            ],
+            "out_dtype": "bfloat16",
+        }
+    )
+    merge(spec, tmp_path / "whole", MergeOptions(progress=False))
+    merge(
+        spec, tmp_path / "chunked", MergeOptions(progress=False, chunk_elements=1000, memory_budget=1 << 16)
+    )
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+        tmp_path / "chunked" / "model.safetensors"
+    ).read_bytes()

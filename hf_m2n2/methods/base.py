@@ -79,6 +79,9 @@ class MergeMethod:
     paper: str = ""
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    elementwise: bool = (
+        False  # output element i depends only on input elements i: rows can be merged in chunks
+    )
 
     @property
     def global_params(self) -> tuple[Param, ...]:

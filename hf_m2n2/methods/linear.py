@@ -41,6 +41,7 @@ register(
         params=(Param("weight", REQUIRED, per_model=True), Param("normalize", True, kind="bool")),
         uses_base="never",
         min_models=1,
+        elementwise=True,
         paper=(
             "Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
             "increasing inference time (https://arxiv.org/abs/2203.05482)"

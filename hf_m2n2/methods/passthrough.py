@@ -28,6 +28,7 @@ register(
         params=(Param("scale", None, per_model=True),),
         uses_base="never",
         min_models=1,
+        elementwise=True,
         max_models=1,
         description="Copies tensors from a single model unchanged (optionally scaled); used to stack layers.",
     )

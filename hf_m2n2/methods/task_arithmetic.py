@@ -178,6 +178,7 @@ for _name, _sparsifier, _consensus, _normalize, _rescale, _extra, _paper, _descr
             params=_params(_normalize, _rescale, _extra),
             uses_base="required",
             randomized=_sparsifier in (_random, _della),
+            elementwise=_sparsifier is None,
             min_models=1,
             paper=_paper,
             description=_description,
