@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from hf_m2n2.methods._common import bernoulli_mask
+from hf_m2n2.methods._common import keep_mask
 from hf_m2n2.methods.base import MethodParameterError
 
 _DIRECT_SELECT = 1 << 20  # below this many elements, select on the whole tensor
@@ -140,22 +140,14 @@ def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: b
     return apply_mask(x, mask, rescale, magnitudes)
 
 
-def _random_dtype(x: torch.Tensor) -> torch.dtype:
-    # CPU bernoulli has no float16 kernel; bf16 draws stay bf16 as in mergekit
-    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-
-
 def random_drop(
     x: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """DARE: keep each element of `x` with probability `density`; `rescale` restores the L1 norm."""
     if density >= 1:
         return x
-    mask_dtype = _random_dtype(x)
-    probs = torch.full(x.shape, float(density), dtype=mask_dtype)
-    mask = bernoulli_mask(probs, generator).to(x.device)
-    work = x if x.dtype in (torch.float32, torch.float64, torch.bfloat16) else x.to(mask_dtype)
-    return apply_mask(work, mask, rescale).to(x.dtype)
+    mask = keep_mask(float(density), x.shape, generator).to(x.device)
+    return apply_mask(x, mask, rescale)
 
 
 def della_magprune(
@@ -175,10 +167,9 @@ def della_magprune(
             "choose epsilon < min(density, 1 - density)"
         )
     rows = x.unsqueeze(0) if x.dim() < 2 else x
-    probs = _rank_probabilities(rows, density, epsilon, _random_dtype(x))
-    mask = bernoulli_mask(probs, generator)
-    work = rows if x.dtype in (torch.float32, torch.float64, torch.bfloat16) else rows.to(mask.dtype)
-    return apply_mask(work, mask, rescale).to(x.dtype).reshape(x.shape)
+    probs = _rank_probabilities(rows, density, epsilon, torch.float32)
+    mask = keep_mask(probs, rows.shape, generator).to(rows.device)
+    return apply_mask(rows, mask, rescale).reshape(x.shape)
 
 
 def _rank_probabilities(
