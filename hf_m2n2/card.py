@@ -95,3 +95,78 @@ def build_merge_card(
         config_yaml=config_yaml.rstrip(),
         chat_template=chat_template,
     )
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    name: str
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else 0.0
+
+
+def build_evolve_card(
+    *,
+    model_name: str,
+    algorithm: str,
+    seeds: Sequence[ResolvedModel],
+    tasks: Sequence[str],
+    metric: str,
+    merged: Sequence[float],
+    seed_scores: dict[str, Sequence[float]],
+    lineage: Sequence[dict],
+    passes: int,
+    run_seed: int,
+    recipe_file: str,
+    plot: str | None = None,
+    paper: str = "",
+):
+    """The lineage card of an evolved model: every seed as base_model, a model-index with the held-out scores
+    of the merged model (seeds alongside in the body), the lineage table, the fitness curve and the recipe.
+
+    Returns:
+        a `huggingface_hub.ModelCard`.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=task,
+            dataset_name=task,
+            metric_type=metric,
+            metric_value=float(value),
+        )
+        for task, value in zip(tasks, merged)
+    ]
+    license_, license_note = merged_license(seeds)
+    data = ModelCardData(
+        base_model=list(dict.fromkeys(s.name for s in seeds)),
+        library_name="transformers",
+        license=license_,
+        tags=["merge", "m2n2", "hf-m2n2", algorithm] if algorithm != "m2n2" else ["merge", "m2n2", "hf-m2n2"],
+        model_name=model_name,
+        eval_results=results or None,
+        **{"base_model_relation": "merge"},
+    )
+    rows = [ScoreRow(model_name, list(merged))] + [ScoreRow(name, list(v)) for name, v in seed_scores.items()]
+    card = ModelCard.from_template(
+        data,
+        template_path=str(template_path("evolve_card.md")),
+        model_name=model_name,
+        algorithm=algorithm,
+        paper=paper,
+        seeds=[{"name": s.name, "revision": CardModel(s, "seed").revision} for s in seeds],
+        tasks=list(tasks),
+        score_rows=rows,
+        lineage=list(lineage),
+        passes=passes,
+        run_seed=run_seed,
+        recipe_file=recipe_file,
+        plot=plot,
+    )
+    if license_note:
+        card.text += f"\n{license_note}\n"
+    return card
