@@ -89,7 +89,37 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def seed_record(seed: Seed) -> dict[str, Any]:
     m = seed.model
-    return {"ref": m.ref, "name": m.name, "repo_id": m.repo_id, "commit": m.commit}
+    record = {"ref": m.ref, "name": m.name, "repo_id": m.repo_id, "commit": m.commit}
+    if m.repo_id is None:
+        record["path"] = str(m.path.resolve())  # local seeds: where a rebuild finds them
+    return record
+
+
+def recipe_refs(recipe: BlendRecipe) -> list[str]:
+    """How to find each seed again: `repo_id@commit` for Hub seeds, the recorded directory for local ones."""
+    return [
+        f"{s['repo_id']}@{s['commit']}" if s.get("repo_id") and s.get("commit") else s.get("path") or s["ref"]
+        for s in recipe.seeds
+    ]
+
+
+def rebuild(
+    recipe_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    shard_size: int = 5_000_000_000,
+) -> Path:
+    """`hf-m2n2 rebuild`: the weights of a Blend recipe, bit for bit, from its (pinned) seeds."""
+    from hf_m2n2.seeds import open_seeds
+
+    recipe = BlendRecipe.load(recipe_path)
+    seeds = open_seeds(recipe_refs(recipe), base_dir=Path(recipe_path).resolve().parent)
+    try:
+        return export_blend(recipe, seeds, out_dir, overwrite=overwrite, shard_size=shard_size)
+    finally:
+        for seed in seeds:
+            seed.checkpoint.close()
 
 
 class SeedTensors:
@@ -229,14 +259,6 @@ class _ExportTask:
     shape: tuple[int, ...]
     dtype: torch.dtype
     evolved: bool
-
-
-def pinned_refs(recipe: BlendRecipe) -> list[str]:
-    """Seed references pinned to the commit the recipe was made from (Hub seeds), else as written."""
-    return [
-        f"{s['repo_id']}@{s['commit']}" if s.get("repo_id") and s.get("commit") else s["ref"]
-        for s in recipe.seeds
-    ]
 
 
 def export_blend(

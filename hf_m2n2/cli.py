@@ -74,6 +74,51 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     validate.add_argument("--no-resolve", action="store_true", help="only check the YAML, do not open models")
     _verbosity(validate)
+
+    evolve = sub.add_parser("evolve", help="evolve models with M2N2 (or a baseline) from an evolve spec")
+    evolve.add_argument("config", nargs="?", help="evolve spec (YAML); omit with --resume")
+    evolve.add_argument("--out", metavar="DIR", help="run directory (with --runs: a directory of run-<r>/)")
+    evolve.add_argument("--resume", metavar="DIR", help="continue the interrupted run(s) in DIR")
+    evolve.add_argument(
+        "--runs",
+        type=int,
+        metavar="N",
+        help="N independent runs with seeds seed, seed+1, ... (one after another); with --resume, raise to N",
+    )
+    evolve.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    _verbosity(evolve)
+
+    rebuild = sub.add_parser(
+        "rebuild", help="rebuild an evolved model's weights bit for bit from its recipe.json"
+    )
+    rebuild.add_argument("recipe", help="recipe.json (written next to every exported model)")
+    rebuild.add_argument("out_dir")
+    rebuild.add_argument("--out-shard-size", type=parse_size, default="5GB")
+    rebuild.add_argument("--overwrite", action="store_true")
+    _verbosity(rebuild)
+
+    export = sub.add_parser(
+        "export", help="export the best model of a finished evolve run (weights, card, plot)"
+    )
+    export.add_argument("run_dir", help="a model evolution run directory")
+    export.add_argument("out_dir")
+    export.add_argument("--overwrite", action="store_true")
+    _verbosity(export)
+
+    plot = sub.add_parser("plot", help="plot test score vs forward passes (mean +- stderr over runs) as PNG")
+    plot.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="run directories, one line each (runs of DIR/run-*)"
+    )
+    plot.add_argument("-o", "--out", default="evolution.png", help="PNG file (default evolution.png)")
+    plot.add_argument(
+        "--metric",
+        choices=["test", "best_train", "mean_train"],
+        default="test",
+        help="history column to plot",
+    )
+    plot.add_argument("--labels", help="comma-separated line labels, one per DIR (default: the run names)")
+    plot.add_argument("--title", help="figure title")
+    _verbosity(plot)
     return parser
 
 
@@ -121,7 +166,79 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": _cmd_merge, "validate": _cmd_validate}
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from hf_m2n2.blend_ops import rebuild
+
+    out = rebuild(args.recipe, args.out_dir, overwrite=args.overwrite, shard_size=args.out_shard_size)
+    if not args.quiet:
+        print(f"rebuilt {out} from {args.recipe}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hf_m2n2.evolve.models import export_run
+
+    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"exported the best model of {args.run_dir} to {out}")
+    return 0
+
+
+def _cmd_evolve(args: argparse.Namespace) -> int:
+    from hf_m2n2.errors import HfM2n2Error
+    from hf_m2n2.evolve.runs import resume_runs, start_runs
+
+    if args.resume and (args.config or args.out or args.overwrite):
+        raise HfM2n2Error("--resume DIR takes no spec, --out or --overwrite (the run directory has them)")
+    if not args.resume and not (args.config and args.out):
+        raise HfM2n2Error("give a spec and --out DIR, or --resume DIR")
+
+    def report(run_dir, summary) -> None:
+        if not args.quiet:
+            test = summary.get("test")
+            test_text = "n/a" if test is None else f"{test:.4f}"
+            print(
+                f"{run_dir}: {summary['name']} seed {summary['seed']}: best train {summary['best_train']:.4f}, "
+                f"test {test_text} after {summary['forward_passes']} passes ({summary['timing']['wall_time_s']:.1f} s)"
+            )
+
+    out = args.resume or args.out
+    try:
+        if args.resume:
+            resume_runs(args.resume, runs=args.runs, progress=not args.quiet, on_done=report)
+        else:
+            start_runs(
+                args.config,
+                args.out,
+                runs=args.runs,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+                on_done=report,
+            )
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from hf_m2n2.plots import plot_runs
+
+    labels = args.labels.split(",") if args.labels else None
+    path = plot_runs(args.dirs, args.out, metric=args.metric, labels=labels, title=args.title)
+    if not args.quiet:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {
+    "rebuild": _cmd_rebuild,
+    "export": _cmd_export,
+    "merge": _cmd_merge,
+    "validate": _cmd_validate,
+    "evolve": _cmd_evolve,
+    "plot": _cmd_plot,
+}
 
 
 def _terminate(signum, frame):

@@ -1,0 +1,342 @@
+"""The evolution loop: ask, evaluate, tell, until the budget of forward passes is spent.
+
+A run directory holds `history.jsonl` (one line per logged step), `checkpoint.npz` (the loop's and the
+strategy's whole state, written atomically every `checkpoint_every_s` seconds or `checkpoint_every_steps`
+passes, and at the end), and at the end `archive.npz` (the final members) and `summary.json`. A resumed run
+reloads the checkpoint, truncates the history back to it and redoes the steps after it: every random draw
+comes from the checkpointed generators, so it ends exactly as an uninterrupted run. A candidate whose
+evaluation raises or returns NaN is logged and scored 0 on every example; the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_m2n2 import __version__
+from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.evaluate.base import EvaluationError, Evaluator, check_scores
+from hf_m2n2.evolve.checkpoint import atomic_write_text, load_state, save_state
+from hf_m2n2.evolve.genome import GenomeOps
+from hf_m2n2.evolve.strategy import Candidate, Strategy
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.npz"
+HISTORY = "history.jsonl"
+LINEAGE = "lineage.jsonl"
+ARCHIVE = "archive.npz"
+SUMMARY = "summary.json"
+CHECKPOINT_FORMAT = 1
+MAX_FAILURE_RECORDS = 20
+
+
+@dataclass
+class LoopSettings:
+    """How long to run and how often to log and checkpoint.
+
+    Attributes:
+        budget: forward passes (evaluations) in total.
+        log_every: a history line every this many passes (and at the last one).
+        checkpoint_every_s: checkpoint when this many seconds passed since the last (None: off).
+        checkpoint_every_steps: checkpoint every this many passes (None: off). Always at the end.
+        progress: show a progress bar.
+        label: progress bar label.
+    """
+
+    budget: int
+    log_every: int = 100
+    checkpoint_every_s: float | None = 30.0
+    checkpoint_every_steps: int | None = None
+    progress: bool = True
+    label: str = "evolve"
+    lineage: bool = False  # append every candidate's lineage to lineage.jsonl (for the exported card)
+
+
+@dataclass
+class LoopState:
+    """The loop's own checkpointed counters."""
+
+    passes: int = 0
+    n_examples: int | None = None
+    failures: int = 0
+    failure_records: list[dict[str, Any]] = field(default_factory=list)
+    history_bytes: int = 0
+    lineage_bytes: int = 0
+    elapsed_s: float = 0.0
+    sessions: int = 0
+    last_log: dict[str, Any] | None = None
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM during a run: finish the current step, checkpoint, then stop. A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _score(evaluator: Evaluator, ops: GenomeOps, candidate: Candidate, state: LoopState) -> np.ndarray:
+    try:
+        scores = check_scores(evaluator.scores(ops.materialize(candidate.genome)), state.n_examples)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        if state.n_examples is None:
+            raise EvaluationError(f"the first candidate could not be evaluated: {message}") from exc
+        state.failures += 1
+        if len(state.failure_records) < MAX_FAILURE_RECORDS:
+            state.failure_records.append({"candidate": candidate.lineage.id, "error": message})
+        logger.warning(
+            "candidate %d: evaluation failed (%s); scored 0 on every example", candidate.lineage.id, message
+        )
+        return np.zeros(state.n_examples)
+    if state.n_examples is None:
+        state.n_examples = int(scores.shape[0])
+    return scores
+
+
+def _test_score(evaluator: Evaluator, ops: GenomeOps, strategy: Strategy) -> float | None:
+    best = strategy.best()
+    if best is None:
+        return None
+    try:
+        value = evaluator.test_score(ops.materialize(best.genome))
+    except Exception as exc:
+        logger.warning(
+            "test evaluation of candidate %d failed: %s: %s", best.lineage.id, type(exc).__name__, exc
+        )
+        return None
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _progress_bar(settings: LoopSettings, initial: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=settings.budget,
+        initial=initial,
+        desc=settings.label,
+        unit="pass",
+        disable=not settings.progress,
+        dynamic_ncols=True,
+    )
+
+
+def run_loop(
+    strategy: Strategy,
+    ops: GenomeOps,
+    evaluator: Evaluator,
+    run_dir: str | os.PathLike[str],
+    settings: LoopSettings,
+    *,
+    info: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run (or continue) an evolution in `run_dir` until `settings.budget` forward passes are spent.
+
+    Args:
+        strategy: the ask/tell strategy (freshly built; on resume its state is loaded from the checkpoint).
+        ops: operations on the strategy's genomes.
+        evaluator: scores materialized candidates.
+        run_dir: an existing directory for the history, checkpoint, archive and summary.
+        settings: budget, logging and checkpoint intervals, progress bar.
+        info: extra fields for the summary (name, seed, spec hash, ...).
+        resume: continue from `run_dir/checkpoint.npz`.
+
+    Returns:
+        The summary (also written to `run_dir/summary.json`).
+
+    Raises:
+        EvaluationError: the very first candidate cannot be evaluated (the evaluator is broken).
+        HfM2n2Error: the checkpoint or history does not match.
+        KeyboardInterrupt: Ctrl-C or SIGTERM, after a checkpoint of the last finished step.
+
+    Example:
+        >>> summary = run_loop(strategy, ops, evaluator, "runs/m2n2", LoopSettings(budget=1000))  # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    history_path = run_dir / HISTORY
+    lineage_path = run_dir / LINEAGE
+    state = LoopState()
+    if resume:
+        saved = load_state(run_dir / CHECKPOINT)
+        if saved.get("format") != CHECKPOINT_FORMAT:
+            raise HfM2n2Error(
+                f"{run_dir / CHECKPOINT}: unsupported checkpoint format {saved.get('format')!r}"
+            )
+        strategy.load_state_dict(saved["strategy"])
+        state = LoopState(**saved["loop"])
+        _truncate(history_path, state.history_bytes)
+        if settings.lineage:
+            _truncate(lineage_path, state.lineage_bytes)
+    else:
+        history_path.write_bytes(b"")
+        if settings.lineage:
+            lineage_path.write_bytes(b"")
+    state.sessions += 1
+    session_start = time.perf_counter()
+    elapsed_before = state.elapsed_s
+    last_checkpoint, last_checkpoint_pass = session_start, state.passes
+
+    with (
+        _StopRequest() as stop,
+        open(history_path, "ab") as history,
+        open(lineage_path, "ab") if settings.lineage else contextlib.nullcontext() as lineage,
+        _progress_bar(settings, state.passes) as bar,
+    ):
+
+        def checkpoint() -> None:
+            nonlocal last_checkpoint, last_checkpoint_pass
+            for log in (history, lineage) if lineage is not None else (history,):
+                log.flush()
+                os.fsync(log.fileno())
+            state.history_bytes = history.tell()
+            if lineage is not None:
+                state.lineage_bytes = lineage.tell()
+            state.elapsed_s = elapsed_before + time.perf_counter() - session_start
+            loop_state = asdict(state)
+            save_state(
+                run_dir / CHECKPOINT,
+                {"format": CHECKPOINT_FORMAT, "loop": loop_state, "strategy": strategy.state_dict()},
+            )
+            last_checkpoint, last_checkpoint_pass = time.perf_counter(), state.passes
+
+        every_s, every_steps = settings.checkpoint_every_s, settings.checkpoint_every_steps
+        while state.passes < settings.budget:
+            if stop.requested:
+                checkpoint()
+                raise KeyboardInterrupt
+            candidate = strategy.ask()
+            scores = _score(evaluator, ops, candidate, state)
+            strategy.tell(candidate, scores)
+            state.passes += 1
+            if lineage is not None:
+                record = {**candidate.lineage.to_dict(), "score": float(np.mean(scores))}
+                lineage.write((json.dumps(record) + "\n").encode())
+            if state.passes % settings.log_every == 0 or state.passes == settings.budget:
+                record = {"passes": state.passes, **_train_stats(strategy)}
+                record["test"] = _test_score(evaluator, ops, strategy)
+                record["failures"] = state.failures
+                history.write((json.dumps(record) + "\n").encode())
+                state.last_log = record
+                bar.update(state.passes - bar.n)
+                bar.set_postfix(
+                    best=f"{record['best_train']:.4f}",
+                    mean=f"{record['mean_train']:.4f}",
+                    test=record["test"],
+                )
+            if (every_steps and state.passes - last_checkpoint_pass >= every_steps) or (
+                every_s is not None and time.perf_counter() - last_checkpoint >= every_s
+            ):
+                checkpoint()
+        if state.passes - last_checkpoint_pass or not (run_dir / CHECKPOINT).exists():
+            checkpoint()
+        elapsed = elapsed_before + time.perf_counter() - session_start
+    _write_archive(run_dir / ARCHIVE, strategy, ops)
+    summary = _summary(strategy, state, settings, info or {}, elapsed)
+    atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train_stats(strategy: Strategy) -> dict[str, float]:
+    stats = strategy.stats()
+    return {"best_train": stats["best"], "mean_train": stats["mean"]}
+
+
+def _truncate(path: Path, size: int) -> None:
+    try:
+        with open(path, "r+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() < size:
+                raise HfM2n2Error(
+                    f"{path} is shorter than its checkpoint expects ({handle.tell()} < {size} bytes)"
+                )
+            handle.truncate(size)
+    except FileNotFoundError:
+        raise HfM2n2Error(f"{path} is missing; cannot resume") from None
+
+
+def _write_archive(path: Path, strategy: Strategy, ops: GenomeOps) -> None:
+    members = strategy.members()
+    best = strategy.best()
+    best_index = next((i for i, m in enumerate(members) if best and m.lineage.id == best.lineage.id), None)
+    save_state(
+        path,
+        {
+            "genome_kind": getattr(ops, "kind", "unknown"),
+            "best": best_index,
+            "members": [
+                {
+                    "genome": ops.to_state(m.genome),
+                    "scores": np.asarray(m.scores),
+                    "lineage": m.lineage.to_dict(),
+                    "extra": m.extra,
+                }
+                for m in members
+            ],
+        },
+    )
+
+
+def _summary(
+    strategy: Strategy, state: LoopState, settings: LoopSettings, info: dict[str, Any], elapsed: float
+) -> dict[str, Any]:
+    best = strategy.best()
+    last = state.last_log or {}
+    return {
+        **info,
+        "algorithm": info.get("algorithm", strategy.name),
+        "budget": settings.budget,
+        "forward_passes": state.passes,
+        "best_train": last.get("best_train"),
+        "mean_train": last.get("mean_train"),
+        "test": last.get("test"),
+        "best_candidate": None if best is None else best.lineage.to_dict(),
+        "archive_members": len(strategy.members()),
+        "failures": state.failures,
+        "failure_examples": state.failure_records,
+        "hf_m2n2_version": __version__,
+        "timing": {
+            "wall_time_s": round(elapsed, 3),
+            "passes_per_s": round(state.passes / elapsed, 2) if elapsed > 0 else None,
+            "sessions": state.sessions,
+        },
+    }
+
+
+def load_archive(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The final archive of a finished run: `{"genome_kind", "best", "members": [{genome, scores, lineage, extra}]}`.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The archive; genomes as stored by their ops' `to_state` (a float32 array for dense genomes).
+    """
+    return load_state(Path(run_dir) / ARCHIVE)

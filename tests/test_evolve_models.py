@@ -1,0 +1,101 @@
+"""Evolving real checkpoints end to end: Blend genomes in a live model, export, report, rebuild, export again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from helpers import load_dir
+from huggingface_hub import ModelCard
+
+from hf_m2n2.errors import SpecError
+from hf_m2n2.evolve.models import parse_model_spec
+from hf_m2n2.evolve.runs import resume_runs, start_runs
+
+SEQUENCES = [[1, 40 + i, 41 + i, 42 + i, 43 + i, 2] for i in range(6)]
+HELD_OUT = [[1, 90 + i, 91 + i, 92 + i, 2] for i in range(3)]
+
+
+def _spec(seeds, **evolve):
+    return {
+        "name": "tiny-m2n2",
+        "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}],
+        "genome": {"kind": "blend", "block_size": 2048, "slerp_scope": "segment"},
+        "evolve": {
+            "algorithm": "m2n2",
+            "budget": 8,
+            "seed": 3,
+            "log_every": 2,
+            "checkpoint_every_steps": 1,
+            **evolve,
+        },
+        "evaluate": {
+            "kind": "python",
+            "callable": "hf_m2n2.tasks.likelihood:token_likelihood",
+            "test_callable": "hf_m2n2.tasks.likelihood:mean_likelihood",
+            "kwargs": {"sequences": SEQUENCES},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(seeds, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evolve_models")
+    spec_path = root / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(seeds)))
+    start_runs(spec_path, root / "run", progress=False)
+    return root / "run"
+
+
+def test_run_exports_model_card_report_and_lineage(finished_run, seeds):
+    model = finished_run / "model"
+    assert (model / "model.safetensors").exists() and (model / "recipe.json").exists()
+    report = json.loads((finished_run / "report.json").read_text())
+    assert set(report) == {"ft-a", "ft-b", "tiny-m2n2"}
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["forward_passes"] == 8
+    card = ModelCard.load(model / "README.md")
+    assert card.data.base_model == ["ft-a", "ft-b"] and card.data.base_model_relation == "merge"
+    assert {"merge", "m2n2", "hf-m2n2"} <= set(card.data.tags)
+    lineage = [json.loads(line) for line in (finished_run / "lineage.jsonl").read_text().splitlines()]
+    assert len(lineage) == 8 and lineage[0]["origin"] == "seed"
+    best = summary["best_candidate"]["id"]
+    recipe = json.loads((model / "recipe.json").read_text())
+    assert recipe["lineage"][-1]["id"] == best
+
+
+def test_rebuild_and_export_reproduce_the_weights_bit_for_bit(finished_run, cli, tmp_path):
+    code, _, err = cli("rebuild", finished_run / "model" / "recipe.json", tmp_path / "rebuilt", "--quiet")
+    assert code == 0, err
+    original = (finished_run / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "rebuilt" / "model.safetensors").read_bytes() == original
+    code, _, err = cli("export", finished_run, tmp_path / "exported", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == original
+    assert (tmp_path / "exported" / "README.md").exists()
+    merged = load_dir(tmp_path / "exported")
+    assert "model.embed_tokens.weight" in merged
+
+
+def test_resume_of_a_finished_run_keeps_it(finished_run):
+    before = (finished_run / "model" / "model.safetensors").read_bytes()
+    [summary] = resume_runs(finished_run, progress=False)
+    assert summary["forward_passes"] == 8
+    assert (finished_run / "model" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"evolve": {"algorithm": "cma_es", "budget": 4}}, "evolve.algorithm: cma_es evolves dense vectors"),
+        (
+            {"genome": {"kind": "blend", "fixed_from": "nope"}},
+            "genome.fixed_from: 'nope' is not one of the models",
+        ),
+        ({"genome": {"kind": "blend", "slerp_scope": "layer"}}, "genome.slerp_scope"),
+    ],
+)
+def test_model_spec_errors_name_the_path(seeds, change, message):
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        parse_model_spec({**_spec(seeds), **change})
