@@ -7,14 +7,20 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint format clean
+.PHONY: demo merge-demo test lint format clean
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,eval,evolve]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
+# The main job: build the tiny specialists offline (cached), evolve a merge with M2N2, print the held-out report.
 demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.specialists examples/specialists/build
+	OMP_NUM_THREADS=1 $(VENV)/bin/hf-m2n2 evolve examples/specialists/spec.yaml --out out/specialists --overwrite
+
+# A static mergekit-style merge of tiny seeds, loaded back with transformers.
+merge-demo: $(STAMP)
 	$(PY) -m hf_m2n2.toy out/seeds
 	$(VENV)/bin/hf-m2n2 merge examples/tiny_merge/spec.yaml out/tiny-merged --overwrite
 	$(PY) examples/tiny_merge/check.py out/tiny-merged
