@@ -162,36 +162,26 @@ class MergeSpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def _yaml_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif (
-            isinstance(part, str)
-            and not part.startswith(("function-", "tagged-union", "union"))
-            and part
-            not in (
-                "str",
-                "ModelRefDict",
-                "dict[str,any]",
-                "list[InputModel]",
-                "list[OutputSlice]",
-            )
-        ):
-            out += f".{part}" if out else part
+def yaml_path(loc: tuple[Any, ...], data: Any) -> str:
+    """A pydantic error location as a YAML path, following the data to drop union tags and validator names."""
+    out, node = "", data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            out, node = f"{out}[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and (part in node or last):
+            out, node = f"{out}.{part}" if out else part, node.get(part)
     return out
 
 
-def _format_validation_error(exc: ValidationError) -> SpecError:
+def validation_error(exc: ValidationError, data: Any, prefix: str = "") -> SpecError:
+    """The first pydantic error as a SpecError with its YAML path."""
     err = exc.errors()[0]
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "required"
-    msg = msg.removeprefix("Value error, ")
-    return SpecError(_yaml_path(tuple(err["loc"])), msg)
+    message = {"extra_forbidden": "unknown key", "missing": "required"}.get(err["type"], err["msg"])
+    path = yaml_path(tuple(err["loc"]), data)
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
+    return SpecError(path, message.removeprefix("Value error, "))
 
 
 def parse_spec(data: Any, *, source: str = "spec") -> MergeSpec:
@@ -207,7 +197,7 @@ def parse_spec(data: Any, *, source: str = "spec") -> MergeSpec:
     try:
         spec = MergeSpec(**data)
     except ValidationError as exc:
-        raise _format_validation_error(exc) from None
+        raise validation_error(exc, data) from None
     except TypeError as exc:
         raise SpecError("", f"{source}: {exc}") from None
     if (spec.models is None) == (spec.slices is None):

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hf_m2n2.errors import SpecError
-from hf_m2n2.spec import parse_yaml, read_spec_text
+from hf_m2n2.spec import parse_yaml, read_spec_text, validation_error
 
 ALGORITHMS = ("m2n2", "ga", "cma_es", "map_elites", "sweep")
 _CALLABLE_HELP = "expected 'module:function' (e.g. hf_m2n2.tasks.digits:train_scores)"
@@ -214,28 +214,6 @@ def check_evolve_spec(spec: EvolveSpec) -> None:
     seeds = spec.genome.seeds
     if spec.evolve.algorithm == "sweep" and isinstance(seeds, RandomSeeds) and seeds.count != 2:
         raise SpecError("genome.seeds.count", "the sweep needs exactly two seeds")
-
-
-def yaml_path(loc: tuple[Any, ...], data: Any) -> str:
-    """A pydantic error location as a YAML path, following the data to drop union tags and validator names."""
-    out, node = "", data
-    for i, part in enumerate(loc):
-        last = i == len(loc) - 1
-        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
-            out, node = f"{out}[{part}]", node[part]
-        elif isinstance(part, str) and isinstance(node, dict) and (part in node or last):
-            out, node = f"{out}.{part}" if out else part, node.get(part)
-    return out
-
-
-def validation_error(exc: ValidationError, data: Any, prefix: str = "") -> SpecError:
-    """The first pydantic error as a SpecError with its YAML path."""
-    err = exc.errors()[0]
-    message = {"extra_forbidden": "unknown key", "missing": "required"}.get(err["type"], err["msg"])
-    path = yaml_path(tuple(err["loc"]), data)
-    if prefix:
-        path = f"{prefix}.{path}" if path else prefix
-    return SpecError(path, message.removeprefix("Value error, "))
 
 
 def parse_evolve_spec(data: Any, *, source: str = "spec") -> EvolveSpec:
