@@ -159,7 +159,11 @@ def evolved_layout(seeds: Sequence[Seed], names: Sequence[str], block_size: int)
             if name not in seed.checkpoint:
                 raise HfM2n2Error(f"tensor {name!r} is missing in seed {seed.name}")
             if seed.checkpoint.info(name).shape != shape:
-                raise HfM2n2Error(f"tensor {name!r} has different shapes in {seeds[0].name} and {seed.name}")
+                raise HfM2n2Error(
+                    f"tensor {name!r} has different shapes in {seeds[0].name} and {seed.name} "
+                    f"({list(shape)} vs {list(seed.checkpoint.info(name).shape)}); exclude it from the genome "
+                    "(genome.exclude) to take it from genome.fixed_from"
+                )
         shapes.append((name, shape))
     return SeedLayout(shapes, block_size)
 

@@ -158,12 +158,33 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from hf_m2n2.evolve.runs import load_run_spec
     from hf_m2n2.merge import validate
+    from hf_m2n2.spec import parse_yaml, read_spec_text
 
+    data = parse_yaml(read_spec_text(args.config), args.config)
+    if isinstance(data, dict) and ("evolve" in data or "genome" in data):
+        spec, _ = load_run_spec(args.config)
+        _check_evaluate(spec, args.config)
+        if not args.quiet:
+            print(
+                f"{args.config}: valid {spec.evolve.algorithm} evolve spec ({spec.evolve.budget} forward passes)"
+            )
+        return 0
     spec = validate(args.config, resolve=not args.no_resolve)
     if not args.quiet:
         print(f"{args.config}: valid {spec.merge_method} spec over {len(spec.referenced_models())} models")
     return 0
+
+
+def _check_evaluate(spec, config_path: str) -> None:
+    """lm-eval task, metric and filter names checked from the task YAMLs alone (no dataset, no network)."""
+    from pathlib import Path
+
+    from hf_m2n2.evaluate.lm_eval import LmEvalConfig, check_lm_eval_config
+
+    if isinstance(spec.evaluate, LmEvalConfig):
+        check_lm_eval_config(spec.evaluate, base_dir=Path(config_path).resolve().parent)
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:

@@ -99,3 +99,30 @@ def test_resume_of_a_finished_run_keeps_it(finished_run):
 def test_model_spec_errors_name_the_path(seeds, change, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("(", r"\(")):
         parse_model_spec({**_spec(seeds), **change})
+
+
+def test_real_scale_spec_validates_offline(cli):
+    """The WizardMath-7B + AgentEvol-7B gsm8k spec validates without the Hub (lm-eval config checked statically)."""
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "examples" / "wizardmath-agentevol" / "spec.yaml"
+    code, out, err = cli("validate", spec)
+    assert code == 0, err
+    assert "valid m2n2 evolve spec" in out
+
+
+def test_differing_embedding_rows_name_the_fix(seeds, tmp_path):
+    """32001 vs 32000 rows (here 260 vs 259): a clear error pointing at genome.exclude, not a shape crash."""
+    spec = _spec(seeds)
+    spec["models"] = [{"model": str(seeds["base"])}, {"model": str(seeds["wide"])}]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    from hf_m2n2.errors import HfM2n2Error
+
+    with pytest.raises(HfM2n2Error, match="genome.exclude"):
+        start_runs(path, tmp_path / "run", progress=False)
+    spec["genome"]["exclude"] = ["model.embed_tokens.weight", "lm_head.weight"]
+    spec["genome"]["fixed_from"] = str(seeds["wide"])
+    path.write_text(yaml.safe_dump(spec))
+    start_runs(path, tmp_path / "run2", progress=False)
+    assert load_dir(tmp_path / "run2" / "model")["model.embed_tokens.weight"].shape[0] == 260
