@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             groups.append(group)
             names[method] = curve.label
             runs = curve.values.shape[0]
-            rows.setdefault(method, {})[setup] = [*(_cell(curve, p) for p in checkpoints), _wall(group), str(runs)]
+            rows.setdefault(method, {})[setup] = [
+                *(_cell(curve, p) for p in checkpoints),
+                _wall(group),
+                str(runs),
+            ]
         if args.figures and groups:
             title = f"digits, {'from scratch' if setup == 'scratch' else 'pretrained seeds'}"
             plot_runs(groups, args.figures / f"{setup}.png", title=title)
