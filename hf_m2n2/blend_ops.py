@@ -189,6 +189,8 @@ class BlendOps:
         tensors: seed tensors (resident or on demand) in the live model's dtype and device.
         live: the resident model candidates are written into (None: materialize returns the Blend itself).
         slerp_scope: `global`, `segment` or `tensor` (where SLERP angles are measured).
+        defer_writes: `materialize` returns the Blend and `write` puts it into the live model (for an evaluator
+            that checks its score cache before paying for the write).
     """
 
     kind = "blend"
@@ -200,12 +202,14 @@ class BlendOps:
         tensors: SeedTensors,
         live: LiveModel | None,
         slerp_scope: str = "global",
+        defer_writes: bool = False,
     ):
         self.layout = layout
         self.gram = gram
         self.tensors = tensors
         self.live = live
         self.slerp_scope = slerp_scope
+        self.defer_writes = defer_writes
         self._last_written: Blend | None = None
 
     @property
@@ -228,8 +232,10 @@ class BlendOps:
         raise HfM2n2Error("Blend genomes start from seeds, not from random vectors")
 
     def materialize(self, x: Blend) -> Any:
-        if self.live is None:
-            return x
+        return x if self.live is None or self.defer_writes else self.write(x)
+
+    def write(self, x: Blend) -> Any:
+        """Write the Blend's tensors into the live model in place (skipped if it already holds x)."""
         if self._last_written is not None and _same(self._last_written, x):
             return self.live.model
         targets = self.live.model.state_dict(keep_vars=True)

@@ -185,7 +185,7 @@ def build_model_run(
     """
 
     from hf_m2n2.blend import select_tensors
-    from hf_m2n2.blend_ops import SeedTensors, evolved_layout, seed_gram, torch_dtype
+    from hf_m2n2.blend_ops import BlendOps, SeedTensors, evolved_layout, seed_gram, torch_dtype
     from hf_m2n2.evolve.build import RunParts, build_strategy
     from hf_m2n2.live import LiveModel
     from hf_m2n2.seeds import open_seeds
@@ -218,7 +218,7 @@ def build_model_run(
         seeds, names, dtype, live.device if genome.device_map is None else "cpu", genome.resident
     )
     gram = seed_gram(layout, tensors, run_dir / "gram.npz")
-    ops = _WritingBlendOps(layout, gram, tensors, live, genome.slerp_scope)
+    ops = BlendOps(layout, gram, tensors, live, genome.slerp_scope, defer_writes=True)
     inner = _inner_evaluator(spec, live, seeds[fixed], spec_dir)
     evaluator = BlendEvaluator(ops, inner)
     _, strategy_stream = np.random.SeedSequence(seed).spawn(2)
@@ -240,30 +240,6 @@ def _inner_evaluator(spec: ModelEvolveSpec, live: Any, fixed_seed: Any, spec_dir
     from hf_m2n2.evaluate.python import PythonEvaluator
 
     return PythonEvaluator.from_config(spec.evaluate)
-
-
-class _WritingBlendOps:
-    """BlendOps whose `materialize` hands the genome on (the BlendEvaluator writes it, after its cache check)."""
-
-    def __init__(self, *args: Any):
-        from hf_m2n2.blend_ops import BlendOps
-
-        self._ops = BlendOps(*args)
-        self.kind = self._ops.kind
-        self.slerp_scope = self._ops.slerp_scope
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ops, name)
-
-    @property
-    def size(self) -> int:
-        return self._ops.size
-
-    def materialize(self, genome: Any) -> Any:
-        return genome
-
-    def write(self, genome: Any) -> Any:
-        return self._ops.materialize(genome)
 
 
 def ancestors(lineage_path: Path, best_id: int) -> list[dict[str, Any]]:
@@ -384,10 +360,6 @@ def _fitness_plot(run_dir: Path) -> str | None:
     except Exception:  # a missing matplotlib or an empty history must not lose the exported model
         return None
     return name
-
-
-def spec_dir_of(path: str | os.PathLike[str]) -> Path:
-    return Path(path).resolve().parent
 
 
 def export_run(
