@@ -1,7 +1,7 @@
 """Compare hf_m2n2's per-tensor merge methods with mergekit 0.1.5 on the same random tensors.
 
 Run with the separate mergekit venv (never installed into the project's):
-    PYTHONPATH=/work/main /work/main/.venv-mergekit/bin/python bench/compare_methods_mergekit.py
+    PYTHONPATH=. .venv-mergekit/bin/python bench/compare_methods_mergekit.py   (from the repo root)
 
 mergekit is driven through `mergekit.merge_methods.api.merge_tensors`, its public per-tensor entry point,
 which binds parameters exactly as a YAML recipe would and runs the method on one tensor group.
