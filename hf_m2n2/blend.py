@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 SLERP_SCOPES = ("global", "segment", "tensor")
-_TINY_SIN = 1e-6
+SIN_EPS = 1e-6  # below this sin(omega) the reference code falls back to linear interpolation
 
 
 @dataclass(frozen=True)
@@ -198,19 +198,29 @@ def inner_products(x: Blend, y: Blend, gram: np.ndarray, bounds: np.ndarray) -> 
     return np.bincount(which, weights=per_segment, minlength=len(bounds) - 1)
 
 
-def slerp_coefficients(
-    t: np.ndarray, xx: np.ndarray, yy: np.ndarray, xy: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) with slerp(t) = a x + b y, the angle from <x,x>, <y,y>, <x,y>; lerp when sin(omega) is tiny."""
-    norm = np.sqrt(np.maximum(xx, 0) * np.maximum(yy, 0))
-    cos = np.clip(np.divide(xy, norm, out=np.ones_like(xy), where=norm > 0), -1.0, 1.0)
-    omega = np.arccos(cos)
-    sin = np.sin(omega)
-    tiny = np.abs(sin) < _TINY_SIN
-    safe = np.where(tiny, 1.0, sin)
-    a = np.where(tiny, 1 - t, np.sin((1 - t) * omega) / safe)
-    b = np.where(tiny, t, np.sin(t * omega) / safe)
-    return a, b
+def slerp_coefficients(t: float, xx: float, yy: float, xy: float) -> tuple[float, float]:
+    """The scalars (a, b) of `slerp(t, x, y) = a * x + b * y` from the inner products of x and y.
+
+    `a = sin((1 - t) w) / sin w`, `b = sin(t w) / sin w` with `cos w = <x, y> / (|x| |y|)`; linear
+    interpolation `(1 - t, t)` when sin w <= 1e-6 or either vector is zero (as the reference code).
+
+    Args:
+        t: interpolation position; 0 gives x, 1 gives y.
+        xx: <x, x>.
+        yy: <y, y>.
+        xy: <x, y>.
+
+    Returns:
+        (a, b).
+    """
+    if xx <= 0.0 or yy <= 0.0 or not math.isfinite(xx * yy):
+        return 1.0 - t, t
+    cos = min(1.0, max(-1.0, xy / math.sqrt(xx * yy)))
+    omega = math.acos(cos)
+    sin = math.sin(omega)
+    if not sin > SIN_EPS:
+        return 1.0 - t, t
+    return math.sin((1.0 - t) * omega) / sin, math.sin(t * omega) / sin
 
 
 def crossover(
@@ -252,7 +262,8 @@ def crossover(
     starts = bp[:-1]
     angle_idx = np.searchsorted(angle_bounds, starts, side="right") - 1
     t = np.where(starts < split, w, 1 - w) if len(cuts) == 3 else np.full(len(starts), w)
-    a, b = slerp_coefficients(t, xx[angle_idx], yy[angle_idx], xy[angle_idx])
+    pairs = [slerp_coefficients(float(ti), xx[k], yy[k], xy[k]) for ti, k in zip(t, angle_idx)]
+    a, b = (np.array(column) for column in zip(*pairs))
     coefs = a[:, None] * x.refined(bp) + b[:, None] * y.refined(bp)
     return Blend(bp, coefs).simplified()
 

@@ -16,9 +16,8 @@ import torch
 from hf_m2n2.blend import Blend, SeedLayout, blend_tensor, crossover, gram_prefix, load_or_compute_gram
 from hf_m2n2.errors import HfM2n2Error, SpecError
 from hf_m2n2.live import LiveModel
+from hf_m2n2.plan import torch_dtype
 from hf_m2n2.seeds import Seed
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -81,10 +80,6 @@ class BlendRecipe:
             return BlendRecipe.from_json(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
             raise SpecError("", f"{path}: cannot read the recipe ({exc})") from None
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
 
 
 def seed_record(seed: Seed) -> dict[str, Any]:
@@ -292,7 +287,7 @@ def export_blend(
     """
     from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
     from hf_m2n2.materialize import materialize
-    from hf_m2n2.merge import copy_tokenizer_files, set_config_dtype
+    from hf_m2n2.merge import copy_generation_config, copy_tokenizer_files, set_config_dtype
     from hf_m2n2.outdir import atomic_output_dir
 
     dtype = torch_dtype(recipe.dtype)
@@ -326,9 +321,7 @@ def export_blend(
         config = dict(reference.config)
         set_config_dtype(config, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for extra in ("generation_config.json",):
-            if (reference.model.path / extra).exists():
-                (tmp / extra).write_bytes((reference.model.path / extra).read_bytes())
+        copy_generation_config(reference.model.path, tmp)
         copy_tokenizer_files(reference.model.path, tmp)
         recipe.save(tmp / "recipe.json")
         if write_card is not None:

@@ -248,8 +248,7 @@ def _write_config(
     if config.get("tie_word_embeddings") and any(head in names for head, _ in ref.arch.tied_pairs):
         config["tie_word_embeddings"] = False
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if (src / "generation_config.json").exists():
-        shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
+    copy_generation_config(src, tmp)
 
 
 def _write_tokenizer(
@@ -283,6 +282,11 @@ def _write_tokenizer(
         _set_chat_template(tmp, template)
         return True
     return (tmp / "chat_template.jinja").exists() or "chat_template" in _tokenizer_config(tmp)
+
+
+def copy_generation_config(src: Path, dst: Path) -> None:
+    if (src / "generation_config.json").exists():
+        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

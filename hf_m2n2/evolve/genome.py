@@ -13,41 +13,15 @@ float32 numpy vector; a Blend genome implements the same contract from Gram pref
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
 
+from hf_m2n2.blend import slerp_coefficients  # the one M2N2 SLERP rule, shared with Blend genomes
+
 G = TypeVar("G")
 SlerpScope = Literal["global", "segment"]
-
-SIN_EPS = 1e-6  # below this sin(omega) the reference code falls back to linear interpolation
-
-
-def slerp_coefficients(t: float, xx: float, yy: float, xy: float) -> tuple[float, float]:
-    """The scalars (a, b) of `slerp(t, x, y) = a * x + b * y` from the inner products of x and y.
-
-    `a = sin((1 - t) w) / sin w`, `b = sin(t w) / sin w` with `cos w = <x, y> / (|x| |y|)`; linear
-    interpolation `(1 - t, t)` when sin w <= 1e-6 or either vector is zero (as the reference code).
-
-    Args:
-        t: interpolation position; 0 gives x, 1 gives y.
-        xx: <x, x>.
-        yy: <y, y>.
-        xy: <x, y>.
-
-    Returns:
-        (a, b).
-    """
-    if xx <= 0.0 or yy <= 0.0 or not math.isfinite(xx * yy):
-        return 1.0 - t, t
-    cos = min(1.0, max(-1.0, xy / math.sqrt(xx * yy)))
-    omega = math.acos(cos)
-    sin = math.sin(omega)
-    if not sin > SIN_EPS:
-        return 1.0 - t, t
-    return math.sin((1.0 - t) * omega) / sin, math.sin(t * omega) / sin
 
 
 @runtime_checkable

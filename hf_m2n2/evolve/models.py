@@ -185,9 +185,10 @@ def build_model_run(
     """
 
     from hf_m2n2.blend import select_tensors
-    from hf_m2n2.blend_ops import BlendOps, SeedTensors, evolved_layout, seed_gram, torch_dtype
+    from hf_m2n2.blend_ops import BlendOps, SeedTensors, evolved_layout, seed_gram
     from hf_m2n2.evolve.build import RunParts, build_strategy
     from hf_m2n2.live import LiveModel
+    from hf_m2n2.plan import torch_dtype
     from hf_m2n2.seeds import open_seeds
 
     refs = spec.seed_refs()
