@@ -69,6 +69,14 @@ def write_spec(tmp_path):
 
 
 @pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fresh local Hub-protocol server (users alice and bob), huggingface_hub and transformers pointed at it."""
+    from hub_server import hub_fixture
+
+    yield from hub_fixture(tmp_path, monkeypatch)
+
+
+@pytest.fixture
 def cli(capsys):
     """Run `hf-m2n2 ARGS...` in-process; returns (exit code, stdout, stderr)."""
     from hf_m2n2.cli import main
