@@ -4,11 +4,15 @@ Each output tensor is computed from its seed tensors (read lazily, cast to the c
 sink: a sharded safetensors directory, or (for evolution) a live model's parameters. A few tensors are in
 flight at once on a small thread pool, so reading, math and writing overlap; memory stays bounded by those few
 tensors, not by shard or model size.
+
+Big tensors are computed in row blocks: an elementwise method's blocks independently; a streamed method's
+(`MergeMethod.streamed`) after one statistics item has scanned the tensor's blocks (see `TensorStream`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ import torch
 
 from hf_m2n2.errors import CheckpointError
 from hf_m2n2.methods import get_method
+from hf_m2n2.methods.streaming import Block, Lazy, TensorContext, block_shape
 from hf_m2n2.recipe import SourceTensor, TensorTask
 from hf_m2n2.seeds import Seed
 from hf_m2n2.vocab import VocabPlan, align_rows
@@ -58,19 +63,111 @@ def compute_task(
     `task.out_dtype`, on `device`)."""
     if not task.out_dtype.is_floating_point:  # integer buffers are copied, never blended
         return load_source(seeds, task.sources[0], allow_nonfinite, rows)
+    inputs, base = load_inputs(task, seeds, compute_dtype, device, vocab, allow_nonfinite, rows)
+    method = get_method(task.method)
+    # A CPU generator: the same draws on any device.
+    generator = torch.Generator().manual_seed(task.rng_seed) if method.randomized else None
+    out = method.fn(inputs, base, task.params, task.model_params, generator)
+    return out.to(task.out_dtype)
+
+
+def load_inputs(
+    task: TensorTask,
+    seeds: Sequence[Seed],
+    compute_dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    vocab: VocabPlan | None = None,
+    allow_nonfinite: bool = False,
+    rows: tuple[int, int] | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The method's inputs and base (or None) for `task`, or their `rows`, in the compute dtype on `device`."""
     loaded = [
         load_source(seeds, s, allow_nonfinite, rows).to(device=device, dtype=compute_dtype)
         for s in task.sources
     ]
     if task.align_rows and vocab is not None:
         loaded = _align(task.sources, loaded, vocab)
-    base = loaded[0] if task.base is not None else None
-    inputs = loaded[1:] if task.base is not None else loaded
-    method = get_method(task.method)
-    # A CPU generator: the same draws on any device.
-    generator = torch.Generator().manual_seed(task.rng_seed) if method.randomized else None
-    out = method.fn(inputs, base, task.params, task.model_params, generator)
-    return out.to(task.out_dtype)
+    if task.base is not None:
+        return loaded[1:], loaded[0]
+    return loaded, None
+
+
+class TensorStream:
+    """One big tensor of a streamed method, computed in row blocks: its statistics (set once by its statistics
+    item, awaited by its block items) and its blocks.
+
+    Work items are ordered so that a tensor's statistics item comes before its blocks; with first-in first-out
+    workers a block item therefore starts only once the statistics item has started, and waits at most for it.
+    """
+
+    def __init__(self, task: TensorTask, blocks: Sequence[tuple[int, int]]):
+        method = get_method(task.method)
+        assert method.streamed is not None, task.method
+        self.task = task
+        self.streamed = method.streamed
+        self.blocks = list(blocks)
+        generator = torch.Generator().manual_seed(task.rng_seed) if method.randomized else None
+        self.context = TensorContext(tuple(task.shape), task.params, task.model_params, generator)
+        self._done = threading.Event()
+        self._stats: Any = None
+        self._error: BaseException | None = None
+        if self.streamed.statistics is None:
+            self._done.set()
+
+    def compute_statistics(self, read: Callable[[int], Block]) -> None:
+        lazies = [
+            Lazy(i, block_shape(self.task.shape, rows), lambda i=i: read(i))
+            for i, rows in enumerate(self.blocks)
+        ]
+        try:
+            self._stats = self.streamed.statistics(self.context, lazies)
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._done.set()
+
+    def statistics(self) -> Any:
+        """The statistics, once computed (raises the statistics item's error if it failed)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._stats
+
+
+def compute_item(
+    item: WorkItem,
+    seeds: Sequence[Seed],
+    *,
+    compute_dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    vocab: VocabPlan | None = None,
+    allow_nonfinite: bool = False,
+) -> torch.Tensor | None:
+    """Compute a work item: a tensor or a block of its rows (in `task.out_dtype`), or nothing for a statistics
+    item (it records its tensor's statistics)."""
+    stream = item.stream
+    if stream is None:
+        return compute_task(
+            item.task,
+            seeds,
+            compute_dtype=compute_dtype,
+            device=device,
+            vocab=vocab,
+            allow_nonfinite=allow_nonfinite,
+            rows=item.rows,
+        )
+
+    def read(index: int) -> Block:
+        rows = stream.blocks[index]
+        tensors, base = load_inputs(item.task, seeds, compute_dtype, device, None, allow_nonfinite, rows)
+        return Block(stream.context, tensors, base, index, rows)
+
+    if item.statistics:
+        stream.compute_statistics(read)
+        return None
+    stats = stream.statistics()
+    return stream.streamed.apply(read(item.block), stats).to(item.task.out_dtype)
 
 
 def _align(
@@ -89,17 +186,24 @@ def _align(
 
 @dataclass(frozen=True)
 class WorkItem:
-    """A unit of work: a whole recipe task, or rows [start, stop) of an elementwise one.
+    """A unit of work: a whole recipe task, rows [start, stop) of an elementwise or streamed one, or the
+    statistics of a streamed one.
 
     Attributes:
         task: the recipe task (anything with a `.name`).
         rows: a block of rows along dim 0, or None for the whole tensor.
         cost: estimated peak bytes while it is computed (for the memory budget).
+        stream: the streamed tensor this item belongs to (None: not streamed).
+        block: the number of the block `rows` among the stream's blocks.
+        statistics: this item computes the stream's statistics and writes nothing.
     """
 
     task: Any
     rows: tuple[int, int] | None = None
     cost: int = 0
+    stream: TensorStream | None = None
+    block: int = 0
+    statistics: bool = False
 
     @property
     def name(self) -> str:
@@ -129,16 +233,20 @@ def materialize(
 
     Items are recipe tasks (anything with a `.name`) or WorkItems (a block of rows, with a cost). With a budget,
     an item starts only while the estimated bytes of those in flight stay within it (a bigger one runs alone),
-    so peak memory is bounded by the budget, not by the largest tensors all at once. The first error stops the
-    submission of new items and is re-raised once the running ones finish.
+    so peak memory is bounded by the budget, not by the largest tensors all at once. Items start in order (an
+    item may wait for an earlier one, never for a later one); one whose compute returns None writes nothing.
+    The first error stops the submission of new items and is re-raised once the running ones finish.
     """
 
     def run(item: Any) -> Any:
+        out = compute(item)
         rows = getattr(item, "rows", None)
-        if rows is None:
-            sink.write(item.name, compute(item))
+        if out is None:
+            pass
+        elif rows is None:
+            sink.write(item.name, out)
         else:
-            sink.write(item.name, compute(item), rows[0])
+            sink.write(item.name, out, rows[0])
         return item
 
     if workers <= 1:

@@ -17,7 +17,7 @@ from hf_m2n2.card import CardModel, build_merge_card
 from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
 from hf_m2n2.errors import SpecError
 from hf_m2n2.hub import ResolvedModel
-from hf_m2n2.materialize import WorkItem, compute_task, materialize, row_blocks
+from hf_m2n2.materialize import TensorStream, WorkItem, compute_item, materialize, row_blocks
 from hf_m2n2.methods import get_method
 from hf_m2n2.outdir import atomic_output_dir, check_output_dir
 from hf_m2n2.plan import plan_merge
@@ -172,14 +172,48 @@ def _merged_refs(spec: MergeSpec) -> set[str]:
 
 
 def work_items(recipe: MethodRecipe, chunk_elements: int = CHUNK_ELEMENTS) -> list[WorkItem]:
-    """The recipe's tasks as work items: elementwise methods on big tensors are split into row blocks."""
-    items = []
+    """The recipe's tasks as work items; every item holds at most `chunk_elements` elements of each input.
+
+    Big tensors are split into row blocks when the method is elementwise (independent blocks) or streamed
+    (a statistics item scanning the blocks, then independent blocks). A streamed tensor's statistics item is
+    placed before the blocks of the tensor before it, so the two overlap instead of waiting on each other.
+    Tensors whose rows are re-ordered by vocabulary alignment are computed whole.
+    """
+    stages: list[list[list[WorkItem]]] = []  # per task: its items in order of dependency
     for task in recipe.tasks:
-        elementwise = get_method(task.method).elementwise and not task.align_rows
-        blocks = row_blocks(task.shape, chunk_elements) if elementwise else [None]
-        for rows in blocks:
-            numel = math.prod(task.shape) if rows is None else (rows[1] - rows[0]) * math.prod(task.shape[1:])
-            items.append(WorkItem(task, rows, numel * _bytes_per_element(task, recipe.compute_dtype)))
+        method = get_method(task.method)
+        split = (method.elementwise or method.streamed is not None) and not task.align_rows
+        # streamed methods keep about twice the temporaries per element (deltas, masks, signs): halve their blocks
+        chunk = chunk_elements if method.elementwise else max(1, chunk_elements // 2)
+        blocks = row_blocks(task.shape, chunk) if split else [None]
+        per_element = _bytes_per_element(task, recipe.compute_dtype)
+        costs = [
+            per_element
+            * (math.prod(task.shape) if rows is None else (rows[1] - rows[0]) * math.prod(task.shape[1:]))
+            for rows in blocks
+        ]
+        if len(blocks) == 1 or method.elementwise:
+            stages.append([[WorkItem(task, rows, cost) for rows, cost in zip(blocks, costs)]])
+            continue
+        stream = TensorStream(task, blocks)
+        apply = [WorkItem(task, rows, cost, stream, i) for i, (rows, cost) in enumerate(zip(blocks, costs))]
+        if method.streamed.statistics is None:
+            stages.append([apply])
+        else:
+            stages.append([[WorkItem(task, None, max(costs), stream, statistics=True)], apply])
+    return _pipeline(stages)
+
+
+def _pipeline(stages: list[list[list[WorkItem]]]) -> list[WorkItem]:
+    """Interleave the tasks' stages: step s holds stage 0 of task s, stage 1 of task s - 1, ... (in that order),
+    so every item still follows the items it depends on."""
+    depth = max((len(s) for s in stages), default=0)
+    items: list[WorkItem] = []
+    for step in range(len(stages) + depth - 1):
+        for stage in range(depth):
+            task = step - stage
+            if 0 <= task < len(stages) and stage < len(stages[task]):
+                items.extend(stages[task][stage])
     return items
 
 
@@ -201,19 +235,18 @@ def _run_tasks(
     items = work_items(recipe, options.chunk_elements)
     bar = tqdm(total=len(recipe.tasks), unit="tensor", desc="merging", disable=not options.progress)
 
-    def compute(item: WorkItem) -> torch.Tensor:
-        return compute_task(
-            item.task,
+    def compute(item: WorkItem) -> torch.Tensor | None:
+        return compute_item(
+            item,
             seeds,
             compute_dtype=recipe.compute_dtype,
             device=options.device,
             vocab=vocab,
             allow_nonfinite=options.allow_nonfinite,
-            rows=item.rows,
         )
 
     def done(item: WorkItem) -> None:
-        if item.rows is None or item.rows[1] == item.task.shape[0]:
+        if not item.statistics and (item.rows is None or item.rows[1] == item.task.shape[0]):
             bar.update()
 
     threads = torch.get_num_threads()

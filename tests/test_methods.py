@@ -247,18 +247,15 @@ def test_window_mask_with_ties_keeps_exact_count() -> None:
     assert sorted(mags[mask].tolist()) == [2.0, 2.0, 2.0, 3.0]
 
 
-def test_kth_smallest_sampled_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sp, "_DIRECT_SELECT", 64)
-    monkeypatch.setattr(sp, "_SAMPLE_SIZE", 128)
-    values = torch.randn(5000, generator=torch.Generator().manual_seed(1)).abs()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_kth_smallest_radix_select(dtype: torch.dtype) -> None:
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(1)).abs().to(dtype)
     values[::7] = 0.5  # many ties
     for rank in (1, 2, 100, 2500, 4000, 4999, 5000):
         assert sp.kth_smallest(values, rank) == torch.kthvalue(values, rank).values
 
 
-def test_top_k_mask_exact_on_sampled_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sp, "_DIRECT_SELECT", 64)
-    monkeypatch.setattr(sp, "_SAMPLE_SIZE", 128)
+def test_top_k_mask_exact_with_ties() -> None:
     values = (torch.randint(0, 20, (3000,), generator=torch.Generator().manual_seed(2)) / 4).float()
     for k in (1, 10, 1500, 2999):
         mask = sp.top_k_mask(values, k)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from hf_m2n2.errors import HfM2n2Error
+
+if TYPE_CHECKING:
+    from hf_m2n2.methods.streaming import Streamed
 
 Scalar = float | int | bool | str
 
@@ -82,6 +85,9 @@ class MergeMethod:
     elementwise: bool = (
         False  # output element i depends only on input elements i: rows can be merged in chunks
     )
+    # Not elementwise, but as whole-tensor statistics + an elementwise apply (`fn` runs both on one block):
+    # big tensors are merged in row blocks too. See hf_m2n2.methods.streaming.
+    streamed: Streamed | None = None
 
     @property
     def global_params(self) -> tuple[Param, ...]:

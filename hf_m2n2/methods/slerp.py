@@ -9,20 +9,17 @@ import torch
 
 from hf_m2n2.methods._common import wide_dtype
 from hf_m2n2.methods.base import REQUIRED, MergeMethod, Param, Scalar, register
+from hf_m2n2.methods.streaming import (
+    Block,
+    Lazy,
+    Streamed,
+    TensorContext,
+    whole_tensor_fn,
+)
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: (anti)parallel, interpolate linearly
 _NORM_EPS = 1e-8
 _CHUNK = 1 << 20  # elements per chunk: bounds the float32 scratch for half-precision inputs
-
-
-def _chunks(flat: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    for start in range(0, flat.numel(), _CHUNK):
-        yield flat[start : start + _CHUNK].to(dtype)
-
-
-def _norm(flat: torch.Tensor, dtype: torch.dtype) -> float:
-    parts = [torch.linalg.vector_norm(chunk) for chunk in _chunks(flat, dtype)]
-    return float(torch.linalg.vector_norm(torch.stack(parts))) if parts else 0.0
 
 
 def slerp_coefficients(t: float, cos: float) -> tuple[float, float]:
@@ -35,24 +32,74 @@ def slerp_coefficients(t: float, cos: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Slerp of the whole (flattened) tensors v0 -> v1 at `t`, in float32, returned in v0's dtype.
+def _flat_chunks(
+    blocks: Sequence[Lazy[Block]], dtype: torch.dtype | None
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(base, model) pieces of the flattened tensors, `_CHUNK` elements each (the last one shorter), in `dtype`
+    (None: the wide dtype of the inputs), whatever the row blocks: a piece straddling two blocks is joined."""
+    carry: tuple[torch.Tensor, ...] = ()
+    for lazy in blocks:
+        block = lazy.load()
+        flats = [block.base.reshape(-1), block.tensors[0].reshape(-1)]
+        work = dtype or wide_dtype(flats[0].dtype)
+        first = 0
+        if carry:
+            first = _CHUNK - carry[0].numel()
+            carry = tuple(torch.cat([c, f[:first].to(work)]) for c, f in zip(carry, flats))
+            if carry[0].numel() < _CHUNK:
+                continue
+            yield carry
+            carry = ()
+        for start in range(first, flats[0].numel(), _CHUNK):
+            pieces = tuple(f[start : start + _CHUNK].to(work) for f in flats)
+            if pieces[0].numel() < _CHUNK and lazy is not blocks[-1]:
+                carry = tuple(p.clone() for p in pieces)  # not a view: the block can be freed
+            else:
+                yield pieces
+    if carry:
+        yield carry
 
-    A tensor of norm ~0 is treated as having norm 1 (its cosine with the other is then ~0).
+
+def _statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> tuple[float, float]:
+    """(c0, c1) from the angle between the whole (flattened) base and model tensors.
+
+    In float32 (float64 for float64 inputs) over fixed chunks of the flattened tensors: norms as the norm of
+    the chunks' norms, then the cosine as the sum of the chunks' sums of normalized products (like mergekit).
+    Chunks are cut from the flat tensor, not from the row blocks, so any block size gives the same angle. A
+    tensor of norm ~0 is treated as having norm 1 (its cosine with the other is then ~0). Two passes.
     """
-    work = wide_dtype(v0.dtype)
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    norm_a = _norm(a, work)
-    norm_b = _norm(b, work)
+    norms_a, norms_b = [], []
+    for x, y in _flat_chunks(blocks, None):
+        norms_a.append(torch.linalg.vector_norm(x))
+        norms_b.append(torch.linalg.vector_norm(y))
+    norm_a = float(torch.linalg.vector_norm(torch.stack(norms_a))) if norms_a else 0.0
+    norm_b = float(torch.linalg.vector_norm(torch.stack(norms_b))) if norms_b else 0.0
     norm_a = norm_a if norm_a > _NORM_EPS else 1.0
     norm_b = norm_b if norm_b > _NORM_EPS else 1.0
-    pairs = zip(_chunks(a, work), _chunks(b, work))
-    cos = sum(float(((x / norm_a) * (y / norm_b)).sum()) for x, y in pairs)
-    c0, c1 = slerp_coefficients(t, cos)
+    cos = sum(float(((x / norm_a) * (y / norm_b)).sum()) for x, y in _flat_chunks(blocks, None))
+    return slerp_coefficients(float(context.params["t"]), cos)
+
+
+def _apply(block: Block, coefficients: tuple[float, float]) -> torch.Tensor:
+    """c0 * base + c1 * model over the block, in float32 (float64 for float64), returned in the base's dtype."""
+    c0, c1 = coefficients
+    v0, v1 = block.base, block.tensors[0]
+    work = wide_dtype(v0.dtype)
+    a, b = v0.reshape(-1), v1.reshape(-1)
     out = torch.empty_like(a)
-    for start, (x, y) in zip(range(0, a.numel(), _CHUNK), zip(_chunks(a, work), _chunks(b, work))):
+    for start in range(0, a.numel(), _CHUNK):
+        x, y = a[start : start + _CHUNK].to(work), b[start : start + _CHUNK].to(work)
         out[start : start + _CHUNK] = c0 * x + c1 * y
     return out.reshape(v0.shape)
+
+
+STREAMED = Streamed(apply=_apply, statistics=_statistics)
+_whole = whole_tensor_fn(STREAMED)
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Slerp of the whole (flattened) tensors v0 -> v1 at `t`, in float32, returned in v0's dtype."""
+    return _whole([v1], v0, {"t": t}, [{}], None)
 
 
 def slerp(
@@ -65,7 +112,7 @@ def slerp(
     """Slerp from the base (t=0) to the single other model (t=1)."""
     if base is None:
         raise ValueError("slerp needs a base tensor")
-    return slerp_tensors(float(params["t"]), base, tensors[0])
+    return _whole(tensors, base, params, model_params, generator)
 
 
 register(
@@ -76,6 +123,7 @@ register(
         uses_base="required",
         min_models=1,
         max_models=1,
+        streamed=STREAMED,
         paper="Slerp, spherical linear interpolation (https://en.wikipedia.org/wiki/Slerp)",
         description=(
             "Spherical interpolation between the base (t=0) and the other model (t=1) over each whole tensor; "

@@ -1,77 +1,211 @@
 """Sparsification of task vectors: magnitude top-k (TIES), magnitude window (breadcrumbs), random (DARE), DELLA.
 
-Magnitude selection never sorts a whole tensor: a fixed-seed sample brackets the cut-off value, then an exact
-linear-time selection (`torch.kthvalue`) runs on the few elements inside the bracket. Exactly the requested
-number of elements is kept; elements whose magnitudes tie at the cut-off are taken in index order.
+Each sparsifier is whole-tensor statistics plus an elementwise apply (a `Sparsifier`), so a delta can be
+sparsified in row blocks without ever being held whole (see `hf_m2n2.methods.streaming`):
+
+* Magnitude selection is an exact radix select on the magnitudes' bit patterns (non-negative floats order
+  like their bits): a histogram of the top 16-bit digit, then of the next digit among the elements sharing
+  the selected prefix (one pass over the data for half types, two for float32). No sort, no copy of the
+  tensor. Exactly the requested number of elements is kept; elements whose magnitudes tie at the cut-off are
+  taken in index order (per-block counts of the tied elements make that order global).
+* Random masks are drawn from the tensor's generator in index order, model after model, as a whole-tensor
+  computation would; the statistics scan records the generator's state at every block start so any block's
+  draws can be repeated later.
+* The L1 rescale factor (sum |x| / sum |kept|) is summed per row in float64 (see `streaming.total`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
 from hf_m2n2.methods._common import keep_mask
-from hf_m2n2.methods.base import MethodParameterError
+from hf_m2n2.methods.base import MethodParameterError, Scalar
+from hf_m2n2.methods.streaming import Lazy, TensorContext, row_sums, total
 
-_DIRECT_SELECT = 1 << 20  # below this many elements, select on the whole tensor
-_SAMPLE_SIZE = 1 << 16
-_SAMPLE_SIGMAS = 4.0
 _RESCALE_EPS = 1e-7
+_DIGIT_BITS = 16
+_BINS = 1 << _DIGIT_BITS
+_BITS_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+ZERO = "zero"  # statistics meaning: the sparsified delta is all zeros
+
+
+# ----------------------------------------------------------------------------------------- radix select
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x| flattened, as the integers of its bit patterns (ordered like the magnitudes)."""
+    return x.abs().reshape(-1).view(_BITS_DTYPE[x.element_size()])
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The element of some ascending rank: its bit pattern, the count of smaller elements, and per block the
+    count of elements equal to it."""
+
+    bits: int
+    below: int
+    equal: tuple[int, ...]
+
+
+def _histogram(bits: torch.Tensor, level: int, levels: int, prefix: int) -> torch.Tensor:
+    """Counts of the `level`-th 16-bit digit (most significant first) among `bits` whose higher digits are
+    `prefix`."""
+    shift = _DIGIT_BITS * (levels - 1 - level)
+    if level:
+        bits = bits[(bits >> (shift + _DIGIT_BITS)) == prefix]
+        digits = (bits >> shift) & (_BINS - 1)
+    else:  # the top digit of a non-negative pattern is non-negative
+        digits = bits >> shift if shift else bits
+    return torch.bincount(digits, minlength=_BINS).cpu()
+
+
+def select(blocks: Sequence[Lazy[torch.Tensor]], ranks: Sequence[int]) -> list[Selected]:
+    """The elements of 1-based ascending `ranks` among the magnitude bits of all `blocks` (`magnitude_bits`).
+
+    One pass over the blocks per 16-bit digit of the dtype; a single block is read once.
+    """
+    if len(blocks) == 1:
+        bits = blocks[0].load()
+        blocks = [Lazy(0, blocks[0].shape, lambda: bits)]
+    levels = None
+    prefix, rank, below = [0] * len(ranks), list(ranks), [0] * len(ranks)
+    equal: list[tuple[int, ...]] = [()] * len(ranks)
+    level = 0
+    while levels is None or level < levels:
+        wanted = sorted(set(prefix))
+        sums: dict[int, torch.Tensor] = {}
+        per_block: list[dict[int, torch.Tensor]] = []
+        for lazy in blocks:
+            bits = lazy.load()
+            levels = bits.element_size() // 2
+            hists = {p: _histogram(bits, level, levels, p) for p in wanted}
+            for p, h in hists.items():
+                sums[p] = sums[p] + h if p in sums else h
+            if level == levels - 1:  # the last digit: per-block counts of the selected value are needed
+                per_block.append(hists)
+        for i, p in enumerate(prefix):
+            cumulative = sums[p].cumsum(0)
+            digit = int((cumulative < rank[i]).sum())  # the first digit reaching the rank
+            before = int(cumulative[digit - 1]) if digit else 0
+            below[i] += before
+            rank[i] -= before
+            if level == levels - 1:
+                equal[i] = tuple(int(h[p][digit]) for h in per_block)
+            prefix[i] = (p << _DIGIT_BITS) | digit
+        level += 1
+    return [Selected(prefix[i], below[i], equal[i]) for i in range(len(ranks))]
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Keep the elements equal to `bits` that are numbered [start, stop) in index order; `before[b]` and
+    `count[b]` are how many of them lie in the blocks before block b and in block b."""
+
+    bits: int
+    start: int
+    stop: int
+    before: tuple[int, ...]
+    count: tuple[int, ...]
+
+
+def _tie(selected: Selected, start: int, stop: int) -> Tie:
+    before, seen = [], 0
+    for count in selected.equal:
+        before.append(seen)
+        seen += count
+    return Tie(selected.bits, start, stop, tuple(before), selected.equal)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A magnitude selection: everything, nothing, or the elements whose bits lie strictly between `above` and
+    `below` (None: unbounded) plus ranges of the elements tied at the bounds."""
+
+    mode: str = "select"  # "select" | "all" | "none"
+    above: int | None = None
+    below: int | None = None
+    ties: tuple[Tie, ...] = ()
+
+    def mask(self, bits: torch.Tensor, block: int) -> torch.Tensor:
+        """The flat keep-mask of block number `block`, given its magnitude bits."""
+        if self.mode != "select":
+            return torch.full_like(bits, self.mode == "all", dtype=torch.bool)
+        mask = bits > self.above if self.above is not None else torch.ones_like(bits, dtype=torch.bool)
+        if self.below is not None:
+            mask.logical_and_(bits < self.below)
+        for tie in self.ties:
+            lo = max(0, tie.start - tie.before[block])
+            hi = min(tie.count[block], tie.stop - tie.before[block])
+            if hi <= lo:
+                continue
+            equal = bits == tie.bits
+            if lo == 0 and hi == tie.count[block]:
+                mask.logical_or_(equal)
+            else:
+                mask[equal.nonzero().squeeze(1)[lo:hi]] = True
+        return mask
+
+
+ALL, NONE = Keep("all"), Keep("none")
+
+
+def top_k_keep(n: int, k: int, chooser: Callable[[Sequence[int]], list[Selected]]) -> Keep:
+    """The `k` largest of `n` magnitudes (ties at the cut-off in index order; zero-valued ones left out)."""
+    if k >= n:
+        return ALL
+    if k <= 0:
+        return NONE
+    (cut,) = chooser([n - k + 1])
+    missing = k - (n - cut.below - sum(cut.equal))  # elements above the cut-off number fewer than k
+    return Keep(above=cut.bits, ties=(_tie(cut, 0, missing),) if missing > 0 and cut.bits > 0 else ())
+
+
+def window_keep(n: int, start: int, stop: int, chooser: Callable[[Sequence[int]], list[Selected]]) -> Keep:
+    """The magnitudes of ascending rank [start, stop) (ties in index order; zero-valued ones at the edges may
+    be kept)."""
+    stop = min(stop, n)
+    if stop <= start:
+        return NONE
+    if start <= 0 and stop >= n:
+        return ALL
+    lo, hi = chooser([start + 1, stop])
+    count_lo, count_hi = sum(lo.equal), sum(hi.equal)
+    extra_low = start - lo.below  # ties at lo ranked before the window
+    extra_high = hi.below + count_hi - stop  # ties at hi ranked after it
+    drop_low = extra_low if extra_low > 0 and lo.bits > 0 else 0
+    drop_high = extra_high if extra_high > 0 and hi.bits > 0 else 0
+    if lo.bits == hi.bits:
+        ties = (_tie(lo, drop_low, count_lo - drop_high),)
+    else:
+        ties = (_tie(lo, drop_low, count_lo), _tie(hi, 0, count_hi - drop_high))
+    return Keep(above=lo.bits, below=hi.bits, ties=ties)
+
+
+def _single(values: torch.Tensor) -> list[Lazy[torch.Tensor]]:
+    """Non-negative float `values` as one block of magnitude bits."""
+    if not values.is_floating_point():
+        raise TypeError("magnitude selection needs a floating-point tensor")
+    bits = values.reshape(-1).view(_BITS_DTYPE[values.element_size()])
+    return [Lazy(0, tuple(values.shape), lambda: bits)]
 
 
 def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
-    """The `rank`-th smallest element (1-based) of the 1-D tensor `values`, as a 0-dim tensor."""
-    n = values.numel()
-    if n <= _DIRECT_SELECT:
-        return torch.kthvalue(values, rank).values
-    lo, hi = _sample_bracket(values, rank)
-    if lo is None and hi is None:
-        return torch.kthvalue(values, rank).values
-    inside = values >= lo if lo is not None else torch.ones_like(values, dtype=torch.bool)
-    below = n - int(torch.count_nonzero(inside))
-    if hi is not None:
-        inside.logical_and_(values <= hi)
-    candidates = values[inside]
-    del inside
-    local_rank = rank - below
-    if 1 <= local_rank <= candidates.numel():
-        return torch.kthvalue(candidates, local_rank).values
-    return torch.kthvalue(values, rank).values  # the sample missed: rare, still exact
-
-
-def _sample_bracket(values: torch.Tensor, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Values that bracket the `rank`-th smallest with overwhelming probability (None: unbounded side)."""
-    n, size = values.numel(), _SAMPLE_SIZE
-    generator = torch.Generator().manual_seed(0)
-    sample = values[torch.randint(n, (size,), generator=generator).to(values.device)]
-    q = rank / n
-    margin = _SAMPLE_SIGMAS * math.sqrt(size * q * (1.0 - q)) + 8.0
-    lo_rank, hi_rank = math.floor(q * size - margin), math.ceil(q * size + margin)
-    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else None
-    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= size else None
-    return lo, hi
-
-
-def _tie_positions(values: torch.Tensor, value: torch.Tensor, count: int, from_end: bool) -> torch.Tensor:
-    """Indices of the first (or last) `count` elements of `values` equal to `value`."""
-    positions = (values == value).nonzero().squeeze(1)
-    return positions[-count:] if from_end else positions[:count]
+    """The `rank`-th smallest (1-based) of the non-negative 1-D float tensor `values`, as a 0-dim tensor."""
+    (selected,) = select(_single(values), [rank])
+    bits = torch.tensor(selected.bits, dtype=_BITS_DTYPE[values.element_size()])
+    return bits.view(values.dtype).to(values.device)
 
 
 def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the `k` largest entries of the 1-D `magnitudes` (zero-valued ties at the cut-off may be left out)."""
-    n = magnitudes.numel()
-    if k >= n:
-        return torch.ones_like(magnitudes, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(magnitudes, dtype=torch.bool)
-    cut = kth_smallest(magnitudes, n - k + 1)
-    mask = magnitudes > cut
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0 and cut > 0:
-        mask[_tie_positions(magnitudes, cut, missing, from_end=False)] = True
-    return mask
+    blocks = _single(magnitudes)
+    return top_k_keep(magnitudes.numel(), k, partial(select, blocks)).mask(blocks[0].load(), 0)
 
 
 def rank_window_mask(magnitudes: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -79,50 +213,210 @@ def rank_window_mask(magnitudes: torch.Tensor, start: int, stop: int) -> torch.T
 
     Ties are ranked in index order; zero-valued ties at the window's edges may be kept (they carry no value).
     """
-    n = magnitudes.numel()
-    stop = min(stop, n)
-    if stop <= start:
-        return torch.zeros_like(magnitudes, dtype=torch.bool)
-    if start <= 0 and stop >= n:
-        return torch.ones_like(magnitudes, dtype=torch.bool)
-    lo = kth_smallest(magnitudes, start + 1)
-    hi = kth_smallest(magnitudes, stop)
-    mask = magnitudes >= lo
-    below = n - int(torch.count_nonzero(mask))
-    mask.logical_and_(magnitudes <= hi)
-    extra_low = start - below  # ties at `lo` ranked before the window
-    extra_high = below + int(torch.count_nonzero(mask)) - stop  # ties at `hi` ranked after it
-    if extra_low > 0 and lo > 0:
-        mask[_tie_positions(magnitudes, lo, extra_low, from_end=False)] = False
-    if extra_high > 0 and hi > 0:
-        mask[_tie_positions(magnitudes, hi, extra_high, from_end=True)] = False
-    return mask
+    blocks = _single(magnitudes)
+    return window_keep(magnitudes.numel(), start, stop, partial(select, blocks)).mask(blocks[0].load(), 0)
 
 
-def apply_mask(
-    x: torch.Tensor, mask: torch.Tensor, rescale: bool, magnitudes: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`x * mask`; with `rescale`, scaled so its L1 norm equals that of `x` (skipped when either norm is ~0)."""
-    kept = x * mask
+# ----------------------------------------------------------------------------------------- sparsifiers
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """One model's task-vector sparsification, as statistics and an elementwise apply.
+
+    statistics(deltas, model_params, rescale, context) -> stats: `deltas` are the delta's row blocks in order
+        (`load()` computes one), `context` the tensor's (numel, generator). None means: keep the delta as is;
+        ZERO: drop all of it.
+    apply(delta, block, stats) -> the sparsified rows of block number `block`.
+    """
+
+    statistics: Callable[[Sequence[Lazy[torch.Tensor]], Mapping[str, Scalar], bool, TensorContext], Any]
+    apply: Callable[[torch.Tensor, int, Any], torch.Tensor]
+
+    def whole(
+        self,
+        x: torch.Tensor,
+        model_params: Mapping[str, Scalar],
+        rescale: bool,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sparsify the whole tensor `x` (one block)."""
+        context = TensorContext(tuple(x.shape), {}, [model_params], generator)
+        stats = self.statistics([Lazy(0, tuple(x.shape), lambda: x)], model_params, rescale, context)
+        return x if stats is None else self.apply(x, 0, stats)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    keep: Keep
+    ratio: torch.Tensor | None  # L1 rescale factor (None: none)
+
+
+def _numel(blocks: Sequence[Lazy[Any]]) -> int:
+    return sum(math.prod(lazy.shape) for lazy in blocks)
+
+
+def _single_read(blocks: Sequence[Lazy[torch.Tensor]]) -> Sequence[Lazy[torch.Tensor]]:
+    """A single block is computed once and reused by every pass."""
+    if len(blocks) != 1:
+        return blocks
+    value = blocks[0].load()
+    return [Lazy(0, blocks[0].shape, lambda: value)]
+
+
+def _ratio(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor], dtype: torch.dtype):
+    """The L1 rescale factor sum|x| / sum|kept| from per-row sums, in `dtype` (None when either is ~0)."""
+    before_t = torch.tensor(total(before), dtype=dtype)
+    after_t = torch.tensor(total(after), dtype=dtype)
+    if before_t < _RESCALE_EPS or after_t < _RESCALE_EPS:
+        return None
+    return before_t / after_t
+
+
+def _selection(blocks: Sequence[Lazy[torch.Tensor]], keep_of: Callable[..., Keep], rescale: bool) -> Any:
+    """Statistics of a magnitude selection: `keep_of(n, chooser)` picks the Keep; then the rescale factor."""
+    blocks = _single_read(blocks)
+    bits = [Lazy(b.index, b.shape, partial(lambda b: magnitude_bits(b.load()), b)) for b in blocks]
+    keep = keep_of(_numel(blocks), partial(select, bits))
+    if keep is ALL:
+        return None  # x * 1 (rescaled by exactly 1) is x
     if not rescale:
-        return kept
-    before = (x.abs() if magnitudes is None else magnitudes).sum()
-    after = kept.abs().sum()
-    if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return kept
-    return kept.mul_(before / after)
+        return _Kept(keep, None)
+    before, after = [], []
+    for lazy in blocks:
+        x = lazy.load()
+        before.append(row_sums(x.abs()))
+        after.append(row_sums((x * keep.mask(magnitude_bits(x), lazy.index).reshape(x.shape)).abs()))
+    return _Kept(keep, _ratio(before, after, x.dtype))
+
+
+def _kept_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
+    if isinstance(stats, str):
+        return torch.zeros_like(x)
+    kept = x * stats.keep.mask(magnitude_bits(x), block).reshape(x.shape)
+    return kept if stats.ratio is None else kept.mul_(stats.ratio)
+
+
+def _magnitude_statistics(blocks, model_params, rescale, context) -> Any:
+    density = float(model_params["density"])
+    n = _numel(blocks)
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return ZERO
+    k = max(1, int(density * n))
+    return _selection(blocks, lambda n, chooser: top_k_keep(n, k, chooser), rescale)
+
+
+def _outlier_statistics(blocks, model_params, rescale, context) -> Any:
+    density, gamma = float(model_params["density"]), float(model_params["gamma"])
+    if density >= 1:
+        return None
+    n = _numel(blocks)
+    keep = int(density * n)
+    bottom = max(0, n - keep - int(gamma * n))
+    return _selection(blocks, lambda n, chooser: window_keep(n, bottom, bottom + keep, chooser), rescale)
+
+
+MAGNITUDE = Sparsifier(_magnitude_statistics, _kept_apply)
+OUTLIERS = Sparsifier(_outlier_statistics, _kept_apply)
+
+
+# --- random masks
+
+# keep probability of each element of a delta block (a float, or a tensor of the block's shape)
+Probability = Callable[[torch.Tensor], "torch.Tensor | float"]
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    probability: Probability
+    states: tuple[torch.Tensor, ...]  # the generator's state at the start of each block
+    ratio: torch.Tensor | None
+    masks: tuple[torch.Tensor, ...] | None  # kept when there is a single block (drawn once)
+
+
+def _draw(x: torch.Tensor, probability: Probability, generator: torch.Generator) -> torch.Tensor:
+    return keep_mask(probability(x), x.shape, generator).to(x.device)
+
+
+def _drawn_statistics(
+    blocks: Sequence[Lazy[torch.Tensor]], probability: Probability, rescale: bool, generator
+) -> _Drawn:
+    """Draw every block's mask in order from `generator`, recording its state before each block; with
+    `rescale`, the L1 rescale factor. A block is read only when its values matter (rescale, or a single block
+    whose mask is kept); otherwise its draws only advance the generator."""
+    if generator is None:
+        raise ValueError("a randomized merge method needs a seeded torch.Generator")
+    single = len(blocks) == 1
+    states, masks, before, after = [], [], [], []
+    dtype = None
+    for lazy in blocks:
+        states.append(generator.get_state())
+        if not (rescale or single):
+            torch.rand(lazy.shape, generator=generator)  # the block's draws, as keep_mask makes them
+            continue
+        x = lazy.load()
+        dtype = x.dtype
+        mask = _draw(x, probability, generator)
+        if single:
+            masks.append(mask)
+        if rescale:
+            before.append(row_sums(x.abs()))
+            after.append(row_sums((x * mask).abs()))
+    ratio = _ratio(before, after, dtype) if rescale else None
+    return _Drawn(probability, tuple(states), ratio, tuple(masks) if single else None)
+
+
+def _drawn_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
+    if isinstance(stats, str):
+        return torch.zeros_like(x)
+    if stats.masks is not None:
+        mask = stats.masks[block]
+    else:
+        generator = torch.Generator()
+        generator.set_state(stats.states[block])
+        mask = _draw(x, stats.probability, generator)
+    kept = x * mask
+    return kept if stats.ratio is None else kept.mul_(stats.ratio)
+
+
+def _random_statistics(blocks, model_params, rescale, context) -> Any:
+    density = float(model_params["density"])
+    if density >= 1:
+        return None
+    return _drawn_statistics(blocks, lambda x: density, rescale, context.generator)
+
+
+def _della_statistics(blocks, model_params, rescale, context) -> Any:
+    density, epsilon = float(model_params["density"]), float(model_params["epsilon"])
+    if density >= 1:
+        return None
+    if density <= 0:
+        return ZERO
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise MethodParameterError(
+            f"della: epsilon={epsilon} with density={density} puts keep probabilities outside (0, 1); "
+            "choose epsilon < min(density, 1 - density)"
+        )
+
+    def probability(x: torch.Tensor) -> torch.Tensor:
+        rows = x.unsqueeze(0) if x.dim() < 2 else x
+        return _rank_probabilities(rows, density, epsilon, torch.float32).reshape(x.shape)
+
+    return _drawn_statistics(blocks, probability, rescale, context.generator)
+
+
+RANDOM = Sparsifier(_random_statistics, _drawn_apply)
+DELLA = Sparsifier(_della_statistics, _drawn_apply)
+
+
+# --- whole-tensor entry points
 
 
 def magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the `density` fraction of `x` with the largest magnitudes (at least one element when density > 0)."""
-    if density >= 1:
-        return x
-    n = x.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros_like(x)
-    magnitudes = x.abs().reshape(-1)
-    mask = top_k_mask(magnitudes, max(1, int(density * n))).reshape(x.shape)
-    return apply_mask(x, mask, rescale, magnitudes)
+    return MAGNITUDE.whole(x, {"density": density}, rescale)
 
 
 def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
@@ -130,24 +424,14 @@ def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: b
 
     When gamma + density > 1 fewer outliers are dropped, so the kept fraction is always `density`.
     """
-    if density >= 1:
-        return x
-    n = x.numel()
-    keep = int(density * n)
-    bottom = max(0, n - keep - int(gamma * n))
-    magnitudes = x.abs().reshape(-1)
-    mask = rank_window_mask(magnitudes, bottom, bottom + keep).reshape(x.shape)
-    return apply_mask(x, mask, rescale, magnitudes)
+    return OUTLIERS.whole(x, {"density": density, "gamma": gamma}, rescale)
 
 
 def random_drop(
     x: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """DARE: keep each element of `x` with probability `density`; `rescale` restores the L1 norm."""
-    if density >= 1:
-        return x
-    mask = keep_mask(float(density), x.shape, generator).to(x.device)
-    return apply_mask(x, mask, rescale)
+    return RANDOM.whole(x, {"density": density}, rescale, generator)
 
 
 def della_magprune(
@@ -157,19 +441,7 @@ def della_magprune(
 
     Probabilities span [density - epsilon, density + epsilon] over each row (dim 1; a 1-D tensor is one row).
     """
-    if density >= 1:
-        return x
-    if density <= 0:
-        return torch.zeros_like(x)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise MethodParameterError(
-            f"della: epsilon={epsilon} with density={density} puts keep probabilities outside (0, 1); "
-            "choose epsilon < min(density, 1 - density)"
-        )
-    rows = x.unsqueeze(0) if x.dim() < 2 else x
-    probs = _rank_probabilities(rows, density, epsilon, torch.float32)
-    mask = keep_mask(probs, rows.shape, generator).to(rows.device)
-    return apply_mask(rows, mask, rescale).reshape(x.shape)
+    return DELLA.whole(x, {"density": density, "epsilon": epsilon}, rescale, generator)
 
 
 def _rank_probabilities(

@@ -9,52 +9,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
 from hf_m2n2.methods import sparsify
 from hf_m2n2.methods._common import accumulate_dtype, per_model, round_to
 from hf_m2n2.methods.base import REQUIRED, MergeMethod, Param, Scalar, register
-
-# (delta, one model's params, rescale, generator) -> sparsified delta
-Sparsifier = Callable[[torch.Tensor, Mapping[str, Scalar], bool, "torch.Generator | None"], torch.Tensor]
+from hf_m2n2.methods.sparsify import Sparsifier
+from hf_m2n2.methods.streaming import Block, Lazy, Streamed, TensorContext, whole_tensor_fn
 
 _ZERO_WEIGHT_SUM = 1e-8
 
-
-def _magnitude(delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, _: object) -> torch.Tensor:
-    return sparsify.magnitude(delta, float(mp["density"]), rescale)
-
-
-def _outliers(delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, _: object) -> torch.Tensor:
-    return sparsify.magnitude_outliers(delta, float(mp["density"]), float(mp["gamma"]), rescale)
-
-
-def _random(
-    delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, generator: torch.Generator | None
-) -> torch.Tensor:
-    return sparsify.random_drop(delta, float(mp["density"]), rescale, generator)
-
-
-def _della(
-    delta: torch.Tensor, mp: Mapping[str, Scalar], rescale: bool, generator: torch.Generator | None
-) -> torch.Tensor:
-    return sparsify.della_magprune(delta, float(mp["density"]), float(mp["epsilon"]), rescale, generator)
+# sparsify(model index, delta) -> the model's sparsified delta (may be the delta itself, modified or not)
+Sparsify = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def weighted_deltas(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
     model_params: Sequence[Mapping[str, Scalar]],
-    sparsifier: Sparsifier | None,
-    rescale: bool,
-    generator: torch.Generator | None,
+    sparsify: Sparsify | None,
 ) -> Iterator[tuple[torch.Tensor, float]]:
     """Yield (w_i * sparsify(model_i - base), w_i) per model, in order, one at a time."""
-    for x, mp, weight in zip(tensors, model_params, per_model(model_params, "weight")):
+    for i, (x, weight) in enumerate(zip(tensors, per_model(model_params, "weight"))):
         delta = x - base
-        if sparsifier is not None:
-            delta = sparsifier(delta, mp, rescale, generator)
+        if sparsify is not None:
+            delta = sparsify(i, delta)
         weight = round_to(weight, delta.dtype)  # mergekit holds the weights in the tensors' dtype
         yield delta.mul_(weight), weight
 
@@ -96,6 +77,61 @@ def _consensus_sum(
     return total.to(like.dtype), divisor.masked_fill_(divisor == 0, 1)
 
 
+def _merge_deltas(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params: Mapping[str, Scalar],
+    model_params: Sequence[Mapping[str, Scalar]],
+    sparsify: Sparsify | None,
+    consensus: bool,
+) -> torch.Tensor:
+    """base + lambda * merge_i(w_i * sparsify(model_i - base)) [/ summed weights when normalize]."""
+    if base is None:
+        raise ValueError("task-vector methods need a base tensor")
+    if not tensors:
+        return base
+    deltas = weighted_deltas(tensors, base, model_params, sparsify)
+    merge = _consensus_sum if consensus else _plain_sum
+    mixed, divisor = merge(deltas, base)
+    if params["normalize"]:
+        mixed /= divisor
+    lam = float(params["lambda"])
+    if lam != 1:
+        mixed *= lam
+    return mixed.add_(base)
+
+
+def _delta(block: Lazy[Block], model: int) -> torch.Tensor:
+    loaded = block.load()
+    if loaded.base is None:
+        raise ValueError("task-vector methods need a base tensor")
+    return loaded.tensors[model] - loaded.base
+
+
+def streamed_task_arithmetic(sparsifier: Sparsifier, consensus: bool) -> Streamed:
+    """A sparsifying task-vector method as statistics (each model's sparsifier statistics, model after model)
+    and an elementwise apply (sparsify each block's deltas with them, then merge)."""
+
+    def statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> list[Any]:
+        rescale = bool(context.params["rescale"])
+        stats = []
+        for i, model_params in enumerate(context.model_params):
+            deltas = [Lazy(b.index, b.shape, partial(_delta, b, i)) for b in blocks]
+            stats.append(sparsifier.statistics(deltas, model_params, rescale, context))
+        return stats
+
+    def apply(block: Block, stats: list[Any]) -> torch.Tensor:
+        def sparsify(i: int, delta: torch.Tensor) -> torch.Tensor:
+            return delta if stats[i] is None else sparsifier.apply(delta, block.index, stats[i])
+
+        context = block.context
+        return _merge_deltas(
+            block.tensors, block.base, context.params, context.model_params, sparsify, consensus
+        )
+
+    return Streamed(apply=apply, statistics=statistics)
+
+
 def generalized_task_arithmetic(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -107,19 +143,12 @@ def generalized_task_arithmetic(
     consensus: bool,
 ) -> torch.Tensor:
     """base + lambda * merge_i(w_i * sparsify(model_i - base)) [/ summed weights when normalize]."""
+    if sparsifier is None:
+        return _merge_deltas(tensors, base, params, model_params, None, consensus)
     if base is None:
         raise ValueError("task-vector methods need a base tensor")
-    if not tensors:
-        return base
-    deltas = weighted_deltas(tensors, base, model_params, sparsifier, bool(params["rescale"]), generator)
-    merge = _consensus_sum if consensus else _plain_sum
-    mixed, divisor = merge(deltas, base)
-    if params["normalize"]:
-        mixed /= divisor
-    lam = float(params["lambda"])
-    if lam != 1:
-        mixed *= lam
-    return mixed.add_(base)
+    fn = whole_tensor_fn(streamed_task_arithmetic(sparsifier, consensus))
+    return fn(tensors, base, params, model_params, generator)
 
 
 def _params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
@@ -154,31 +183,37 @@ _DELLA = (
 _VARIANTS: tuple[tuple[str, Sparsifier | None, bool, bool, bool, tuple[Param, ...], str, str], ...] = (
     ("task_arithmetic", None, False, False, False, (), _TASK_ARITHMETIC,
      "Adds the weighted task vectors (model - base) to the base, scaled by lambda."),
-    ("ties", _magnitude, True, True, False, (), _TIES,
+    ("ties", sparsify.MAGNITUDE, True, True, False, (), _TIES,
      "Keeps the top-density magnitudes of each task vector, elects a sign per element, averages the agreeing ones."),
-    ("dare_ties", _random, True, False, True, (), _DARE,
+    ("dare_ties", sparsify.RANDOM, True, False, True, (), _DARE,
      "Randomly drops task-vector entries (keep rate density, L1 rescale), then TIES sign consensus."),
-    ("dare_linear", _random, False, False, True, (), _DARE,
+    ("dare_linear", sparsify.RANDOM, False, False, True, (), _DARE,
      "Randomly drops task-vector entries (keep rate density, L1 rescale), then a weighted sum."),
-    ("breadcrumbs", _outliers, False, False, False, _GAMMA, _BREADCRUMBS,
+    ("breadcrumbs", sparsify.OUTLIERS, False, False, False, _GAMMA, _BREADCRUMBS,
      "Drops the largest (gamma) and smallest magnitudes of each task vector, keeping density; weighted sum."),
-    ("breadcrumbs_ties", _outliers, True, False, False, _GAMMA, _BREADCRUMBS,
+    ("breadcrumbs_ties", sparsify.OUTLIERS, True, False, False, _GAMMA, _BREADCRUMBS,
      "Breadcrumbs sparsification followed by TIES sign consensus."),
-    ("della", _della, True, True, True, _EPSILON, _DELLA,
+    ("della", sparsify.DELLA, True, True, True, _EPSILON, _DELLA,
      "Drops entries with probability falling with magnitude rank (density +/- epsilon), then TIES consensus."),
-    ("della_linear", _della, False, False, True, _EPSILON, _DELLA,
+    ("della_linear", sparsify.DELLA, False, False, True, _EPSILON, _DELLA,
      "DELLA magnitude-ranked random dropping, then a weighted sum."),
 )  # fmt: skip
 
 for _name, _sparsifier, _consensus, _normalize, _rescale, _extra, _paper, _description in _VARIANTS:
+    _streamed = None if _sparsifier is None else streamed_task_arithmetic(_sparsifier, _consensus)
     register(
         MergeMethod(
             name=_name,
-            fn=partial(generalized_task_arithmetic, sparsifier=_sparsifier, consensus=_consensus),
+            fn=(
+                partial(generalized_task_arithmetic, sparsifier=None, consensus=_consensus)
+                if _streamed is None
+                else whole_tensor_fn(_streamed)
+            ),
             params=_params(_normalize, _rescale, _extra),
             uses_base="required",
-            randomized=_sparsifier in (_random, _della),
+            randomized=_sparsifier in (sparsify.RANDOM, sparsify.DELLA),
             elementwise=_sparsifier is None,
+            streamed=_streamed,
             min_models=1,
             paper=_paper,
             description=_description,

@@ -1,0 +1,295 @@
+"""Streamed (two-pass) merging of non-elementwise methods: statistics over row blocks, then a per-block apply.
+
+The streamed result must equal the one-pass (whole-tensor) result bit for bit for any block size, and a merge
+of big tensors must never hand a method more than `chunk_elements` elements of a tensor at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from hf_m2n2.methods import get_method
+from hf_m2n2.methods import sparsify as sp
+from hf_m2n2.methods.streaming import Block, Lazy, TensorContext, block_shape
+
+torch.set_num_threads(1)
+
+STREAMED = [
+    "slerp",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "della",
+    "della_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+]
+
+
+def _params(name: str, n_models: int, **overrides: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    method = get_method(name)
+    given = {"t": 0.35, "weight": [0.7, 0.5, -0.3], "density": [0.4, 0.55, 0.3], "gamma": [0.05, 0.1, 0.02]}
+    given |= {"epsilon": [0.1, 0.15, 0.05]} | overrides
+    params = {p.name: given.get(p.name, p.default) for p in method.global_params}
+    model_params = [
+        {p.name: given[p.name][i] if p.name in given else p.default for p in method.model_params}
+        for i in range(n_models)
+    ]
+    return params, model_params
+
+
+def _inputs(name: str, shape: tuple[int, ...], dtype: torch.dtype, quantized: bool = False):
+    g = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=g)
+    n_models = 1 if name == "slerp" else 3
+    if quantized:  # few distinct magnitudes: many ties at every cut-off, some exact zeros
+        base = torch.randint(-8, 8, shape, generator=g) / 8.0
+        models = [base + torch.randint(-3, 4, shape, generator=g) / 16.0 for _ in range(n_models)]
+    else:
+        models = [base + 0.3 * torch.randn(shape, generator=g) for _ in range(n_models)]
+    return [m.to(dtype) for m in models], base.to(dtype)
+
+
+def _whole(name, tensors, base, params, model_params, seed=5) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed) if get_method(name).randomized else None
+    return get_method(name).fn(tensors, base, params, model_params, generator)
+
+
+def _streamed(name, tensors, base, params, model_params, rows_per_block: int, seed=5) -> torch.Tensor:
+    """What the merge engine does with a big tensor: statistics over lazily read blocks, then each block."""
+    method = get_method(name)
+    shape = tuple(base.shape)
+    blocks = [(r, min(r + rows_per_block, shape[0])) for r in range(0, shape[0], rows_per_block)]
+    generator = torch.Generator().manual_seed(seed) if method.randomized else None
+    context = TensorContext(shape, params, model_params, generator)
+    reads: list[int] = []
+
+    def read(i: int) -> Block:
+        lo, hi = blocks[i]
+        reads.append(i)
+        return Block(context, [x[lo:hi].clone() for x in tensors], base[lo:hi].clone(), i, blocks[i])
+
+    lazies = [Lazy(i, block_shape(shape, rows), lambda i=i: read(i)) for i, rows in enumerate(blocks)]
+    stats = method.streamed.statistics(context, lazies)
+    # blocks applied out of order, as parallel workers may
+    parts = {i: method.streamed.apply(read(i), stats) for i in reversed(range(len(blocks)))}
+    return torch.cat([parts[i] for i in range(len(blocks))])
+
+
+@pytest.mark.parametrize("name", STREAMED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 23), (20, 6, 5)])
+def test_streamed_equals_whole_for_any_block_size(
+    name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    tensors, base = _inputs(name, shape, dtype)
+    params, model_params = _params(name, len(tensors), rescale=True) if name != "slerp" else _params(name, 1)
+    whole = _whole(name, tensors, base, params, model_params)
+    for rows in (1, 2, 5, 16, shape[0]):
+        streamed = _streamed(name, tensors, base, params, model_params, rows)
+        assert streamed.dtype == whole.dtype
+        assert torch.equal(streamed.view(-1).view(_int(dtype)), whole.reshape(-1).view(_int(dtype))), (
+            f"{name}: {rows} rows per block differ bitwise"
+        )
+
+
+def _int(dtype: torch.dtype) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "della"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_streamed_equals_whole_with_magnitude_ties(name: str, rescale: bool) -> None:
+    """Quantized deltas tie at every cut-off (and many are exactly 0): ties are kept in global index order."""
+    tensors, base = _inputs(name, (41, 19), torch.bfloat16, quantized=True)
+    params, model_params = _params(name, len(tensors), rescale=rescale)
+    whole = _whole(name, tensors, base, params, model_params)
+    for rows in (1, 3, 7, 40):
+        assert torch.equal(_streamed(name, tensors, base, params, model_params, rows), whole), (name, rows)
+
+
+@pytest.mark.parametrize("density", [0.0, 1e-9, 1.0])
+def test_streamed_trivial_densities(density: float) -> None:
+    for name in ("ties", "dare_ties", "breadcrumbs", "della_linear"):
+        tensors, base = _inputs(name, (9, 4), torch.float32)
+        params, model_params = _params(name, 3, density=[density] * 3, epsilon=[0.0] * 3)
+        if name == "della_linear" and 0 < density < 1:
+            continue
+        whole = _whole(name, tensors, base, params, model_params)
+        assert torch.equal(_streamed(name, tensors, base, params, model_params, 2), whole)
+
+
+def _previous_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """The one-pass slerp before streaming: norms and cosine summed in float32 chunks."""
+    from hf_m2n2.methods.slerp import slerp_coefficients
+
+    a, b = v0.reshape(-1).float(), v1.reshape(-1).float()
+    norm_a, norm_b = float(a.norm()), float(b.norm())
+    c0, c1 = slerp_coefficients(t, float(((a / norm_a) * (b / norm_b)).sum()))
+    return (c0 * a + c1 * b).to(v0.dtype).reshape(v0.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slerp_one_pass_result_is_unchanged(dtype: torch.dtype) -> None:
+    """Streaming did not change slerp's arithmetic (float32 chunk norms, normalized chunk dot: like mergekit)."""
+    for shape in ((64, 48), (300, 200)):
+        tensors, base = _inputs("slerp", shape, dtype)
+        out = _whole("slerp", tensors, base, {"t": 0.35}, [{}])
+        assert torch.equal(out, _previous_slerp(0.35, base, tensors[0]))
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 23 * 5])
+def test_slerp_chunks_straddle_row_blocks(monkeypatch, chunk: int) -> None:
+    """slerp sums over fixed chunks of the flattened tensor; chunks cut across row blocks are joined."""
+    from hf_m2n2.methods import slerp
+
+    monkeypatch.setattr(slerp, "_CHUNK", chunk)
+    tensors, base = _inputs("slerp", (37, 23), torch.float32)
+    params, model_params = _params("slerp", 1)
+    whole = _whole("slerp", tensors, base, params, model_params)
+    for rows in (1, 2, 5, 16):
+        assert torch.equal(_streamed("slerp", tensors, base, params, model_params, rows), whole)
+
+
+# --- the magnitude select -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_radix_select_across_blocks_matches_kthvalue(dtype: torch.dtype) -> None:
+    values = torch.randn(3001, generator=torch.Generator().manual_seed(3)).abs().to(dtype)
+    values[::5] = 0.25
+    values[::11] = 0.0
+    bits = sp.magnitude_bits(values)
+    blocks = [Lazy(i, (len(c),), lambda c=c: c) for i, c in enumerate(bits.split(400))]
+    ranks = [1, 17, 600, 1500, 2999, 3001]
+    for rank, selected in zip(ranks, sp.select(blocks, ranks)):
+        expected = torch.kthvalue(values.double(), rank).values.to(dtype)
+        assert torch.tensor(selected.bits, dtype=_int(dtype)).view(dtype) == expected
+        assert selected.below == int((values < expected).sum())
+        assert sum(selected.equal) == int((values == expected).sum())
+        assert list(selected.equal) == [int((c == selected.bits).sum()) for c in bits.split(400)]
+
+
+def test_top_k_ties_are_taken_in_index_order_across_blocks() -> None:
+    values = torch.tensor([1.0, 2.0, 2.0, 3.0, 2.0, 2.0, 0.5, 2.0])
+    bits = sp.magnitude_bits(values)
+    blocks = [Lazy(i, (len(c),), lambda c=c: c) for i, c in enumerate(bits.split(3))]
+    keep = sp.top_k_keep(8, 3, lambda ranks: sp.select(blocks, ranks))
+    mask = torch.cat([keep.mask(c, i) for i, c in enumerate(bits.split(3))])
+    assert mask.tolist() == [False, True, True, True, False, False, False, False]
+    assert torch.equal(mask, sp.top_k_mask(values, 3))
+
+
+# --- random draws ------------------------------------------------------------------------------------------
+
+
+def test_dare_draws_are_the_whole_tensor_draws() -> None:
+    """Masks are `torch.rand(shape, generator) < density`, model after model (mergekit's bernoulli draws)."""
+    x = torch.randn(50, 30)
+    generator = torch.Generator().manual_seed(9)
+    first = sp.random_drop(x, 0.3, False, generator)
+    second = sp.random_drop(x, 0.3, False, generator)
+    reference = torch.Generator().manual_seed(9)
+    assert torch.equal(first != 0, torch.rand(x.shape, generator=reference) < 0.3)
+    assert torch.equal(second != 0, torch.rand(x.shape, generator=reference) < 0.3)
+
+
+# --- the merge engine ----------------------------------------------------------------------------------------
+
+
+def _spec(seeds, method: str):
+    from hf_m2n2.spec import parse_spec
+
+    models = [
+        {"model": str(seeds["a"]), "parameters": {"weight": 0.7, "density": 0.5, "epsilon": 0.1}},
+        {"model": str(seeds["b"]), "parameters": {"weight": 0.4, "density": 0.3, "epsilon": 0.2}},
+    ]
+    if method == "slerp":
+        models = [{"model": str(seeds["base"])}, {"model": str(seeds["a"])}]
+    parameters = {"t": 0.3} if method == "slerp" else {"rescale": True}
+    return parse_spec(
+        {"merge_method": method, "base_model": str(seeds["base"]), "models": models, "parameters": parameters}
+        | ({"dtype": "bfloat16"} if method == "dare_ties" else {})
+    )
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties", "dare_ties", "della", "breadcrumbs"])
+def test_streamed_merge_is_byte_identical_and_bounded(seeds, tmp_path, monkeypatch, method):
+    from hf_m2n2.checkpoint import Checkpoint
+    from hf_m2n2.merge import MergeOptions, merge
+
+    spec = _spec(seeds, method)
+    merge(spec, tmp_path / "whole", MergeOptions(progress=False))
+    largest = []
+    get = Checkpoint.get
+
+    def spy(self, name, rows=None):
+        tensor = get(self, name, rows)
+        largest.append(tensor.numel())
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "get", spy)
+    for chunk in (1000, 4096):
+        largest.clear()
+        options = MergeOptions(progress=False, chunk_elements=chunk, memory_budget=1 << 18)
+        merge(spec, tmp_path / f"chunked-{chunk}", options)
+        assert max(largest) <= chunk  # no tensor is ever read whole: its method sees row blocks only
+        assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+            tmp_path / f"chunked-{chunk}" / "model.safetensors"
+        ).read_bytes()
+
+
+def test_work_items_blocks_and_order(seeds):
+    from hf_m2n2.merge import work_items
+    from hf_m2n2.plan import plan_merge
+    from hf_m2n2.seeds import open_seeds
+
+    spec = _spec(seeds, "ties")
+    refs = spec.referenced_models()
+    opened = open_seeds(refs)
+    try:
+        recipe = plan_merge(spec, opened, {r: i for i, r in enumerate(refs)})
+    finally:
+        for seed in opened:
+            seed.checkpoint.close()
+    items = work_items(recipe, 1000)
+    streams = {}
+    for position, item in enumerate(items):
+        if item.rows is not None:
+            assert (item.rows[1] - item.rows[0]) * math.prod(item.task.shape[1:]) <= 1000
+        else:
+            assert item.statistics or math.prod(item.task.shape) <= 1000
+        if item.stream is not None:
+            streams.setdefault(id(item.stream), []).append((position, item))
+    assert streams, "the embeddings and MLP weights should be streamed"
+    for entries in streams.values():
+        first_position, first = entries[0]
+        assert first.statistics  # before every block of its tensor
+        blocks = [item for _, item in entries[1:]]
+        assert not any(item.statistics for item in blocks)
+        assert sorted(item.block for item in blocks) == list(range(len(first.stream.blocks)))
+    assert sum(1 for item in items if item.statistics) == len(streams)
+    assert {item.task.name for item in items} == {task.name for task in recipe.tasks}
+
+
+def test_statistics_error_reaches_the_caller_without_hanging(seeds, tmp_path):
+    from hf_m2n2.merge import MergeOptions, merge
+    from hf_m2n2.methods import MethodParameterError
+    from hf_m2n2.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "merge_method": "della",
+            "base_model": str(seeds["base"]),
+            "models": [
+                {"model": str(seeds["a"]), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.6}}
+            ],
+        }
+    )
+    with pytest.raises(MethodParameterError, match="epsilon"):
+        merge(spec, tmp_path / "out", MergeOptions(progress=False, chunk_elements=1000))
+    assert not (tmp_path / "out").exists()
