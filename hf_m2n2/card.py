@@ -1,16 +1,29 @@
-"""Lineage cards: README.md with Hub front matter (base_model, base_model_relation: merge, ...)."""
+"""Lineage cards: README.md with Hub front matter (base_model, base_model_relation: merge, model-index, ...).
+
+A card is rendered from a `CardInfo` (plain data, saved next to the weights as `card.json`), so that
+`hf-m2n2 card OUT_DIR` can render it again after the template changes or evaluation results are added,
+without touching the weights.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.evolve.checkpoint import atomic_write_text
 from hf_m2n2.hub import ResolvedModel
 
 log = logging.getLogger(__name__)
+
+CARD_INFO = "card.json"
+M2N2_PAPER = "Competition and Attraction Improve Model Fusion (https://arxiv.org/abs/2508.16204)"
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,56 @@ class CardModel:
         if self.model.commit:
             return f"`{self.model.commit}`"
         return self.model.revision or "local directory"
+
+
+@dataclass
+class EvalScore:
+    """One `model-index` entry: the merged model's score on a task (`dataset` names the task's data)."""
+
+    task: str
+    metric: str
+    value: float
+    dataset: str | None = None
+
+
+@dataclass
+class CardInfo:
+    """Everything a card shows. `kind` picks the template: `merge` (static recipe) or `evolve` (evolved model).
+
+    Attributes:
+        model_id: the name used in the usage snippet (the Hub repo id once known).
+        models: `{name, role, revision}` per seed, in order.
+        details: the template's kind-specific fields (merge: method, config_yaml, notes, chat_template;
+            evolve: tasks, score_rows, lineage, passes, run_seed, recipe_file, plot).
+        eval_results: the merged model's scores, published as the card's `model-index`.
+    """
+
+    kind: str
+    model_name: str
+    model_id: str
+    method: str
+    paper: str
+    models: list[dict[str, str]]
+    license: str | None = None
+    license_note: str | None = None
+    tags: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    eval_results: list[EvalScore] = field(default_factory=list)
+
+    def save(self, directory: Path) -> None:
+        (directory / CARD_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> CardInfo:
+        path = Path(directory) / CARD_INFO
+        if not path.is_file():
+            raise HfM2n2Error(f"{path}: not found (cards are regenerated from the card.json hf-m2n2 writes)")
+        try:
+            data = json.loads(path.read_text())
+            data["eval_results"] = [EvalScore(**e) for e in data.get("eval_results", [])]
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise HfM2n2Error(f"{path}: not a card.json written by hf-m2n2 ({exc})") from exc
 
 
 def template_path(name: str) -> Path:
@@ -55,7 +118,7 @@ def merged_license(models: Sequence[ResolvedModel]) -> tuple[str | None, str | N
     return "other", f"The seeds' licenses differ ({detail}); check each before using this model."
 
 
-def build_merge_card(
+def merge_card_info(
     *,
     model_name: str,
     method: str,
@@ -64,50 +127,25 @@ def build_merge_card(
     config_yaml: str,
     notes: Sequence[str] = (),
     chat_template: bool = False,
-    extra_tags: Sequence[str] = (),
-):
-    """Build the README card of a merge with huggingface_hub's ModelCard and the template in model_cards/.
-
-    Returns:
-        a `huggingface_hub.ModelCard`; `card.save(path)` writes it.
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base_models = list(dict.fromkeys(m.model.name for m in models))
+    model_id: str | None = None,
+) -> CardInfo:
+    """The card of a static merge (`hf-m2n2 merge`)."""
     license_, license_note = merged_license([m.model for m in models])
-    data = ModelCardData(
-        base_model=base_models,
-        library_name="transformers",
-        license=license_,
-        tags=list(dict.fromkeys(["merge", "hf-m2n2", method, *extra_tags])),
-        **{"base_model_relation": "merge"},
-    )
-    all_notes = [*notes, *([license_note] if license_note else [])]
-    return ModelCard.from_template(
-        data,
-        template_path=str(template_path("merge_card.md")),
+    return CardInfo(
+        kind="merge",
         model_name=model_name,
-        model_id=model_name,
+        model_id=model_id or model_name,
         method=method,
         paper=paper,
-        models=[{"name": m.model.name, "role": m.role, "revision": m.revision} for m in models],
-        notes=all_notes,
-        config_yaml=config_yaml.rstrip(),
-        chat_template=chat_template,
+        models=[_model_entry(m.model, m.role) for m in models],
+        license=license_,
+        license_note=license_note,
+        tags=["merge", "hf-m2n2", method],
+        details={"config_yaml": config_yaml.rstrip(), "notes": list(notes), "chat_template": chat_template},
     )
 
 
-@dataclass(frozen=True)
-class ScoreRow:
-    name: str
-    values: list[float]
-
-    @property
-    def mean(self) -> float:
-        return sum(self.values) / len(self.values) if self.values else 0.0
-
-
-def build_evolve_card(
+def evolve_card_info(
     *,
     model_name: str,
     algorithm: str,
@@ -121,52 +159,162 @@ def build_evolve_card(
     run_seed: int,
     recipe_file: str,
     plot: str | None = None,
-    paper: str = "",
-):
-    """The lineage card of an evolved model: every seed as base_model, a model-index with the held-out scores
-    of the merged model (seeds alongside in the body), the lineage table, the fitness curve and the recipe.
+    model_id: str | None = None,
+    rebuild_command: str | None = None,
+    paper: str | None = None,
+) -> CardInfo:
+    """The lineage card of an evolved model: held-out scores of the merged model (as model-index) and of the
+    seeds, the lineage table, the fitness curve and the recipe."""
+    license_, license_note = merged_license(seeds)
+    rows = [{"name": model_name, "values": [float(v) for v in merged]}]
+    rows += [{"name": name, "values": [float(v) for v in values]} for name, values in seed_scores.items()]
+    return CardInfo(
+        kind="evolve",
+        model_name=model_name,
+        model_id=model_id or model_name,
+        method=algorithm,
+        paper=paper if paper is not None else M2N2_PAPER if algorithm.startswith("m2n2") else "",
+        models=[_model_entry(s, "seed") for s in seeds],
+        license=license_,
+        license_note=license_note,
+        tags=["merge", "m2n2", "hf-m2n2", *([algorithm] if algorithm != "m2n2" else [])],
+        details={
+            "tasks": list(tasks),
+            "score_rows": rows,
+            "lineage": [dict(a) for a in lineage],
+            "passes": passes,
+            "run_seed": run_seed,
+            "recipe_file": recipe_file,
+            "rebuild_command": rebuild_command or f"hf-m2n2 rebuild {recipe_file} OUT_DIR",
+            "plot": plot,
+        },
+        eval_results=[EvalScore(task, metric, float(value)) for task, value in zip(tasks, merged)],
+    )
+
+
+def _model_entry(model: ResolvedModel, role: str) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "role": role,
+        "revision": CardModel(model, role).revision,
+        "hub": bool(model.repo_id),
+    }
+
+
+def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None):
+    """Render a card with huggingface_hub's ModelCard and the template (default: the packaged one for its kind).
 
     Returns:
-        a `huggingface_hub.ModelCard`.
+        a `huggingface_hub.ModelCard`; `card.save(path)` writes it.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     results = [
         EvalResult(
             task_type="text-generation",
-            dataset_type=task,
-            dataset_name=task,
-            metric_type=metric,
-            metric_value=float(value),
+            dataset_type=e.dataset or e.task,
+            dataset_name=e.dataset or e.task,
+            metric_type=e.metric,
+            metric_value=float(e.value),
         )
-        for task, value in zip(tasks, merged)
+        for e in info.eval_results
     ]
-    license_, license_note = merged_license(seeds)
+    # The Hub links base models by repo id only: seeds from local directories are named in the body instead.
+    base_models = list(dict.fromkeys(m["name"] for m in info.models if m.get("hub")))
+    local = [m["name"] for m in info.models if not m.get("hub")]
     data = ModelCardData(
-        base_model=list(dict.fromkeys(s.name for s in seeds)),
+        base_model=base_models or None,
         library_name="transformers",
-        license=license_,
-        tags=["merge", "m2n2", "hf-m2n2", algorithm] if algorithm != "m2n2" else ["merge", "m2n2", "hf-m2n2"],
-        model_name=model_name,
+        license=info.license,
+        tags=list(dict.fromkeys(info.tags)),
+        model_name=info.model_name,
         eval_results=results or None,
-        **{"base_model_relation": "merge"},
+        **({"base_model_relation": "merge"} if base_models else {}),
     )
-    rows = [ScoreRow(model_name, list(merged))] + [ScoreRow(name, list(v)) for name, v in seed_scores.items()]
-    card = ModelCard.from_template(
+    notes = list(info.details.get("notes", [])) + ([info.license_note] if info.license_note else [])
+    if local:
+        notes.append(
+            f"Seeds from local directories ({', '.join(local)}) are not listed as `base_model`: "
+            "the Hub links base models by repo id."
+        )
+    details = {k: v for k, v in info.details.items() if k != "notes"}
+    return ModelCard.from_template(
         data,
-        template_path=str(template_path("evolve_card.md")),
-        model_name=model_name,
-        algorithm=algorithm,
-        paper=paper,
-        seeds=[{"name": s.name, "revision": CardModel(s, "seed").revision} for s in seeds],
-        tasks=list(tasks),
-        score_rows=rows,
-        lineage=list(lineage),
-        passes=passes,
-        run_seed=run_seed,
-        recipe_file=recipe_file,
-        plot=plot,
+        template_path=str(template or template_path(f"{info.kind}_card.md")),
+        model_name=info.model_name,
+        model_id=info.model_id,
+        method=info.method,
+        algorithm=info.method,
+        paper=info.paper,
+        models=info.models,
+        seeds=info.models,
+        notes=notes,
+        eval_results=info.eval_results,
+        **details,
     )
-    if license_note:
-        card.text += f"\n{license_note}\n"
-    return card
+
+
+def write_card(directory: str | os.PathLike[str], info: CardInfo, template=None) -> None:
+    """Write README.md and card.json into `directory`."""
+    directory = Path(directory)
+    render_card(info, template).save(directory / "README.md")
+    info.save(directory)
+
+
+def read_eval_results(path: str | os.PathLike[str]) -> list[EvalScore]:
+    """Scores from an lm-eval results file (`{"results": {task: {"metric,filter": value}}}`) or a plain
+    `{task: {metric: value}}` mapping. Standard errors (`*_stderr`) and aliases are skipped."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HfM2n2Error(f"{path}: cannot read evaluation results ({exc})") from exc
+    results = data.get("results", data) if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        raise HfM2n2Error(f"{path}: expected {{task: {{metric: value}}}} or lm-eval's results.json")
+    scores = []
+    for task, metrics in results.items():
+        if not isinstance(metrics, dict):
+            raise HfM2n2Error(f"{path}: results.{task}: expected {{metric: value}}")
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, int | float):
+                continue
+            scores.append(EvalScore(task=task, metric=key.replace(",", " ").strip(), value=float(value)))
+    if not scores:
+        raise HfM2n2Error(f"{path}: no numeric scores found")
+    return scores
+
+
+def regenerate_card(
+    out_dir: str | os.PathLike[str],
+    *,
+    template: str | os.PathLike[str] | None = None,
+    eval_results: str | os.PathLike[str] | None = None,
+    model_id: str | None = None,
+) -> Path:
+    """`hf-m2n2 card`: render OUT_DIR/README.md again from OUT_DIR/card.json; the weights are not touched.
+
+    Args:
+        template: a Jinja card template (default: the packaged one).
+        eval_results: scores to add to the card's model-index (replacing earlier ones for the same task
+            and metric); see `read_eval_results`.
+        model_id: the Hub repo id shown in the usage snippet.
+
+    Returns:
+        the path of the README.md written.
+    """
+    out = Path(out_dir)
+    info = CardInfo.load(out)
+    if template is not None and not Path(template).is_file():
+        raise HfM2n2Error(f"{template}: card template not found")
+    if eval_results is not None:
+        new = read_eval_results(eval_results)
+        replaced = {(e.task, e.metric) for e in new}
+        info.eval_results = [e for e in info.eval_results if (e.task, e.metric) not in replaced] + new
+    if model_id:
+        info.model_id = model_id
+    card = render_card(info, template)
+    atomic_write_text(out / "README.md", str(card))
+    atomic_write_text(out / CARD_INFO, json.dumps(asdict(info), indent=2) + "\n")
+    return out / "README.md"

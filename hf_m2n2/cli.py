@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--lazy-unpickle", action="store_true", help=argparse.SUPPRESS
     )  # mergekit compatibility
+    _push_flags(merge)
     _verbosity(merge)
 
     validate = sub.add_parser("validate", help="check a spec (and, unless --no-resolve, that its models fit)")
@@ -86,7 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="N independent runs with seeds seed, seed+1, ... (one after another); with --resume, raise to N",
     )
     evolve.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    _push_flags(evolve)
     _verbosity(evolve)
+
+    push = sub.add_parser("push", help="upload a result directory to a Hub repo (created if needed)")
+    push.add_argument("out_dir", help="a merge output or an evolve run's model/ directory")
+    push.add_argument("repo_id", help="ORG/NAME")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing)")
+    push.add_argument("--commit-message", help="default: the method or algorithm and the seeds")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    _verbosity(push)
+
+    card = sub.add_parser("card", help="regenerate OUT_DIR/README.md from its card.json (weights untouched)")
+    card.add_argument("out_dir")
+    card.add_argument("--template", help="a Jinja card template (default: the packaged one)")
+    card.add_argument(
+        "--eval-results",
+        metavar="JSON",
+        help="scores to publish: lm-eval's results.json or {task: {metric: v}}",
+    )
+    card.add_argument("--model-id", help="the repo id shown in the usage snippet")
+    _verbosity(card)
 
     rebuild = sub.add_parser(
         "rebuild", help="rebuild an evolved model's weights bit for bit from its recipe.json"
@@ -122,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _push_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--push",
+        metavar="REPO_ID",
+        help="upload the result to this Hub repo when done (spec: output.push_to_hub)",
+    )
+    parser.add_argument(
+        "--private", action="store_const", const=True, default=None, help="create the pushed repo private"
+    )
+
+
 def _verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", help="more logging")
@@ -131,6 +164,10 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # huggingface_hub's download bars
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -147,6 +184,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         workers=args.workers,
         trust_remote_code=args.trust_remote_code,
         progress=not args.quiet,
+        push_to_hub=args.push,
+        private=args.private,
     )
     result = run_merge(args.config, args.out_dir, options)
     if not args.quiet:
@@ -154,6 +193,40 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(
             f"merged {len(result.seeds)} models into {result.out_dir} ({result.tensors} tensors, {gb:.2f} GB)"
         )
+    if result.push is not None:
+        _print_push(result.push.repo_url, result.push.commit_url)
+    return 0
+
+
+def _print_push(repo_url: str, commit_url: str) -> None:
+    print(f"pushed to {repo_url} (commit {commit_url})")
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from hf_m2n2.push import push_folder
+
+    result = push_folder(
+        args.out_dir,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+    )
+    _print_push(result.repo_url, result.commit_url)
+    if result.pr_url:
+        print(f"pull request: {result.pr_url}")
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from hf_m2n2.card import regenerate_card
+
+    path = regenerate_card(
+        args.out_dir, template=args.template, eval_results=args.eval_results, model_id=args.model_id
+    )
+    if not args.quiet:
+        print(f"wrote {path}")
     return 0
 
 
@@ -209,8 +282,10 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     from hf_m2n2.errors import HfM2n2Error
     from hf_m2n2.evolve.runs import resume_runs, start_runs
 
-    if args.resume and (args.config or args.out or args.overwrite):
-        raise HfM2n2Error("--resume DIR takes no spec, --out or --overwrite (the run directory has them)")
+    if args.resume and (args.config or args.out or args.overwrite or args.push or args.private):
+        raise HfM2n2Error(
+            "--resume DIR takes no spec, --out, --overwrite or --push (the run directory has them)"
+        )
     if not args.resume and not (args.config and args.out):
         raise HfM2n2Error("give a spec and --out DIR, or --resume DIR")
 
@@ -222,6 +297,8 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                 f"{run_dir}: {summary['name']} seed {summary['seed']}: best train {summary['best_train']:.4f}, "
                 f"test {test_text} after {summary['forward_passes']} passes ({summary['timing']['wall_time_s']:.1f} s)"
             )
+        if "push" in summary:
+            _print_push(summary["push"]["repo_url"], summary["push"]["commit_url"])
 
     out = args.resume or args.out
     try:
@@ -235,6 +312,8 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 progress=not args.quiet,
                 on_done=report,
+                push_to_hub=args.push,
+                private=args.private,
             )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
@@ -259,6 +338,8 @@ COMMANDS = {
     "validate": _cmd_validate,
     "evolve": _cmd_evolve,
     "plot": _cmd_plot,
+    "push": _cmd_push,
+    "card": _cmd_card,
 }
 
 

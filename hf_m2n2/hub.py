@@ -156,10 +156,22 @@ def _download(ref, repo_id, revision, *, token, cache_dir, allow_bin) -> Resolve
             "download it first or pass a local directory"
         ) from exc
     except HfHubHTTPError as exc:
-        raise ModelResolutionError(f"{where}: Hub request failed: {_first_line(exc)}") from exc
+        raise ModelResolutionError(http_error_message(where, exc)) from exc
     path = Path(path)
     commit = path.name if _SHA.match(path.name) else None
     return ResolvedModel(ref=ref, path=path, repo_id=repo_id, revision=revision, commit=commit)
+
+
+def http_error_message(where: str, exc) -> str:
+    """One line for a huggingface_hub HTTP error, from its status and the server's message (never the headers,
+    which carry the token)."""
+    status = exc.response.status_code if getattr(exc, "response", None) is not None else None
+    if status == 401:
+        return f"{where}: authentication failed (HTTP 401): set HF_TOKEN or run `hf auth login`"
+    if status == 403:
+        return f"{where}: permission denied (HTTP 403): the token has no access to this repo or namespace"
+    server = exc.server_message.splitlines()[0] if getattr(exc, "server_message", None) else ""
+    return f"{where}: Hub request failed (HTTP {status}){': ' + server if server else ''}"
 
 
 def _has_safetensors(repo_id: str, revision: str | None, token) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hf_m2n2.card import CardModel, build_merge_card
+from hf_m2n2.card import CardModel, merge_card_info, write_card
 from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
 from hf_m2n2.errors import SpecError
 from hf_m2n2.hub import ResolvedModel
@@ -21,6 +21,7 @@ from hf_m2n2.materialize import TensorStream, WorkItem, compute_item, materializ
 from hf_m2n2.methods import get_method
 from hf_m2n2.outdir import atomic_output_dir, check_output_dir
 from hf_m2n2.plan import plan_merge
+from hf_m2n2.push import PushResult, PushTarget
 from hf_m2n2.recipe import MethodRecipe, TensorTask
 from hf_m2n2.seeds import Seed, open_seeds
 from hf_m2n2.spec import MergeSpec, load_spec, model_ref_string, parse_spec, parse_yaml, read_spec_text
@@ -64,6 +65,8 @@ class MergeOptions:
     chunk_elements: int = CHUNK_ELEMENTS
     trust_remote_code: bool = False
     progress: bool = True
+    push_to_hub: str | None = None  # overrides the spec's output.push_to_hub
+    private: bool | None = None  # overrides output.private
 
 
 @dataclass
@@ -73,6 +76,7 @@ class MergeResult:
     tensors: int
     total_bytes: int
     notes: list[str] = field(default_factory=list)
+    push: PushResult | None = None
 
 
 def run_merge(
@@ -98,19 +102,26 @@ def merge(
 ) -> MergeResult:
     """Run a static merge. Nothing is written to `out_dir` unless the whole merge succeeds.
 
+    When the spec's `output.push_to_hub` (or `options.push_to_hub`) names a repo, the finished directory is
+    uploaded to it; a failed upload leaves the local result in place.
+
     Raises:
-        SpecError, ModelResolutionError, CheckpointError, OutputError: with a one-line message.
+        SpecError, ModelResolutionError, CheckpointError, OutputError, PushError: with a one-line message.
     """
     options = options or MergeOptions()
     out_dir = Path(out_dir)
     check_output_dir(out_dir, options.overwrite)
+    target = PushTarget.resolve(spec.output, options.push_to_hub, options.private)
     refs = spec.referenced_models()
     seeds = open_seeds(refs, base_dir=spec_dir)
     try:
-        return _merge_seeds(spec, seeds, refs, out_dir, options, spec_text)
+        result = _merge_seeds(spec, seeds, refs, out_dir, options, spec_text, target)
     finally:
         for seed in seeds:
             seed.checkpoint.close()
+    if target is not None:
+        result.push = target.push(out_dir)
+    return result
 
 
 def _merge_seeds(
@@ -120,6 +131,7 @@ def _merge_seeds(
     out_dir: Path,
     options: MergeOptions,
     spec_text: str | None,
+    target: PushTarget | None,
 ) -> MergeResult:
     seed_index = {ref: i for i, ref in enumerate(refs)}
     vocab = _plan_vocab(spec, seeds, seed_index, options)
@@ -145,8 +157,10 @@ def _merge_seeds(
             writer.abort()
         _write_config(tmp, seeds, recipe, vocab, planned)
         chat_template = _write_tokenizer(tmp, spec, seeds, seed_index, recipe, vocab, options)
-        (tmp / "merge_config.yaml").write_text(spec_text if spec_text is not None else spec.to_yaml())
-        _write_card(tmp, out_dir.name, spec, seeds, seed_index, recipe, notes, chat_template)
+        recipe_text = spec_text if spec_text is not None and spec.output is None else spec.to_yaml()
+        (tmp / "merge_config.yaml").write_text(recipe_text)
+        model_id = target.repo_id if target else None
+        _write_card(tmp, out_dir.name, spec, seeds, seed_index, recipe, notes, chat_template, model_id)
     return MergeResult(out_dir, [s.model for s in seeds], len(planned), sum(p.nbytes for p in planned), notes)
 
 
@@ -378,6 +392,7 @@ def _write_card(
     recipe: MethodRecipe,
     notes: list[str],
     chat_template: bool,
+    model_id: str | None = None,
 ) -> None:
     base = spec.base_ref()
     models = []
@@ -392,7 +407,7 @@ def _write_card(
             )
         )
         models.append(CardModel(seeds[i].model, role))
-    card = build_merge_card(
+    info = merge_card_info(
         model_name=model_name,
         method=recipe.method,
         paper=get_method(recipe.method).paper,
@@ -400,8 +415,9 @@ def _write_card(
         config_yaml=(tmp / "merge_config.yaml").read_text(),
         notes=notes,
         chat_template=chat_template,
+        model_id=model_id,
     )
-    card.save(tmp / "README.md")
+    write_card(tmp, info)
 
 
 def validate(config_path: str | os.PathLike[str], *, resolve: bool = True) -> MergeSpec:

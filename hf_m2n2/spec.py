@@ -98,6 +98,20 @@ class TokenizerConfig(_Strict):
     _ref = field_validator("source", mode="before")(_coerce_ref)
 
 
+class OutputConfig(_Strict):
+    """The `output:` section: where `hf-m2n2 merge` / `evolve` publish the result when they finish.
+
+    Attributes:
+        push_to_hub: Hub repo id (`ORG/NAME`) to create if needed and upload to.
+        private: visibility of a newly created repo.
+        revision: branch to commit to (default main).
+    """
+
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+
+
 class MergeSpec(_Strict):
     """A merge recipe, in mergekit's YAML schema.
 
@@ -120,6 +134,7 @@ class MergeSpec(_Strict):
     tokenizer_source: str | ModelRefDict | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
+    output: OutputConfig | None = None
 
     _ref = field_validator("base_model", "tokenizer_source", mode="before")(
         lambda v: None if v is None else _coerce_ref(v)
@@ -159,7 +174,10 @@ class MergeSpec(_Strict):
         return list(dict.fromkeys(refs))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        """The recipe as mergekit YAML (without `output:`, which is where it went, not how it was made)."""
+        return yaml.safe_dump(
+            self.model_dump(mode="json", exclude_none=True, exclude={"output"}), sort_keys=False
+        )
 
 
 def yaml_path(loc: tuple[Any, ...], data: Any) -> str:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import spawn_evolve
 
 from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate import EvaluationError, PythonEvaluator
@@ -114,13 +112,7 @@ def _assert_same_archive(a: Path, b: Path) -> None:
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, write_spec, cli):
     spec = write_spec(digits_spec(1500, archive_size=8, checkpoint_every_steps=200, checkpoint_every_s=None))
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hf_m2n2.cli", "evolve", str(spec), "--out", str(killed), "-q"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    process = spawn_evolve(spec, killed)
     try:
         deadline = time.monotonic() + 60
         while not (killed / "checkpoint.npz").exists():

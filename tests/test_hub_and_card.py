@@ -38,7 +38,8 @@ def test_merge_of_hub_refs_pins_revisions_in_card(seeds, cached_repo, write_spec
     code, _, stderr = cli("merge", spec, out, "--quiet")
     assert code == 0, stderr
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == ["base", repo]
+    assert card.data.base_model == [repo]  # the local base is named in the body, not linked
+    assert "Seeds from local directories (base)" in card.text
     assert card.data.base_model_relation == "merge"
     assert card.data.library_name == "transformers"
     assert {"merge", "hf-m2n2", "ties"} <= set(card.data.tags)
@@ -79,4 +80,4 @@ def test_card_license_other_when_seeds_disagree(seeds, write_spec, cli, tmp_path
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.license == "other"
     assert "licenses differ" in card.text and "mit" in card.text
-    assert card.data.base_model == ["base", "ft-wide"]
+    assert card.data.base_model is None and "base, ft-wide" in card.text  # local seeds: no Hub links

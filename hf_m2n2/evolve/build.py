@@ -14,6 +14,7 @@ from hf_m2n2.evolve.config import (
     DenseGenomeConfig,
     EvolveConfig,
     EvolveSpec,
+    EvomergeOptions,
     MapElitesOptions,
     PythonSeeds,
 )
@@ -124,6 +125,15 @@ def build_strategy(
             diagonal=options.diagonal,
             seed=seed,
         )
+    if algorithm == "evomerge_ps":
+        from hf_m2n2.evolve.evomerge_ps import EvomergePS
+
+        if getattr(ops, "kind", None) != "method":
+            raise SpecError(
+                "genome.kind", "evomerge_ps evolves a method genome (genome: {kind: method, ...})"
+            )
+        options = config.evomerge_ps or EvomergeOptions()
+        return EvomergePS(ops, popsize=options.popsize, sigma0=options.sigma0, x0=options.x0, seed=seed)
     if algorithm == "map_elites":
         from hf_m2n2.evolve.map_elites import MapElites
 

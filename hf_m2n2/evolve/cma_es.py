@@ -18,7 +18,7 @@ from hf_m2n2.evolve.genome import DenseVectorOps
 from hf_m2n2.evolve.strategy import Candidate, Lineage, Member, make_rng
 
 
-class _Randn:
+class GeneratorRandn:
     """`randn(*shape)` for `cma`, drawing from our generator instead of numpy's global one (picklable)."""
 
     def __init__(self, rng: np.random.Generator):
@@ -62,7 +62,7 @@ class CMAES:
         self.rng = make_rng(seed)
         options = {
             "popsize": popsize,
-            "randn": _Randn(self.rng),
+            "randn": GeneratorRandn(self.rng),
             "seed": float("nan"),  # never touch numpy's global generator
             "CMA_diagonal": diagonal,
             "verbose": -9,
@@ -123,7 +123,7 @@ class CMAES:
         return {
             "popsize": self.popsize,
             "diagonal": self.diagonal,
-            # es and rng in one pickle: es samples through `_Randn`, which shares our generator
+            # es and rng in one pickle: es samples through `GeneratorRandn`, which shares our generator
             "cma": np.frombuffer(pickle.dumps((self.es, self.rng), protocol=5), dtype=np.uint8),
             "solutions": self.solutions,
             "fvalues": list(self.fvalues),

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hf_m2n2.errors import SpecError
 from hf_m2n2.spec import parse_yaml, read_spec_text, validation_error
 
-ALGORITHMS = ("m2n2", "ga", "cma_es", "map_elites", "sweep")
+ALGORITHMS = ("m2n2", "ga", "cma_es", "map_elites", "sweep", "evomerge_ps")
 _CALLABLE_HELP = "expected 'module:function' (e.g. hf_m2n2.tasks.digits:train_scores)"
 
 
@@ -92,6 +92,14 @@ class CMAOptions(_Strict):
     diagonal: bool = False
 
 
+class EvomergeOptions(_Strict):
+    """evomerge_ps settings (Akiba et al.): CMA-ES popsize (None: 4 + floor(3 ln n)), initial step size and mean."""
+
+    popsize: int | None = Field(None, ge=2)
+    sigma0: float = Field(1.0 / 6.0, gt=0)
+    x0: float = Field(0.5, ge=0, le=1)
+
+
 class MapElitesOptions(_Strict):
     """MAP-Elites settings: bins per descriptor axis (descriptors: mean score per example group)."""
 
@@ -102,7 +110,7 @@ class EvolveConfig(_Strict):
     """The `evolve:` section.
 
     Attributes:
-        algorithm: m2n2, ga (M2N2 with alpha 0 and no attraction), cma_es, map_elites or sweep.
+        algorithm: m2n2, ga (M2N2 with alpha 0 and no attraction), cma_es, map_elites, sweep or evomerge_ps.
         budget: forward passes (candidate evaluations, seeds included) for every algorithm.
         seed: seed of the run (run r of `--runs` uses seed + r).
         archive_size, alpha, epsilon, capacity, crossover, attraction: M2N2 settings.
@@ -114,9 +122,10 @@ class EvolveConfig(_Strict):
         threads: torch threads (results are bit-for-bit reproducible for a given count).
         cma: CMA-ES settings (cma_es only).
         map_elites: MAP-Elites settings (map_elites only).
+        evomerge_ps: CMA-ES settings of evomerge_ps (model specs with a method genome only).
     """
 
-    algorithm: Literal["m2n2", "ga", "cma_es", "map_elites", "sweep"] = "m2n2"
+    algorithm: Literal["m2n2", "ga", "cma_es", "map_elites", "sweep", "evomerge_ps"] = "m2n2"
     budget: int = Field(gt=0)
     seed: int = 42
     archive_size: int = Field(20, ge=1)
@@ -133,6 +142,7 @@ class EvolveConfig(_Strict):
     threads: int = Field(1, ge=1)
     cma: CMAOptions | None = None
     map_elites: MapElitesOptions | None = None
+    evomerge_ps: EvomergeOptions | None = None
 
 
 class PythonEvaluateConfig(_Strict):
@@ -177,6 +187,7 @@ _USES = {
     "mutation_std": ("m2n2", "ga", "map_elites"),
     "cma": ("cma_es",),
     "map_elites": ("map_elites",),
+    "evomerge_ps": ("evomerge_ps",),
     **{key: ("m2n2", "ga") for key in _M2N2_ONLY},
 }
 
@@ -209,6 +220,12 @@ def check_evolve_spec(spec: EvolveSpec) -> None:
         SpecError: naming the offending key.
     """
     check_evolve(spec.evolve)
+    if spec.evolve.algorithm == "evomerge_ps":
+        raise SpecError(
+            "evolve.algorithm",
+            "evomerge_ps evolves merge-method parameters of pretrained models: a spec with models: and "
+            "genome: {kind: method, ...}",
+        )
     if spec.evolve.algorithm == "map_elites" and spec.evaluate.groups_callable is None:
         raise SpecError("evaluate.groups_callable", "required by map_elites (per-example group ids)")
     seeds = spec.genome.seeds

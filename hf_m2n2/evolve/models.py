@@ -24,21 +24,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from hf_m2n2.errors import HfM2n2Error, SpecError
 from hf_m2n2.evaluate.lm_eval import LmEvalConfig
 from hf_m2n2.evolve.config import EvolveConfig, PythonEvaluateConfig, check_evolve, validation_error
 from hf_m2n2.evolve.loop import LINEAGE
-from hf_m2n2.spec import InputModel, model_ref_string
+from hf_m2n2.method_genome import MethodGenomeConfig
+from hf_m2n2.spec import InputModel, OutputConfig, model_ref_string
 
 MODEL_DIR = "model"
 REPORT = "report.json"
+TIMING = "timing.json"
 
 
 class _Strict(BaseModel):
@@ -77,14 +80,30 @@ class BlendGenomeConfig(_Strict):
 EvaluateConfig = Annotated[LmEvalConfig | PythonEvaluateConfig, Field(discriminator="kind")]
 
 
+def _genome_kind(value: Any) -> str:
+    kind = value.get("kind", "blend") if isinstance(value, dict) else getattr(value, "kind", "blend")
+    return f"{kind}_genome"  # tags must not collide with field names (error paths follow the data)
+
+
+GenomeConfig = Annotated[
+    Annotated[BlendGenomeConfig, Tag("blend_genome")] | Annotated[MethodGenomeConfig, Tag("method_genome")],
+    Discriminator(
+        _genome_kind,
+        custom_error_type="invalid_genome_kind",
+        custom_error_message="unknown genome kind (expected blend or method)",
+    ),
+]
+
+
 class ModelEvolveSpec(_Strict):
     """A model evolution spec: seeds (`models:`, mergekit style), genome, strategy and fitness."""
 
     name: str | None = None
     models: list[InputModel] = Field(min_length=2)
-    genome: BlendGenomeConfig = BlendGenomeConfig()
+    genome: GenomeConfig = BlendGenomeConfig()
     evolve: EvolveConfig
     evaluate: EvaluateConfig
+    output: OutputConfig | None = None
 
     @property
     def label(self) -> str:
@@ -109,7 +128,16 @@ def parse_model_spec(data: dict[str, Any]) -> ModelEvolveSpec:
     except ValidationError as exc:
         raise validation_error(exc, data) from None
     check_evolve(spec.evolve)
+    if isinstance(spec.genome, MethodGenomeConfig):
+        from hf_m2n2.method_genome import check_method_spec
+
+        check_method_spec(spec)
+        return spec
     algorithm = spec.evolve.algorithm
+    if algorithm == "evomerge_ps":
+        raise SpecError(
+            "genome.kind", "evomerge_ps evolves merge-method parameters: use genome: {kind: method, ...}"
+        )
     if algorithm == "cma_es":
         raise SpecError(
             "evolve.algorithm",
@@ -138,25 +166,64 @@ class ModelRun:
     evaluator: Any
     fixed: int
     tensor_names: list[str]
+    timing: CandidateTiming | None = None
+
+
+@dataclass
+class CandidateTiming:
+    """Seconds per scored candidate: writing it into the live model (materialize) vs running the evaluator.
+
+    Only score-cache misses are timed (hits are counted). In memory: a resumed run times the candidates of its last
+    session only. On an accelerator, kernels still running after the write are counted as evaluation.
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    cache_hits: int = 0
+
+    def add(self, kind: str, materialize_s: float, evaluate_s: float) -> None:
+        self.records.append(
+            {"kind": kind, "materialize_s": round(materialize_s, 4), "evaluate_s": round(evaluate_s, 4)}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"fit": {...}, "test": {...}, "cache_hits": n, "records": [...]}`: count, total and mean seconds of
+        materialize and evaluate for fitness (`fit`) and held-out (`test`) calls, then every record in order."""
+        out: dict[str, Any] = {}
+        for kind in ("fit", "test"):
+            rows = [r for r in self.records if r["kind"] == kind]
+            stats: dict[str, Any] = {"count": len(rows)}
+            for part in ("materialize_s", "evaluate_s"):
+                total = sum(r[part] for r in rows)
+                stats[f"{part}_total"] = round(total, 3)
+                stats[f"{part}_mean"] = round(total / len(rows), 4) if rows else None
+            out[kind] = stats
+        return {**out, "cache_hits": self.cache_hits, "records": self.records}
 
 
 class BlendEvaluator:
     """Scores Blend genomes: writes the candidate into the live model, then asks the model evaluator.
 
     Scores are cached by the genome's hash (a recipe evaluated twice, e.g. a re-drawn seed, costs nothing).
+    `timing` records the seconds of the write and of the evaluation of every candidate actually scored.
     """
 
     def __init__(self, ops: Any, inner: Any):
         self.ops = ops
         self.inner = inner
         self._cache: dict[tuple[str, str], Any] = {}
+        self.timing = CandidateTiming()
 
     def _call(self, kind: str, genome: Any) -> Any:
-        key = (kind, genome_hash(genome))
+        key = (kind, self.ops.hash(genome) if hasattr(self.ops, "hash") else genome_hash(genome))
         if key not in self._cache:
+            start = time.perf_counter()
             model = self.ops.write(genome)
+            written = time.perf_counter()
             method = getattr(self.inner, "scores" if kind == "fit" else "test_score")
             self._cache[key] = method(model)
+            self.timing.add(kind, written - start, time.perf_counter() - written)
+        else:
+            self.timing.cache_hits += 1
         return self._cache[key]
 
     def scores(self, genome: Any) -> np.ndarray:
@@ -183,6 +250,10 @@ def build_model_run(
     Returns:
         (RunParts for the loop, ModelRun for the export).
     """
+    if isinstance(spec.genome, MethodGenomeConfig):
+        from hf_m2n2.method_genome import build_method_run
+
+        return build_method_run(spec, seed, run_dir, spec_dir)
 
     from hf_m2n2.blend import select_tensors
     from hf_m2n2.blend_ops import BlendOps, SeedTensors, evolved_layout, seed_gram
@@ -227,7 +298,8 @@ def build_model_run(
     strategy = build_strategy(
         spec.evolve, ops, ops.seed_genomes(), seed=strategy_stream, mutation_std=0.0, groups=groups
     )
-    return RunParts(ops, evaluator, strategy, 0.0), ModelRun(spec, seeds, ops, live, inner, fixed, names)
+    run = ModelRun(spec, seeds, ops, live, inner, fixed, names, timing=evaluator.timing)
+    return RunParts(ops, evaluator, strategy, 0.0), run
 
 
 def _inner_evaluator(spec: ModelEvolveSpec, live: Any, fixed_seed: Any, spec_dir: Path | None) -> Any:
@@ -265,9 +337,16 @@ def finish_model_run(
     run: ModelRun, run_dir: Path, summary: dict[str, Any], strategy: Any, progress: bool = True
 ) -> dict[str, dict[str, float]]:
     """Export the best member (weights, recipe, lineage card, fitness plot) to `run_dir/model` and write the
-    held-out report `{model_name: {task: score}}` of every seed and the merged model to `run_dir/report.json`."""
+    held-out report `{model_name: {task: score}}` of every seed and the merged model to `run_dir/report.json`
+    (and the per-candidate materialize/evaluate seconds to `run_dir/timing.json`)."""
+    if run.timing is not None:
+        (run_dir / TIMING).write_text(json.dumps(run.timing.to_dict(), indent=2) + "\n")
+    if isinstance(run.spec.genome, MethodGenomeConfig):
+        from hf_m2n2.method_genome import finish_method_run
+
+        return finish_method_run(run, run_dir, summary, strategy, progress)
     from hf_m2n2.blend_ops import BlendRecipe, export_blend, seed_record
-    from hf_m2n2.card import build_evolve_card
+    from hf_m2n2.card import write_card as write_card_files
 
     best = strategy.best()
     if best is None:
@@ -290,30 +369,48 @@ def finish_model_run(
     def write_card(tmp: Path) -> None:
         if plot_name:
             (tmp / plot_name).write_bytes((run_dir / plot_name).read_bytes())
-        card = build_evolve_card(
-            model_name=merged_name,
-            algorithm=run.spec.evolve.algorithm,
-            seeds=[s.model for s in run.seeds],
-            tasks=tasks,
-            metric=metric,
-            merged=[report[merged_name][t] for t in tasks],
-            seed_scores={s.name: [report[s.name][t] for t in tasks] for s in run.seeds},
-            lineage=lineage,
-            passes=summary["forward_passes"],
-            run_seed=summary["seed"],
-            recipe_file="recipe.json",
-            plot=plot_name,
-            paper="Competition and Attraction Improve Model Fusion (https://arxiv.org/abs/2508.16204)"
-            if run.spec.evolve.algorithm == "m2n2"
-            else "",
+        info = lineage_card_info(
+            run, summary, lineage, report, tasks, metric, merged_name, plot_name, recipe_file="recipe.json"
         )
-        card.save(tmp / "README.md")
+        write_card_files(tmp, info)
 
     export_blend(recipe, run.seeds, run_dir / MODEL_DIR, overwrite=True, write_card=write_card)
     (run_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if progress:
         print(format_report(report, tasks))
     return report
+
+
+def lineage_card_info(
+    run: Any,
+    summary: dict[str, Any],
+    lineage: list[dict[str, Any]],
+    report: dict[str, dict[str, float]],
+    tasks: list[str],
+    metric: str,
+    merged_name: str,
+    plot_name: str | None,
+    **card_fields: Any,
+):
+    """The card of an evolved model from its run: seeds, held-out scores, lineage, and where it is pushed."""
+    from hf_m2n2.card import evolve_card_info
+
+    output = getattr(run.spec, "output", None)
+    return evolve_card_info(
+        model_name=merged_name,
+        algorithm=run.spec.evolve.algorithm,
+        seeds=[s.model for s in run.seeds],
+        tasks=tasks,
+        metric=metric,
+        merged=[report[merged_name][t] for t in tasks],
+        seed_scores={s.name: [report[s.name][t] for t in tasks] for s in run.seeds},
+        lineage=lineage,
+        passes=summary["forward_passes"],
+        run_seed=summary["seed"],
+        plot=plot_name,
+        model_id=output.push_to_hub if output is not None else None,
+        **card_fields,
+    )
 
 
 def _held_out_report(
@@ -376,11 +473,15 @@ def export_run(
     from hf_m2n2.blend_ops import BlendRecipe, rebuild
 
     model = Path(run_dir) / MODEL_DIR
+    if (model / "merge_config.yaml").is_file() and not (model / "recipe.json").is_file():
+        from hf_m2n2.method_genome import export_method_run
+
+        return export_method_run(model, out_dir, overwrite=overwrite)
     if not (model / "recipe.json").is_file():
         raise HfM2n2Error(f"{run_dir} has no exported model ({MODEL_DIR}/recipe.json): is the run finished?")
     BlendRecipe.load(model / "recipe.json")
     out = rebuild(model / "recipe.json", out_dir, overwrite=overwrite)
-    for extra in ("README.md", "fitness.png"):
+    for extra in ("README.md", "card.json", "fitness.png"):
         if (model / extra).is_file():
             shutil.copyfile(model / extra, out / extra)
     return out

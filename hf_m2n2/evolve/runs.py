@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ def start_runs(
     overwrite: bool = False,
     progress: bool = True,
     on_done: Reporter | None = None,
+    push_to_hub: str | None = None,
+    private: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Start the run(s) of a spec in `out_dir`.
 
@@ -60,6 +63,8 @@ def start_runs(
         overwrite: delete `out_dir` first if it exists.
         progress: show progress bars.
         on_done: called with (run directory, summary) after each run.
+        push_to_hub, private: publish the exported model there (overriding the spec's `output:` section);
+            the summary then has `push` (repo_url, commit_oid, commit_url).
 
     Returns:
         The summaries, one per run.
@@ -67,15 +72,17 @@ def start_runs(
     Raises:
         SpecError: the spec is invalid.
         OutputError: `out_dir` exists and is not empty (without `overwrite`).
+        PushError: the upload failed (the run directory is complete; retry with `hf-m2n2 push`).
     """
     spec, text = load_run_spec(spec_path)
     spec_dir = str(Path(spec_path).resolve().parent)
     if runs is not None and runs < 1:
         raise HfM2n2Error(f"--runs must be at least 1, got {runs}")
+    target = _push_target(spec, push_to_hub, private, runs)
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
     if runs is None:
-        return [_start_one(out, spec, text, spec.evolve.seed, None, progress, on_done, spec_dir)]
+        return [_start_one(out, spec, text, spec.evolve.seed, None, progress, on_done, spec_dir, target)]
     info = {"runs": runs, "seed": spec.evolve.seed, "spec_dir": spec_dir}
     atomic_write_text(out / RUNS_INFO, json.dumps(info) + "\n")
     atomic_write_text(out / SPEC_COPY, text)
@@ -153,12 +160,28 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
 
 
+def _push_target(spec: EvolveSpec, repo_id: str | None, private: bool | None, runs: int | None):
+    from hf_m2n2.evolve.models import ModelEvolveSpec
+    from hf_m2n2.push import PushTarget
+
+    target = PushTarget.resolve(getattr(spec, "output", None), repo_id, private)
+    if target is not None and not isinstance(spec, ModelEvolveSpec):
+        raise HfM2n2Error("--push publishes models: this spec evolves dense vectors, not Hub models")
+    if target is not None and runs is not None:
+        raise HfM2n2Error(
+            "--push publishes one model: drop --runs (or push a run's model/ with hf-m2n2 push)"
+        )
+    return target
+
+
 def _write_run_info(
-    run_dir: Path, text: str, seed: int, index: int | None, spec_dir: str | None = None
+    run_dir: Path, text: str, seed: int, index: int | None, spec_dir: str | None = None, target=None
 ) -> None:
     atomic_write_text(run_dir / SPEC_COPY, text)
     # spec_dir: relative model paths and include_path resolve against the original spec's folder
     info = {"seed": seed, "run": index, "spec_hash": spec_hash(text), "spec_dir": spec_dir}
+    if target is not None:  # --push given on the command line: a resumed run still publishes there
+        info["push"] = {"repo_id": target.repo_id, "private": target.private, "revision": target.revision}
     atomic_write_text(run_dir / RUN_INFO, json.dumps(info) + "\n")
 
 
@@ -171,9 +194,12 @@ def _start_one(
     progress: bool,
     on_done: Reporter | None,
     spec_dir: str | None = None,
+    target=None,
 ) -> dict[str, Any]:
-    _write_run_info(run_dir, text, seed, index, spec_dir)
-    return _execute(run_dir, spec, text, seed, index, progress, on_done, resume=False, spec_dir=spec_dir)
+    _write_run_info(run_dir, text, seed, index, spec_dir, target)
+    return _execute(
+        run_dir, spec, text, seed, index, progress, on_done, resume=False, spec_dir=spec_dir, target=target
+    )
 
 
 def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict[str, Any]:
@@ -200,7 +226,16 @@ def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict
         on_done,
         resume=resume,
         spec_dir=info.get("spec_dir"),
+        target=_stored_target(spec, info),
     )
+
+
+def _stored_target(spec: EvolveSpec, info: dict[str, Any]):
+    from hf_m2n2.push import PushTarget
+
+    if "push" in info:
+        return PushTarget(**info["push"])
+    return PushTarget.resolve(getattr(spec, "output", None))
 
 
 def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
@@ -224,15 +259,22 @@ def _execute(
     *,
     resume: bool,
     spec_dir: str | None = None,
+    target=None,
 ) -> dict[str, Any]:
     import torch
 
     from hf_m2n2.evolve.build import build_run
-    from hf_m2n2.evolve.models import ModelEvolveSpec, build_model_run, finish_model_run
+    from hf_m2n2.evolve.models import MODEL_DIR, ModelEvolveSpec, build_model_run, finish_model_run
+    from hf_m2n2.spec import OutputConfig
 
     torch.set_num_threads(spec.evolve.threads)
     model_run = None
     if isinstance(spec, ModelEvolveSpec):
+        if target is not None:  # the card's usage snippet names the repo
+            output = OutputConfig(
+                push_to_hub=target.repo_id, private=target.private, revision=target.revision
+            )
+            spec = spec.model_copy(update={"output": output})
         parts, model_run = build_model_run(spec, seed, run_dir, Path(spec_dir) if spec_dir else None)
     else:
         parts = build_run(spec, seed)
@@ -262,6 +304,8 @@ def _execute(
         )
         if model_run is not None:
             finish_model_run(model_run, run_dir, summary, parts.strategy, progress=progress)
+    if target is not None and model_run is not None:
+        summary = {**summary, "push": asdict(target.push(run_dir / MODEL_DIR))}
     if on_done:
         on_done(run_dir, summary)
     return summary

@@ -1,0 +1,519 @@
+"""Method genomes: merge-method parameters per seed and per layer group, evolved by `evomerge_ps`.
+
+A method genome is a vector in [0, 1]^n: the evolved per-model parameters (e.g. TIES/DARE `weight` and `density`)
+of every seed in every layer group, ordered group by group, then seed by seed, then parameter by parameter:
+`x[(g * K + k) * P + p]`. It stands for a mergekit merge spec with one slice per layer group (as
+mergekit-evolve writes them): each slice lists every seed over the group's layers with the genome's values as
+its scalar parameters (plus the base model, for task-vector methods). Embeddings and other tensors before the
+layers take the first group's values, the final norm and the output head the last group's (mergekit's planning).
+
+A candidate is materialized by planning that spec with `plan_merge` and computing every tensor with
+`compute_task`, the functions of `hf-m2n2 merge`, into the resident LiveModel. The best genome is exported by
+`hf-m2n2 merge` itself: its spec is written as `merge_config.yaml` next to the weights, and
+`hf-m2n2 merge merge_config.yaml OUT` reproduces them bit for bit (DARE's masks come from merge's default
+`--random-seed 0`; give `--device` when the run's `genome.device` was not the CPU).
+
+Example genome section (`examples/specialists/compare/evomerge_ps.yaml`):
+
+```yaml
+genome:
+  kind: method
+  method: dare_ties
+  base_model: ../build/base
+  parameters: [weight, density]
+  layer_groups: 2          # omitted: one group per layer
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from hf_m2n2.errors import HfM2n2Error, SpecError
+from hf_m2n2.seeds import Seed
+
+MERGE_CONFIG = "merge_config.yaml"
+EVOMERGE_PAPER = "Evolutionary Optimization of Model Merging Recipes (https://arxiv.org/abs/2403.13187)"
+
+
+class MethodGenomeConfig(BaseModel):
+    """`genome: {kind: method, ...}`: per-seed, per-layer-group parameters of one merge method.
+
+    Attributes:
+        method: a registered merge method with per-model float parameters (ties, dare_ties, dare_linear,
+            task_arithmetic, linear, breadcrumbs, della, ...).
+        base_model: the base of task-vector methods (required by them; not one of `models`).
+        parameters: the per-model parameters evolved, each in [0, 1].
+        layer_groups: contiguous groups of layers sharing values (None: one group per layer).
+        method_parameters: fixed parameters of the method (the merge spec's global `parameters:`, e.g.
+            `{lambda: 1.0, normalize: true}`, or a fixed `weight` when only `density` evolves).
+        dtype: dtype of the merge arithmetic, of the live model and of the exported weights.
+        device: where the live model lives and the merge arithmetic runs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["method"]
+    method: str
+    base_model: str | None = None
+    parameters: list[str] = Field(default_factory=lambda: ["weight", "density"], min_length=1)
+    layer_groups: int | None = Field(None, ge=1)
+    method_parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+    @property
+    def slerp_scope(self) -> None:
+        """Method genomes have no crossover (run summaries record the SLERP scope of Blend genomes)."""
+        return None
+
+
+def check_method_spec(spec: Any) -> None:
+    """Checks of a model evolution spec with a method genome (the parsed spec's other sections are valid).
+
+    Raises:
+        SpecError: naming the offending YAML path.
+    """
+    from hf_m2n2.methods import UnknownMethodError, get_method
+    from hf_m2n2.spec import check_setting
+
+    genome: MethodGenomeConfig = spec.genome
+    if spec.evolve.algorithm != "evomerge_ps":
+        raise SpecError(
+            "evolve.algorithm", f"a method genome is evolved by evomerge_ps, not {spec.evolve.algorithm}"
+        )
+    try:
+        method = get_method(genome.method)
+    except UnknownMethodError as exc:
+        raise SpecError("genome.method", str(exc)) from None
+    evolvable = {p.name: p for p in method.model_params if p.kind == "float"}
+    for i, name in enumerate(genome.parameters):
+        if name not in evolvable:
+            choices = ", ".join(evolvable) or "none"
+            raise SpecError(
+                f"genome.parameters[{i}]",
+                f"{name!r} is not a per-model parameter of {method.name} (evolvable: {choices})",
+            )
+        if name in genome.parameters[:i]:
+            raise SpecError(f"genome.parameters[{i}]", f"{name!r} is listed twice")
+    known = {p.name for p in method.params}
+    for key, value in genome.method_parameters.items():
+        if key not in known:
+            raise SpecError(f"genome.method_parameters.{key}", f"not a parameter of {method.name}")
+        if key in genome.parameters:
+            raise SpecError(f"genome.method_parameters.{key}", "is evolved (listed in genome.parameters)")
+        check_setting(f"genome.method_parameters.{key}", value)
+    for p in method.params:
+        if p.required and p.name not in genome.parameters and p.name not in genome.method_parameters:
+            raise SpecError(
+                "genome.parameters",
+                f"{p.name} is required by {method.name}: evolve it or set it in genome.method_parameters",
+            )
+    if method.uses_base == "required" and genome.base_model is None:
+        raise SpecError("genome.base_model", f"required by {method.name}")
+    if method.uses_base == "never" and genome.base_model is not None:
+        raise SpecError("genome.base_model", f"not used by {method.name}")
+    if genome.base_model is not None and genome.base_model in spec.seed_refs():
+        raise SpecError("genome.base_model", "is one of the models; list only the models merged onto it")
+    n = len(spec.models)
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        most = "" if method.max_models is None else f" and at most {method.max_models}"
+        raise SpecError("models", f"{method.name} takes at least {method.min_models}{most} models, got {n}")
+
+
+@dataclass(frozen=True)
+class SeedPick:
+    """A pseudo-genome standing for seed `index` itself, unmerged (for the held-out report)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class MethodTemplate:
+    """The fixed part of a method genome's merge spec: everything but the evolved values.
+
+    Attributes:
+        method: merge method.
+        models: the merged seeds' references (pinned), in genome order.
+        base: the base model's reference (pinned), or None.
+        parameters: evolved per-model parameter names.
+        groups: [start, end) layer ranges, one per layer group.
+        fixed: the spec's global `parameters:`.
+        dtype: compute and output dtype.
+    """
+
+    method: str
+    models: tuple[str, ...]
+    base: str | None
+    parameters: tuple[str, ...]
+    groups: tuple[tuple[int, int], ...]
+    fixed: dict[str, Any]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return len(self.groups) * len(self.models) * len(self.parameters)
+
+    def labels(self) -> list[str]:
+        """One readable name per genome coordinate, e.g. `layers[0:2].<model>.weight`."""
+        return [
+            f"layers[{start}:{end}].{model}.{name}"
+            for start, end in self.groups
+            for model in self.models
+            for name in self.parameters
+        ]
+
+    def merge_config(self, x: np.ndarray) -> dict[str, Any]:
+        """The mergekit merge spec (as a YAML mapping) of genome x."""
+        values = np.asarray(x, dtype=np.float64).reshape(
+            len(self.groups), len(self.models), len(self.parameters)
+        )
+        slices = []
+        for g, (start, end) in enumerate(self.groups):
+            sources: list[dict[str, Any]] = [
+                {
+                    "model": model,
+                    "layer_range": [start, end],
+                    "parameters": {name: float(values[g, k, p]) for p, name in enumerate(self.parameters)},
+                }
+                for k, model in enumerate(self.models)
+            ]
+            if self.base is not None:
+                sources.append({"model": self.base, "layer_range": [start, end]})
+            slices.append({"sources": sources})
+        config: dict[str, Any] = {"merge_method": self.method}
+        if self.base is not None:
+            config["base_model"] = self.base
+        config["dtype"] = self.dtype
+        config["out_dtype"] = self.dtype
+        if self.fixed:
+            config["parameters"] = dict(self.fixed)
+        config["slices"] = slices
+        return config
+
+
+def layer_groups(num_layers: int, groups: int | None) -> tuple[tuple[int, int], ...]:
+    """Contiguous [start, end) ranges splitting `num_layers` layers into `groups` near-equal groups.
+
+    Example:
+        >>> layer_groups(5, 2)
+        ((0, 3), (3, 5))
+    """
+    groups = num_layers if groups is None else groups
+    if not 1 <= groups <= num_layers:
+        raise SpecError("genome.layer_groups", f"{groups} groups for {num_layers} layers")
+    bounds = [round(i * num_layers / groups) for i in range(groups + 1)]
+    return tuple((bounds[i], bounds[i + 1]) for i in range(groups))
+
+
+def pinned_ref(seed: Seed) -> str:
+    """How a merge spec names the seed again: `repo_id@commit` for Hub seeds, the absolute directory otherwise."""
+    m = seed.model
+    if m.repo_id and m.commit:
+        return f"{m.repo_id}@{m.commit}"
+    return str(Path(m.path).resolve())
+
+
+def genome_hash(x: np.ndarray) -> str:
+    """The recipe hash of a genome (the evaluator's score-cache key)."""
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float64).tobytes()).hexdigest()[:20]
+
+
+class MethodOps:
+    """GenomeOps over method genomes; `write` merges a candidate into the live model as `hf-m2n2 merge` would.
+
+    Args:
+        template: the merge spec without the evolved values.
+        seeds: the opened seeds (`template.models`, then the base).
+        live: the resident model candidates are written into.
+        device: where the merge arithmetic runs.
+        merge_options: `hf-m2n2 merge`'s options whose computation the live model mirrors (default: merge's
+            defaults on `device`).
+    """
+
+    kind = "method"
+    slerp_scope = None
+
+    def __init__(
+        self, template: MethodTemplate, seeds: list[Seed], live: Any, device: str = "cpu", merge_options=None
+    ):
+        from hf_m2n2.merge import MergeOptions
+
+        self.template = template
+        self.seeds = seeds
+        self.seed_index = {pinned_ref(s): i for i, s in enumerate(seeds)}
+        self.live = live
+        self.merge_options = merge_options or MergeOptions(device=device, progress=False)
+        self._last: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return self.template.size
+
+    def from_array(self, values: Any) -> np.ndarray:
+        """A genome from n numbers in [0, 1] (float64).
+
+        Raises:
+            ValueError: wrong length, non-finite values or values outside [0, 1].
+        """
+        x = np.array(values, dtype=np.float64).reshape(-1)
+        if x.size != self.size:
+            raise ValueError(f"expected {self.size} values, got {x.size}")
+        if not np.isfinite(x).all() or (x < 0).any() or (x > 1).any():
+            raise ValueError("method genome values must lie in [0, 1]")
+        return x
+
+    def to_state(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def from_state(self, state: Any) -> np.ndarray:
+        return self.from_array(state)
+
+    def crossover(self, x: Any, y: Any, w: float, split: int) -> Any:
+        raise HfM2n2Error("method genomes are evolved by evomerge_ps (CMA-ES), not by crossover")
+
+    def mutate(self, x: Any, std: float, rng: np.random.Generator) -> Any:
+        raise HfM2n2Error("method genomes are evolved by evomerge_ps (CMA-ES), not by mutation")
+
+    def random(self, std: float, rng: np.random.Generator) -> Any:
+        raise HfM2n2Error("method genomes start at 0.5 everywhere (evomerge_ps), not from random vectors")
+
+    def materialize(self, x: Any) -> Any:
+        return x  # the evaluator checks its score cache, then calls `write`
+
+    def hash(self, x: Any) -> str:
+        return f"seed-{x.index}" if isinstance(x, SeedPick) else genome_hash(x)
+
+    def seed_genomes(self) -> list[SeedPick]:
+        """Every seed as itself (for the held-out report)."""
+        return [SeedPick(k) for k in range(len(self.seeds))]
+
+    def merge_config(self, x: np.ndarray) -> dict[str, Any]:
+        return self.template.merge_config(x)
+
+    def plan(self, x: np.ndarray) -> Any:
+        """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default)."""
+        from hf_m2n2.plan import plan_merge
+        from hf_m2n2.spec import parse_spec
+
+        spec = parse_spec(self.merge_config(x), source="method genome")
+        return plan_merge(spec, self.seeds, self.seed_index, random_seed=0)
+
+    def write(self, x: np.ndarray | SeedPick) -> Any:
+        """Write genome x's merged tensors (or a seed's own) into the live model in place."""
+        if isinstance(x, SeedPick):
+            self._write_seed(x.index)
+            return self.live.model
+        if self._last is not None and np.array_equal(self._last, x):
+            return self.live.model
+        import torch
+
+        from hf_m2n2.materialize import compute_item, materialize
+        from hf_m2n2.merge import work_items
+
+        recipe = self.plan(x)
+        options = self.merge_options
+        self._last = None
+
+        def compute(item: Any) -> torch.Tensor | None:
+            return compute_item(item, self.seeds, compute_dtype=recipe.compute_dtype, device=options.device)
+
+        # Exactly as `hf-m2n2 merge` computes: the same work items (row blocks, streamed statistics), workers of
+        # one thread each, so reductions such as DARE's L1 rescale sum in the same order and the evaluated
+        # weights are those the exported spec reproduces.
+        threads = torch.get_num_threads()
+        if options.workers > 1:
+            torch.set_num_threads(1)
+        try:
+            materialize(
+                work_items(recipe, options.chunk_elements),
+                compute,
+                self.live,
+                workers=options.workers,
+                budget_bytes=options.memory_budget,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        self._last = np.array(x, copy=True)
+        return self.live.model
+
+    def _write_seed(self, k: int) -> None:
+        self._last = None
+        seed, names = self.seeds[k], set(self.live.names)
+        for name in seed.checkpoint.names:
+            if name in names:
+                self.live.write(name, seed.checkpoint.get(name).to(self.live.dtype))
+
+
+def build_method_run(spec: Any, seed: int, run_dir: Path, spec_dir: Path | None) -> tuple[Any, Any]:
+    """Open the seeds (the models, then the base), build the live model, ops, evaluator and strategy.
+
+    Returns:
+        (RunParts for the loop, ModelRun for the export).
+
+    Raises:
+        SpecError: the seeds' layer counts differ, the layer groups do not fit, or the merge cannot be planned.
+    """
+    from hf_m2n2.evolve.build import RunParts, build_strategy
+    from hf_m2n2.evolve.models import BlendEvaluator, ModelRun, _inner_evaluator
+    from hf_m2n2.live import LiveModel
+    from hf_m2n2.plan import torch_dtype
+    from hf_m2n2.seeds import open_seeds
+
+    genome: MethodGenomeConfig = spec.genome
+    refs = spec.seed_refs() + ([genome.base_model] if genome.base_model is not None else [])
+    seeds = open_seeds(refs, base_dir=spec_dir)
+    pinned = [pinned_ref(s) for s in seeds]
+    if len(set(pinned)) != len(pinned):
+        raise SpecError("models", "two references resolve to the same model")
+    counts = {s.name: s.num_layers for s in seeds}
+    if len(set(counts.values())) != 1:
+        detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
+        raise SpecError("models", f"the models have different layer counts ({detail})")
+    n_models = len(spec.models)
+    template = MethodTemplate(
+        method=genome.method,
+        models=tuple(pinned[:n_models]),
+        base=pinned[n_models] if genome.base_model is not None else None,
+        parameters=tuple(genome.parameters),
+        groups=layer_groups(seeds[0].num_layers, genome.layer_groups),
+        fixed=dict(genome.method_parameters),
+        dtype=genome.dtype,
+    )
+    reference = n_models if genome.base_model is not None else 0
+    live = LiveModel(seeds[reference].model.path, dtype=torch_dtype(genome.dtype), device=genome.device)
+    ops = MethodOps(template, seeds, live, genome.device)
+    try:
+        ops.plan(np.full(ops.size, 0.5))  # fail now, not at the first candidate
+    except SpecError as exc:
+        raise SpecError(
+            "genome", f"the {genome.method} merge of these models cannot be planned: {exc}"
+        ) from None
+    inner = _inner_evaluator(spec, live, seeds[reference], spec_dir)
+    evaluator = BlendEvaluator(ops, inner)
+    _, strategy_stream = np.random.SeedSequence(seed).spawn(2)
+    strategy = build_strategy(spec.evolve, ops, [], seed=strategy_stream, mutation_std=0.0)
+    return RunParts(ops, evaluator, strategy, 0.0), ModelRun(spec, seeds, ops, live, inner, reference, [])
+
+
+def recipe_text(config: dict[str, Any], header: str) -> str:
+    """The YAML of a merge spec with a comment header; it must parse back to exactly `config`."""
+    lines = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    text = lines + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120)
+    if yaml.safe_load(text) != config:
+        raise HfM2n2Error("the merge spec does not survive a YAML round trip")
+    return text
+
+
+def finish_method_run(
+    run: Any, run_dir: Path, summary: dict[str, Any], strategy: Any, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Export the best genome: `run_dir/model` is `hf-m2n2 merge` of its spec (written there as merge_config.yaml)
+    plus the lineage card and fitness plot; the held-out report of every seed and the merge goes to report.json."""
+    from hf_m2n2.card import write_card
+    from hf_m2n2.evolve.loop import LINEAGE
+    from hf_m2n2.evolve.models import (
+        MODEL_DIR,
+        REPORT,
+        _fitness_plot,
+        _held_out_report,
+        ancestors,
+        format_report,
+        lineage_card_info,
+    )
+
+    best = strategy.best()
+    if best is None:
+        raise HfM2n2Error("the run has no candidate to export")
+    genome: MethodGenomeConfig = run.spec.genome
+    lineage = ancestors(run_dir / LINEAGE, best.lineage.id)
+    merged_name = run.spec.name or f"{run.spec.evolve.algorithm}-merge"
+    score = float(np.mean(best.scores))
+    header = (
+        f"{merged_name}: evolved by hf-m2n2 evomerge_ps (CMA-ES over {genome.method} "
+        f"{', '.join(genome.parameters)} per model and layer group), run seed {summary['seed']}, "
+        f"candidate {best.lineage.id} of {summary['forward_passes']} (mean fitness {score:.4f}).\n"
+        f"The weights next to this file are `hf-m2n2 merge {MERGE_CONFIG} OUT_DIR"
+        + ("" if genome.device == "cpu" else f" --device {genome.device}")
+        + "`, bit for bit."
+    )
+    text = recipe_text(run.ops.merge_config(best.genome), header)
+    report, tasks, metric = _held_out_report(run, best.genome, merged_name)
+    plot_name = _fitness_plot(run_dir)
+
+    def extras(out: Path) -> None:
+        if plot_name:
+            shutil.copyfile(run_dir / plot_name, out / plot_name)
+        info = lineage_card_info(
+            run,
+            summary,
+            lineage,
+            report,
+            tasks,
+            metric,
+            merged_name,
+            plot_name,
+            recipe_file=MERGE_CONFIG,
+            rebuild_command=f"hf-m2n2 merge {MERGE_CONFIG} OUT_DIR",
+            paper=EVOMERGE_PAPER,
+        )
+        write_card(out, info)
+
+    merge_recipe(text, run_dir / MODEL_DIR, overwrite=True, device=genome.device, extras=extras)
+    (run_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    if progress:
+        print(format_report(report, tasks))
+    return report
+
+
+def merge_recipe(
+    text: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    extras: Any = None,
+) -> Path:
+    """`hf-m2n2 merge` of a merge spec's text into `out_dir`, then `extras(dir)` (card, plot), all or nothing."""
+    from hf_m2n2.merge import MergeOptions, merge
+    from hf_m2n2.outdir import atomic_output_dir
+    from hf_m2n2.spec import parse_spec, parse_yaml
+
+    spec = parse_spec(parse_yaml(text, MERGE_CONFIG), source=MERGE_CONFIG)
+    out = Path(out_dir)
+    with atomic_output_dir(out, overwrite) as tmp:
+        staging = Path(tempfile.mkdtemp(prefix=".merge-", dir=tmp))
+        merged = staging / "model"
+        merge(spec, merged, MergeOptions(device=device, progress=False), spec_text=text)
+        for item in merged.iterdir():
+            os.replace(item, tmp / item.name)
+        shutil.rmtree(staging)
+        if extras is not None:
+            extras(tmp)
+    return out
+
+
+def export_method_run(model_dir: Path, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """`hf-m2n2 export` of a method-genome run: merge its merge_config.yaml again, with its card and plot."""
+    text = (model_dir / MERGE_CONFIG).read_text()
+    found = re.search(r"--device (\S+?)`", text)  # the run's device, recorded in the header
+    device = found.group(1) if found else "cpu"
+
+    def extras(out: Path) -> None:
+        for name in ("README.md", "card.json", "fitness.png"):
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, out / name)
+
+    return merge_recipe(text, out_dir, overwrite=overwrite, device=device, extras=extras)

@@ -1,0 +1,198 @@
+"""Publishing a result directory (a merged or evolved model) to the Hub with huggingface_hub.
+
+Tokens come from huggingface_hub's standard lookup (`HF_TOKEN`, then the login cache) unless one is passed;
+they are never printed, logged or written: error messages are built from status codes and repo ids only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.hub import http_error_message
+
+log = logging.getLogger(__name__)
+
+# Never uploaded: temporary siblings and hidden files (e.g. editor backups, .cache of hf_hub_download).
+IGNORE_PATTERNS = [".*", "**/.*", "*.tmp"]
+
+
+class PushError(HfM2n2Error):
+    """The upload failed (bad repo id, no or wrong token, server error, network); the local files are intact."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where the upload landed.
+
+    Attributes:
+        repo_url: `https://huggingface.co/ORG/NAME` (or the endpoint's equivalent).
+        commit_oid: the sha of the new commit.
+        commit_url: the commit's page.
+        pr_url: the pull request's page when `create_pr` was asked for.
+    """
+
+    repo_id: str
+    repo_url: str
+    commit_oid: str
+    commit_url: str
+    pr_url: str | None = None
+
+
+def default_commit_message(out_dir: str | os.PathLike[str]) -> str:
+    """`hf-m2n2: ties merge of org/a, org/b` (or `m2n2 evolution of ...`), from the card.json written with the
+    model; a generic message for directories that have none."""
+    path = Path(out_dir) / "card.json"
+    try:
+        info = json.loads(path.read_text())
+        seeds = ", ".join(dict.fromkeys(m["name"] for m in info["models"]))
+        what = "evolution" if info["kind"] == "evolve" else "merge"
+        return f"hf-m2n2: {info['method']} {what} of {seeds}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"hf-m2n2: upload {Path(out_dir).name}"
+
+
+def push_folder(
+    out_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Create the repo if needed (`create_repo(exist_ok=True)`) and upload `out_dir` in one commit.
+
+    Pushing the same directory twice is harmless: the second commit changes nothing.
+
+    Args:
+        out_dir: a result directory (`hf-m2n2 merge` output or an evolve run's `model/`).
+        repo_id: `ORG/NAME` (or `NAME` in the token owner's namespace).
+        private: visibility of a newly created repo (an existing repo keeps its own).
+        revision: branch to commit to (created from main if missing).
+        commit_message: default: the method or algorithm and the seeds, from `card.json`.
+        create_pr: open a pull request instead of committing to the branch.
+        token: a Hub token; None uses `HF_TOKEN` or the login cache.
+        endpoint: Hub URL; None uses `HF_ENDPOINT` (default https://huggingface.co).
+
+    Returns:
+        the repo URL and the commit (and PR) URLs.
+
+    Raises:
+        PushError: invalid repo id or directory, authentication or permission failure, server or network error.
+
+    Example:
+        >>> push_folder("out/merged", "me/my-merge").commit_url
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import validate_repo_id
+
+    out = Path(out_dir)
+    if not out.is_dir() or not any(out.glob("*.safetensors")):
+        raise PushError(f"{out}: not a model directory (no *.safetensors files)")
+    try:
+        validate_repo_id(repo_id)
+    except Exception as exc:  # HFValidationError: message names the rule broken
+        raise PushError(f"invalid repo id {repo_id!r}: {_first_line(exc)}") from exc
+    api = HfApi(endpoint=endpoint, token=token)
+    message = commit_message or default_commit_message(out)
+    with _hub_errors(repo_id):
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = url.repo_id
+        if revision and revision != "main" and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=out,
+            commit_message=message,
+            revision=revision,
+            create_pr=create_pr,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+    log.info("pushed %s to %s (%s)", out, repo_id, commit.oid)
+    return PushResult(
+        repo_id=repo_id,
+        repo_url=str(url),
+        commit_oid=commit.oid,
+        commit_url=commit.commit_url,
+        pr_url=commit.pr_url,
+    )
+
+
+class _hub_errors:
+    """Translate huggingface_hub and network exceptions into one-line PushErrors (no URLs with secrets)."""
+
+    def __init__(self, repo_id: str):
+        self.repo_id = repo_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        raise PushError(_describe(self.repo_id, exc)) from exc
+
+
+def _describe(repo_id: str, exc: Exception) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{repo_id}: revision not found"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{repo_id}: repository not found, or no write access with this token"
+    if isinstance(exc, HfHubHTTPError):
+        return http_error_message(repo_id, exc)
+    if _is_network_error(exc):
+        return f"{repo_id}: network error while pushing ({type(exc).__name__}); nothing was committed"
+    return f"{repo_id}: push failed: {_first_line(exc)}"
+
+
+def _is_network_error(exc: BaseException | None) -> bool:
+    """A transport failure (refused, reset, timeout) of whichever httpx flavour this huggingface_hub uses."""
+    while exc is not None:
+        transport = any(
+            c.__name__ == "TransportError" and c.__module__.startswith("httpx") for c in type(exc).__mro__
+        )
+        if transport or isinstance(exc, ConnectionError | TimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a finished run publishes: the spec's `output:` section, overridden by `--push`/`--private`."""
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+
+    @classmethod
+    def resolve(cls, output, repo_id: str | None = None, private: bool | None = None) -> PushTarget | None:
+        """The target from `output` (an `OutputConfig` or None) and the command-line overrides."""
+        repo = repo_id or (output.push_to_hub if output else None)
+        if not repo:
+            return None
+        visibility = private if private is not None else bool(output and output.private)
+        return cls(repo, visibility, output.revision if output else None)
+
+    def push(self, out_dir: str | os.PathLike[str], token: str | None = None) -> PushResult:
+        """Upload a finished result; a failure says that the local result is complete and how to retry."""
+        try:
+            return push_folder(
+                out_dir, self.repo_id, private=self.private, revision=self.revision, token=token
+            )
+        except PushError as exc:
+            raise PushError(f"{exc} (the result is complete in {out_dir}: retry with hf-m2n2 push)") from exc
