@@ -11,6 +11,7 @@ evaluation raises or returns NaN is logged and scored 0 on every example; the ru
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -79,11 +80,32 @@ class LoopState:
     last_log: dict[str, Any] | None = None
 
 
+_STOP_EVENT: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("stop", default=None)
+
+
+@contextlib.contextmanager
+def stop_when(event: threading.Event):
+    """Runs started in this context stop as on Ctrl-C once `event` is set (from any thread): the current step
+    finishes, a checkpoint is written and `run_loop` raises KeyboardInterrupt. For runs in a worker thread (the
+    Gradio app), where signals cannot reach them.
+
+    Example:
+        >>> with stop_when(event):  # doctest: +SKIP
+        ...     start_runs("spec.yaml", "out")
+    """
+    token = _STOP_EVENT.set(event)
+    try:
+        yield event
+    finally:
+        _STOP_EVENT.reset(token)
+
+
 class _StopRequest:
     """Ctrl-C / SIGTERM during a run: finish the current step, checkpoint, then stop. A second signal stops at once."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.event: threading.Event | None = None  # set by `stop_when`
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -92,6 +114,7 @@ class _StopRequest:
         self.requested = True
 
     def __enter__(self) -> _StopRequest:
+        self.event = _STOP_EVENT.get()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -229,7 +252,7 @@ def run_loop(
 
         every_s, every_steps = settings.checkpoint_every_s, settings.checkpoint_every_steps
         while state.passes < settings.budget:
-            if stop.requested:
+            if stop.requested or (stop.event is not None and stop.event.is_set()):
                 checkpoint()
                 raise KeyboardInterrupt
             candidate = strategy.ask()
