@@ -7,11 +7,11 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo merge-demo test lint format clean
+.PHONY: demo merge-demo test lint format clean browser
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,eval,evolve]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,eval,evolve,app]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 # The main job: build the tiny specialists offline (cached), evolve a merge with M2N2, print the held-out report.
@@ -25,8 +25,17 @@ merge-demo: $(STAMP)
 	$(VENV)/bin/hf-m2n2 merge examples/tiny_merge/spec.yaml out/tiny-merged --overwrite
 	$(PY) examples/tiny_merge/check.py out/tiny-merged
 
-test: $(STAMP)
+test: $(STAMP) browser
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest
+
+# Headless Chromium renders the Space's page in the tests: Debian's package, installed when missing (as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || command -v google-chrome >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { apt-get install -y -q chromium >/dev/null 2>&1 \
+	            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } \
+	  || echo "note: no chromium (apt-get install chromium); the Space page test will be skipped"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
