@@ -247,6 +247,8 @@ def materialize(
             sink.write(item.name, out)
         else:
             sink.write(item.name, out, rows[0])
+        del out
+        _release_free_memory()
         return item
 
     if workers <= 1:
@@ -271,6 +273,26 @@ def materialize(
             for f in pending:
                 f.cancel()
             raise
+
+
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them per thread arena, which can double a merge's RSS)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _drain(pending: dict[Future[Any], int], on_done, return_when: str) -> None:
