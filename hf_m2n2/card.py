@@ -71,6 +71,7 @@ class CardInfo:
     tags: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     eval_results: list[EvalScore] = field(default_factory=list)
+    template: str | None = None  # a custom template's text (`hf-m2n2 card --template`), kept for re-rendering
 
     def save(self, directory: Path) -> None:
         (directory / CARD_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -201,8 +202,14 @@ def _model_entry(model: ResolvedModel, role: str) -> dict[str, Any]:
     }
 
 
-def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None):
-    """Render a card with huggingface_hub's ModelCard and the template (default: the packaged one for its kind).
+def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None, *, for_hub: bool = False):
+    """Render a card with huggingface_hub's ModelCard and the template (default: `info.template`, else the
+    packaged one for its kind).
+
+    Args:
+        for_hub: the card uploaded to the Hub, which links base models by repo id and rejects other values:
+            seeds from local directories are then named in the body only. Locally, `base_model` names every seed
+            (local ones by directory name).
 
     Returns:
         a `huggingface_hub.ModelCard`; `card.save(path)` writes it.
@@ -219,9 +226,8 @@ def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None):
         )
         for e in info.eval_results
     ]
-    # The Hub links base models by repo id only: seeds from local directories are named in the body instead.
-    base_models = list(dict.fromkeys(m["name"] for m in info.models if m.get("hub")))
-    local = [m["name"] for m in info.models if not m.get("hub")]
+    local = list(dict.fromkeys(m["name"] for m in info.models if not m.get("hub"))) if for_hub else []
+    base_models = [name for name in dict.fromkeys(m["name"] for m in info.models) if name not in local]
     data = ModelCardData(
         base_model=base_models or None,
         library_name="transformers",
@@ -238,9 +244,12 @@ def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None):
             "the Hub links base models by repo id."
         )
     details = {k: v for k, v in info.details.items() if k != "notes"}
+    if template is None and info.template is None:
+        template = template_path(f"{info.kind}_card.md")
     return ModelCard.from_template(
         data,
-        template_path=str(template or template_path(f"{info.kind}_card.md")),
+        template_path=None if template is None else str(template),
+        template_str=info.template if template is None else None,
         model_name=info.model_name,
         model_id=info.model_id,
         method=info.method,
@@ -306,15 +315,17 @@ def regenerate_card(
     """
     out = Path(out_dir)
     info = CardInfo.load(out)
-    if template is not None and not Path(template).is_file():
-        raise HfM2n2Error(f"{template}: card template not found")
+    if template is not None:
+        if not Path(template).is_file():
+            raise HfM2n2Error(f"{template}: card template not found")
+        info.template = Path(template).read_text()
     if eval_results is not None:
         new = read_eval_results(eval_results)
         replaced = {(e.task, e.metric) for e in new}
         info.eval_results = [e for e in info.eval_results if (e.task, e.metric) not in replaced] + new
     if model_id:
         info.model_id = model_id
-    card = render_card(info, template)
+    card = render_card(info)
     atomic_write_text(out / "README.md", str(card))
     atomic_write_text(out / CARD_INFO, json.dumps(asdict(info), indent=2) + "\n")
     return out / "README.md"

@@ -6,9 +6,13 @@ they are never printed, logged or written: error messages are built from status 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,14 +106,14 @@ def push_folder(
         raise PushError(f"invalid repo id {repo_id!r}: {_first_line(exc)}") from exc
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or default_commit_message(out)
-    with _hub_errors(repo_id):
+    with _hub_errors(repo_id), _hub_view(out, repo_id) as folder:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         repo_id = url.repo_id
         if revision and revision != "main" and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(
             repo_id=repo_id,
-            folder_path=out,
+            folder_path=folder,
             commit_message=message,
             revision=revision,
             create_pr=create_pr,
@@ -123,6 +127,41 @@ def push_folder(
         commit_url=commit.commit_url,
         pr_url=commit.pr_url,
     )
+
+
+@contextlib.contextmanager
+def _hub_view(out: Path, repo_id: str) -> Iterator[Path]:
+    """The folder to upload: `out` itself, or, when its card must change for the Hub (the repo id in the usage
+    snippet; seeds from local directories, which the Hub rejects as `base_model`), a hidden sibling of links to
+    its files with that card. `out` itself is never modified."""
+    from hf_m2n2.card import CARD_INFO, CardInfo, render_card
+
+    if not (out / CARD_INFO).is_file():
+        yield out
+        return
+    info = CardInfo.load(out)
+    info.model_id = repo_id
+    card = str(render_card(info, for_hub=True))
+    readme = out / "README.md"
+    if readme.is_file() and readme.read_text() == card:
+        yield out
+        return
+    view = Path(tempfile.mkdtemp(prefix=f".{out.name}.push-", dir=out.resolve().parent))
+    try:
+        for path in out.iterdir():
+            if path.name != "README.md" and not path.name.startswith("."):
+                _link(path, view / path.name)
+        (view / "README.md").write_text(card)
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # same filesystem: no copy of the weights
+    except OSError:
+        os.symlink(src.resolve(), dst)
 
 
 class _hub_errors:

@@ -79,7 +79,10 @@ def test_card_uses_a_custom_template(merged, cli, tmp_path):
     assert cli("card", merged, "--template", template)[0] == 0
     card = ModelCard.load(merged / "README.md")
     assert card.text.strip() == "# Custom out by task_arithmetic"
-    assert card.data.library_name == "transformers" and "merge" in card.data.tags
+    assert card.data.base_model_relation == "merge" and card.data.base_model == ["base", "ft-a", "ft-b"]
+    # the template is kept in card.json: a later re-render (new eval results) still uses it
+    assert cli("card", merged, "--model-id", "me/x")[0] == 0
+    assert ModelCard.load(merged / "README.md").text.strip() == "# Custom out by task_arithmetic"
 
 
 @pytest.mark.parametrize(

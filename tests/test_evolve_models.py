@@ -56,7 +56,7 @@ def test_run_exports_model_card_report_and_lineage(finished_run, seeds):
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["forward_passes"] == 8
     card = ModelCard.load(model / "README.md")
-    assert card.data.base_model is None and "local directories (ft-a, ft-b)" in card.text
+    assert card.data.base_model == ["ft-a", "ft-b"] and card.data.base_model_relation == "merge"
     assert {"merge", "m2n2", "hf-m2n2"} <= set(card.data.tags)
     lineage = [json.loads(line) for line in (finished_run / "lineage.jsonl").read_text().splitlines()]
     assert len(lineage) == 8 and lineage[0]["origin"] == "seed"

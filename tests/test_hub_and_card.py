@@ -38,8 +38,7 @@ def test_merge_of_hub_refs_pins_revisions_in_card(seeds, cached_repo, write_spec
     code, _, stderr = cli("merge", spec, out, "--quiet")
     assert code == 0, stderr
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == [repo]  # the local base is named in the body, not linked
-    assert "Seeds from local directories (base)" in card.text
+    assert card.data.base_model == ["base", repo]  # local seeds by directory name (pushed cards drop them)
     assert card.data.base_model_relation == "merge"
     assert card.data.library_name == "transformers"
     assert {"merge", "hf-m2n2", "ties"} <= set(card.data.tags)
@@ -80,4 +79,4 @@ def test_card_license_other_when_seeds_disagree(seeds, write_spec, cli, tmp_path
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.license == "other"
     assert "licenses differ" in card.text and "mit" in card.text
-    assert card.data.base_model is None and "base, ft-wide" in card.text  # local seeds: no Hub links
+    assert card.data.base_model == ["base", "ft-wide"]

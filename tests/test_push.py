@@ -108,6 +108,29 @@ def test_round_trip_merge_pull_push_and_load_back(hub, published, seeds, cli, tm
     assert hub.files(ALICE_REPO) == before
 
 
+def test_pushed_card_links_hub_seeds_only_and_names_the_repo(
+    hub, published, seeds, cli, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_TOKEN", published["token"])
+    spec = _ties_spec(tmp_path, published)
+    data = yaml.safe_load(spec.read_text())
+    data["base_model"] = str(seeds["base"])  # a local directory
+    spec.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert cli("merge", spec, out, "--quiet")[0] == 0
+    local_before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, stderr = cli("push", out, ALICE_REPO)
+    assert code == 0, stderr
+    pushed = ModelCard(hub.files(ALICE_REPO)["README.md"].decode())
+    assert pushed.data.base_model == ["alice/tiny-ft"] and pushed.data.base_model_relation == "merge"
+    assert "Seeds from local directories (base)" in pushed.text
+    assert f'model_id = "{ALICE_REPO}"' in pushed.text
+    assert ModelCard.load(out / "README.md").data.base_model == ["base", "alice/tiny-ft"]  # local card as is
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == local_before
+    assert not [p for p in tmp_path.iterdir() if ".push-" in p.name]  # the upload view is gone
+    assert hub.files(ALICE_REPO)["model.safetensors"] == local_before["model.safetensors"]
+
+
 def test_push_to_a_branch_and_as_a_pull_request(hub, published, seeds, cli, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", published["token"])
     out = tmp_path / "out"
