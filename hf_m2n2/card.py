@@ -325,7 +325,15 @@ def regenerate_card(
         info.eval_results = [e for e in info.eval_results if (e.task, e.metric) not in replaced] + new
     if model_id:
         info.model_id = model_id
-    card = render_card(info)
-    atomic_write_text(out / "README.md", str(card))
-    atomic_write_text(out / CARD_INFO, json.dumps(asdict(info), indent=2) + "\n")
+    try:
+        card = str(render_card(info))
+    except Exception as exc:  # a template error (Jinja syntax, undefined filter) from the user's template
+        raise HfM2n2Error(
+            f"card template: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    try:
+        atomic_write_text(out / CARD_INFO, json.dumps(asdict(info), indent=2) + "\n")
+        atomic_write_text(out / "README.md", card)
+    except OSError as exc:
+        raise HfM2n2Error(f"{out}: cannot write the card ({exc.strerror or exc})") from exc
     return out / "README.md"

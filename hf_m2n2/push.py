@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 # Never uploaded: temporary siblings and hidden files (e.g. editor backups, .cache of hf_hub_download).
 IGNORE_PATTERNS = [".*", "**/.*", "*.tmp"]
+
+
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9_]{8,}")  # scrubbed from messages we did not compose ourselves
 
 
 class PushError(HfM2n2Error):
@@ -45,6 +49,16 @@ class PushResult:
     commit_oid: str
     commit_url: str
     pr_url: str | None = None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raises PushError naming the rule an invalid repo id breaks (huggingface_hub's own check)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except Exception as exc:  # HFValidationError
+        raise PushError(f"invalid repo id {repo_id!r}: {_first_line(exc)}") from exc
 
 
 def default_commit_message(out_dir: str | os.PathLike[str]) -> str:
@@ -95,15 +109,11 @@ def push_folder(
         >>> push_folder("out/merged", "me/my-merge").commit_url
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import validate_repo_id
 
     out = Path(out_dir)
     if not out.is_dir() or not any(out.glob("*.safetensors")):
         raise PushError(f"{out}: not a model directory (no *.safetensors files)")
-    try:
-        validate_repo_id(repo_id)
-    except Exception as exc:  # HFValidationError: message names the rule broken
-        raise PushError(f"invalid repo id {repo_id!r}: {_first_line(exc)}") from exc
+    check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or default_commit_message(out)
     with _hub_errors(repo_id), _hub_view(out, repo_id) as folder:
@@ -146,22 +156,31 @@ def _hub_view(out: Path, repo_id: str) -> Iterator[Path]:
     if readme.is_file() and readme.read_text() == card:
         yield out
         return
-    view = Path(tempfile.mkdtemp(prefix=f".{out.name}.push-", dir=out.resolve().parent))
     try:
-        for path in out.iterdir():
-            if path.name != "README.md" and not path.name.startswith("."):
-                _link(path, view / path.name)
+        view = Path(tempfile.mkdtemp(prefix=f".{out.name}.push-", dir=out.resolve().parent))
+    except OSError:  # a read-only parent: links from the system's temporary directory
+        view = Path(tempfile.mkdtemp(prefix=f"{out.name}.push-"))
+    try:
+        _link_tree(out, view, skip={"README.md"})
         (view / "README.md").write_text(card)
         yield view
     finally:
         shutil.rmtree(view, ignore_errors=True)
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # same filesystem: no copy of the weights
-    except OSError:
-        os.symlink(src.resolve(), dst)
+def _link_tree(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
+    """Recreate `src`'s folders under `dst` with links to its files (upload_folder does not enter linked folders)."""
+    for path in src.iterdir():
+        if path.name in skip or path.name.startswith("."):
+            continue
+        if path.is_dir():
+            (dst / path.name).mkdir()
+            _link_tree(path, dst / path.name)
+            continue
+        try:
+            os.link(path, dst / path.name)  # same filesystem: no copy of the weights
+        except OSError:
+            os.symlink(path.resolve(), dst / path.name)
 
 
 class _hub_errors:
@@ -190,7 +209,7 @@ def _describe(repo_id: str, exc: Exception) -> str:
         return http_error_message(repo_id, exc)
     if _is_network_error(exc):
         return f"{repo_id}: network error while pushing ({type(exc).__name__}); nothing was committed"
-    return f"{repo_id}: push failed: {_first_line(exc)}"
+    return f"{repo_id}: push failed: {_TOKEN_LIKE.sub('<token>', _first_line(exc))}"
 
 
 def _is_network_error(exc: BaseException | None) -> bool:
@@ -220,18 +239,29 @@ class PushTarget:
 
     @classmethod
     def resolve(cls, output, repo_id: str | None = None, private: bool | None = None) -> PushTarget | None:
-        """The target from `output` (an `OutputConfig` or None) and the command-line overrides."""
+        """The target from `output` (an `OutputConfig` or None) and the command-line overrides; the repo id is
+        checked here, before any work.
+
+        Raises:
+            PushError: the repo id is invalid.
+        """
         repo = repo_id or (output.push_to_hub if output else None)
         if not repo:
             return None
+        check_repo_id(repo)
         visibility = private if private is not None else bool(output and output.private)
-        return cls(repo, visibility, output.revision if output else None)
+        same_repo = output is not None and output.push_to_hub == repo
+        return cls(repo, visibility, output.revision if same_repo else None)
 
     def push(self, out_dir: str | os.PathLike[str], token: str | None = None) -> PushResult:
         """Upload a finished result; a failure says that the local result is complete and how to retry."""
         try:
+            # private=None keeps the namespace's default visibility for a new repo (e.g. an organisation's)
             return push_folder(
-                out_dir, self.repo_id, private=self.private, revision=self.revision, token=token
+                out_dir, self.repo_id, private=self.private or None, revision=self.revision, token=token
             )
         except PushError as exc:
-            raise PushError(f"{exc} (the result is complete in {out_dir}: retry with hf-m2n2 push)") from exc
+            retry = f"hf-m2n2 push {out_dir} {self.repo_id}"
+            retry += " --private" if self.private else ""
+            retry += f" --revision {self.revision}" if self.revision else ""
+            raise PushError(f"{exc} (the result is complete in {out_dir}: retry with {retry})") from exc

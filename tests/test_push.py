@@ -118,7 +118,9 @@ def test_pushed_card_links_hub_seeds_only_and_names_the_repo(
     spec.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     assert cli("merge", spec, out, "--quiet")[0] == 0
-    local_before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "extras").mkdir()
+    (out / "extras" / "notes.txt").write_text("a file in a subfolder\n")
+    local_before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     code, _, stderr = cli("push", out, ALICE_REPO)
     assert code == 0, stderr
     pushed = ModelCard(hub.files(ALICE_REPO)["README.md"].decode())
@@ -126,8 +128,9 @@ def test_pushed_card_links_hub_seeds_only_and_names_the_repo(
     assert "Seeds from local directories (base)" in pushed.text
     assert f'model_id = "{ALICE_REPO}"' in pushed.text
     assert ModelCard.load(out / "README.md").data.base_model == ["base", "alice/tiny-ft"]  # local card as is
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == local_before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == local_before
     assert not [p for p in tmp_path.iterdir() if ".push-" in p.name]  # the upload view is gone
+    assert hub.files(ALICE_REPO)["extras/notes.txt"] == b"a file in a subfolder\n"
     assert hub.files(ALICE_REPO)["model.safetensors"] == local_before["model.safetensors"]
 
 
@@ -298,3 +301,35 @@ def test_evolve_pushes_the_exported_model(hub, seeds, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
     assert HfApi(token=os.environ["HF_TOKEN"]).repo_info("alice/evolved").private
+
+
+def test_resume_pushes_a_finished_run_whose_upload_failed(hub, seeds, tmp_path, monkeypatch):
+    from test_evolve_models import _spec
+
+    from hf_m2n2.evolve.runs import resume_runs
+    from hf_m2n2.push import PushError
+
+    monkeypatch.setenv("HF_TOKEN", hub.token_of("alice"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(seeds, budget=3)))
+    hub.fail("POST", r"/api/repos/create", 500)
+    with pytest.raises(
+        PushError, match=r"HTTP 500.*retry with hf-m2n2 push .*/model alice/evolved --private"
+    ):
+        start_runs(path, tmp_path / "run", progress=False, push_to_hub="alice/evolved", private=True)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    [summary] = resume_runs(tmp_path / "run", progress=False)
+    assert summary["push"]["commit_oid"] == hub.head("alice/evolved")
+    assert json.loads((tmp_path / "run" / "push.json").read_text())["repo_id"] == "alice/evolved"
+    assert "push" not in resume_runs(tmp_path / "run", progress=False)[0]  # pushed once, not again
+
+
+def test_an_invalid_push_repo_id_fails_before_any_work(seeds, cli, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {"merge_method": "linear", "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}]}
+        )
+    )
+    code, _, err = cli("merge", spec, tmp_path / "out", "--push", "bad repo id!")
+    assert code == 2 and "invalid repo id 'bad repo id!'" in err and not (tmp_path / "out").exists()

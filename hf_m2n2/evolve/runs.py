@@ -26,6 +26,7 @@ from hf_m2n2.spec import read_spec_text, spec_hash
 SPEC_COPY = "spec.yaml"
 RUN_INFO = "run.json"
 RUNS_INFO = "runs.json"
+PUSHED = "push.json"  # the upload of the exported model succeeded (resume pushes again otherwise)
 
 Reporter = Callable[[Path, dict[str, Any]], None]
 
@@ -212,6 +213,9 @@ def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict
     exported = not isinstance(spec, ModelEvolveSpec) or (run_dir / MODEL_DIR).is_dir()
     if (run_dir / SUMMARY).is_file() and exported:
         summary = json.loads((run_dir / SUMMARY).read_text())
+        target = _stored_target(spec, info) if isinstance(spec, ModelEvolveSpec) else None
+        if target is not None and not (run_dir / PUSHED).is_file():  # finished, but the upload failed
+            summary = {**summary, "push": _push(target, run_dir / MODEL_DIR, run_dir)}
         if on_done:
             on_done(run_dir, summary)
         return summary
@@ -305,7 +309,13 @@ def _execute(
         if model_run is not None:
             finish_model_run(model_run, run_dir, summary, parts.strategy, progress=progress)
     if target is not None and model_run is not None:
-        summary = {**summary, "push": asdict(target.push(run_dir / MODEL_DIR))}
+        summary = {**summary, "push": _push(target, run_dir / MODEL_DIR, run_dir)}
     if on_done:
         on_done(run_dir, summary)
     return summary
+
+
+def _push(target, model_dir: Path, run_dir: Path) -> dict[str, Any]:
+    result = asdict(target.push(model_dir))
+    atomic_write_text(run_dir / PUSHED, json.dumps(result) + "\n")
+    return result
