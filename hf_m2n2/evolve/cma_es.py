@@ -28,7 +28,21 @@ class GeneratorRandn:
         return self.rng.standard_normal(shape)
 
 
-class CMAES:
+class BestSample:
+    """The archive of a sampling strategy (CMA-ES): the best sample evaluated so far (as the reference logs
+    `xbest`), from `best_genome`, `best_scores`, `best_lineage` and `generation`."""
+
+    def best(self) -> Member | None:
+        if self.best_genome is None:
+            return None
+        return Member(self.best_genome, self.best_scores, self.best_lineage, {"generation": self.generation})
+
+    def members(self) -> list[Member]:
+        best = self.best()
+        return [] if best is None else [best]
+
+
+class CMAES(BestSample):
     """CMA-ES over a dense genome.
 
     Args:
@@ -102,16 +116,6 @@ class CMAES:
             self.es.tell(list(self.solutions), self.fvalues)
             self.last_means = [-f for f in self.fvalues]
             self.solutions = None
-
-    def best(self) -> Member | None:
-        """The best sample evaluated so far (as the reference logs `xbest`)."""
-        if self.best_genome is None:
-            return None
-        return Member(self.best_genome, self.best_scores, self.best_lineage, {"generation": self.generation})
-
-    def members(self) -> list[Member]:
-        best = self.best()
-        return [] if best is None else [best]
 
     def stats(self) -> dict[str, float]:
         best = 0.0 if self.best_scores is None else float(self.best_scores.mean())

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2.errors import HfM2n2Error
-from hf_m2n2.evolve.cma_es import GeneratorRandn
-from hf_m2n2.evolve.strategy import Candidate, Lineage, Member, make_rng, restore_rng, rng_state
+from hf_m2n2.evolve.cma_es import BestSample, GeneratorRandn
+from hf_m2n2.evolve.strategy import Candidate, Lineage, make_rng, restore_rng, rng_state
 
 DEFAULT_SIGMA0 = 1.0 / 6.0
 DEFAULT_X0 = 0.5
@@ -46,7 +46,7 @@ def default_popsize(n: int) -> int:
     return 4 + math.floor(3 * math.log(n))
 
 
-class EvomergePS:
+class EvomergePS(BestSample):
     """CMA-ES over a bounded vector genome of merge-method parameters.
 
     Args:
@@ -138,16 +138,6 @@ class EvomergePS:
             self.told.append(list(self.fvalues))
             self.last_means = list(self.means)
             self.solutions = None
-
-    def best(self) -> Member | None:
-        """The best sample evaluated so far."""
-        if self.best_genome is None:
-            return None
-        return Member(self.best_genome, self.best_scores, self.best_lineage, {"generation": self.generation})
-
-    def members(self) -> list[Member]:
-        best = self.best()
-        return [] if best is None else [best]
 
     def stats(self) -> dict[str, float]:
         best = 0.0 if self.best_scores is None else float(self.best_scores.mean())
