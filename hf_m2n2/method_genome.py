@@ -28,7 +28,6 @@ genome:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -422,24 +421,11 @@ def finish_method_run(
 ) -> dict[str, dict[str, float]]:
     """Export the best genome: `run_dir/model` is `hf-m2n2 merge` of its spec (written there as merge_config.yaml)
     plus the lineage card and fitness plot; the held-out report of every seed and the merge goes to report.json."""
-    from hf_m2n2.card import write_card
-    from hf_m2n2.evolve.loop import LINEAGE
-    from hf_m2n2.evolve.models import (
-        MODEL_DIR,
-        REPORT,
-        _fitness_plot,
-        _held_out_report,
-        ancestors,
-        format_report,
-        lineage_card_info,
-    )
+    from hf_m2n2.evolve.models import MODEL_DIR, RunOutcome
 
-    best = strategy.best()
-    if best is None:
-        raise HfM2n2Error("the run has no candidate to export")
+    outcome = RunOutcome.of(run, run_dir, summary, strategy)
+    best, merged_name = outcome.best, outcome.merged_name
     genome: MethodGenomeConfig = run.spec.genome
-    lineage = ancestors(run_dir / LINEAGE, best.lineage.id)
-    merged_name = run.spec.name or f"{run.spec.evolve.algorithm}-merge"
     score = float(np.mean(best.scores))
     header = (
         f"{merged_name}: evolved by hf-m2n2 evomerge_ps (CMA-ES over {genome.method} "
@@ -450,32 +436,17 @@ def finish_method_run(
         + "`, bit for bit."
     )
     text = recipe_text(run.ops.merge_config(best.genome), header)
-    report, tasks, metric = _held_out_report(run, best.genome, merged_name)
-    plot_name = _fitness_plot(run_dir)
 
     def extras(out: Path) -> None:
-        if plot_name:
-            shutil.copyfile(run_dir / plot_name, out / plot_name)
-        info = lineage_card_info(
-            run,
-            summary,
-            lineage,
-            report,
-            tasks,
-            metric,
-            merged_name,
-            plot_name,
+        outcome.write_card(
+            out,
             recipe_file=MERGE_CONFIG,
             rebuild_command=f"hf-m2n2 merge {MERGE_CONFIG} OUT_DIR",
             paper=EVOMERGE_PAPER,
         )
-        write_card(out, info)
 
     merge_recipe(text, run_dir / MODEL_DIR, overwrite=True, device=genome.device, extras=extras)
-    (run_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    if progress:
-        print(format_report(report, tasks))
-    return report
+    return outcome.save_report(progress)
 
 
 def merge_recipe(

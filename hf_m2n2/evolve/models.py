@@ -346,12 +346,8 @@ def finish_model_run(
 
         return finish_method_run(run, run_dir, summary, strategy, progress)
     from hf_m2n2.blend_ops import BlendRecipe, export_blend, seed_record
-    from hf_m2n2.card import write_card as write_card_files
 
-    best = strategy.best()
-    if best is None:
-        raise HfM2n2Error("the run has no archive member to export")
-    lineage = ancestors(run_dir / LINEAGE, best.lineage.id)
+    outcome = RunOutcome.of(run, run_dir, summary, strategy)
     genome = run.spec.genome
     recipe = BlendRecipe(
         [seed_record(s) for s in run.seeds],
@@ -359,58 +355,77 @@ def finish_model_run(
         genome.block_size,
         run.fixed,
         genome.dtype,
-        best.genome,
-        lineage,
+        outcome.best.genome,
+        outcome.lineage,
     )
-    merged_name = run.spec.name or f"{run.spec.evolve.algorithm}-merge"
-    report, tasks, metric = _held_out_report(run, best.genome, merged_name)
-    plot_name = _fitness_plot(run_dir)
+    export_blend(
+        recipe,
+        run.seeds,
+        run_dir / MODEL_DIR,
+        overwrite=True,
+        write_card=lambda tmp: outcome.write_card(tmp, recipe_file="recipe.json"),
+    )
+    return outcome.save_report(progress)
 
-    def write_card(tmp: Path) -> None:
-        if plot_name:
-            (tmp / plot_name).write_bytes((run_dir / plot_name).read_bytes())
-        info = lineage_card_info(
-            run, summary, lineage, report, tasks, metric, merged_name, plot_name, recipe_file="recipe.json"
+
+@dataclass
+class RunOutcome:
+    """What a finished model run exports, whatever its genome: the best member, its lineage, the held-out
+    report of every seed and of the merge, and the fitness plot."""
+
+    run: Any
+    run_dir: Path
+    summary: dict[str, Any]
+    best: Any
+    lineage: list[dict[str, Any]]
+    merged_name: str
+    report: dict[str, dict[str, float]]
+    tasks: list[str]
+    metric: str
+    plot_name: str | None
+
+    @classmethod
+    def of(cls, run: Any, run_dir: Path, summary: dict[str, Any], strategy: Any) -> RunOutcome:
+        best = strategy.best()
+        if best is None:
+            raise HfM2n2Error("the run has no archive member to export")
+        merged_name = run.spec.name or f"{run.spec.evolve.algorithm}-merge"
+        report, tasks, metric = _held_out_report(run, best.genome, merged_name)
+        lineage = ancestors(run_dir / LINEAGE, best.lineage.id)
+        return cls(
+            run, run_dir, summary, best, lineage, merged_name, report, tasks, metric, _fitness_plot(run_dir)
         )
-        write_card_files(tmp, info)
 
-    export_blend(recipe, run.seeds, run_dir / MODEL_DIR, overwrite=True, write_card=write_card)
-    (run_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    if progress:
-        print(format_report(report, tasks))
-    return report
+    def write_card(self, out: Path, **card_fields: Any) -> None:
+        """Add the fitness plot, README.md and card.json (seeds, held-out scores, lineage, push target) to `out`."""
+        from hf_m2n2.card import evolve_card_info, write_card
 
+        run, report, tasks = self.run, self.report, self.tasks
+        if self.plot_name:
+            (out / self.plot_name).write_bytes((self.run_dir / self.plot_name).read_bytes())
+        output = getattr(run.spec, "output", None)
+        info = evolve_card_info(
+            model_name=self.merged_name,
+            algorithm=run.spec.evolve.algorithm,
+            seeds=[s.model for s in run.seeds],
+            tasks=tasks,
+            metric=self.metric,
+            merged=[report[self.merged_name][t] for t in tasks],
+            seed_scores={s.name: [report[s.name][t] for t in tasks] for s in run.seeds},
+            lineage=self.lineage,
+            passes=self.summary["forward_passes"],
+            run_seed=self.summary["seed"],
+            plot=self.plot_name,
+            model_id=output.push_to_hub if output is not None else None,
+            **card_fields,
+        )
+        write_card(out, info)
 
-def lineage_card_info(
-    run: Any,
-    summary: dict[str, Any],
-    lineage: list[dict[str, Any]],
-    report: dict[str, dict[str, float]],
-    tasks: list[str],
-    metric: str,
-    merged_name: str,
-    plot_name: str | None,
-    **card_fields: Any,
-):
-    """The card of an evolved model from its run: seeds, held-out scores, lineage, and where it is pushed."""
-    from hf_m2n2.card import evolve_card_info
-
-    output = getattr(run.spec, "output", None)
-    return evolve_card_info(
-        model_name=merged_name,
-        algorithm=run.spec.evolve.algorithm,
-        seeds=[s.model for s in run.seeds],
-        tasks=tasks,
-        metric=metric,
-        merged=[report[merged_name][t] for t in tasks],
-        seed_scores={s.name: [report[s.name][t] for t in tasks] for s in run.seeds},
-        lineage=lineage,
-        passes=summary["forward_passes"],
-        run_seed=summary["seed"],
-        plot=plot_name,
-        model_id=output.push_to_hub if output is not None else None,
-        **card_fields,
-    )
+    def save_report(self, progress: bool) -> dict[str, dict[str, float]]:
+        (self.run_dir / REPORT).write_text(json.dumps(self.report, indent=2) + "\n")
+        if progress:
+            print(format_report(self.report, self.tasks))
+        return self.report
 
 
 def _held_out_report(
