@@ -186,16 +186,32 @@ def _train(
 ) -> None:
     """AdamW with 20 warmup steps (5 when fine-tuning) and linear decay; loss on answer tokens only."""
     import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = 20 if steps > 100 else 5
+    train_on_answers(model, batches, steps, lambda pairs: _encode(pairs, char_ids, pad_id), optimizer, warmup)
+
+
+def train_on_answers(
+    model: Any,
+    batches: Iterator[list[tuple[str, str]]],
+    steps: int,
+    encode: Any,
+    optimizer: Any,
+    warmup: int,
+) -> list[float]:
+    """`steps` optimizer steps of next-token loss on the answer tokens only (`encode(pairs) -> (ids, mask)`),
+    with `warmup` linear warmup steps then linear decay; returns the losses. The model is left in eval mode."""
+    import torch
     import torch.nn.functional as F
 
-    warmup = 20 if steps > 100 else 5
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1.0 - step / steps)
     )
+    losses = []
     model.train()
     for _ in range(steps):
-        ids, mask = _encode(next(batches), char_ids, pad_id)
+        ids, mask = encode(next(batches))
         logits = model(input_ids=ids).logits[:, :-1]
         loss = F.cross_entropy(logits[mask], ids[:, 1:][mask])
         loss.backward()
@@ -203,7 +219,9 @@ def _train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
+        losses.append(loss.item())
     model.eval()
+    return losses
 
 
 def _char_ids(tokenizer: Any) -> dict[str, int]:

@@ -42,6 +42,7 @@ from hf_m2n2.specialists import (
     _one_thread,
     _training_batches,
     heldout_examples,
+    train_on_answers,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -133,7 +134,6 @@ def _encode(pairs: Sequence[tuple[str, str]], tokenizer: Any) -> tuple[Any, Any]
 def _finetune(config: SmolConfig, skill: str, base: Path, out: Path, excluded: set[str]) -> list[float]:
     """Full fine-tune of the base on one skill; returns the training losses."""
     import torch
-    import torch.nn.functional as F
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -143,22 +143,12 @@ def _finetune(config: SmolConfig, skill: str, base: Path, out: Path, excluded: s
         [skill], excluded, config.batch_size, f"smollm2-{skill}-{config.seed}"
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 5) * max(0.0, 1.0 - step / config.steps)
-    )
-    losses = []
-    model.train()
-    for _ in range(config.steps):
-        ids, mask = _encode(next(batches), tokenizer)
-        logits = model(input_ids=ids).logits[:, :-1]
-        loss = F.cross_entropy(logits[mask], ids[:, 1:][mask])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        losses.append(round(loss.item(), 4))
-    model.eval()
+    losses = [
+        round(loss, 4)
+        for loss in train_on_answers(
+            model, batches, config.steps, lambda pairs: _encode(pairs, tokenizer), optimizer, warmup=5
+        )
+    ]
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     description = (
