@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,3 +36,31 @@ def spawn_evolve(spec: Path, out: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def sigkill_evolve(spec: Path, out: Path, *, min_passes: int = 1, timeout: float = 60) -> int:
+    """Start `hf-m2n2 evolve` in a child process, SIGKILL it once its checkpoint holds `min_passes` passes, and
+    return the passes of that checkpoint (the run is then resumable, unfinished)."""
+    from hf_m2n2.evolve.checkpoint import load_state
+
+    def checkpointed() -> int:
+        try:
+            return int(load_state(out / "checkpoint.npz")["loop"]["passes"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    process = spawn_evolve(spec, out)
+    try:
+        deadline = time.monotonic() + timeout
+        while checkpointed() < min_passes:
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, f"no checkpoint of {min_passes} passes within {timeout} s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+    return checkpointed()

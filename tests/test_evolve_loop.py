@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import spawn_evolve
+from helpers import sigkill_evolve
 
 from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate import EvaluationError, PythonEvaluator
-from hf_m2n2.evolve.checkpoint import load_state
 from hf_m2n2.evolve.config import load_evolve_spec
 from hf_m2n2.evolve.genome import DenseVectorOps
 from hf_m2n2.evolve.loop import LoopSettings, load_archive, run_loop
@@ -112,21 +109,7 @@ def _assert_same_archive(a: Path, b: Path) -> None:
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, write_spec, cli):
     spec = write_spec(digits_spec(1500, archive_size=8, checkpoint_every_steps=200, checkpoint_every_s=None))
     killed = tmp_path / "killed"
-    process = spawn_evolve(spec, killed)
-    try:
-        deadline = time.monotonic() + 60
-        while not (killed / "checkpoint.npz").exists():
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 60 s"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL
-    assert not (killed / "summary.json").exists()
-    at_kill = load_state(killed / "checkpoint.npz")["loop"]["passes"]
+    at_kill = sigkill_evolve(spec, killed)
     assert 200 <= at_kill < 1500
 
     code, out, err = cli("evolve", "--resume", killed, "-q")

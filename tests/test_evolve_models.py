@@ -14,6 +14,13 @@ from hf_m2n2.evolve.models import parse_model_spec
 from hf_m2n2.evolve.runs import resume_runs, start_runs
 
 SEQUENCES = [[1, 40 + i, 41 + i, 42 + i, 43 + i, 2] for i in range(6)]
+# Per-example fitness: each sequence's token likelihood under the candidate (a Python evaluator, no lm-eval).
+LIKELIHOOD_EVALUATE = {
+    "kind": "python",
+    "callable": "hf_m2n2.tasks.likelihood:token_likelihood",
+    "test_callable": "hf_m2n2.tasks.likelihood:mean_likelihood",
+    "kwargs": {"sequences": SEQUENCES},
+}
 HELD_OUT = [[1, 90 + i, 91 + i, 92 + i, 2] for i in range(3)]
 
 
@@ -30,12 +37,7 @@ def _spec(seeds, **evolve):
             "checkpoint_every_steps": 1,
             **evolve,
         },
-        "evaluate": {
-            "kind": "python",
-            "callable": "hf_m2n2.tasks.likelihood:token_likelihood",
-            "test_callable": "hf_m2n2.tasks.likelihood:mean_likelihood",
-            "kwargs": {"sequences": SEQUENCES},
-        },
+        "evaluate": LIKELIHOOD_EVALUATE,
     }
 
 

@@ -4,15 +4,14 @@ functions of `hf-m2n2 merge`, exported as a merge spec that `hf-m2n2 merge` repr
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import load_dir, spawn_evolve
+from helpers import load_dir, sigkill_evolve
 from test_evolve_loop import _assert_same_archive, _comparable
+from test_evolve_models import LIKELIHOOD_EVALUATE
 
 from hf_m2n2.errors import HfM2n2Error, SpecError
 from hf_m2n2.evolve.checkpoint import load_state, pack, unpack
@@ -26,8 +25,6 @@ from hf_m2n2.method_genome import layer_groups
 from hf_m2n2.spec import parse_spec
 
 torch.set_num_threads(1)
-
-SEQUENCES = [[1, 40 + i, 41 + i, 42 + i, 43 + i, 2] for i in range(6)]
 
 
 def _spec(seeds, genome=None, **evolve) -> dict:
@@ -49,12 +46,7 @@ def _spec(seeds, genome=None, **evolve) -> dict:
             "checkpoint_every_steps": 1,
             **evolve,
         },
-        "evaluate": {
-            "kind": "python",
-            "callable": "hf_m2n2.tasks.likelihood:token_likelihood",
-            "test_callable": "hf_m2n2.tasks.likelihood:mean_likelihood",
-            "kwargs": {"sequences": SEQUENCES},
-        },
+        "evaluate": LIKELIHOOD_EVALUATE,
     }
 
 
@@ -257,25 +249,7 @@ def test_run_report_summary_and_card(finished_run):
 def test_sigkill_then_resume_equals_an_uninterrupted_run(seeds, tmp_path, cli):
     spec = _write(tmp_path / "spec.yaml", _spec(seeds, budget=60, log_every=5))
     killed = tmp_path / "killed"
-    process = spawn_evolve(spec, killed)
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # kill in the middle of the second generation (popsize 10)
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint after 12 passes within 120 s"
-            try:
-                if load_state(killed / "checkpoint.npz")["loop"]["passes"] >= 12:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL
-    at_kill = load_state(killed / "checkpoint.npz")["loop"]["passes"]
+    at_kill = sigkill_evolve(spec, killed, min_passes=12, timeout=120)  # mid second generation (popsize 10)
     assert 12 <= at_kill < 60
 
     code, _, err = cli("evolve", "--resume", killed, "-q")
