@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evolve.build import build_run
 from hf_m2n2.evolve.checkpoint import load_state, save_state
 from hf_m2n2.evolve.cma_es import CMAES
@@ -102,7 +103,8 @@ def test_sweep_between_pretrained_seeds_beats_both(tmp_path):
     )
 
 
-def test_full_covariance_cma_es_resumes_identically(tmp_path):
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diagonal"])
+def test_cma_es_resumes_identically_from_a_checkpoint_without_pickle(tmp_path, diagonal):
     ops = DenseVectorOps(12)
     target = np.linspace(-1, 1, 12)
 
@@ -115,12 +117,21 @@ def test_full_covariance_cma_es_resumes_identically(tmp_path):
             strategy.tell(candidate, scores(candidate.genome))
 
     x0 = np.zeros(12, np.float32)
-    a = CMAES(ops, x0, popsize=6, sigma0=0.3, seed=1)
+    a = CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=1)
     step(a, 15)  # mid-generation
     save_state(tmp_path / "cma.npz", a.state_dict())
-    b = CMAES(ops, x0, popsize=6, sigma0=0.3, seed=99)
-    b.load_state_dict(load_state(tmp_path / "cma.npz"))
+    saved = load_state(tmp_path / "cma.npz")
+    assert saved["told"].shape == (2, 6) and len(saved["fvalues"]) == 3
+    b = CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=1)
+    b.load_state_dict(saved)
     step(a, 300)
     step(b, 300)
     np.testing.assert_array_equal(a.best().genome, b.best().genome)
+    np.testing.assert_array_equal(a.cma_state()["C"], b.cma_state()["C"])
     assert a.stats() == b.stats() and a.stats()["best"] > scores(x0).mean() + 0.2
+    with pytest.raises(HfM2n2Error, match="other cma_es settings or another seed"):
+        CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=2).load_state_dict(saved)
+    with pytest.raises(HfM2n2Error, match="unsupported cma_es checkpoint format 1"):
+        CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=1).load_state_dict(
+            {**saved, "format": 1}
+        )

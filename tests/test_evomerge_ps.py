@@ -238,7 +238,7 @@ def test_run_report_summary_and_card(finished_run):
     assert summary["forward_passes"] == 14 and summary["algorithm"] == "evomerge_ps"
     assert summary["best_candidate"]["origin"] == "cma"
     checkpoint = load_state(finished_run / "checkpoint.npz")["strategy"]
-    assert checkpoint["popsize"] == default_popsize(8) == 10  # 2 models x 2 layers x 2 parameters
+    assert checkpoint["settings"]["popsize"] == default_popsize(8) == 10  # 2 models x 2 layers x 2 parameters
     readme = (finished_run / "model" / "README.md").read_text()
     assert "evomerge_ps" in readme and "2403.13187" in readme
 

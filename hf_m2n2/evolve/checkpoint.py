@@ -3,8 +3,7 @@
 A state is a tree of dicts (string keys), lists, numpy arrays, numbers, strings, booleans and None. Arrays are
 stored as npz members; the tree, with `{"__array__": key}` in their place, as a JSON member. The file is written
 to a temporary name in the same directory, fsynced, and renamed over the previous checkpoint, so a crash at any
-moment leaves either the old or the new checkpoint, never a torn one. Nothing is unpickled on load (the CMA-ES
-state is a pickle stored as bytes by that strategy, in the run's own directory).
+moment leaves either the old or the new checkpoint, never a torn one. Nothing is pickled or unpickled.
 """
 
 from __future__ import annotations
