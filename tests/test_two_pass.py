@@ -142,6 +142,15 @@ def test_slerp_one_pass_result_is_unchanged(dtype: torch.dtype) -> None:
         assert torch.equal(out, _previous_slerp(0.35, base, tensors[0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_slerp_leaves_its_inputs_alone(dtype: torch.dtype) -> None:
+    """The statistics work in place on their float32 copies, never on the inputs (views for wide dtypes)."""
+    tensors, base = _inputs("slerp", (64, 48), dtype)
+    before = [t.clone() for t in (*tensors, base)]
+    _whole("slerp", tensors, base, {"t": 0.35}, [{}])
+    assert all(torch.equal(a, b) for a, b in zip(before, (*tensors, base)))
+
+
 @pytest.mark.parametrize("chunk", [7, 100, 23 * 5])
 def test_slerp_chunks_straddle_row_blocks(monkeypatch, chunk: int) -> None:
     """slerp sums over fixed chunks of the flattened tensor; chunks cut across row blocks are joined."""

@@ -76,8 +76,15 @@ def _statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> tuple[
     norm_b = float(torch.linalg.vector_norm(torch.stack(norms_b))) if norms_b else 0.0
     norm_a = norm_a if norm_a > _NORM_EPS else 1.0
     norm_b = norm_b if norm_b > _NORM_EPS else 1.0
-    cos = sum(float(((x / norm_a) * (y / norm_b)).sum()) for x, y in _flat_chunks(blocks, None))
+    cos = sum(float(_normalized_product(x, y, norm_a, norm_b).sum()) for x, y in _flat_chunks(blocks, None))
     return slerp_coefficients(float(context.params["t"]), cos)
+
+
+def _normalized_product(x: torch.Tensor, y: torch.Tensor, norm_a: float, norm_b: float) -> torch.Tensor:
+    """(x / norm_a) * (y / norm_b), in place where `x` and `y` are copies (not views of the inputs)."""
+    if x._base is not None or y._base is not None:  # wide inputs: the chunks are views, leave them alone
+        return (x / norm_a) * (y / norm_b)
+    return x.div_(norm_a).mul_(y.div_(norm_b))
 
 
 def _apply(block: Block, coefficients: tuple[float, float]) -> torch.Tensor:
@@ -89,7 +96,7 @@ def _apply(block: Block, coefficients: tuple[float, float]) -> torch.Tensor:
     out = torch.empty_like(a)
     for start in range(0, a.numel(), _CHUNK):
         x, y = a[start : start + _CHUNK].to(work), b[start : start + _CHUNK].to(work)
-        out[start : start + _CHUNK] = c0 * x + c1 * y
+        torch.add(torch.mul(x, c0), torch.mul(y, c1), out=out[start : start + _CHUNK])
     return out.reshape(v0.shape)
 
 
