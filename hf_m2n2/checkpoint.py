@@ -4,7 +4,9 @@ streaming sharded safetensors writer."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import mmap
 import os
 import pickle
 import threading
@@ -254,12 +256,138 @@ class _Slot:
         return self.done == self.nbytes
 
 
+_DIRECT_BLOCK = 4096  # direct I/O moves whole blocks, from and to block-aligned addresses
+_BOUNCE_BYTES = 8 << 20
+_BOUNCE = threading.local()  # each writing thread's aligned buffer
+
+
+class _BufferedFile:
+    """An output file written through the page cache, flushed to disk in the background every `flush_bytes`
+    (so little is left to flush at the end)."""
+
+    def __init__(self, fd: int, flusher: ThreadPoolExecutor, flush_bytes: int):
+        self.fd = fd
+        self._flusher = flusher
+        self._flush_bytes = flush_bytes
+        self._unflushed = 0
+        self._lock = threading.Lock()
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        _pwrite_all(self.fd, data, offset)
+        with self._lock:
+            self._unflushed += len(data)
+            if self._unflushed >= self._flush_bytes:
+                self._unflushed = 0
+                self._flusher.submit(os.fdatasync, self.fd)
+
+    def close(self, size: int) -> None:
+        pass
+
+
+class _DirectFile:
+    """An output file written with O_DIRECT: straight from memory to disk, without copying into the page cache
+    (which cost most of a merge's system time) and with nothing left to flush at the end.
+
+    Direct I/O moves whole aligned blocks from aligned memory, so each piece's aligned middle is copied through
+    a per-thread aligned bounce buffer, and the partial blocks at its edges are gathered in memory until every
+    byte of them has arrived (each byte of the file is written exactly once). The last block is written whole
+    and the file truncated to `size` when closed.
+    """
+
+    def __init__(self, fd: int, size: int, file: Path):
+        self.fd = fd
+        self.size = size
+        self.file = file
+        self._partial: dict[int, tuple[bytearray, int]] = {}  # block number -> (its bytes, how many arrived)
+        self._lock = threading.Lock()
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        end = offset + len(data)
+        head_end = min(end, -(-offset // _DIRECT_BLOCK) * _DIRECT_BLOCK)
+        tail_start = max(head_end, end // _DIRECT_BLOCK * _DIRECT_BLOCK)
+        if head_end > offset:
+            self._gather(data[: head_end - offset], offset)
+        if tail_start > head_end:
+            self._write_aligned(data[head_end - offset : tail_start - offset], head_end)
+        if end > tail_start:
+            self._gather(data[tail_start - offset :], tail_start)
+
+    def _gather(self, piece: memoryview, offset: int) -> None:
+        """Add `piece` (within one block) to its block; write the block once it is complete."""
+        block = offset // _DIRECT_BLOCK
+        start = block * _DIRECT_BLOCK
+        with self._lock:
+            buf, arrived = self._partial.pop(block, (None, 0))
+            buf = buf if buf is not None else bytearray(_DIRECT_BLOCK)
+            buf[offset - start : offset - start + len(piece)] = piece
+            arrived += len(piece)
+            if arrived < min(_DIRECT_BLOCK, self.size - start):
+                self._partial[block] = (buf, arrived)
+                return
+        self._write_aligned(memoryview(buf), start)
+
+    def _write_aligned(self, data: memoryview, offset: int) -> None:
+        bounce = getattr(_BOUNCE, "buffer", None)
+        if bounce is None:
+            bounce = _BOUNCE.buffer = memoryview(mmap.mmap(-1, _BOUNCE_BYTES))  # page-aligned
+        for start in range(0, len(data), _BOUNCE_BYTES):
+            piece = data[start : start + _BOUNCE_BYTES]
+            bounce[: len(piece)] = piece
+            try:
+                done = os.pwrite(self.fd, bounce[: len(piece)], offset + start)
+            except OSError as exc:
+                # our writes are aligned, so EINVAL means the kernel cut the write short (a file size limit, a
+                # full disk): write buffered, which succeeds or reports the real cause
+                if exc.errno != errno.EINVAL:
+                    raise
+                done = 0
+            if done < len(piece):
+                self._pwrite_buffered(piece[done:], offset + start + done)
+
+    def _pwrite_buffered(self, data: memoryview, offset: int) -> None:
+        fd = os.open(self.file, os.O_WRONLY)
+        try:
+            _pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def close(self, size: int) -> None:
+        if self._partial:
+            raise OutputError(f"{len(self._partial)} blocks were never completed")
+        os.ftruncate(self.fd, size)  # the last block was written whole
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _open_output(file: Path, size: int, flusher: ThreadPoolExecutor, flush_bytes: int):
+    """`file` opened for writing with direct I/O where the file system supports it, else through the page
+    cache."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            fd = os.open(file, flags | direct, 0o644)
+        except OSError:
+            pass
+        else:
+            try:  # some file systems accept the flag but not the writes
+                _DirectFile(fd, size, file)._write_aligned(memoryview(bytes(_DIRECT_BLOCK)), 0)
+                return _DirectFile(fd, size, file)
+            except OSError:
+                os.close(fd)
+    return _BufferedFile(os.open(file, flags, 0o644), flusher, flush_bytes)
+
+
 class ShardedSafetensorsWriter:
     """Writes a fixed list of tensors into safetensors shards, streaming, in any order, from several threads.
 
     The safetensors library serializes only complete in-memory dicts; a model must be written tensor by tensor
     with bounded memory, so shard headers are laid out up front from the planned shapes and each tensor's bytes
-    are written at its offset when it is ready.
+    are written at its offset when it is ready (with direct I/O where the file system allows it).
 
     Args:
         directory: where the shards and the index go (an existing, empty temporary directory).
@@ -278,8 +406,7 @@ class ShardedSafetensorsWriter:
         self.directory = Path(directory)
         self.flush_bytes = flush_bytes
         self._lock = threading.Lock()
-        self._unflushed: dict[Path, int] = {}
-        # Written data is flushed to disk in the background while later tensors compute, not all at the end.
+        # Page-cache writes are flushed to disk in the background while later tensors compute, not all at the end.
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush")
         groups = _group_shards(planned, max_shard_bytes)
         self.total_size = sum(t.nbytes for t in planned)
@@ -288,7 +415,8 @@ class ShardedSafetensorsWriter:
         else:
             names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         self._slots: dict[str, _Slot] = {}
-        self._fds: dict[Path, int] = {}
+        self._files: dict[Path, _BufferedFile | _DirectFile] = {}
+        self._sizes: dict[Path, int] = {}
         self.weight_map: dict[str, str] = {}
         try:
             for file_name, group in zip(names, groups):
@@ -309,10 +437,10 @@ class ShardedSafetensorsWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
-        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._fds[file] = fd
-        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
         data_start = 8 + len(raw)
+        self._sizes[file] = data_start + offset
+        out = self._files[file] = _open_output(file, data_start + offset, self._flusher, self.flush_bytes)
+        out.pwrite(memoryview(len(raw).to_bytes(8, "little") + raw), 0)
         for t in group:
             start = header[t.name]["data_offsets"][0]  # type: ignore[index]
             self._slots[t.name] = _Slot(file, data_start + start, t.nbytes)
@@ -329,20 +457,12 @@ class ShardedSafetensorsWriter:
             raise OutputError(
                 f"tensor {name!r}: {data.nbytes} bytes at offset {start}, planned {slot.nbytes}"
             )
-        view = memoryview(data)
-        fd = self._fds[slot.file]
-        done = 0
         try:
-            while done < data.nbytes:
-                done += os.pwrite(fd, view[done:], slot.offset + start + done)
+            self._files[slot.file].pwrite(memoryview(data), slot.offset + start)
         except OSError as exc:
             raise OutputError(f"writing {slot.file.name}: {exc.strerror or exc}") from exc
         with self._lock:
             slot.done += data.nbytes
-            self._unflushed[slot.file] = self._unflushed.get(slot.file, 0) + data.nbytes
-            if self._unflushed[slot.file] >= self.flush_bytes:
-                self._unflushed[slot.file] = 0
-                self._flusher.submit(os.fdatasync, fd)
 
     def finish(self) -> None:
         """Check every planned tensor was written, flush to disk, write the index (if sharded)."""
@@ -351,10 +471,11 @@ class ShardedSafetensorsWriter:
             raise OutputError(f"{len(missing)} planned tensors were never written (first: {missing[0]})")
         try:
             self._flusher.shutdown(wait=True)
-            for fd in self._fds.values():
-                os.fsync(fd)
-                os.close(fd)
-            self._fds.clear()
+            for file, out in self._files.items():
+                out.close(self._sizes[file])
+                os.fsync(out.fd)
+                os.close(out.fd)
+            self._files.clear()
             if len({s.file for s in self._slots.values()}) > 1:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
                 (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -363,10 +484,10 @@ class ShardedSafetensorsWriter:
 
     def abort(self) -> None:
         self._flusher.shutdown(wait=True)
-        for fd in self._fds.values():
+        for out in self._files.values():
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+                os.close(out.fd)
+        self._files.clear()
 
 
 def _group_shards(planned: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
