@@ -280,7 +280,7 @@ class _BufferedFile:
                 self._unflushed = 0
                 self._flusher.submit(os.fdatasync, self.fd)
 
-    def close(self, size: int) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -351,10 +351,10 @@ class _DirectFile:
         finally:
             os.close(fd)
 
-    def close(self, size: int) -> None:
+    def close(self) -> None:
         if self._partial:
             raise OutputError(f"{len(self._partial)} blocks were never completed")
-        os.ftruncate(self.fd, size)  # the last block was written whole
+        os.ftruncate(self.fd, self.size)  # the last block was written whole
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -375,8 +375,9 @@ def _open_output(file: Path, size: int, flusher: ThreadPoolExecutor, flush_bytes
             pass
         else:
             try:  # some file systems accept the flag but not the writes
-                _DirectFile(fd, size, file)._write_aligned(memoryview(bytes(_DIRECT_BLOCK)), 0)
-                return _DirectFile(fd, size, file)
+                out = _DirectFile(fd, size, file)
+                out._write_aligned(memoryview(bytes(_DIRECT_BLOCK)), 0)
+                return out
             except OSError:
                 os.close(fd)
     return _BufferedFile(os.open(file, flags, 0o644), flusher, flush_bytes)
@@ -416,7 +417,6 @@ class ShardedSafetensorsWriter:
             names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         self._slots: dict[str, _Slot] = {}
         self._files: dict[Path, _BufferedFile | _DirectFile] = {}
-        self._sizes: dict[Path, int] = {}
         self.weight_map: dict[str, str] = {}
         try:
             for file_name, group in zip(names, groups):
@@ -438,7 +438,6 @@ class ShardedSafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
         data_start = 8 + len(raw)
-        self._sizes[file] = data_start + offset
         out = self._files[file] = _open_output(file, data_start + offset, self._flusher, self.flush_bytes)
         out.pwrite(memoryview(len(raw).to_bytes(8, "little") + raw), 0)
         for t in group:
@@ -471,8 +470,8 @@ class ShardedSafetensorsWriter:
             raise OutputError(f"{len(missing)} planned tensors were never written (first: {missing[0]})")
         try:
             self._flusher.shutdown(wait=True)
-            for file, out in self._files.items():
-                out.close(self._sizes[file])
+            for out in self._files.values():
+                out.close()
                 os.fsync(out.fd)
                 os.close(out.fd)
             self._files.clear()

@@ -282,4 +282,3 @@ class CMAES(ReplayedCMA):
             seed=seed,
             options={"CMA_diagonal": bool(diagonal)},
         )
-        self.diagonal = bool(diagonal)

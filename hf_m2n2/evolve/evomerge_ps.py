@@ -64,7 +64,6 @@ class EvomergePS(ReplayedCMA):
             raise ValueError(f"x0 must lie in [0, 1], got {x0}")
         popsize = int(popsize) if popsize is not None else default_popsize(n)
         super().__init__(ops, np.full(n, float(x0)), sigma0=sigma0, popsize=popsize, seed=seed)
-        self.n = n
 
     def genome_of(self, sample: np.ndarray) -> Any:
         """The projection of the sample onto [0, 1]^n (repair)."""
