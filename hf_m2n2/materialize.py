@@ -25,6 +25,7 @@ import torch
 
 from hf_m2n2.errors import CheckpointError
 from hf_m2n2.methods import get_method
+from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.streaming import Block, Lazy, TensorContext, block_shape
 from hf_m2n2.recipe import SourceTensor, TensorTask
 from hf_m2n2.seeds import Seed
@@ -68,9 +69,8 @@ def compute_task(
         return load_source(seeds, task.sources[0], allow_nonfinite, rows)
     inputs, base = load_inputs(task, seeds, compute_dtype, device, vocab, allow_nonfinite, rows)
     method = get_method(task.method)
-    # A CPU generator: the same draws on any device.
-    generator = torch.Generator().manual_seed(task.rng_seed) if method.randomized else None
-    out = method.fn(inputs, base, task.params, task.model_params, generator)
+    stream = RandomStream(task.rng_seed) if method.randomized else None
+    out = method.fn(inputs, base, task.params, task.model_params, stream)
     return out.to(task.out_dtype)
 
 
@@ -109,8 +109,8 @@ class TensorStream:
         self.task = task
         self.streamed = method.streamed
         self.blocks = list(blocks)
-        generator = torch.Generator().manual_seed(task.rng_seed) if method.randomized else None
-        self.context = TensorContext(tuple(task.shape), task.params, task.model_params, generator)
+        stream = RandomStream(task.rng_seed) if method.randomized else None
+        self.context = TensorContext(tuple(task.shape), task.params, task.model_params, stream)
         self._done = threading.Event()
         self._stats: Any = None
         self._error: BaseException | None = None

@@ -11,6 +11,7 @@ import torch
 
 from hf_m2n2.methods import REQUIRED, MethodParameterError, UnknownMethodError, all_methods, get_method
 from hf_m2n2.methods import sparsify as sp
+from hf_m2n2.methods._common import RandomStream
 
 torch.set_num_threads(1)
 
@@ -52,8 +53,8 @@ def run(
     ]
     for values in (params, *model_params):
         assert REQUIRED not in values.values(), f"missing required parameter in {values}"
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return method.fn(list(tensors), base, params, model_params, generator)
+    stream = RandomStream(seed) if seed is not None else None
+    return method.fn(list(tensors), base, params, model_params, stream)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor | Sequence[Any], tol: float = 1e-6) -> None:
@@ -267,12 +268,11 @@ def test_top_k_mask_exact_with_ties() -> None:
 
 def test_dare_keep_rate_and_rescale() -> None:
     x = torch.ones(50_000)
-    g = torch.Generator().manual_seed(0)
-    kept = sp.random_drop(x, 0.3, False, g)
+    kept = sp.random_drop(x, 0.3, False, RandomStream(0))
     rate = float(kept.mean())
     assert abs(rate - 0.3) < 0.01
     assert set(kept.unique().tolist()) == {0.0, 1.0}
-    rescaled = sp.random_drop(x, 0.3, True, torch.Generator().manual_seed(0))
+    rescaled = sp.random_drop(x, 0.3, True, RandomStream(0))
     assert torch.equal(rescaled != 0, kept != 0)  # same seed, same mask
     close(rescaled.sum(), 50_000.0, tol=1e-2)  # L1 norm preserved
     close(rescaled.max(), 1 / rate, tol=1e-4)  # i.e. each survivor scaled by ~1/density

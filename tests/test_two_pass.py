@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from hf_m2n2.methods import get_method
 from hf_m2n2.methods import sparsify as sp
+from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.streaming import Block, Lazy, TensorContext, block_shape
 
 torch.set_num_threads(1)
@@ -55,8 +57,8 @@ def _inputs(name: str, shape: tuple[int, ...], dtype: torch.dtype, quantized: bo
 
 
 def _whole(name, tensors, base, params, model_params, seed=5) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed) if get_method(name).randomized else None
-    return get_method(name).fn(tensors, base, params, model_params, generator)
+    stream = RandomStream(seed) if get_method(name).randomized else None
+    return get_method(name).fn(tensors, base, params, model_params, stream)
 
 
 def _streamed(name, tensors, base, params, model_params, rows_per_block: int, seed=5) -> torch.Tensor:
@@ -64,8 +66,8 @@ def _streamed(name, tensors, base, params, model_params, rows_per_block: int, se
     method = get_method(name)
     shape = tuple(base.shape)
     blocks = [(r, min(r + rows_per_block, shape[0])) for r in range(0, shape[0], rows_per_block)]
-    generator = torch.Generator().manual_seed(seed) if method.randomized else None
-    context = TensorContext(shape, params, model_params, generator)
+    stream = RandomStream(seed) if method.randomized else None
+    context = TensorContext(shape, params, model_params, stream)
     reads: list[int] = []
 
     def read(i: int) -> Block:
@@ -196,15 +198,45 @@ def test_top_k_ties_are_taken_in_index_order_across_blocks() -> None:
 # --- random draws ------------------------------------------------------------------------------------------
 
 
-def test_dare_draws_are_the_whole_tensor_draws() -> None:
-    """Masks are `torch.rand(shape, generator) < density`, model after model (mergekit's bernoulli draws)."""
+def test_dare_draws_are_the_streams_values_at_each_elements_position() -> None:
+    """Model m's mask is `uniform < density` over values [m * numel, (m + 1) * numel) of the tensor's stream."""
     x = torch.randn(50, 30)
-    generator = torch.Generator().manual_seed(9)
-    first = sp.random_drop(x, 0.3, False, generator)
-    second = sp.random_drop(x, 0.3, False, generator)
-    reference = torch.Generator().manual_seed(9)
-    assert torch.equal(first != 0, torch.rand(x.shape, generator=reference) < 0.3)
-    assert torch.equal(second != 0, torch.rand(x.shape, generator=reference) < 0.3)
+    stream = RandomStream(9)
+    first = sp.RANDOM.whole(x, {"density": 0.3}, False, stream)
+    assert torch.equal(first != 0, stream.uniform(0, x.numel()).view(x.shape) < 0.3)
+    context = TensorContext(tuple(x.shape), {}, [{"density": 0.3}] * 2, stream)
+    for model in (0, 1):
+        stats = sp.RANDOM.statistics(
+            [Lazy(0, tuple(x.shape), lambda: x)], {"density": 0.3}, False, context, model
+        )
+        expected = stream.uniform(model * x.numel(), x.numel()).view(x.shape) < 0.3
+        assert torch.equal(sp.RANDOM.apply(x, 0, stats) != 0, expected)
+
+
+def test_random_stream_values_do_not_depend_on_where_a_draw_starts() -> None:
+    stream = RandomStream(2**100 + 3)
+    whole = stream.uniform(0, 1000)
+    assert whole.dtype == torch.float32 and float(whole.min()) >= 0 and float(whole.max()) < 1
+    for start, count in ((0, 1), (1, 7), (7, 9), (8, 8), (13, 500), (999, 1)):
+        assert torch.equal(stream.uniform(start, count), whole[start : start + count])
+    assert not torch.equal(RandomStream(1).uniform(0, 64), RandomStream(2).uniform(0, 64))
+    with pytest.raises(ValueError, match="seed"):
+        RandomStream(-1)
+
+
+def test_dare_rescale_keeps_each_blocks_mask_packed_and_draws_it_once() -> None:
+    """With an L1 rescale the statistics scan draws every block's mask and the apply reuses it bit for bit."""
+    x = torch.randn(37, 11)
+    stream = RandomStream(4)
+    blocks = [(0, 10), (10, 20), (20, 37)]
+    lazies = [Lazy(i, (hi - lo, 11), lambda lo=lo, hi=hi: x[lo:hi]) for i, (lo, hi) in enumerate(blocks)]
+    context = TensorContext(tuple(x.shape), {}, [{"density": 0.4}], stream)
+    stats = sp.RANDOM.statistics(lazies, {"density": 0.4}, True, context, 0)
+    assert all(mask.dtype == np.uint8 for mask in stats.masks)
+    assert [mask.size for mask in stats.masks] == [14, 14, 24]  # ceil(rows * 11 / 8) bytes
+    streamed = torch.cat([sp.RANDOM.apply(x[lo:hi], i, stats) for i, (lo, hi) in enumerate(blocks)])
+    assert torch.equal(streamed, sp.random_drop(x, 0.4, True, stream))
+    assert torch.equal(streamed != 0, (stream.uniform(0, x.numel()) < 0.4).view(x.shape) & (x != 0))
 
 
 # --- the merge engine ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from hf_m2n2.errors import HfM2n2Error
 
 if TYPE_CHECKING:
+    from hf_m2n2.methods._common import RandomStream
     from hf_m2n2.methods.streaming import Streamed
 
 Scalar = float | int | bool | str
@@ -45,19 +46,19 @@ class Param:
         return self.default is REQUIRED
 
 
-# fn(tensors, base, params, model_params, generator) -> merged tensor.
+# fn(tensors, base, params, model_params, stream) -> merged tensor.
 #   tensors:      the input models' tensors (base excluded when the method uses a base), all the same shape/dtype
 #   base:         the base model's tensor, or None
 #   params:       global parameters resolved for this tensor {name: scalar}
 #   model_params: one {name: scalar} per entry of `tensors`
-#   generator:    a seeded torch.Generator for randomized methods (None for deterministic ones)
+#   stream:       the tensor's seeded RandomStream for randomized methods (None for deterministic ones)
 MergeFn = Callable[
     [
         Sequence[torch.Tensor],
         "torch.Tensor | None",
         Mapping[str, Scalar],
         Sequence[Mapping[str, Scalar]],
-        "torch.Generator | None",
+        "RandomStream | None",
     ],
     torch.Tensor,
 ]

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hf_m2n2.methods._common import per_model, wide_dtype
+from hf_m2n2.methods._common import RandomStream, per_model, wide_dtype
 from hf_m2n2.methods.base import REQUIRED, MergeMethod, Param, Scalar, register
 
 _ZERO_WEIGHT_SUM = 1e-8
@@ -17,7 +17,7 @@ def linear(
     base: torch.Tensor | None,
     params: Mapping[str, Scalar],
     model_params: Sequence[Mapping[str, Scalar]],
-    generator: torch.Generator | None,
+    stream: RandomStream | None,
 ) -> torch.Tensor:
     """sum_i w_i * x_i, divided by sum_i w_i when `normalize` (skipped if that sum is ~0).
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.base import MergeMethod, Param, Scalar, register
 
 _NORM_EPS = 1e-6
@@ -27,7 +28,7 @@ def model_stock(
     base: torch.Tensor | None,
     params: Mapping[str, Scalar],
     model_params: Sequence[Mapping[str, Scalar]],
-    generator: torch.Generator | None,
+    stream: RandomStream | None,
 ) -> torch.Tensor:
     """t * mean(models) + (1 - t) * base, with t = N cos / (1 + (N - 1) cos).
 

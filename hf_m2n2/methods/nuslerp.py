@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hf_m2n2.methods._common import per_model
+from hf_m2n2.methods._common import RandomStream, per_model
 from hf_m2n2.methods.base import REQUIRED, MergeMethod, Param, Scalar, register
 
 _UNIT_EPS = 1e-7
@@ -45,7 +45,7 @@ def nuslerp(
     base: torch.Tensor | None,
     params: Mapping[str, Scalar],
     model_params: Sequence[Mapping[str, Scalar]],
-    generator: torch.Generator | None,
+    stream: RandomStream | None,
 ) -> torch.Tensor:
     """Slerp model 0 -> model 1 at t = w1 / (w0 + w1) (0.5 if the sum is ~0); with a base, on task vectors."""
     w0, w1 = per_model(model_params, "weight")

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.base import MergeMethod, Param, Scalar, register
 
 
@@ -14,7 +15,7 @@ def passthrough(
     base: torch.Tensor | None,
     params: Mapping[str, Scalar],
     model_params: Sequence[Mapping[str, Scalar]],
-    generator: torch.Generator | None,
+    stream: RandomStream | None,
 ) -> torch.Tensor:
     """The single input times its `scale` (the input itself, uncopied, when scale is unset)."""
     scale = model_params[0]["scale"]

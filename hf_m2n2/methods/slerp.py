@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from hf_m2n2.methods._common import wide_dtype
+from hf_m2n2.methods._common import RandomStream, wide_dtype
 from hf_m2n2.methods.base import REQUIRED, MergeMethod, Param, Scalar, register
 from hf_m2n2.methods.streaming import (
     Block,
@@ -114,12 +114,12 @@ def slerp(
     base: torch.Tensor | None,
     params: Mapping[str, Scalar],
     model_params: Sequence[Mapping[str, Scalar]],
-    generator: torch.Generator | None,
+    stream: RandomStream | None,
 ) -> torch.Tensor:
     """Slerp from the base (t=0) to the single other model (t=1)."""
     if base is None:
         raise ValueError("slerp needs a base tensor")
-    return _whole(tensors, base, params, model_params, generator)
+    return _whole(tensors, base, params, model_params, stream)
 
 
 register(

@@ -8,9 +8,10 @@ sparsified in row blocks without ever being held whole (see `hf_m2n2.methods.str
   the selected prefix (one pass over the data for half types, two for float32). No sort, no copy of the
   tensor. Exactly the requested number of elements is kept; elements whose magnitudes tie at the cut-off are
   taken in index order (per-block counts of the tied elements make that order global).
-* Random masks are drawn from the tensor's generator in index order, model after model, as a whole-tensor
-  computation would; the statistics scan records the generator's state at every block start so any block's
-  draws can be repeated later.
+* Random masks compare uniforms of the tensor's `RandomStream` with the keep probability: element e of model
+  m's delta takes value m * numel + e of the stream, whichever block it lies in. With an L1 rescale the
+  statistics scan draws each block's mask once and keeps it bit-packed (1 bit per element) for the apply;
+  without one, nothing is drawn until the apply.
 * The L1 rescale factor (sum |x| / sum |kept|) is summed per row in float64 (see `streaming.total`).
 """
 
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
-from hf_m2n2.methods._common import keep_mask
+from hf_m2n2.methods._common import RandomStream, keep_mask
 from hf_m2n2.methods.base import MethodParameterError, Scalar
 from hf_m2n2.methods.streaming import Lazy, TensorContext, row_sums, total
 
@@ -224,13 +226,13 @@ def rank_window_mask(magnitudes: torch.Tensor, start: int, stop: int) -> torch.T
 class Sparsifier:
     """One model's task-vector sparsification, as statistics and an elementwise apply.
 
-    statistics(deltas, model_params, rescale, context) -> stats: `deltas` are the delta's row blocks in order
-        (`load()` computes one), `context` the tensor's (numel, generator). None means: keep the delta as is;
-        ZERO: drop all of it.
+    statistics(deltas, model_params, rescale, context, model) -> stats: `deltas` are the delta's row blocks in
+        order (`load()` computes one), `context` the tensor's (numel, random stream), `model` the delta's index
+        among the tensor's models. None means: keep the delta as is; ZERO: drop all of it.
     apply(delta, block, stats) -> the sparsified rows of block number `block`.
     """
 
-    statistics: Callable[[Sequence[Lazy[torch.Tensor]], Mapping[str, Scalar], bool, TensorContext], Any]
+    statistics: Callable[[Sequence[Lazy[torch.Tensor]], Mapping[str, Scalar], bool, TensorContext, int], Any]
     apply: Callable[[torch.Tensor, int, Any], torch.Tensor]
 
     def whole(
@@ -238,11 +240,11 @@ class Sparsifier:
         x: torch.Tensor,
         model_params: Mapping[str, Scalar],
         rescale: bool,
-        generator: torch.Generator | None = None,
+        stream: RandomStream | None = None,
     ) -> torch.Tensor:
-        """Sparsify the whole tensor `x` (one block)."""
-        context = TensorContext(tuple(x.shape), {}, [model_params], generator)
-        stats = self.statistics([Lazy(0, tuple(x.shape), lambda: x)], model_params, rescale, context)
+        """Sparsify the whole tensor `x` (one block; the first model of the tensor)."""
+        context = TensorContext(tuple(x.shape), {}, [model_params], stream)
+        stats = self.statistics([Lazy(0, tuple(x.shape), lambda: x)], model_params, rescale, context, 0)
         return x if stats is None else self.apply(x, 0, stats)
 
 
@@ -297,7 +299,7 @@ def _kept_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
     return kept if stats.ratio is None else kept.mul_(stats.ratio)
 
 
-def _magnitude_statistics(blocks, model_params, rescale, context) -> Any:
+def _magnitude_statistics(blocks, model_params, rescale, context, model) -> Any:
     density = float(model_params["density"])
     n = _numel(blocks)
     if density >= 1:
@@ -308,7 +310,7 @@ def _magnitude_statistics(blocks, model_params, rescale, context) -> Any:
     return _selection(blocks, lambda n, chooser: top_k_keep(n, k, chooser), rescale)
 
 
-def _outlier_statistics(blocks, model_params, rescale, context) -> Any:
+def _outlier_statistics(blocks, model_params, rescale, context, model) -> Any:
     density, gamma = float(model_params["density"]), float(model_params["gamma"])
     if density >= 1:
         return None
@@ -331,64 +333,60 @@ Probability = Callable[[torch.Tensor], "torch.Tensor | float"]
 @dataclass(frozen=True)
 class _Drawn:
     probability: Probability
-    states: tuple[torch.Tensor, ...]  # the generator's state at the start of each block
+    stream: RandomStream
+    starts: tuple[int, ...]  # each block's first position in the stream
     ratio: torch.Tensor | None
-    masks: tuple[torch.Tensor, ...] | None  # kept when there is a single block (drawn once)
-
-
-def _draw(x: torch.Tensor, probability: Probability, generator: torch.Generator) -> torch.Tensor:
-    return keep_mask(probability(x), x.shape, generator).to(x.device)
+    masks: tuple[np.ndarray, ...] | None  # each block's mask, bit-packed (drawn by the statistics scan)
 
 
 def _drawn_statistics(
-    blocks: Sequence[Lazy[torch.Tensor]], probability: Probability, rescale: bool, generator
+    blocks: Sequence[Lazy[torch.Tensor]], probability: Probability, rescale: bool, context, model: int
 ) -> _Drawn:
-    """Draw every block's mask in order from `generator`, recording its state before each block; with
-    `rescale`, the L1 rescale factor. A block is read only when its values matter (rescale, or a single block
-    whose mask is kept); otherwise its draws only advance the generator."""
-    if generator is None:
-        raise ValueError("a randomized merge method needs a seeded torch.Generator")
-    single = len(blocks) == 1
-    states, masks, before, after = [], [], [], []
-    dtype = None
+    """Where each block's draws start in the tensor's stream; with `rescale`, every block's mask (drawn once,
+    kept bit-packed) and the L1 rescale factor. Without `rescale` no block is read or drawn here."""
+    stream = context.stream
+    if stream is None:
+        raise ValueError("a randomized merge method needs a seeded RandomStream")
+    starts, position = [], model * _numel(blocks)
     for lazy in blocks:
-        states.append(generator.get_state())
-        if not (rescale or single):
-            torch.rand(lazy.shape, generator=generator)  # the block's draws, as keep_mask makes them
-            continue
+        starts.append(position)
+        position += math.prod(lazy.shape)
+    if not rescale:
+        return _Drawn(probability, stream, tuple(starts), None, None)
+    masks, before, after = [], [], []
+    dtype = None
+    for lazy, start in zip(blocks, starts):
         x = lazy.load()
         dtype = x.dtype
-        mask = _draw(x, probability, generator)
-        if single:
-            masks.append(mask)
-        if rescale:
-            before.append(row_sums(x.abs()))
-            after.append(row_sums((x * mask).abs()))
-    ratio = _ratio(before, after, dtype) if rescale else None
-    return _Drawn(probability, tuple(states), ratio, tuple(masks) if single else None)
+        mask = keep_mask(probability(x), x.shape, stream, start)
+        magnitudes = x.abs()
+        before.append(row_sums(magnitudes))
+        after.append(row_sums(magnitudes.mul_(mask.to(x.device))))  # |x * mask| = |x| * mask
+        del magnitudes
+        masks.append(np.packbits(mask.reshape(-1).numpy()))
+    return _Drawn(probability, stream, tuple(starts), _ratio(before, after, dtype), tuple(masks))
 
 
 def _drawn_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
     if isinstance(stats, str):
         return torch.zeros_like(x)
     if stats.masks is not None:
-        mask = stats.masks[block]
+        bits = np.unpackbits(stats.masks[block], count=x.numel()).view(np.bool_)
+        mask = torch.from_numpy(bits).view(x.shape)
     else:
-        generator = torch.Generator()
-        generator.set_state(stats.states[block])
-        mask = _draw(x, stats.probability, generator)
-    kept = x * mask
+        mask = keep_mask(stats.probability(x), x.shape, stats.stream, stats.starts[block])
+    kept = x * mask.to(x.device)
     return kept if stats.ratio is None else kept.mul_(stats.ratio)
 
 
-def _random_statistics(blocks, model_params, rescale, context) -> Any:
+def _random_statistics(blocks, model_params, rescale, context, model) -> Any:
     density = float(model_params["density"])
     if density >= 1:
         return None
-    return _drawn_statistics(blocks, lambda x: density, rescale, context.generator)
+    return _drawn_statistics(blocks, lambda x: density, rescale, context, model)
 
 
-def _della_statistics(blocks, model_params, rescale, context) -> Any:
+def _della_statistics(blocks, model_params, rescale, context, model) -> Any:
     density, epsilon = float(model_params["density"]), float(model_params["epsilon"])
     if density >= 1:
         return None
@@ -404,7 +402,7 @@ def _della_statistics(blocks, model_params, rescale, context) -> Any:
         rows = x.unsqueeze(0) if x.dim() < 2 else x
         return _rank_probabilities(rows, density, epsilon, torch.float32).reshape(x.shape)
 
-    return _drawn_statistics(blocks, probability, rescale, context.generator)
+    return _drawn_statistics(blocks, probability, rescale, context, model)
 
 
 RANDOM = Sparsifier(_random_statistics, _drawn_apply)
@@ -427,21 +425,19 @@ def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: b
     return OUTLIERS.whole(x, {"density": density, "gamma": gamma}, rescale)
 
 
-def random_drop(
-    x: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None
-) -> torch.Tensor:
+def random_drop(x: torch.Tensor, density: float, rescale: bool, stream: RandomStream | None) -> torch.Tensor:
     """DARE: keep each element of `x` with probability `density`; `rescale` restores the L1 norm."""
-    return RANDOM.whole(x, {"density": density}, rescale, generator)
+    return RANDOM.whole(x, {"density": density}, rescale, stream)
 
 
 def della_magprune(
-    x: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+    x: torch.Tensor, density: float, epsilon: float, rescale: bool, stream: RandomStream | None
 ) -> torch.Tensor:
     """DELLA: keep each element with a probability rising linearly with its magnitude rank within its row.
 
     Probabilities span [density - epsilon, density + epsilon] over each row (dim 1; a 1-D tensor is one row).
     """
-    return DELLA.whole(x, {"density": density, "epsilon": epsilon}, rescale, generator)
+    return DELLA.whole(x, {"density": density, "epsilon": epsilon}, rescale, stream)
 
 
 def _rank_probabilities(

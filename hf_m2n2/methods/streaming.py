@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.base import MergeFn, Scalar
 
 T = TypeVar("T")
@@ -32,14 +33,14 @@ class TensorContext:
     Attributes:
         shape: the whole tensor's shape.
         params, model_params: as for a MergeFn.
-        generator: the tensor's seeded generator (randomized methods); only `statistics` draws from it, in
-            order, so the draws are those of a whole-tensor computation.
+        stream: the tensor's seeded random stream (randomized methods), addressed by position, so a block's
+            draws are those a whole-tensor computation makes at the block's elements.
     """
 
     shape: tuple[int, ...]
     params: Mapping[str, Scalar]
     model_params: Sequence[Mapping[str, Scalar]]
-    generator: torch.Generator | None = None
+    stream: RandomStream | None = None
 
     @property
     def numel(self) -> int:
@@ -88,11 +89,11 @@ def whole_tensor_fn(streamed: Streamed) -> MergeFn:
         base: torch.Tensor | None,
         params: Mapping[str, Scalar],
         model_params: Sequence[Mapping[str, Scalar]],
-        generator: torch.Generator | None,
+        stream: RandomStream | None,
     ) -> torch.Tensor:
         like = base if base is not None else tensors[0]
         shape = tuple(like.shape)
-        context = TensorContext(shape, params, model_params, generator)
+        context = TensorContext(shape, params, model_params, stream)
         rows = (0, shape[0] if shape else 1)
         block = Block(context, tensors, base, 0, rows)
         stats = None
