@@ -254,7 +254,7 @@ def materialize(
         heap.item_done()
         return item
 
-    with _RecycledHeap(max_growth=(budget_bytes or _DEFAULT_BUDGET) // 2) as heap:
+    with _RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) as heap:
         if workers <= 1:
             for item in items:
                 run(item)
@@ -299,26 +299,29 @@ class _RecycledHeap:
 
     By default glibc maps each big buffer afresh and unmaps it when freed (and `malloc_trim` after every item
     returned the rest): every new page then costs a page fault and zeroing, ~40% of a merge's CPU time. Kept on
-    the heap (one arena for all threads), the buffers of one item are reused by the next. Freed memory is given
-    back to the OS only when the process's resident memory has grown by more than `max_growth` bytes since the
-    start (fragmentation), so RSS stays bounded. At the end, glibc's defaults are restored and everything free
-    is returned.
+    the heap (one arena for all threads), the buffers of one item are reused by the next. Free heap pages are
+    given back to the OS once the resident memory that live allocations do not account for (glibc's
+    `mallinfo2`) has grown by more than `max_free` bytes since the start, so RSS stays within the live buffers
+    plus `max_free`. Where mallinfo2 is missing, once the resident memory itself has grown by `max_free`:
+    items whose live buffers alone pass that limit then trim after every item and fault their pages in again
+    (ties on a 1B model: 1.3M page faults and 15 s of system time, against 0.07M and 3 s). At the end, glibc's
+    defaults are restored and everything free is returned.
     """
 
-    def __init__(self, max_growth: int):
-        self.max_growth = max_growth
+    def __init__(self, max_free: int):
+        self.max_free = max_free
         self.limit = 0
 
     def __enter__(self) -> _RecycledHeap:
         if _LIBC is not None:
-            self.limit = _resident_bytes() + self.max_growth
+            self.limit = _unaccounted_bytes() + self.max_free
             _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
             _LIBC.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
             _LIBC.mallopt(_M_ARENA_MAX, 1)  # process-wide and for good: glibc reads it once
         return self
 
     def item_done(self) -> None:
-        if _LIBC is not None and _resident_bytes() > self.limit:
+        if _LIBC is not None and _unaccounted_bytes() > self.limit:
             _LIBC.malloc_trim(0)
 
     def __exit__(self, *exc: object) -> None:
@@ -335,6 +338,28 @@ def _resident_bytes() -> int:
             return int(f.read().split()[1]) * mmap.PAGESIZE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _unaccounted_bytes() -> int:
+    """Resident memory that glibc's live allocations do not account for: mostly free heap pages still
+    resident (free bytes themselves are no measure: trimmed pages stay counted as free). The resident memory
+    itself without glibc >= 2.33's mallinfo2."""
+    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
+    if mallinfo2 is None:
+        return _resident_bytes()
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return _resident_bytes() - int(info.uordblks) - int(info.hblkhd)
 
 
 def _load_libc():

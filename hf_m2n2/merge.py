@@ -197,8 +197,11 @@ def work_items(recipe: MethodRecipe, chunk_elements: int = CHUNK_ELEMENTS) -> li
     for task in recipe.tasks:
         method = get_method(task.method)
         split = (method.elementwise or method.streamed is not None) and not task.align_rows
-        # streamed methods keep about twice the temporaries per element (deltas, masks, signs): halve their blocks
-        chunk = chunk_elements if method.elementwise else max(1, chunk_elements // 2)
+        # a streamed method keeps temporaries per element and model beside the base (deltas, masks, signs) and
+        # runs a statistics item beside the block items: blocks shrink with the models so the heap stays within
+        # the budget (bigger blocks make the heap trim and fault its pages in again after every item)
+        models = max(1, len(task.sources) - 1)
+        chunk = chunk_elements if method.elementwise else max(1, chunk_elements // (2 * models))
         blocks = row_blocks(task.shape, chunk) if split else [None]
         per_element = _bytes_per_element(task, recipe.compute_dtype)
         costs = [

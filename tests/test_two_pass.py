@@ -125,8 +125,8 @@ def test_streamed_trivial_densities(density: float) -> None:
         assert torch.equal(_streamed(name, tensors, base, params, model_params, 2), whole)
 
 
-def _previous_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """The one-pass slerp before streaming: norms and cosine summed in float32 chunks."""
+def _mergekit_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit's arithmetic: the cosine as the sum of the products of the normalized tensors, in float32."""
     from hf_m2n2.methods.slerp import slerp_coefficients
 
     a, b = v0.reshape(-1).float(), v1.reshape(-1).float()
@@ -136,12 +136,23 @@ def _previous_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tenso
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_slerp_one_pass_result_is_unchanged(dtype: torch.dtype) -> None:
-    """Streaming did not change slerp's arithmetic (float32 chunk norms, normalized chunk dot: like mergekit)."""
-    for shape in ((64, 48), (300, 200)):
+def test_slerp_agrees_with_mergekit_to_rounding(dtype: torch.dtype) -> None:
+    """The one-pass cosine (dot product over the norms) changes mergekit's result only by rounding: at most
+    1e-5 of the tensor's largest magnitude in float32; in bfloat16 one rounding step per element, except where
+    the two terms nearly cancel (|value| below ~1e-6 of the tensor's scale), which float32 noise in the
+    coefficients may move by more steps of their own tiny magnitude."""
+    for shape in ((64, 48), (300, 200), (1100, 1000)):  # the last spans two 2**20-element chunks
         tensors, base = _inputs("slerp", shape, dtype)
-        out = _whole("slerp", tensors, base, {"t": 0.35}, [{}])
-        assert torch.equal(out, _previous_slerp(0.35, base, tensors[0]))
+        out = _whole("slerp", tensors, base, {"t": 0.35}, [{}]).float()
+        expected = _mergekit_slerp(0.35, base, tensors[0]).float()
+        if dtype == torch.float32:
+            assert float((out - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+        else:
+            _, exponent = torch.frexp(torch.maximum(out.abs(), expected.abs()))
+            step = torch.ldexp(torch.ones_like(out), exponent - 8)  # bf16 keeps 8 significant bits
+            noise = 2.0**-20 * float(expected.abs().max())
+            assert bool(((out - expected).abs() <= step.clamp_min(noise)).all())
+            assert int((out != expected).sum()) < out.numel() // 100
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -205,12 +216,33 @@ def test_dare_draws_are_the_streams_values_at_each_elements_position() -> None:
     first = sp.RANDOM.whole(x, {"density": 0.3}, False, stream)
     assert torch.equal(first != 0, stream.uniform(0, x.numel()).view(x.shape) < 0.3)
     context = TensorContext(tuple(x.shape), {}, [{"density": 0.3}] * 2, stream)
-    for model in (0, 1):
-        stats = sp.RANDOM.statistics(
-            [Lazy(0, tuple(x.shape), lambda: x)], {"density": 0.3}, False, context, model
-        )
+    deltas = [[Lazy(0, tuple(x.shape), lambda: x)]] * 2
+    for model, stats in enumerate(sp.RANDOM.statistics(deltas, [{"density": 0.3}] * 2, False, context)):
         expected = stream.uniform(model * x.numel(), x.numel()).view(x.shape) < 0.3
         assert torch.equal(sp.RANDOM.apply(x, 0, stats) != 0, expected)
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "della_linear", "ties"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_random_masks_read_each_block_once_for_every_model(name: str, rescale: bool) -> None:
+    """The statistics scan of a random sparsifier reads a block once for all models (none without a rescale);
+    magnitude selection still reads per model and per radix pass."""
+    tensors, base = _inputs(name, (12, 5), torch.float32)
+    params, model_params = _params(name, len(tensors), rescale=rescale)
+    method = get_method(name)
+    context = TensorContext(tuple(base.shape), params, model_params, RandomStream(3))
+    reads: list[int] = []
+
+    def read(i: int) -> Block:
+        reads.append(i)
+        rows = (4 * i, 4 * i + 4)
+        return Block(context, [x[rows[0] : rows[1]] for x in tensors], base[rows[0] : rows[1]], i, rows)
+
+    method.streamed.statistics(context, [Lazy(i, (4, 5), lambda i=i: read(i)) for i in range(3)])
+    if name == "ties":
+        assert len(reads) > 3 * len(tensors)
+    else:
+        assert reads == ([0, 1, 2] if rescale else [])
 
 
 def test_random_stream_values_do_not_depend_on_where_a_draw_starts() -> None:
@@ -231,7 +263,7 @@ def test_dare_rescale_keeps_each_blocks_mask_packed_and_draws_it_once() -> None:
     blocks = [(0, 10), (10, 20), (20, 37)]
     lazies = [Lazy(i, (hi - lo, 11), lambda lo=lo, hi=hi: x[lo:hi]) for i, (lo, hi) in enumerate(blocks)]
     context = TensorContext(tuple(x.shape), {}, [{"density": 0.4}], stream)
-    stats = sp.RANDOM.statistics(lazies, {"density": 0.4}, True, context, 0)
+    (stats,) = sp.RANDOM.statistics([lazies], [{"density": 0.4}], True, context)
     assert all(mask.dtype == np.uint8 for mask in stats.masks)
     assert [mask.size for mask in stats.masks] == [14, 14, 24]  # ceil(rows * 11 / 8) bytes
     streamed = torch.cat([sp.RANDOM.apply(x[lo:hi], i, stats) for i, (lo, hi) in enumerate(blocks)])

@@ -61,30 +61,26 @@ def _flat_chunks(
 
 
 def _statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> tuple[float, float]:
-    """(c0, c1) from the angle between the whole (flattened) base and model tensors.
+    """(c0, c1) from the angle between the whole (flattened) base and model tensors, in one pass.
 
-    In float32 (float64 for float64 inputs) over fixed chunks of the flattened tensors: norms as the norm of
-    the chunks' norms, then the cosine as the sum of the chunks' sums of normalized products (like mergekit).
-    Chunks are cut from the flat tensor, not from the row blocks, so any block size gives the same angle. A
-    tensor of norm ~0 is treated as having norm 1 (its cosine with the other is then ~0). Two passes.
+    In float32 (float64 for float64 inputs) over fixed chunks of the flattened tensors: each chunk's two norms
+    and dot product; the norms are the norms of the chunks' norms, the cosine the sum of the chunks' dot products
+    over the product of the norms. Chunks are cut from the flat tensor, not from the row blocks, so any block
+    size gives the same angle. A tensor of norm ~0 is treated as having norm 1 (its cosine with the other is
+    then ~0). mergekit sums the products of the normalized tensors instead: the cosines agree to float32
+    rounding, so outputs differ from mergekit's by at most one bf16 rounding step, in rare elements.
     """
-    norms_a, norms_b = [], []
+    norms_a, norms_b, dots = [], [], []
     for x, y in _flat_chunks(blocks, None):
         norms_a.append(torch.linalg.vector_norm(x))
         norms_b.append(torch.linalg.vector_norm(y))
+        dots.append(torch.mul(x, y).sum())
     norm_a = float(torch.linalg.vector_norm(torch.stack(norms_a))) if norms_a else 0.0
     norm_b = float(torch.linalg.vector_norm(torch.stack(norms_b))) if norms_b else 0.0
     norm_a = norm_a if norm_a > _NORM_EPS else 1.0
     norm_b = norm_b if norm_b > _NORM_EPS else 1.0
-    cos = sum(float(_normalized_product(x, y, norm_a, norm_b).sum()) for x, y in _flat_chunks(blocks, None))
-    return slerp_coefficients(float(context.params["t"]), cos)
-
-
-def _normalized_product(x: torch.Tensor, y: torch.Tensor, norm_a: float, norm_b: float) -> torch.Tensor:
-    """(x / norm_a) * (y / norm_b), in place where `x` and `y` are copies (not views of the inputs)."""
-    if x._base is not None or y._base is not None:  # wide inputs: the chunks are views, leave them alone
-        return (x / norm_a) * (y / norm_b)
-    return x.div_(norm_a).mul_(y.div_(norm_b))
+    dot = float(torch.stack(dots).sum()) if dots else 0.0
+    return slerp_coefficients(float(context.params["t"]), dot / norm_a / norm_b)
 
 
 def _apply(block: Block, coefficients: tuple[float, float]) -> torch.Tensor:

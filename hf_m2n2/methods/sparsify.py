@@ -9,9 +9,9 @@ sparsified in row blocks without ever being held whole (see `hf_m2n2.methods.str
   tensor. Exactly the requested number of elements is kept; elements whose magnitudes tie at the cut-off are
   taken in index order (per-block counts of the tied elements make that order global).
 * Random masks compare uniforms of the tensor's `RandomStream` with the keep probability: element e of model
-  m's delta takes value m * numel + e of the stream, whichever block it lies in. With an L1 rescale the
-  statistics scan draws each block's mask once and keeps it bit-packed (1 bit per element) for the apply;
-  without one, nothing is drawn until the apply.
+  m's delta takes value m * numel + e of the stream, whichever block it lies in. With an L1 rescale one
+  statistics scan reads each block once, draws every model's mask of it and keeps the masks bit-packed (1 bit
+  per element) for the apply; without one, nothing is read or drawn until the apply.
 * The L1 rescale factor (sum |x| / sum |kept|) is summed per row in float64 (see `streaming.total`).
 """
 
@@ -224,15 +224,19 @@ def rank_window_mask(magnitudes: torch.Tensor, start: int, stop: int) -> torch.T
 
 @dataclass(frozen=True)
 class Sparsifier:
-    """One model's task-vector sparsification, as statistics and an elementwise apply.
+    """A task-vector sparsification, as statistics and an elementwise apply.
 
-    statistics(deltas, model_params, rescale, context, model) -> stats: `deltas` are the delta's row blocks in
-        order (`load()` computes one), `context` the tensor's (numel, random stream), `model` the delta's index
-        among the tensor's models. None means: keep the delta as is; ZERO: drop all of it.
-    apply(delta, block, stats) -> the sparsified rows of block number `block`.
+    statistics(deltas, model_params, rescale, context) -> one stats value per model: `deltas[m]` are model m's
+        delta row blocks in order (`load()` computes one; the callers make the models' blocks of one index
+        share a read, so a scan taking the models of each block in turn reads every block once), `context` the
+        tensor's (numel, random stream). A value None means: keep the delta as is; ZERO: drop all of it.
+    apply(delta, block, stats) -> the sparsified rows of block number `block`, given the model's stats value.
     """
 
-    statistics: Callable[[Sequence[Lazy[torch.Tensor]], Mapping[str, Scalar], bool, TensorContext, int], Any]
+    statistics: Callable[
+        [Sequence[Sequence[Lazy[torch.Tensor]]], Sequence[Mapping[str, Scalar]], bool, TensorContext],
+        list[Any],
+    ]
     apply: Callable[[torch.Tensor, int, Any], torch.Tensor]
 
     def whole(
@@ -244,8 +248,17 @@ class Sparsifier:
     ) -> torch.Tensor:
         """Sparsify the whole tensor `x` (one block; the first model of the tensor)."""
         context = TensorContext(tuple(x.shape), {}, [model_params], stream)
-        stats = self.statistics([Lazy(0, tuple(x.shape), lambda: x)], model_params, rescale, context, 0)
+        (stats,) = self.statistics([[Lazy(0, tuple(x.shape), lambda: x)]], [model_params], rescale, context)
         return x if stats is None else self.apply(x, 0, stats)
+
+
+def _model_by_model(statistics: Callable[..., Any]) -> Callable[..., list[Any]]:
+    """Sparsifier statistics from a one-model function `statistics(deltas, model_params, rescale)`."""
+
+    def all_models(deltas, model_params, rescale, context) -> list[Any]:
+        return [statistics(d, params, rescale) for d, params in zip(deltas, model_params)]
+
+    return all_models
 
 
 @dataclass(frozen=True)
@@ -299,7 +312,7 @@ def _kept_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
     return kept if stats.ratio is None else kept.mul_(stats.ratio)
 
 
-def _magnitude_statistics(blocks, model_params, rescale, context, model) -> Any:
+def _magnitude_statistics(blocks, model_params, rescale) -> Any:
     density = float(model_params["density"])
     n = _numel(blocks)
     if density >= 1:
@@ -310,7 +323,7 @@ def _magnitude_statistics(blocks, model_params, rescale, context, model) -> Any:
     return _selection(blocks, lambda n, chooser: top_k_keep(n, k, chooser), rescale)
 
 
-def _outlier_statistics(blocks, model_params, rescale, context, model) -> Any:
+def _outlier_statistics(blocks, model_params, rescale) -> Any:
     density, gamma = float(model_params["density"]), float(model_params["gamma"])
     if density >= 1:
         return None
@@ -320,8 +333,8 @@ def _outlier_statistics(blocks, model_params, rescale, context, model) -> Any:
     return _selection(blocks, lambda n, chooser: window_keep(n, bottom, bottom + keep, chooser), rescale)
 
 
-MAGNITUDE = Sparsifier(_magnitude_statistics, _kept_apply)
-OUTLIERS = Sparsifier(_outlier_statistics, _kept_apply)
+MAGNITUDE = Sparsifier(_model_by_model(_magnitude_statistics), _kept_apply)
+OUTLIERS = Sparsifier(_model_by_model(_outlier_statistics), _kept_apply)
 
 
 # --- random masks
@@ -340,31 +353,42 @@ class _Drawn:
 
 
 def _drawn_statistics(
-    blocks: Sequence[Lazy[torch.Tensor]], probability: Probability, rescale: bool, context, model: int
-) -> _Drawn:
-    """Where each block's draws start in the tensor's stream; with `rescale`, every block's mask (drawn once,
-    kept bit-packed) and the L1 rescale factor. Without `rescale` no block is read or drawn here."""
+    deltas: Sequence[Sequence[Lazy[torch.Tensor]]],
+    plans: Sequence[Any],
+    rescale: bool,
+    context: TensorContext,
+) -> list[Any]:
+    """Per model, where each block's draws start in the tensor's stream; with `rescale`, every block's mask
+    (drawn once, kept bit-packed) and the L1 rescale factor, from one scan over the blocks taking the models of
+    each block in turn. `plans[m]` is model m's keep probability, or its final stats (None or ZERO)."""
+    drawn = [m for m, plan in enumerate(plans) if callable(plan)]
+    out = list(plans)
+    if not drawn:
+        return out
     stream = context.stream
     if stream is None:
         raise ValueError("a randomized merge method needs a seeded RandomStream")
-    starts, position = [], model * _numel(blocks)
-    for lazy in blocks:
-        starts.append(position)
-        position += math.prod(lazy.shape)
-    if not rescale:
-        return _Drawn(probability, stream, tuple(starts), None, None)
-    masks, before, after = [], [], []
+    offsets = [0]
+    for lazy in deltas[0]:
+        offsets.append(offsets[-1] + math.prod(lazy.shape))
+    starts = {m: tuple(m * offsets[-1] + offset for offset in offsets[:-1]) for m in drawn}
+    masks: dict[int, list[np.ndarray]] = {m: [] for m in drawn}
+    sums: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {m: ([], []) for m in drawn}
     dtype = None
-    for lazy, start in zip(blocks, starts):
-        x = lazy.load()
-        dtype = x.dtype
-        mask = keep_mask(probability(x), x.shape, stream, start)
-        magnitudes = x.abs()
-        before.append(row_sums(magnitudes))
-        after.append(row_sums(magnitudes.mul_(mask.to(x.device))))  # |x * mask| = |x| * mask
-        del magnitudes
-        masks.append(np.packbits(mask.reshape(-1).numpy()))
-    return _Drawn(probability, stream, tuple(starts), _ratio(before, after, dtype), tuple(masks))
+    for block in range(len(offsets) - 1 if rescale else 0):
+        for m in drawn:
+            x = deltas[m][block].load()
+            dtype = x.dtype
+            mask = keep_mask(plans[m](x), x.shape, stream, starts[m][block])
+            magnitudes = x.abs()
+            sums[m][0].append(row_sums(magnitudes))
+            sums[m][1].append(row_sums(magnitudes.mul_(mask.to(x.device))))  # |x * mask| = |x| * mask
+            del x, magnitudes
+            masks[m].append(np.packbits(mask.reshape(-1).numpy()))
+    for m in drawn:
+        ratio = _ratio(*sums[m], dtype) if rescale else None
+        out[m] = _Drawn(plans[m], stream, starts[m], ratio, tuple(masks[m]) if rescale else None)
+    return out
 
 
 def _drawn_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
@@ -379,14 +403,12 @@ def _drawn_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
     return kept if stats.ratio is None else kept.mul_(stats.ratio)
 
 
-def _random_statistics(blocks, model_params, rescale, context, model) -> Any:
+def _random_plan(model_params: Mapping[str, Scalar]) -> Any:
     density = float(model_params["density"])
-    if density >= 1:
-        return None
-    return _drawn_statistics(blocks, lambda x: density, rescale, context, model)
+    return None if density >= 1 else lambda x: density
 
 
-def _della_statistics(blocks, model_params, rescale, context, model) -> Any:
+def _della_plan(model_params: Mapping[str, Scalar]) -> Any:
     density, epsilon = float(model_params["density"]), float(model_params["epsilon"])
     if density >= 1:
         return None
@@ -402,11 +424,20 @@ def _della_statistics(blocks, model_params, rescale, context, model) -> Any:
         rows = x.unsqueeze(0) if x.dim() < 2 else x
         return _rank_probabilities(rows, density, epsilon, torch.float32).reshape(x.shape)
 
-    return _drawn_statistics(blocks, probability, rescale, context, model)
+    return probability
 
 
-RANDOM = Sparsifier(_random_statistics, _drawn_apply)
-DELLA = Sparsifier(_della_statistics, _drawn_apply)
+def _drawn(plan_of: Callable[[Mapping[str, Scalar]], Any]) -> Callable[..., list[Any]]:
+    """Sparsifier statistics drawing random masks with each model's keep probability (`plan_of`)."""
+
+    def statistics(deltas, model_params, rescale, context) -> list[Any]:
+        return _drawn_statistics(deltas, [plan_of(params) for params in model_params], rescale, context)
+
+    return statistics
+
+
+RANDOM = Sparsifier(_drawn(_random_plan), _drawn_apply)
+DELLA = Sparsifier(_drawn(_della_plan), _drawn_apply)
 
 
 # --- whole-tensor entry points

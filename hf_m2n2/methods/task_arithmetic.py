@@ -102,24 +102,34 @@ def _merge_deltas(
     return mixed.add_(base)
 
 
-def _delta(block: Lazy[Block], model: int) -> torch.Tensor:
-    loaded = block.load()
-    if loaded.base is None:
-        raise ValueError("task-vector methods need a base tensor")
-    return loaded.tensors[model] - loaded.base
+class _LastRead:
+    """The block read last, kept until another is read: the models' deltas of one block share a read when a
+    scan takes them in turn."""
+
+    def __init__(self) -> None:
+        self.index: int | None = None
+        self.block: Block | None = None
+
+    def delta(self, lazy: Lazy[Block], model: int) -> torch.Tensor:
+        if self.index != lazy.index:
+            self.block = None  # free the previous block before reading the next
+            self.block, self.index = lazy.load(), lazy.index
+        if self.block.base is None:
+            raise ValueError("task-vector methods need a base tensor")
+        return self.block.tensors[model] - self.block.base
 
 
 def streamed_task_arithmetic(sparsifier: Sparsifier, consensus: bool) -> Streamed:
-    """A sparsifying task-vector method as statistics (each model's sparsifier statistics, model after model)
-    and an elementwise apply (sparsify each block's deltas with them, then merge)."""
+    """A sparsifying task-vector method as statistics (the sparsifier's, over every model's delta blocks) and an
+    elementwise apply (sparsify each block's deltas with them, then merge)."""
 
     def statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> list[Any]:
-        rescale = bool(context.params["rescale"])
-        stats = []
-        for i, model_params in enumerate(context.model_params):
-            deltas = [Lazy(b.index, b.shape, partial(_delta, b, i)) for b in blocks]
-            stats.append(sparsifier.statistics(deltas, model_params, rescale, context, i))
-        return stats
+        last = _LastRead()
+        deltas = [
+            [Lazy(b.index, b.shape, partial(last.delta, b, i)) for b in blocks]
+            for i in range(len(context.model_params))
+        ]
+        return sparsifier.statistics(deltas, context.model_params, bool(context.params["rescale"]), context)
 
     def apply(block: Block, stats: list[Any]) -> torch.Tensor:
         def sparsify(i: int, delta: torch.Tensor) -> torch.Tensor:
