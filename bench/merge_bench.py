@@ -16,6 +16,10 @@ What it measures, and how:
   and RssFile (mapped files: shared libraries, mmap'd safetensors) are sampled from /proc every 50 ms.
 * Inputs are page-cache warm (one read pass before timing; the page cache cannot be dropped without privileges).
   Before each run the previous output is removed and `sync` is called, so write-back does not leak across runs.
+* Write-back: right after each run, `sync` is timed. hf-m2n2 writes its shards with O_DIRECT or fsync, so its
+  output is on disk when it exits (the sync finds ~nothing to do); mergekit 0.1.5 leaves its output in the page
+  cache. "wall+sync" (the time until the output is durable) is printed beside the wall time for both tools; the
+  targets are on the wall time.
 * Runs alternate ours, mergekit, ours, mergekit, ... (`--repeats N`); the median wall time and max peak RSS are
   reported, with the ratios ours/mergekit and the per-tensor differences between the two outputs (read lazily with
   safe_open and compared in float32: max abs diff, max symmetric relative error |a-b|/max(|a|,|b|), the number of
@@ -171,6 +175,7 @@ class Measure:
 
 @dataclass
 class Run(Measure):
+    writeback_s: float = 0.0  # `sync` right after the run: the tool's output still in the page cache
     tool: str = ""
     method: str = ""
     repeat: int = 0
@@ -371,6 +376,8 @@ class MethodResult:
     ours_anon_mb: float | None = None
     ours_file_mb: float | None = None
     mergekit_wall_s: float | None = None
+    ours_durable_s: float | None = None  # wall + the sync after it (median)
+    mergekit_durable_s: float | None = None
     mergekit_rss_mb: float | None = None
     mergekit_anon_mb: float | None = None
     mergekit_file_mb: float | None = None
@@ -380,6 +387,10 @@ class MethodResult:
     @property
     def wall_ratio(self) -> float | None:
         return _ratio(self.ours_wall_s, self.mergekit_wall_s)
+
+    @property
+    def durable_ratio(self) -> float | None:
+        return _ratio(self.ours_durable_s, self.mergekit_durable_s)
 
     @property
     def rss_ratio(self) -> float | None:
@@ -471,15 +482,18 @@ def run_tool(
     make = ours_cmd if tool == "ours" else mergekit_cmd
     log = out.parent / f"{tool}.log"
     m = run_measured(make(exe, config, out, shard, args.seed), log, child_env())
+    start = time.perf_counter()
+    os.sync()
+    writeback = time.perf_counter() - start
     status = "ok" if m.returncode == 0 else f"FAILED rc={m.returncode}, log {log}"
     print(
-        f"  {method:16s} {tool:9s} #{rep}  {m.wall_s:7.2f} s  peak RSS {m.peak_rss_mb:7.0f} MB"
-        f"  (anon {m.peak_anon_mb:6.0f} MB, file {m.peak_file_mb:6.0f} MB)  {status}",
+        f"  {method:16s} {tool:9s} #{rep}  {m.wall_s:7.2f} s  (+ sync {writeback:5.2f} s)  peak RSS"
+        f" {m.peak_rss_mb:7.0f} MB  (anon {m.peak_anon_mb:6.0f} MB, file {m.peak_file_mb:6.0f} MB)  {status}",
         flush=True,
     )
     if m.returncode:
         print("    " + "\n    ".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
-    return Run(**asdict(m), tool=tool, method=method, repeat=rep, log=str(log))
+    return Run(**asdict(m), writeback_s=writeback, tool=tool, method=method, repeat=rep, log=str(log))
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -491,6 +505,9 @@ PERF_COLUMNS: list[tuple[str, str, str]] = [  # header, MethodResult attribute, 
     ("ours s", "ours_wall_s", ".2f"),
     ("mk s", "mergekit_wall_s", ".2f"),
     ("wall o/m", "wall_ratio", ".2f"),
+    ("o+sync s", "ours_durable_s", ".2f"),
+    ("mk+sync s", "mergekit_durable_s", ".2f"),
+    ("sync o/m", "durable_ratio", ".2f"),
     ("o/bound", "ours_over_bound", ".2f"),
     ("ours RSS", "ours_rss_mb", ".0f"),
     ("mk RSS", "mergekit_rss_mb", ".0f"),
@@ -504,7 +521,8 @@ PERF_COLUMNS: list[tuple[str, str, str]] = [  # header, MethodResult attribute, 
 
 def print_tables(results: list[MethodResult], size: str) -> None:
     print("\nResults (inputs page-cache warm; wall = median of repeats; memory in MB = max of repeats;")
-    print("RSS = ru_maxrss, anon/file = sampled peak RssAnon/RssFile; o/m = ours/mergekit)")
+    print("RSS = ru_maxrss, anon/file = sampled peak RssAnon/RssFile; o/m = ours/mergekit;")
+    print("+sync = wall + the sync right after the run: until the output is on disk)")
     hdr = f"{'method':16s} {'K':>2s} " + " ".join(f"{h:>9s}" for h, _, _ in PERF_COLUMNS)
     print(hdr)
     print("-" * len(hdr))
@@ -624,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 res.errors.append(f"{tool}: {len(rs) - len(ok)} failed run(s), see {rs[-1].log}")
             if ok:
                 setattr(res, f"{tool}_wall_s", statistics.median(r.wall_s for r in ok))
+                setattr(res, f"{tool}_durable_s", statistics.median(r.wall_s + r.writeback_s for r in ok))
                 setattr(res, f"{tool}_rss_mb", max(r.peak_rss_mb for r in ok))
                 setattr(res, f"{tool}_anon_mb", max(r.peak_anon_mb for r in ok))
                 setattr(res, f"{tool}_file_mb", max(r.peak_file_mb for r in ok))
@@ -661,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **asdict(r),
                     "wall_ratio": r.wall_ratio,
+                    "durable_ratio": r.durable_ratio,
                     "rss_ratio": r.rss_ratio,
                     "ours_over_bound": r.ours_over_bound,
                 }
