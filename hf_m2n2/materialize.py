@@ -354,11 +354,9 @@ def _unaccounted_bytes() -> int:
     """Resident memory that glibc's live allocations do not account for: mostly free heap pages still
     resident (free bytes themselves are no measure: trimmed pages stay counted as free). The resident memory
     itself without glibc >= 2.33's mallinfo2."""
-    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
-    if mallinfo2 is None:
+    if _MALLINFO2 is None:
         return _resident_bytes()
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
+    info = _MALLINFO2()
     return _resident_bytes() - int(info.uordblks) - int(info.hblkhd)
 
 
@@ -373,6 +371,9 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
+_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
+if _MALLINFO2 is not None:
+    _MALLINFO2.restype = _MallInfo2
 
 
 def _drain(pending: dict[Future[Any], int], on_done, return_when: str) -> None:

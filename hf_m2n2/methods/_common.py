@@ -69,12 +69,10 @@ class RandomStream:
 
 
 def keep_mask(
-    probs: torch.Tensor | float, shape: Sequence[int], stream: RandomStream | None, start: int
+    probs: torch.Tensor | float, shape: Sequence[int], stream: RandomStream, start: int
 ) -> torch.Tensor:
     """A CPU boolean mask of `shape` keeping each element with probability `probs` (a scalar or a tensor of
     `shape`): uniform values [start, start + numel) of `stream`, compared with the probability."""
-    if stream is None:
-        raise ValueError("a randomized merge method needs a seeded RandomStream")
     uniform = stream.uniform(start, math.prod(shape)).view(tuple(shape))
     if isinstance(probs, torch.Tensor):
         return uniform < probs.to("cpu", torch.float32)

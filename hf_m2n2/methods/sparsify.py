@@ -279,13 +279,27 @@ def _single_read(blocks: Sequence[Lazy[torch.Tensor]]) -> Sequence[Lazy[torch.Te
     return [Lazy(0, blocks[0].shape, lambda: value)]
 
 
-def _ratio(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor], dtype: torch.dtype):
-    """The L1 rescale factor sum|x| / sum|kept| from per-row sums, in `dtype` (None when either is ~0)."""
-    before_t = torch.tensor(total(before), dtype=dtype)
-    after_t = torch.tensor(total(after), dtype=dtype)
-    if before_t < _RESCALE_EPS or after_t < _RESCALE_EPS:
-        return None
-    return before_t / after_t
+class _L1Sums:
+    """Per-row sums of |x| and of |x * mask| over a tensor's blocks, added in row order: the L1 rescale factor."""
+
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+        self.dtype: torch.dtype | None = None
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        magnitudes = x.abs()
+        self.before.append(row_sums(magnitudes))
+        self.after.append(row_sums(magnitudes.mul_(mask)))  # |x * mask| = |x| * mask
+        self.dtype = x.dtype
+
+    def ratio(self) -> torch.Tensor | None:
+        """sum|x| / sum|kept|, in the blocks' dtype (None when either is ~0)."""
+        before = torch.tensor(total(self.before), dtype=self.dtype)
+        after = torch.tensor(total(self.after), dtype=self.dtype)
+        if before < _RESCALE_EPS or after < _RESCALE_EPS:
+            return None
+        return before / after
 
 
 def _selection(blocks: Sequence[Lazy[torch.Tensor]], keep_of: Callable[..., Keep], rescale: bool) -> Any:
@@ -297,12 +311,11 @@ def _selection(blocks: Sequence[Lazy[torch.Tensor]], keep_of: Callable[..., Keep
         return None  # x * 1 (rescaled by exactly 1) is x
     if not rescale:
         return _Kept(keep, None)
-    before, after = [], []
+    sums = _L1Sums()
     for lazy in blocks:
         x = lazy.load()
-        before.append(row_sums(x.abs()))
-        after.append(row_sums((x * keep.mask(magnitude_bits(x), lazy.index).reshape(x.shape)).abs()))
-    return _Kept(keep, _ratio(before, after, x.dtype))
+        sums.add(x, keep.mask(magnitude_bits(x), lazy.index).reshape(x.shape))
+    return _Kept(keep, sums.ratio())
 
 
 def _kept_apply(x: torch.Tensor, block: int, stats: Any) -> torch.Tensor:
@@ -373,20 +386,16 @@ def _drawn_statistics(
         offsets.append(offsets[-1] + math.prod(lazy.shape))
     starts = {m: tuple(m * offsets[-1] + offset for offset in offsets[:-1]) for m in drawn}
     masks: dict[int, list[np.ndarray]] = {m: [] for m in drawn}
-    sums: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {m: ([], []) for m in drawn}
-    dtype = None
+    sums = {m: _L1Sums() for m in drawn}
     for block in range(len(offsets) - 1 if rescale else 0):
         for m in drawn:
             x = deltas[m][block].load()
-            dtype = x.dtype
             mask = keep_mask(plans[m](x), x.shape, stream, starts[m][block])
-            magnitudes = x.abs()
-            sums[m][0].append(row_sums(magnitudes))
-            sums[m][1].append(row_sums(magnitudes.mul_(mask.to(x.device))))  # |x * mask| = |x| * mask
-            del x, magnitudes
+            sums[m].add(x, mask.to(x.device))
+            del x
             masks[m].append(np.packbits(mask.reshape(-1).numpy()))
     for m in drawn:
-        ratio = _ratio(*sums[m], dtype) if rescale else None
+        ratio = sums[m].ratio() if rescale else None
         out[m] = _Drawn(plans[m], stream, starts[m], ratio, tuple(masks[m]) if rescale else None)
     return out
 
