@@ -18,7 +18,7 @@ from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
 from hf_m2n2.errors import SpecError
 from hf_m2n2.hub import ResolvedModel
 from hf_m2n2.materialize import TensorStream, WorkItem, compute_item, materialize, row_blocks
-from hf_m2n2.methods import get_method
+from hf_m2n2.methods import MergeMethod, get_method
 from hf_m2n2.outdir import atomic_output_dir, check_output_dir
 from hf_m2n2.plan import plan_merge
 from hf_m2n2.push import PushResult, PushTarget
@@ -30,7 +30,12 @@ from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
-CHUNK_ELEMENTS = 8 << 20  # row blocks of elementwise merges: memory stays flat however big the embeddings
+CHUNK_ELEMENTS = (
+    16 << 20
+)  # the most elements of one input a method sees at once: memory stays flat at any size
+# Divisors of CHUNK_ELEMENTS, measured on bench/merge_bench.py's 1B model (see work_items)
+_ELEMENTWISE_SHARE = 8
+_TEMPORARIES_SHARE = 4
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -197,11 +202,7 @@ def work_items(recipe: MethodRecipe, chunk_elements: int = CHUNK_ELEMENTS) -> li
     for task in recipe.tasks:
         method = get_method(task.method)
         split = (method.elementwise or method.streamed is not None) and not task.align_rows
-        # a streamed method keeps temporaries per element and model beside the base (deltas, masks, signs) and
-        # runs a statistics item beside the block items: blocks shrink with the models so the heap stays within
-        # the budget (bigger blocks make the heap trim and fault its pages in again after every item)
-        models = max(1, len(task.sources) - 1)
-        chunk = chunk_elements if method.elementwise else max(1, chunk_elements // (2 * models))
+        chunk = _block_elements(method, len(task.sources), chunk_elements)
         blocks = row_blocks(task.shape, chunk) if split else [None]
         per_element = _bytes_per_element(task, recipe.compute_dtype)
         costs = [
@@ -219,6 +220,23 @@ def work_items(recipe: MethodRecipe, chunk_elements: int = CHUNK_ELEMENTS) -> li
         else:
             stages.append([[WorkItem(task, None, max(costs), stream, statistics=True)], apply])
     return _pipeline(stages)
+
+
+def _block_elements(method: MergeMethod, sources: int, chunk_elements: int) -> int:
+    """Elements per row block: small where each element needs full-size temporaries, so the heap stays small and
+    is reused instead of trimmed and faulted in again after every item; big where a block holds only inputs and
+    output, so more tensors are read once (a streamed tensor of several blocks is read twice).
+
+    Elementwise methods keep float32 sums: 1/8 of the chunk (vs the whole chunk: half the peak RSS, same wall
+    time). Task-vector methods keep deltas, masks and signs per model beside the base and run a statistics item
+    beside the blocks: 1/4 of the chunk per such model. Slerp works through fixed pieces: the whole chunk (1B
+    bench: every MLP matrix read once; ~10% faster than half the chunk).
+    """
+    if method.elementwise:
+        return max(1, chunk_elements // _ELEMENTWISE_SHARE)
+    if method.streamed is not None and not method.streamed.block_temporaries:
+        return chunk_elements
+    return max(1, chunk_elements // (_TEMPORARIES_SHARE * max(1, sources - 1)))
 
 
 def _pipeline(stages: list[list[list[WorkItem]]]) -> list[WorkItem]:

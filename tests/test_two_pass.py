@@ -366,3 +366,32 @@ def test_statistics_error_reaches_the_caller_without_hanging(seeds, tmp_path):
     with pytest.raises(MethodParameterError, match="epsilon"):
         merge(spec, tmp_path / "out", MergeOptions(progress=False, chunk_elements=1000))
     assert not (tmp_path / "out").exists()
+
+
+def test_slerp_reads_each_tensor_once_when_it_fits_the_chunk(seeds, tmp_path, monkeypatch):
+    """Slerp's blocks hold only inputs and output, so a tensor of up to `chunk_elements` is one item, read once;
+    task-vector methods, whose blocks hold temporaries per model, stream it (statistics scans, then apply)."""
+    from safetensors.torch import load_file
+
+    from hf_m2n2.checkpoint import Checkpoint
+    from hf_m2n2.merge import MergeOptions, merge
+
+    sizes = {name: t.numel() for name, t in load_file(seeds["base"] / "model.safetensors").items()}
+    biggest = max(sizes, key=sizes.get)
+    largest = sizes[biggest]
+    reads: dict[str, list[int]] = {}
+    get = Checkpoint.get
+
+    def spy(self, name, rows=None):
+        tensor = get(self, name, rows)
+        reads.setdefault(name, []).append(tensor.numel())
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "get", spy)
+    options = MergeOptions(progress=False, chunk_elements=largest)
+    merge(_spec(seeds, "slerp"), tmp_path / "slerp", options)
+    assert all(read == [sizes[name]] * 2 for name, read in reads.items())  # base and model, each whole, once
+    reads.clear()
+    merge(_spec(seeds, "ties"), tmp_path / "ties", options)
+    assert max(reads[biggest]) < largest  # in row blocks
+    assert sum(reads[biggest]) > 3 * largest  # base and two models, each read more than once

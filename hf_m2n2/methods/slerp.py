@@ -36,7 +36,9 @@ def _flat_chunks(
     blocks: Sequence[Lazy[Block]], dtype: torch.dtype | None
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """(base, model) pieces of the flattened tensors, `_CHUNK` elements each (the last one shorter), in `dtype`
-    (None: the wide dtype of the inputs), whatever the row blocks: a piece straddling two blocks is joined."""
+    (None: the wide dtype of the inputs), whatever the row blocks: a piece straddling two blocks is joined.
+    Every piece is a fresh copy, so its alignment, and with it BLAS's summation order, is the same however the
+    tensor is split into blocks."""
     carry: tuple[torch.Tensor, ...] = ()
     for lazy in blocks:
         block = lazy.load()
@@ -51,9 +53,9 @@ def _flat_chunks(
             yield carry
             carry = ()
         for start in range(first, flats[0].numel(), _CHUNK):
-            pieces = tuple(f[start : start + _CHUNK].to(work) for f in flats)
+            pieces = tuple(f[start : start + _CHUNK].to(work, copy=True) for f in flats)
             if pieces[0].numel() < _CHUNK and lazy is not blocks[-1]:
-                carry = tuple(p.clone() for p in pieces)  # not a view: the block can be freed
+                carry = pieces
             else:
                 yield pieces
     if carry:
@@ -63,20 +65,20 @@ def _flat_chunks(
 def _statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> tuple[float, float]:
     """(c0, c1) from the angle between the whole (flattened) base and model tensors, in one pass.
 
-    In float32 (float64 for float64 inputs) over fixed chunks of the flattened tensors: each chunk's two norms
-    and dot product; the norms are the norms of the chunks' norms, the cosine the sum of the chunks' dot products
-    over the product of the norms. Chunks are cut from the flat tensor, not from the row blocks, so any block
+    In float32 (float64 for float64 inputs) over fixed chunks of the flattened tensors: each chunk's three dot
+    products (x.x, y.y, x.y: one BLAS pass each, no temporaries); the norms are the square roots of the summed
+    squares, the cosine the sum of the chunks' dot products over the product of the norms. Chunks are cut from the flat tensor, not from the row blocks, so any block
     size gives the same angle. A tensor of norm ~0 is treated as having norm 1 (its cosine with the other is
     then ~0). mergekit sums the products of the normalized tensors instead: the cosines agree to float32
     rounding, so outputs differ from mergekit's by at most one bf16 rounding step, in rare elements.
     """
-    norms_a, norms_b, dots = [], [], []
+    squares_a, squares_b, dots = [], [], []
     for x, y in _flat_chunks(blocks, None):
-        norms_a.append(torch.linalg.vector_norm(x))
-        norms_b.append(torch.linalg.vector_norm(y))
-        dots.append(torch.mul(x, y).sum())
-    norm_a = float(torch.linalg.vector_norm(torch.stack(norms_a))) if norms_a else 0.0
-    norm_b = float(torch.linalg.vector_norm(torch.stack(norms_b))) if norms_b else 0.0
+        squares_a.append(torch.dot(x, x))
+        squares_b.append(torch.dot(y, y))
+        dots.append(torch.dot(x, y))
+    norm_a = float(torch.stack(squares_a).sum().sqrt()) if squares_a else 0.0
+    norm_b = float(torch.stack(squares_b).sum().sqrt()) if squares_b else 0.0
     norm_a = norm_a if norm_a > _NORM_EPS else 1.0
     norm_b = norm_b if norm_b > _NORM_EPS else 1.0
     dot = float(torch.stack(dots).sum()) if dots else 0.0
@@ -91,12 +93,14 @@ def _apply(block: Block, coefficients: tuple[float, float]) -> torch.Tensor:
     a, b = v0.reshape(-1), v1.reshape(-1)
     out = torch.empty_like(a)
     for start in range(0, a.numel(), _CHUNK):
-        x, y = a[start : start + _CHUNK].to(work), b[start : start + _CHUNK].to(work)
-        torch.add(torch.mul(x, c0), torch.mul(y, c1), out=out[start : start + _CHUNK])
+        # private copies (copy=True: a float32 input's .to() is the input itself), scaled in place
+        x = a[start : start + _CHUNK].to(work, copy=True).mul_(c0)
+        y = b[start : start + _CHUNK].to(work, copy=True).mul_(c1)
+        torch.add(x, y, out=out[start : start + _CHUNK])
     return out.reshape(v0.shape)
 
 
-STREAMED = Streamed(apply=_apply, statistics=_statistics)
+STREAMED = Streamed(apply=_apply, statistics=_statistics, block_temporaries=False)
 _whole = whole_tensor_fn(STREAMED)
 
 

@@ -79,6 +79,9 @@ class Streamed:
 
     apply: Apply
     statistics: Statistics | None = None
+    # whether statistics and apply hold block-sized temporaries per model beside the base (task vectors' deltas,
+    # masks, signs); False when they work through fixed-size pieces (slerp), so bigger blocks cost no more scratch
+    block_temporaries: bool = True
 
 
 def whole_tensor_fn(streamed: Streamed) -> MergeFn:
