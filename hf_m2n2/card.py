@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hf_m2n2.errors import HfM2n2Error
-from hf_m2n2.evolve.checkpoint import atomic_write_text
 from hf_m2n2.hub import ResolvedModel
+from hf_m2n2.outdir import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from hf_m2n2.errors import OutputError
 
@@ -68,3 +69,42 @@ def _replace(tmp: Path, target: Path) -> None:
         raise OutputError(f"cannot move the result into {target}: {exc.strerror or exc}") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
+    """Write a file atomically: `write(file)` fills a temporary sibling, which is fsynced and renamed onto path.
+
+    Args:
+        path: the destination.
+        write: a function taking the open binary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file atomically (see `atomic_write_bytes`)."""
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode()))

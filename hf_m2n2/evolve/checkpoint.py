@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hf_m2n2.outdir import atomic_write_bytes
 
 _META = "__meta__"
 _ARRAY = "__array__"
@@ -62,45 +63,6 @@ def unpack(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(tree, list):
         return [unpack(v, arrays) for v in tree]
     return tree
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
-    """Write a file atomically: `write(file)` fills a temporary sibling, which is fsynced and renamed onto path.
-
-    Args:
-        path: the destination.
-        write: a function taking the open binary file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file atomically (see `atomic_write_bytes`)."""
-    atomic_write_bytes(path, lambda handle: handle.write(text.encode()))
 
 
 def save_state(path: str | os.PathLike[str], state: Any) -> None:

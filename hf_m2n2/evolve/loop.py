@@ -28,9 +28,10 @@ import numpy as np
 from hf_m2n2 import __version__
 from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evaluate.base import EvaluationError, Evaluator, check_scores
-from hf_m2n2.evolve.checkpoint import atomic_write_text, load_state, save_state
+from hf_m2n2.evolve.checkpoint import load_state, save_state
 from hf_m2n2.evolve.genome import GenomeOps
 from hf_m2n2.evolve.strategy import Candidate, Strategy
+from hf_m2n2.outdir import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from hf_m2n2.errors import HfM2n2Error, OutputError
-from hf_m2n2.evolve.checkpoint import atomic_write_text
 from hf_m2n2.evolve.config import EvolveSpec, load_evolve_spec
 from hf_m2n2.evolve.loop import CHECKPOINT, SUMMARY, LoopSettings, run_loop
+from hf_m2n2.outdir import atomic_write_text
 from hf_m2n2.spec import read_spec_text, spec_hash
 
 SPEC_COPY = "spec.yaml"
