@@ -30,9 +30,8 @@ from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
-CHUNK_ELEMENTS = (
-    16 << 20
-)  # the most elements of one input a method sees at once: memory stays flat at any size
+# the most elements of one input a method sees at once: memory stays flat at any model size
+CHUNK_ELEMENTS = 16 << 20
 # Divisors of CHUNK_ELEMENTS, measured on bench/merge_bench.py's 1B model (see work_items)
 _ELEMENTWISE_SHARE = 8
 _TEMPORARIES_SHARE = 4
