@@ -53,6 +53,11 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _random_stream(task: TensorTask) -> RandomStream | None:
+    """The task's seeded stream of random draws when its method is randomized (the same draws on any device)."""
+    return RandomStream(task.rng_seed) if get_method(task.method).randomized else None
+
+
 def compute_task(
     task: TensorTask,
     seeds: Sequence[Seed],
@@ -68,9 +73,7 @@ def compute_task(
     if not task.out_dtype.is_floating_point:  # integer buffers are copied, never blended
         return load_source(seeds, task.sources[0], allow_nonfinite, rows)
     inputs, base = load_inputs(task, seeds, compute_dtype, device, vocab, allow_nonfinite, rows)
-    method = get_method(task.method)
-    stream = RandomStream(task.rng_seed) if method.randomized else None
-    out = method.fn(inputs, base, task.params, task.model_params, stream)
+    out = get_method(task.method).fn(inputs, base, task.params, task.model_params, _random_stream(task))
     return out.to(task.out_dtype)
 
 
@@ -109,8 +112,7 @@ class TensorStream:
         self.task = task
         self.streamed = method.streamed
         self.blocks = list(blocks)
-        stream = RandomStream(task.rng_seed) if method.randomized else None
-        self.context = TensorContext(tuple(task.shape), task.params, task.model_params, stream)
+        self.context = TensorContext(tuple(task.shape), task.params, task.model_params, _random_stream(task))
         self._done = threading.Event()
         self._stats: Any = None
         self._error: BaseException | None = None

@@ -34,7 +34,7 @@ class TensorTask:
         base: the base tensor, if the method uses one.
         params: global parameters resolved for this tensor.
         model_params: per-model parameters, one mapping per input.
-        rng_seed: seed of this tensor's generator (randomized methods), derived from the run seed and the name.
+        rng_seed: seed of this tensor's random stream (randomized methods), derived from the run seed and the name.
         align_rows: rows are token embeddings to be re-ordered by the run's vocabulary alignment.
     """
 

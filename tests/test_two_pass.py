@@ -290,27 +290,35 @@ def _spec(seeds, method: str):
     )
 
 
-@pytest.mark.parametrize("method", ["slerp", "ties", "dare_ties", "della", "breadcrumbs"])
-def test_streamed_merge_is_byte_identical_and_bounded(seeds, tmp_path, monkeypatch, method):
+def _record_reads(monkeypatch) -> dict[str, list[int]]:
+    """From now on, the element counts of every read of each seed tensor, by tensor name."""
     from hf_m2n2.checkpoint import Checkpoint
-    from hf_m2n2.merge import MergeOptions, merge
 
-    spec = _spec(seeds, method)
-    merge(spec, tmp_path / "whole", MergeOptions(progress=False))
-    largest = []
+    reads: dict[str, list[int]] = {}
     get = Checkpoint.get
 
     def spy(self, name, rows=None):
         tensor = get(self, name, rows)
-        largest.append(tensor.numel())
+        reads.setdefault(name, []).append(tensor.numel())
         return tensor
 
     monkeypatch.setattr(Checkpoint, "get", spy)
+    return reads
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties", "dare_ties", "della", "breadcrumbs"])
+def test_streamed_merge_is_byte_identical_and_bounded(seeds, tmp_path, monkeypatch, method):
+    from hf_m2n2.merge import MergeOptions, merge
+
+    spec = _spec(seeds, method)
+    merge(spec, tmp_path / "whole", MergeOptions(progress=False))
+    reads = _record_reads(monkeypatch)
     for chunk in (1000, 4096):
-        largest.clear()
+        reads.clear()
         options = MergeOptions(progress=False, chunk_elements=chunk, memory_budget=1 << 18)
         merge(spec, tmp_path / f"chunked-{chunk}", options)
-        assert max(largest) <= chunk  # no tensor is ever read whole: its method sees row blocks only
+        # no tensor is ever read whole: its method sees row blocks only
+        assert max(n for sizes in reads.values() for n in sizes) <= chunk
         assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
             tmp_path / f"chunked-{chunk}" / "model.safetensors"
         ).read_bytes()
@@ -373,21 +381,12 @@ def test_slerp_reads_each_tensor_once_when_it_fits_the_chunk(seeds, tmp_path, mo
     task-vector methods, whose blocks hold temporaries per model, stream it (statistics scans, then apply)."""
     from safetensors.torch import load_file
 
-    from hf_m2n2.checkpoint import Checkpoint
     from hf_m2n2.merge import MergeOptions, merge
 
     sizes = {name: t.numel() for name, t in load_file(seeds["base"] / "model.safetensors").items()}
     biggest = max(sizes, key=sizes.get)
     largest = sizes[biggest]
-    reads: dict[str, list[int]] = {}
-    get = Checkpoint.get
-
-    def spy(self, name, rows=None):
-        tensor = get(self, name, rows)
-        reads.setdefault(name, []).append(tensor.numel())
-        return tensor
-
-    monkeypatch.setattr(Checkpoint, "get", spy)
+    reads = _record_reads(monkeypatch)
     options = MergeOptions(progress=False, chunk_elements=largest)
     merge(_spec(seeds, "slerp"), tmp_path / "slerp", options)
     assert all(read == [sizes[name]] * 2 for name, read in reads.items())  # base and model, each whole, once

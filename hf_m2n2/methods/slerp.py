@@ -32,18 +32,16 @@ def slerp_coefficients(t: float, cos: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-def _flat_chunks(
-    blocks: Sequence[Lazy[Block]], dtype: torch.dtype | None
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(base, model) pieces of the flattened tensors, `_CHUNK` elements each (the last one shorter), in `dtype`
-    (None: the wide dtype of the inputs), whatever the row blocks: a piece straddling two blocks is joined.
+def _flat_chunks(blocks: Sequence[Lazy[Block]]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(base, model) pieces of the flattened tensors, `_CHUNK` elements each (the last one shorter), in the
+    inputs' wide dtype, whatever the row blocks: a piece straddling two blocks is joined.
     Every piece is a fresh copy, so its alignment, and with it BLAS's summation order, is the same however the
     tensor is split into blocks."""
     carry: tuple[torch.Tensor, ...] = ()
     for lazy in blocks:
         block = lazy.load()
         flats = [block.base.reshape(-1), block.tensors[0].reshape(-1)]
-        work = dtype or wide_dtype(flats[0].dtype)
+        work = wide_dtype(flats[0].dtype)
         first = 0
         if carry:
             first = _CHUNK - carry[0].numel()
@@ -74,7 +72,7 @@ def _statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> tuple[
     most one bf16 rounding step, in rare elements (0.002% of the 1B bench model's).
     """
     squares_a, squares_b, dots = [], [], []
-    for x, y in _flat_chunks(blocks, None):
+    for x, y in _flat_chunks(blocks):
         squares_a.append(torch.dot(x, x))
         squares_b.append(torch.dot(y, y))
         dots.append(torch.dot(x, y))

@@ -385,9 +385,13 @@ def _drawn_statistics(
     for lazy in deltas[0]:
         offsets.append(offsets[-1] + math.prod(lazy.shape))
     starts = {m: tuple(m * offsets[-1] + offset for offset in offsets[:-1]) for m in drawn}
+    if not rescale:  # nothing to read: every block draws its mask in the apply
+        for m in drawn:
+            out[m] = _Drawn(plans[m], stream, starts[m], None, None)
+        return out
     masks: dict[int, list[np.ndarray]] = {m: [] for m in drawn}
     sums = {m: _L1Sums() for m in drawn}
-    for block in range(len(offsets) - 1 if rescale else 0):
+    for block in range(len(offsets) - 1):
         for m in drawn:
             x = deltas[m][block].load()
             mask = keep_mask(plans[m](x), x.shape, stream, starts[m][block])
@@ -395,8 +399,7 @@ def _drawn_statistics(
             del x
             masks[m].append(np.packbits(mask.reshape(-1).numpy()))
     for m in drawn:
-        ratio = sums[m].ratio() if rescale else None
-        out[m] = _Drawn(plans[m], stream, starts[m], ratio, tuple(masks[m]) if rescale else None)
+        out[m] = _Drawn(plans[m], stream, starts[m], sums[m].ratio(), tuple(masks[m]))
     return out
 
 
