@@ -57,22 +57,24 @@ def _drop_timing(node):
 
 
 def file_digest(path: Path) -> str:
+    """The file's hash, with timings dropped and this checkout's absolute path written `<ROOT>` (so manifests
+    made in two checkouts compare)."""
     if path.name == "timing.json":
         return "(timing)"
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text().replace(str(ROOT), "<ROOT>"))
         return hashlib.sha256(json.dumps(_drop_timing(data), sort_keys=True).encode()).hexdigest()[:16]
     if path.suffix == ".npz" and path.name != "gram.npz":
         import numpy as np
 
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode().replace(str(ROOT), "<ROOT>"))
         digest = hashlib.sha256(json.dumps(_drop_timing(meta), sort_keys=True).encode())
         for key in sorted(arrays):
             digest.update(key.encode() + arrays[key].tobytes() + str(arrays[key].dtype).encode())
         return digest.hexdigest()[:16]
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(path.read_bytes().replace(str(ROOT).encode(), b"<ROOT>")).hexdigest()[:16]
 
 
 def tree_digests(root: Path, prefix: str) -> dict[str, str]:
