@@ -309,7 +309,7 @@ def _merge_job(
 def _evolve_job(spec_path: Path) -> Callable[[Job], None]:
     def target(job: Job) -> None:
         from hf_m2n2.evolve.loop import stop_when
-        from hf_m2n2.evolve.models import REPORT
+        from hf_m2n2.evolve.outcome import REPORT
         from hf_m2n2.evolve.runs import start_runs
 
         job.stage = "evolving"

@@ -1,8 +1,9 @@
-"""Blend genomes over real checkpoints: GenomeOps for the strategies, materialization into a LiveModel, and
+"""Blend genomes over real checkpoints: GenomeOps for the strategies, writing a Blend into a LiveModel, and
 streaming export of a Blend recipe to a safetensors directory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -176,43 +177,30 @@ def seed_gram(layout: SeedLayout, tensors: SeedTensors, cache: Path | None) -> n
 
 
 class BlendOps:
-    """GenomeOps over Blend genomes of real seeds; `materialize` writes the candidate into the live model.
+    """GenomeOps over Blend genomes of real seeds: algebra on the driver (layout, Gram sums, crossover, hash,
+    state), no tensors. `BlendTarget` writes a Blend into the live model.
 
     Args:
         layout: evolved tensors and blocks.
         gram: the seeds' Gram prefix sums.
-        tensors: seed tensors (resident or on demand) in the live model's dtype and device.
-        live: the resident model candidates are written into (None: materialize returns the Blend itself).
+        num_seeds: K, the number of seeds (columns of every Blend).
         slerp_scope: `global`, `segment` or `tensor` (where SLERP angles are measured).
-        defer_writes: `materialize` returns the Blend and `write` puts it into the live model (for an evaluator
-            that checks its score cache before paying for the write).
     """
 
     kind = "blend"
 
-    def __init__(
-        self,
-        layout: SeedLayout,
-        gram: np.ndarray,
-        tensors: SeedTensors,
-        live: LiveModel | None,
-        slerp_scope: str = "global",
-        defer_writes: bool = False,
-    ):
+    def __init__(self, layout: SeedLayout, gram: np.ndarray, num_seeds: int, slerp_scope: str = "global"):
         self.layout = layout
         self.gram = gram
-        self.tensors = tensors
-        self.live = live
+        self.num_seeds = num_seeds
         self.slerp_scope = slerp_scope
-        self.defer_writes = defer_writes
-        self._last_written: Blend | None = None
 
     @property
     def size(self) -> int:
         return self.layout.num_params
 
     def seed_genomes(self) -> list[Blend]:
-        return [Blend.seed(k, len(self.tensors), self.layout.num_blocks) for k in range(len(self.tensors))]
+        return [Blend.seed(k, self.num_seeds, self.layout.num_blocks) for k in range(self.num_seeds)]
 
     def crossover(self, x: Blend, y: Blend, w: float, split: int) -> Blend:
         use_split = split < self.size
@@ -226,24 +214,9 @@ class BlendOps:
     def random(self, std: float, rng: np.random.Generator) -> Blend:
         raise HfM2n2Error("Blend genomes start from seeds, not from random vectors")
 
-    def materialize(self, x: Blend) -> Any:
-        return x if self.live is None or self.defer_writes else self.write(x)
-
-    def write(self, x: Blend) -> Any:
-        """Write the Blend's tensors into the live model in place (skipped if it already holds x)."""
-        if self._last_written is not None and _same(self._last_written, x):
-            return self.live.model
-        targets = self.live.model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for t in self.layout.tensors:
-                seeds = [self.tensors.get(k, t.name) for k in range(len(self.tensors))]
-                target = targets.get(t.name)
-                if target is not None and target.device.type != "meta" and target.dtype == seeds[0].dtype:
-                    blend_tensor(x, t, self.layout, seeds, out=target)
-                else:
-                    self.live.write(t.name, blend_tensor(x, t, self.layout, seeds))
-        self._last_written = x
-        return self.live.model
+    def hash(self, x: Blend) -> str:
+        """The recipe hash (the score cache's key)."""
+        return blend_hash(x)
 
     def to_state(self, x: Blend) -> dict[str, Any]:
         return {"breakpoints": x.breakpoints, "coefs": x.coefs}
@@ -252,6 +225,51 @@ class BlendOps:
         return Blend(
             np.asarray(state["breakpoints"], dtype=np.int64), np.asarray(state["coefs"], dtype=np.float64)
         )
+
+
+def blend_hash(x: Blend) -> str:
+    """A Blend's recipe hash: its breakpoints and coefficients."""
+    digest = hashlib.sha256(np.ascontiguousarray(x.breakpoints).tobytes())
+    digest.update(np.ascontiguousarray(x.coefs).tobytes())
+    return digest.hexdigest()[:20]
+
+
+class BlendTarget:
+    """Writes Blend genomes into the live model in place, tensor by tensor, through `materialize()`.
+
+    Args:
+        layout: evolved tensors and blocks.
+        tensors: seed tensors (resident or on demand) in the live model's dtype and device.
+        live: the resident model.
+    """
+
+    def __init__(self, layout: SeedLayout, tensors: SeedTensors, live: LiveModel):
+        self.layout = layout
+        self.tensors = tensors
+        self.live = live
+        self._last_written: Blend | None = None
+
+    def write(self, x: Blend) -> Any:
+        """Write the Blend's tensors into the live model (skipped if it already holds x); return the model."""
+        from hf_m2n2.materialize import materialize
+
+        if self._last_written is not None and _same(self._last_written, x):
+            return self.live.model
+        targets = self.live.model.state_dict(keep_vars=True)
+
+        def compute(t: Any) -> torch.Tensor | None:
+            seeds = [self.tensors.get(k, t.name) for k in range(len(self.tensors))]
+            target = targets.get(t.name)
+            if target is not None and target.device.type != "meta" and target.dtype == seeds[0].dtype:
+                blend_tensor(x, t, self.layout, seeds, out=target)  # in place: nothing left to write
+                return None
+            return blend_tensor(x, t, self.layout, seeds)
+
+        self._last_written = None
+        with torch.no_grad():
+            materialize(self.layout.tensors, compute, self.live, workers=1)
+        self._last_written = x
+        return self.live.model
 
 
 def _same(a: Blend, b: Blend) -> bool:

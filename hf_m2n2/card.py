@@ -163,9 +163,11 @@ def evolve_card_info(
     model_id: str | None = None,
     rebuild_command: str | None = None,
     paper: str | None = None,
+    merge_device: str | None = None,
 ) -> CardInfo:
     """The lineage card of an evolved model: held-out scores of the merged model (as model-index) and of the
-    seeds, the lineage table, the fitness curve and the recipe."""
+    seeds, the lineage table, the fitness curve and the recipe (and, when the recipe is a merge spec merged on
+    another device than the CPU, that device: `hf-m2n2 export` merges there again)."""
     license_, license_note = merged_license(seeds)
     rows = [{"name": model_name, "values": [float(v) for v in merged]}]
     rows += [{"name": name, "values": [float(v) for v in values]} for name, values in seed_scores.items()]
@@ -188,6 +190,7 @@ def evolve_card_info(
             "recipe_file": recipe_file,
             "rebuild_command": rebuild_command or f"hf-m2n2 rebuild {recipe_file} OUT_DIR",
             "plot": plot,
+            **({"merge_device": merge_device} if merge_device is not None else {}),
         },
         eval_results=[EvalScore(task, metric, float(value)) for task, value in zip(tasks, merged)],
     )

@@ -231,14 +231,16 @@ def _cmd_card(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from hf_m2n2.evolve.runs import load_run_spec
-    from hf_m2n2.merge import validate
-    from hf_m2n2.spec import parse_yaml, read_spec_text
+    from pathlib import Path
 
-    data = parse_yaml(read_spec_text(args.config), args.config)
-    if isinstance(data, dict) and ("evolve" in data or "genome" in data):
-        spec, _ = load_run_spec(args.config)
-        _check_evaluate(spec, args.config)
+    from hf_m2n2.evaluate import check_offline
+    from hf_m2n2.evolve.spec import EvolveSpec, load_any_spec
+    from hf_m2n2.merge import validate
+
+    spec, _ = load_any_spec(args.config)
+    if isinstance(spec, EvolveSpec):
+        # task, metric and filter names checked from the task YAMLs alone (no dataset, no network)
+        check_offline(spec.evaluate, Path(args.config).resolve().parent)
         if not args.quiet:
             print(
                 f"{args.config}: valid {spec.evolve.algorithm} evolve spec ({spec.evolve.budget} forward passes)"
@@ -248,16 +250,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{args.config}: valid {spec.merge_method} spec over {len(spec.referenced_models())} models")
     return 0
-
-
-def _check_evaluate(spec, config_path: str) -> None:
-    """lm-eval task, metric and filter names checked from the task YAMLs alone (no dataset, no network)."""
-    from pathlib import Path
-
-    from hf_m2n2.evaluate.lm_eval import LmEvalConfig, check_lm_eval_config
-
-    if isinstance(spec.evaluate, LmEvalConfig):
-        check_lm_eval_config(spec.evaluate, base_dir=Path(config_path).resolve().parent)
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
@@ -270,7 +262,7 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from hf_m2n2.evolve.models import export_run
+    from hf_m2n2.evolve.outcome import export_run
 
     out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
     if not args.quiet:
@@ -301,6 +293,8 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
             _print_push(summary["push"]["repo_url"], summary["push"]["commit_url"])
 
     out = args.resume or args.out
+    from hf_m2n2.errors import InfrastructureError
+
     try:
         if args.resume:
             resume_runs(args.resume, runs=args.runs, progress=not args.quiet, on_done=report)
@@ -318,6 +312,9 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
         return 130
+    except InfrastructureError as exc:
+        print(f"error: {exc}; checkpointed, continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

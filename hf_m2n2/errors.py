@@ -1,4 +1,15 @@
-"""Exception classes. Every user-facing failure is an HfM2n2Error: the CLI prints it on one line and exits 2."""
+"""Exception classes, in two families.
+
+User errors (`HfM2n2Error` and its subclasses) come from input the user can fix: a spec, a file, a model, an
+output directory. The CLI prints them on one line and exits 2. Where one matches a built-in exception it also
+inherits it (a `SpecError` is a `ValueError`), and it carries the offending value as attributes.
+
+`InfrastructureError` is a service or machine failing under a run (an environment server down, workers lost):
+the run checkpoints and stops with one line, and `--resume` continues. It is never scored as a candidate failure.
+
+`ContractError` is a bug in the calling code (a strategy told about a candidate it never asked): a traceback,
+not a one-line user error.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +18,13 @@ class HfM2n2Error(Exception):
     """Base class for errors caused by input the user can fix (spec, files, models)."""
 
 
-class SpecError(HfM2n2Error):
-    """The merge spec is invalid. `path` is the YAML path of the offending value (e.g. `models[1].parameters.weight`)."""
+class SpecError(HfM2n2Error, ValueError):
+    """A spec is invalid.
+
+    Attributes:
+        path: the YAML path of the offending value (e.g. `models[1].parameters.weight`; empty: the whole file).
+        message: what is wrong with it.
+    """
 
     def __init__(self, path: str, message: str):
         self.path = path
@@ -26,3 +42,28 @@ class CheckpointError(HfM2n2Error):
 
 class OutputError(HfM2n2Error):
     """The output directory cannot be written (exists, disk full, permission)."""
+
+
+class EvaluationError(HfM2n2Error, RuntimeError):
+    """The evaluator cannot score candidates at all (it failed before producing any valid score vector)."""
+
+
+class InfrastructureError(HfM2n2Error, ConnectionError):
+    """A service the evaluation depends on failed (a server down, workers lost, disk full).
+
+    Evaluators raise it instead of returning scores: the run checkpoints what it has, stops with this message
+    and exit code 2, and `hf-m2n2 evolve --resume DIR` continues once the service is back. Scoring the candidate
+    0 instead would put an outage into the archive.
+
+    Attributes:
+        service: what failed (a URL, a worker name), for the one-line message.
+    """
+
+    def __init__(self, service: str, message: str):
+        self.service = service
+        self.message = message
+        super().__init__(f"{service}: {message}")
+
+
+class ContractError(RuntimeError):
+    """The calling code broke an interface's contract (a bug, reported with a traceback)."""

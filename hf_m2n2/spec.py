@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hf_m2n2.errors import SpecError
+
+M = TypeVar("M", bound=BaseModel)
 
 DTYPES = {
     "float32": "float32",
@@ -24,11 +26,13 @@ DTYPES = {
 }
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every spec section: unknown keys are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelRefDict(_Strict):
+class ModelRefDict(StrictModel):
     path: str
     revision: str | None = None
 
@@ -59,14 +63,14 @@ def _coerce_ref(value: Any) -> Any:
 ModelRef = str | ModelRefDict
 
 
-class InputModel(_Strict):
+class InputModel(StrictModel):
     model: ModelRef
     parameters: dict[str, Any] | None = None
 
     _ref = field_validator("model", mode="before")(_coerce_ref)
 
 
-class InputSlice(_Strict):
+class InputSlice(StrictModel):
     model: ModelRef
     layer_range: tuple[int, int]
     parameters: dict[str, Any] | None = None
@@ -81,7 +85,7 @@ class InputSlice(_Strict):
         return value
 
 
-class OutputSlice(_Strict):
+class OutputSlice(StrictModel):
     sources: list[InputSlice] = Field(min_length=1)
     base_model: ModelRef | None = None
     residual_weight: float | None = None
@@ -90,7 +94,7 @@ class OutputSlice(_Strict):
     _ref = field_validator("base_model", mode="before")(lambda v: None if v is None else _coerce_ref(v))
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(StrictModel):
     source: str | ModelRefDict
     tokens: dict[str, Any] | None = None
     pad_to_multiple_of: int | None = None
@@ -98,7 +102,7 @@ class TokenizerConfig(_Strict):
     _ref = field_validator("source", mode="before")(_coerce_ref)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     """The `output:` section: where `hf-m2n2 merge` / `evolve` publish the result when they finish.
 
     Attributes:
@@ -112,7 +116,7 @@ class OutputConfig(_Strict):
     revision: str | None = None
 
 
-class MergeSpec(_Strict):
+class MergeSpec(StrictModel):
     """A merge recipe, in mergekit's YAML schema.
 
     Exactly one of `models` and `slices` is given. Parameters (global, per slice, per model) are scalars,
@@ -202,22 +206,31 @@ def validation_error(exc: ValidationError, data: Any, prefix: str = "") -> SpecE
     return SpecError(path, message.removeprefix("Value error, "))
 
 
-def parse_spec(data: Any, *, source: str = "spec") -> MergeSpec:
-    """Validate a spec given as a mapping (the parsed YAML).
+def parse_model(model: type[M], data: Any, *, source: str = "spec") -> M:
+    """Validate a whole spec (the parsed YAML mapping) against its model: the one parse function of every spec.
 
     Raises:
-        SpecError: with the YAML path of the first problem.
+        SpecError: not a mapping, or the YAML path of the first problem.
     """
     if not isinstance(data, dict):
         raise SpecError("", f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    if "modules" in data:
-        raise SpecError("modules", "multi-module merges are not supported; use models or slices")
     try:
-        spec = MergeSpec(**data)
+        return model(**data)
     except ValidationError as exc:
         raise validation_error(exc, data) from None
     except TypeError as exc:
         raise SpecError("", f"{source}: {exc}") from None
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> MergeSpec:
+    """Validate a merge spec given as a mapping (the parsed YAML).
+
+    Raises:
+        SpecError: with the YAML path of the first problem.
+    """
+    if isinstance(data, dict) and "modules" in data:
+        raise SpecError("modules", "multi-module merges are not supported; use models or slices")
+    spec = parse_model(MergeSpec, data, source=source)
     if (spec.models is None) == (spec.slices is None):
         raise SpecError("models", "exactly one of 'models' or 'slices' must be given")
     if spec.tokenizer_source is not None and spec.tokenizer is not None:
@@ -226,14 +239,29 @@ def parse_spec(data: Any, *, source: str = "spec") -> MergeSpec:
     return spec
 
 
+EVOLVE_SECTIONS = ("evolve", "genome", "evaluate")
+
+
+def is_evolve_spec(data: Any) -> bool:
+    """The one rule that tells spec files apart: an evolve spec has an `evolve:`, `genome:` or `evaluate:`
+    section; anything else is a (mergekit-style) merge spec."""
+    return isinstance(data, dict) and any(key in data for key in EVOLVE_SECTIONS)
+
+
 def load_spec(path: str | os.PathLike[str]) -> MergeSpec:
     """Read and validate a merge YAML file.
 
     Raises:
-        SpecError: the file is missing, not valid YAML, or not a valid spec (message names the YAML path).
+        SpecError: the file is missing, not valid YAML, an evolve spec, or not a valid spec (message names the
+            YAML path).
     """
     text = read_spec_text(path)
-    return parse_spec(parse_yaml(text, path), source=str(path))
+    data = parse_yaml(text, path)
+    if is_evolve_spec(data):
+        raise SpecError(
+            "", f"{path}: an evolve spec (it has evolve:, genome: or evaluate:): use hf-m2n2 evolve"
+        )
+    return parse_spec(data, source=str(path))
 
 
 def read_spec_text(path: str | os.PathLike[str]) -> str:

@@ -11,6 +11,7 @@ from hf_m2n2.blend import select_tensors
 from hf_m2n2.blend_ops import (
     BlendOps,
     BlendRecipe,
+    BlendTarget,
     SeedTensors,
     evolved_layout,
     export_blend,
@@ -46,9 +47,9 @@ def _child(ops, rng):
 
 def test_live_weights_equal_exported_and_rebuilt_weights(blend_setup, tmp_path):
     opened, names, layout, tensors, gram, live, _ = blend_setup
-    ops = BlendOps(layout, gram, tensors, live, "segment")
+    ops = BlendOps(layout, gram, len(tensors), "segment")
     child = _child(ops, np.random.default_rng(3))
-    model = ops.materialize(child)
+    model = BlendTarget(layout, tensors, live).write(child)
     live_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     recipe = BlendRecipe([seed_record(s) for s in opened], names, layout.block_size, 0, "bfloat16", child)
     export_blend(recipe, opened, tmp_path / "export")
@@ -68,17 +69,18 @@ def test_live_weights_equal_exported_and_rebuilt_weights(blend_setup, tmp_path):
 
 def test_materialize_changes_the_live_model_in_place(blend_setup):
     _, _, layout, tensors, gram, live, _ = blend_setup
-    ops = BlendOps(layout, gram, tensors, live)
+    ops = BlendOps(layout, gram, len(tensors))
+    target = BlendTarget(layout, tensors, live)
     seed_a, seed_b = ops.seed_genomes()
     ptrs = [p.data_ptr() for p in live.model.parameters()]
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
-        out_b = ops.materialize(seed_b)(ids).logits.clone()
-        out_a = ops.materialize(seed_a)(ids).logits.clone()
+        out_b = target.write(seed_b)(ids).logits.clone()
+        out_a = target.write(seed_a)(ids).logits.clone()
     assert not torch.equal(out_a, out_b)
     assert [p.data_ptr() for p in live.model.parameters()] == ptrs
     with torch.no_grad():
-        assert torch.equal(ops.materialize(seed_b)(ids).logits, out_b)
+        assert torch.equal(target.write(seed_b)(ids).logits, out_b)
 
 
 def test_gram_cache_is_reused_and_keyed(blend_setup):

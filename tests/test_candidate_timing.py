@@ -8,7 +8,8 @@ import time
 import numpy as np
 import yaml
 
-from hf_m2n2.evolve.models import TIMING, BlendEvaluator
+from hf_m2n2.evolve.executor import LocalExecutor
+from hf_m2n2.evolve.outcome import TIMING
 from hf_m2n2.evolve.runs import start_runs
 
 
@@ -30,13 +31,13 @@ class _Inner:
         return float(model)
 
 
-def test_blend_evaluator_times_write_and_evaluation_of_cache_misses():
-    evaluator = BlendEvaluator(_Ops(), _Inner())
-    evaluator.scores(1)
-    evaluator.scores(2)
-    evaluator.scores(1)  # cached: not timed again
-    evaluator.test_score(2)
-    timing = evaluator.timing.to_dict()
+def test_executor_times_write_and_evaluation_of_cache_misses():
+    executor = LocalExecutor(_Ops(), _Ops(), _Inner(), cache_scores=True, timed=True)
+    executor.score(1, "fit")
+    executor.score(2, "fit")
+    executor.score(1, "fit")  # cached: not timed again
+    executor.score(2, "test")
+    timing = executor.timing.to_dict()
     assert timing["fit"]["count"] == 2 and timing["test"]["count"] == 1 and timing["cache_hits"] == 1
     assert 0.015 <= timing["fit"]["materialize_s_mean"] < timing["fit"]["evaluate_s_mean"]
     assert timing["fit"]["evaluate_s_total"] >= 0.09

@@ -12,9 +12,9 @@ from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evolve.build import build_run
 from hf_m2n2.evolve.checkpoint import load_state, save_state
 from hf_m2n2.evolve.cma_es import CMAES
-from hf_m2n2.evolve.config import parse_evolve_spec
-from hf_m2n2.evolve.genome import DenseVectorOps
 from hf_m2n2.evolve.loop import LoopSettings, run_loop
+from hf_m2n2.evolve.spec import parse_evolve_spec
+from hf_m2n2.genomes.dense import DenseVectorOps
 from hf_m2n2.tasks import digits
 
 torch.set_num_threads(1)
@@ -74,7 +74,7 @@ def _run(tmp_path, name: str, budget: int, evolve: dict, seeds: dict) -> list[di
     run_dir = tmp_path / name
     run_dir.mkdir()
     settings = LoopSettings(budget=budget, log_every=50, checkpoint_every_s=None, progress=False)
-    run_loop(parts.strategy, parts.ops, parts.evaluator, run_dir, settings)
+    run_loop(parts.strategy, parts.ops, parts.executor, run_dir, settings)
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 

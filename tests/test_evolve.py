@@ -12,9 +12,9 @@ from hf_m2n2.evolve.build import build_strategy
 from hf_m2n2.evolve.checkpoint import load_state, pack, save_state, unpack
 from hf_m2n2.evolve.competition import attraction, competition_weights, fitness
 from hf_m2n2.evolve.config import EvolveConfig
-from hf_m2n2.evolve.genome import DenseVectorOps, slerp_coefficients
 from hf_m2n2.evolve.m2n2 import M2N2, M2N2Config
 from hf_m2n2.evolve.strategy import Candidate, Lineage, sample_index
+from hf_m2n2.genomes.dense import DenseVectorOps, slerp_coefficients
 
 torch.set_num_threads(1)
 

@@ -12,10 +12,11 @@ from helpers import sigkill_evolve
 
 from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate import EvaluationError, PythonEvaluator
-from hf_m2n2.evolve.config import load_evolve_spec
-from hf_m2n2.evolve.genome import DenseVectorOps
+from hf_m2n2.evolve.executor import LocalExecutor
 from hf_m2n2.evolve.loop import LoopSettings, load_archive, run_loop
 from hf_m2n2.evolve.m2n2 import M2N2, M2N2Config
+from hf_m2n2.evolve.spec import load_evolve_spec
+from hf_m2n2.genomes.dense import DenseTarget, DenseVectorOps
 
 torch.set_num_threads(1)
 
@@ -59,7 +60,8 @@ def toy_run(tmp_path: Path, name: str, evaluator_fn, budget: int = 300, seed: in
     run_dir = tmp_path / name
     run_dir.mkdir()
     settings = LoopSettings(budget=budget, log_every=25, checkpoint_every_steps=100, progress=False)
-    return run_loop(strategy, ops, PythonEvaluator(evaluator_fn), run_dir, settings, info={"seed": seed})
+    executor = LocalExecutor(ops, DenseTarget(ops), PythonEvaluator(evaluator_fn))
+    return run_loop(strategy, ops, executor, run_dir, settings, info={"seed": seed})
 
 
 def test_failed_evaluations_score_zero_and_the_run_goes_on(tmp_path, caplog):

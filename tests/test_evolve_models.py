@@ -10,8 +10,8 @@ from helpers import load_dir
 from huggingface_hub import ModelCard
 
 from hf_m2n2.errors import SpecError
-from hf_m2n2.evolve.models import parse_model_spec
 from hf_m2n2.evolve.runs import resume_runs, start_runs
+from hf_m2n2.evolve.spec import parse_evolve_spec
 
 SEQUENCES = [[1, 40 + i, 41 + i, 42 + i, 43 + i, 2] for i in range(6)]
 # Per-example fitness: each sequence's token likelihood under the candidate (a Python evaluator, no lm-eval).
@@ -100,7 +100,7 @@ def test_resume_of_a_finished_run_keeps_it(finished_run):
 )
 def test_model_spec_errors_name_the_path(seeds, change, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        parse_model_spec({**_spec(seeds), **change})
+        parse_evolve_spec({**_spec(seeds), **change})
 
 
 def test_real_scale_spec_validates_offline(cli):

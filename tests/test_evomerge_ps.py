@@ -14,14 +14,14 @@ from test_evolve_loop import _assert_same_archive, _comparable
 from test_evolve_models import LIKELIHOOD_EVALUATE
 
 from hf_m2n2.errors import HfM2n2Error, SpecError
+from hf_m2n2.evolve.build import build_run
 from hf_m2n2.evolve.checkpoint import load_state, pack, unpack
-from hf_m2n2.evolve.config import parse_evolve_spec
 from hf_m2n2.evolve.evomerge_ps import EvomergePS, default_popsize
 from hf_m2n2.evolve.loop import load_archive
-from hf_m2n2.evolve.models import build_model_run, parse_model_spec
 from hf_m2n2.evolve.runs import start_runs
+from hf_m2n2.evolve.spec import parse_evolve_spec
+from hf_m2n2.genomes.method import layer_groups
 from hf_m2n2.merge import MergeOptions, merge
-from hf_m2n2.method_genome import layer_groups
 from hf_m2n2.spec import parse_spec
 
 torch.set_num_threads(1)
@@ -171,13 +171,13 @@ def test_live_weights_equal_hf_m2n2_merge_of_the_recipe(seeds, tmp_path, cli, ge
     genome = {"kind": "method", **genome}
     if genome["method"] != "linear":
         genome["base_model"] = str(seeds["base"])
-    spec = parse_model_spec(_spec(seeds, genome))
-    parts, run = build_model_run(spec, 0, tmp_path, None)
-    ops = parts.ops
+    spec = parse_evolve_spec(_spec(seeds, genome))
+    parts = build_run(spec, 0, tmp_path, None)
+    ops, target = parts.ops, parts.target
     x = np.random.default_rng(0).uniform(0, 1, ops.size)
     x[0] = 1.0
-    ops.write(ops.from_array(x))
-    live = {n: t.detach().clone() for n, t in run.live.model.state_dict().items()}
+    target.write(ops.from_array(x))
+    live = {n: t.detach().clone() for n, t in target.live.model.state_dict().items()}
 
     config = ops.merge_config(x)
     path = tmp_path / "merge.yaml"
@@ -193,9 +193,9 @@ def test_live_weights_equal_hf_m2n2_merge_of_the_recipe(seeds, tmp_path, cli, ge
 
     # big tensors: row blocks (and streamed statistics for TIES/DARE), as merge computes them
     options = MergeOptions(chunk_elements=600, progress=False)
-    ops.merge_options = options
-    ops.write(ops.from_array(np.roll(x, 1)))
-    live = {n: t.detach().clone() for n, t in run.live.model.state_dict().items()}
+    target.merge_options = options
+    target.write(ops.from_array(np.roll(x, 1)))
+    live = {n: t.detach().clone() for n, t in target.live.model.state_dict().items()}
     merge(parse_spec(ops.merge_config(np.roll(x, 1))), tmp_path / "blocks", options)
     for name, tensor in load_dir(tmp_path / "blocks").items():
         assert torch.equal(live[name], tensor), name
@@ -217,10 +217,10 @@ def test_run_exports_the_merge_of_its_yaml_bit_for_bit(finished_run, seeds, cli,
     # the exported weights are those that were evaluated: the best genome written into the live model
     archive = load_archive(finished_run)
     best = archive["members"][archive["best"]]["genome"]
-    spec = parse_model_spec(yaml.safe_load((finished_run / "spec.yaml").read_text()))
-    parts, run = build_model_run(spec, 5, tmp_path / "live", None)
-    parts.ops.write(parts.ops.from_state(best))
-    live = run.live.model.state_dict()
+    spec = parse_evolve_spec(yaml.safe_load((finished_run / "spec.yaml").read_text()))
+    parts = build_run(spec, 5, tmp_path / "live", None)
+    parts.target.write(parts.ops.from_state(best))
+    live = parts.target.live.model.state_dict()
     for name, tensor in load_dir(model).items():
         assert torch.equal(live[name], tensor), name
     assert parts.ops.merge_config(parts.ops.from_state(best)) == config
@@ -276,7 +276,7 @@ def _genome_error(seeds, change: dict, evolve: dict | None = None) -> str:
     spec["genome"] = {k: v for k, v in spec["genome"].items() if v is not None}
     spec["evolve"] = {**spec["evolve"], **(evolve or {})}
     with pytest.raises(SpecError) as info:
-        parse_model_spec(spec)
+        parse_evolve_spec(spec)
     return str(info.value)
 
 
@@ -320,17 +320,17 @@ def test_algorithm_and_genome_must_match(seeds, write_spec):
     spec = _spec(seeds)
     spec["genome"]["base_model"] = str(seeds["a"])
     with pytest.raises(SpecError, match="genome.base_model: is one of the models"):
-        parse_model_spec(spec)
+        parse_evolve_spec(spec)
     blend = {**_spec(seeds), "genome": {"kind": "blend"}}
     with pytest.raises(SpecError, match=r"genome.kind: evomerge_ps evolves merge-method parameters"):
-        parse_model_spec(blend)
+        parse_evolve_spec(blend)
     m2n2 = {
         **_spec(seeds),
         "genome": {"kind": "blend"},
         "evolve": {"algorithm": "m2n2", "budget": 4, "evomerge_ps": {}},
     }
     with pytest.raises(SpecError, match="evolve.evomerge_ps: not used by m2n2"):
-        parse_model_spec(m2n2)
+        parse_evolve_spec(m2n2)
     dense = {
         "genome": {"kind": "dense", "size": 10},
         "evolve": {"algorithm": "evomerge_ps", "budget": 4},
@@ -338,7 +338,7 @@ def test_algorithm_and_genome_must_match(seeds, write_spec):
     }
     with pytest.raises(SpecError, match="evolve.algorithm: evomerge_ps evolves merge-method parameters"):
         parse_evolve_spec(dense)
-    parse_model_spec(
+    parse_evolve_spec(
         {**_spec(seeds), "genome": {"block_size": 1024}, "evolve": {"algorithm": "m2n2", "budget": 4}}
     )
 

@@ -145,7 +145,7 @@ def test_static_specs_parse_for_every_method(tmp_path):
 
 
 def test_evolve_spec_is_a_valid_model_evolution_spec():
-    from hf_m2n2.evolve.models import parse_model_spec
+    from hf_m2n2.evolve.spec import parse_evolve_spec as parse_model_spec
 
     evaluate = app_module.lm_eval_section(["gsm8k"], test_tasks=["gsm8k"], limit=20, split="train")
     spec = parse_model_spec(app_module.evolve_spec("m2n2", ["org/a", "org/b"], evaluate, budget=40, seed=3))

@@ -1,11 +1,99 @@
 """Evaluators: turn a materialized candidate into per-example scores (the only thing strategies see).
 
 An evaluator has `scores(model) -> 1-D array` (one score >= 0 per example, usually in [0, 1]),
-`test_score(model) -> float | None` (a held-out figure for logs, not a forward pass) and
-`example_groups() -> int array | None` (per-example group ids, e.g. MAP-Elites descriptors).
+`test_score(model) -> float | None` (a held-out figure for logs, not a forward pass),
+`example_groups() -> int array | None` (per-example group ids, e.g. MAP-Elites descriptors) and
+`report(model) -> Report` (per-part held-out figures for the final table and the card).
+
+Each kind of `evaluate:` section is registered below, one line each; `build_evaluator` makes the evaluator of a
+spec's section (or of a list of parts) for a run.
 """
 
-from hf_m2n2.evaluate.base import EvaluationError, Evaluator, check_scores
-from hf_m2n2.evaluate.python import PythonEvaluator, resolve_callable
+from __future__ import annotations
 
-__all__ = ["EvaluationError", "Evaluator", "PythonEvaluator", "check_scores", "resolve_callable"]
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hf_m2n2.evaluate.base import (
+    EvaluationContext,
+    EvaluationError,
+    Evaluator,
+    EvaluatorConfig,
+    EvaluatorKind,
+    Report,
+    check_scores,
+    evaluator_kind,
+    evaluator_kinds,
+    register_evaluator,
+)
+from hf_m2n2.evaluate.lm_eval import LmEvalConfig
+from hf_m2n2.evaluate.parts import PartsEvaluator
+from hf_m2n2.evaluate.python import (
+    PythonEvaluateConfig,
+    PythonEvaluator,
+    build_python_evaluator,
+    resolve_callable,
+)
+
+
+def _lm_eval(config: LmEvalConfig, context: EvaluationContext) -> Any:
+    from hf_m2n2.evaluate.lm_eval import LmEvalEvaluator
+
+    return LmEvalEvaluator(
+        config, context.model, context.tokenizer(), base_dir=context.spec_dir, prefix=context.prefix
+    )
+
+
+def _lm_eval_check(config: LmEvalConfig, spec_dir: Path | None) -> None:
+    from hf_m2n2.evaluate.lm_eval import check_lm_eval_config
+
+    check_lm_eval_config(config, base_dir=spec_dir)
+
+
+register_evaluator("lm_eval", LmEvalConfig, _lm_eval, _lm_eval_check, needs_target=True)
+register_evaluator("python", PythonEvaluateConfig, build_python_evaluator)
+
+
+def evaluate_parts(section: Any) -> list[Any]:
+    """The parts of an `evaluate:` section: the list itself, or the one section."""
+    return list(section) if isinstance(section, (list, tuple)) else [section]
+
+
+def build_evaluator(section: Any, context: EvaluationContext) -> Any:
+    """The evaluator of a validated `evaluate:` section: one part's own, or the parts' concatenation."""
+    if not isinstance(section, (list, tuple)):
+        return evaluator_kind(section.kind).factory(section, context)
+    built = [
+        evaluator_kind(part.kind).factory(part, replace(context, prefix=f"evaluate[{i}]"))
+        for i, part in enumerate(section)
+    ]
+    return PartsEvaluator(built, [part.weight for part in section])
+
+
+def check_offline(section: Any, spec_dir: Path | None) -> None:
+    """What `hf-m2n2 validate` checks of every part without models or network (task names, metrics, ...)."""
+    for part in evaluate_parts(section):
+        check = evaluator_kind(part.kind).offline_check
+        if check is not None:
+            check(part, spec_dir)
+
+
+__all__ = [
+    "EvaluationContext",
+    "EvaluationError",
+    "Evaluator",
+    "EvaluatorConfig",
+    "EvaluatorKind",
+    "PartsEvaluator",
+    "PythonEvaluator",
+    "Report",
+    "build_evaluator",
+    "check_offline",
+    "check_scores",
+    "evaluate_parts",
+    "evaluator_kind",
+    "evaluator_kinds",
+    "register_evaluator",
+    "resolve_callable",
+]

@@ -1,17 +1,64 @@
-"""The evaluator protocol and the validation of returned score vectors."""
+"""The evaluator protocol, the evaluator registry and the validation of returned score vectors.
+
+An evaluator kind is registered once, with the config model of its `evaluate:` section, a factory that builds
+the evaluator for a run, and an optional offline check (what `hf-m2n2 validate` can verify without models or
+network). Adding a kind is one new file plus one `register_evaluator` line in `hf_m2n2/evaluate/__init__.py`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import BaseModel, Field
 
-from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.errors import EvaluationError, SpecError
+from hf_m2n2.spec import StrictModel
+
+__all__ = [
+    "EvaluationContext",
+    "EvaluationError",
+    "Evaluator",
+    "EvaluatorConfig",
+    "EvaluatorKind",
+    "Report",
+    "check_scores",
+    "evaluator_kind",
+    "evaluator_kinds",
+    "register_evaluator",
+]
 
 
-class EvaluationError(HfM2n2Error):
-    """The evaluator cannot score candidates at all (it failed before producing any valid score vector)."""
+class EvaluatorConfig(StrictModel):
+    """The base of every `evaluate:` section: strict (unknown keys are errors), frozen, and a `weight`.
+
+    Attributes:
+        weight: in a list of parts, how many times this part's examples appear in the fitness vector (a repeat,
+            not a scale: under M2N2's resource competition a constant scale cancels out, a repeat does not).
+    """
+
+    weight: int = Field(1, ge=1)
+
+    def provides_groups(self) -> bool:
+        """Whether the evaluator gives per-example group ids (MAP-Elites' descriptors)."""
+        return True
+
+
+@dataclass(frozen=True)
+class Report:
+    """Held-out (or, without a held-out split, fitness) scores of one model, one figure per named part.
+
+    Attributes:
+        scores: `{part or task name: mean score}`, in a stable order.
+        metric: the name of what was measured (e.g. `exact_match`), for the card.
+    """
+
+    scores: dict[str, float]
+    metric: str = "score"
 
 
 @runtime_checkable
@@ -29,6 +76,103 @@ class Evaluator(Protocol):
     def example_groups(self) -> np.ndarray | None:
         """Per-example group ids 0..G-1, or None."""
         ...
+
+    def report(self, model: Any) -> Report:
+        """Per-part held-out scores for the final table (the fitness split when there is no held-out one)."""
+        ...
+
+
+@dataclass(frozen=True)
+class EvaluationContext:
+    """What a factory may use to build an evaluator for a run.
+
+    Attributes:
+        model: the live model candidates are written into (a causal LM), or None for dense genomes.
+        reference_dir: the directory of the seed whose tokenizer and configs the target was built from.
+        spec_dir: the spec's folder (relative paths in the section resolve against it).
+        device: where the target lives.
+        prefix: the YAML path of the section being built (`evaluate`, or `evaluate[1]` in a list), for errors.
+    """
+
+    model: Any = None
+    reference_dir: Path | None = None
+    spec_dir: Path | None = None
+    device: str = "cpu"
+    prefix: str = "evaluate"
+
+    def tokenizer(self) -> Any:
+        """The reference seed's tokenizer (transformers' AutoTokenizer, local files only)."""
+        from transformers import AutoTokenizer
+
+        if self.reference_dir is None:
+            raise SpecError("evaluate", "this evaluator needs a model with a tokenizer (a spec with models:)")
+        return AutoTokenizer.from_pretrained(str(self.reference_dir))
+
+
+@dataclass(frozen=True)
+class EvaluatorKind:
+    """One registered kind of `evaluate:` section.
+
+    Attributes:
+        kind: the `kind:` value.
+        config: the section's pydantic model (its `kind` field a Literal of `kind`).
+        factory: `factory(config, context) -> Evaluator`.
+        offline_check: `offline_check(config, spec_dir)`, what `hf-m2n2 validate` checks without models.
+        needs_target: the evaluator scores a live model (a spec with `models:`), not a bare genome.
+    """
+
+    kind: str
+    config: type[BaseModel]
+    factory: Callable[[Any, EvaluationContext], Any]
+    offline_check: Callable[[Any, Path | None], None] | None = None
+    needs_target: bool = False
+
+
+_KINDS: dict[str, EvaluatorKind] = {}
+
+
+def register_evaluator(
+    kind: str,
+    config: type[BaseModel],
+    factory: Callable[[Any, EvaluationContext], Any],
+    offline_check: Callable[[Any, Path | None], None] | None = None,
+    *,
+    needs_target: bool = False,
+) -> EvaluatorKind:
+    """Register an evaluator kind (replacing one of the same name).
+
+    Args:
+        kind: the `evaluate: {kind: ...}` value.
+        config: the section's pydantic model.
+        factory: builds the evaluator from a validated section and the run's context.
+        offline_check: optional check run by `hf-m2n2 validate` (raises SpecError).
+        needs_target: whether it scores a live model rather than a bare genome.
+
+    Returns:
+        The registered entry.
+
+    Example:
+        >>> register_evaluator("python", PythonEvaluateConfig, build_python_evaluator)  # doctest: +SKIP
+    """
+    entry = EvaluatorKind(kind, config, factory, offline_check, needs_target)
+    _KINDS[kind] = entry
+    return entry
+
+
+def evaluator_kind(kind: str) -> EvaluatorKind:
+    """The registered entry of `kind`.
+
+    Raises:
+        SpecError: no such kind (naming `evaluate.kind`).
+    """
+    if kind not in _KINDS:
+        raise SpecError("evaluate.kind", f"unknown evaluator kind {kind!r} (known: {', '.join(_KINDS)})")
+    return _KINDS[kind]
+
+
+def evaluator_kinds() -> dict[str, EvaluatorKind]:
+    """Every registered kind, by name, in registration order."""
+    return dict(_KINDS)
 
 
 def check_scores(raw: Any, n_examples: int | None) -> np.ndarray:

@@ -50,10 +50,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hf_m2n2.errors import SpecError
-from hf_m2n2.evaluate.base import EvaluationError
+from hf_m2n2.evaluate.base import EvaluationError, EvaluatorConfig, Report
 
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's own default (simple_evaluate's fewshot_random_seed)
 # tqdm bars, and HFLM's warnings about being handed a model object (which is what we mean to do)
@@ -62,7 +62,7 @@ _NOISE = re.compile(
 )
 
 
-class LmEvalConfig(BaseModel):
+class LmEvalConfig(EvaluatorConfig):
     """The `evaluate: {kind: lm_eval, ...}` section.
 
     Attributes:
@@ -102,8 +102,6 @@ class LmEvalConfig(BaseModel):
         >>> config.filter_for("gsm8k")
         'strict-match'
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["lm_eval"]
     tasks: list[str] = Field(min_length=1)
@@ -360,6 +358,11 @@ class LmEvalEvaluator:
         if self._test is None:
             return None
         return self._cached(("test", cache_key), lambda: self.evaluate("test", model).mean)
+
+    def report(self, model: Any = None) -> Report:
+        """Per-task mean scores on the held-out tasks (the fitness tasks when none are configured), unweighted."""
+        result = self.evaluate("test" if self.config.has_test else "fitness", model)
+        return Report(result.entry_means(), result.tasks[0].metric if result.tasks else "score")
 
     def example_groups(self) -> np.ndarray:
         """Per-example group ids of the fitness vector: the index of its top-level task in `tasks`."""

@@ -4,11 +4,52 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from hf_m2n2.errors import SpecError
+from hf_m2n2.evaluate.base import EvaluationContext, EvaluatorConfig, Report
+
+_CALLABLE_HELP = "expected 'module:function' (e.g. hf_m2n2.tasks.digits:train_scores)"
+
+
+def check_callable_reference(value: str | None) -> str | None:
+    """A pydantic validator: `module:function` with identifiers on both sides (None passes)."""
+    if value is None:
+        return None
+    module, sep, attr = value.partition(":")
+    if (
+        not sep
+        or not module
+        or not attr
+        or not all(p.isidentifier() for p in module.split(".") + attr.split("."))
+    ):
+        raise ValueError(f"{_CALLABLE_HELP}, got {value!r}")
+    return value
+
+
+class PythonEvaluateConfig(EvaluatorConfig):
+    """`evaluate: {kind: python, ...}`: Python functions of the materialized candidate.
+
+    Attributes:
+        callable: `module:function`, `function(model, **kwargs)` returning per-example scores (1-D, >= 0).
+        test_callable: `function(model, **kwargs)` returning one held-out score, logged (not a forward pass).
+        groups_callable: `function(**kwargs)` returning per-example group ids (MAP-Elites descriptors).
+        kwargs: keyword arguments passed to the three functions.
+    """
+
+    kind: Literal["python"]
+    callable: str
+    test_callable: str | None = None
+    groups_callable: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _callables = field_validator("callable", "test_callable", "groups_callable")(check_callable_reference)
+
+    def provides_groups(self) -> bool:
+        return self.groups_callable is not None
 
 
 def resolve_callable(reference: str, path: str) -> Callable[..., Any]:
@@ -89,3 +130,13 @@ class PythonEvaluator:
 
     def example_groups(self) -> np.ndarray | None:
         return None if self._groups is None else np.asarray(self._groups(**self._kwargs))
+
+    def report(self, model: Any) -> Report:
+        """`{"test": the held-out score}`, or the mean fitness score without a test callable."""
+        test = self.test_score(model)
+        return Report({"test": float(test if test is not None else np.mean(self.scores(model)))})
+
+
+def build_python_evaluator(config: PythonEvaluateConfig, context: EvaluationContext) -> PythonEvaluator:
+    """The registry's factory: resolve the section's callables (the context is not needed)."""
+    return PythonEvaluator.from_config(config)

@@ -1,55 +1,50 @@
 """Evolution of genomes with M2N2 and its baselines (ask/tell strategies), the run loop and run directories.
 
-Public interface:
-- genomes: `GenomeOps` (protocol), `DenseVectorOps`, `slerp_coefficients`;
-- strategies: `Strategy` (protocol), `Candidate`, `Lineage`, `Member`, `M2N2`/`M2N2Config`, `CMAES`,
-  `MapElites`, `Sweep`, built from a spec by `build_run`/`build_strategy`;
+Public interface (imported on first use, so that importing a submodule stays cheap):
+- strategies: `Strategy` (protocol), `Candidate`, `Lineage`, `Member`, `M2N2`/`M2N2Config`, built from a spec by
+  `build_run`/`build_strategy`;
 - competition: `competition_weights`, `fitness`, `attraction`;
-- loop: `run_loop`, `LoopSettings`, `load_archive`; run directories: `start_runs`, `resume_runs`;
-- spec sections: `EvolveSpec`, `EvolveConfig`, `DenseGenomeConfig`, `PythonEvaluateConfig`, `load_evolve_spec`.
+- executor and loop: `LocalExecutor`, `run_loop`, `LoopSettings`, `load_archive`; run directories: `start_runs`,
+  `resume_runs`;
+- the spec: `EvolveSpec`, `EvolveConfig`, `load_evolve_spec`, `parse_evolve_spec`.
+Genome kinds (dense vectors, Blends, method genomes) are `hf_m2n2.genomes`.
 """
 
-from hf_m2n2.evolve.build import RunParts, build_run, build_strategy
-from hf_m2n2.evolve.competition import attraction, competition_weights, fitness
-from hf_m2n2.evolve.config import (
-    DenseGenomeConfig,
-    EvolveConfig,
-    EvolveSpec,
-    PythonEvaluateConfig,
-    load_evolve_spec,
-    parse_evolve_spec,
-)
-from hf_m2n2.evolve.genome import DenseVectorOps, GenomeOps, slerp_coefficients
-from hf_m2n2.evolve.loop import LoopSettings, load_archive, run_loop
-from hf_m2n2.evolve.m2n2 import M2N2, M2N2Config
-from hf_m2n2.evolve.runs import resume_runs, start_runs
-from hf_m2n2.evolve.strategy import Candidate, Lineage, Member, Strategy
+from __future__ import annotations
 
-__all__ = [
-    "M2N2",
-    "Candidate",
-    "DenseGenomeConfig",
-    "DenseVectorOps",
-    "EvolveConfig",
-    "EvolveSpec",
-    "GenomeOps",
-    "Lineage",
-    "LoopSettings",
-    "M2N2Config",
-    "Member",
-    "PythonEvaluateConfig",
-    "RunParts",
-    "Strategy",
-    "attraction",
-    "build_run",
-    "build_strategy",
-    "competition_weights",
-    "fitness",
-    "load_archive",
-    "load_evolve_spec",
-    "parse_evolve_spec",
-    "resume_runs",
-    "run_loop",
-    "slerp_coefficients",
-    "start_runs",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RunParts": "build",
+    "build_run": "build",
+    "build_strategy": "build",
+    "attraction": "competition",
+    "competition_weights": "competition",
+    "fitness": "competition",
+    "EvolveConfig": "config",
+    "LocalExecutor": "executor",
+    "LoopSettings": "loop",
+    "load_archive": "loop",
+    "run_loop": "loop",
+    "M2N2": "m2n2",
+    "M2N2Config": "m2n2",
+    "resume_runs": "runs",
+    "start_runs": "runs",
+    "EvolveSpec": "spec",
+    "load_evolve_spec": "spec",
+    "parse_evolve_spec": "spec",
+    "Candidate": "strategy",
+    "Lineage": "strategy",
+    "Member": "strategy",
+    "Strategy": "strategy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+__all__ = sorted(_EXPORTS)

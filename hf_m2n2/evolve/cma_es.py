@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_m2n2.errors import HfM2n2Error
-from hf_m2n2.evolve.genome import DenseVectorOps
+from hf_m2n2.errors import ContractError, HfM2n2Error
 from hf_m2n2.evolve.strategy import Candidate, Lineage, Member, make_rng, restore_rng, rng_state
 
 STATE_FORMAT = 2  # 1: cma_es pickled its `cma` object; evomerge_ps had its own layout
@@ -130,18 +129,23 @@ class ReplayedCMA(BestSample):
         """What `cma` (a minimizer) is told for a sample whose mean score is `mean_score`."""
         return -mean_score
 
-    def ask(self) -> Candidate:
-        """The next sample of the current generation (a generation starts when the previous one is all told)."""
+    def ask(self) -> Candidate | None:
+        """The next sample of the current generation (a generation starts when the previous one is all told);
+        None while the whole generation is asked and not all told yet."""
         if self.solutions is None:
             self.solutions = np.array(self.es.ask(), dtype=np.float64)
             self.fvalues, self.means = [], []
+        asked = self.next_id - len(self.told) * self.popsize  # samples of this generation asked so far
+        if asked >= self.popsize:
+            return None
         cid, self.next_id = self.next_id, self.next_id + 1
-        genome = self.genome_of(self.solutions[len(self.fvalues)])
+        genome = self.genome_of(self.solutions[asked])
         return Candidate(genome, Lineage(cid, "cma", (), None, None, None))
 
     def tell(self, candidate: Candidate, scores: np.ndarray) -> None:
-        if self.solutions is None:
-            raise HfM2n2Error("tell without ask")
+        """Tell a sample's scores; samples are told in the order they were asked."""
+        if self.solutions is None or len(self.fvalues) >= self.next_id - len(self.told) * self.popsize:
+            raise ContractError("tell without ask")
         mean = float(np.mean(scores))
         self.fvalues.append(self.fvalue(self.solutions[len(self.fvalues)], mean))
         self.means.append(mean)
@@ -264,7 +268,7 @@ class CMAES(ReplayedCMA):
 
     def __init__(
         self,
-        ops: DenseVectorOps,
+        ops: Any,
         x0: Any,
         *,
         popsize: int = 20,
@@ -272,8 +276,6 @@ class CMAES(ReplayedCMA):
         diagonal: bool = False,
         seed: int | np.random.SeedSequence = 0,
     ):
-        if not isinstance(ops, DenseVectorOps):
-            raise TypeError("CMA-ES needs dense-vector genomes")
         super().__init__(
             ops,
             np.asarray(ops.to_state(x0), dtype=np.float64),

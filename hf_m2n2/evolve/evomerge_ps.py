@@ -1,7 +1,7 @@
 """`evomerge_ps`: Sakana's Evolutionary Model Merge in parameter space (Akiba et al., 2024) as an ask/tell strategy.
 
 CMA-ES (the `cma` package) over a vector of merge-method parameters in [0, 1] (TIES/DARE weight and density per
-seed and per layer group, see `hf_m2n2.method_genome`), with the paper's settings: every coordinate starts at
+seed and per layer group, see `hf_m2n2.genomes.method`), with the paper's settings: every coordinate starts at
 0.5, sigma0 = 1/6 (so +/- 3 sigma spans [0, 1]), and `popsize = 4 + floor(3 ln n)` samples per generation.
 
 Bounds (repair and penalize): CMA-ES samples an unconstrained y; the candidate evaluated (and exported) is its

@@ -5,7 +5,9 @@ strategy's whole state, written atomically every `checkpoint_every_s` seconds or
 passes, and at the end), and at the end `archive.npz` (the final members) and `summary.json`. A resumed run
 reloads the checkpoint, truncates the history back to it and redoes the steps after it: every random draw
 comes from the checkpointed generators, so it ends exactly as an uninterrupted run. A candidate whose
-evaluation raises or returns NaN is logged and scored 0 on every example; the run goes on.
+evaluation raises or returns NaN is logged and scored 0 on every example; the run goes on. A service failing
+under the evaluation (`InfrastructureError`) checkpoints the run, candidates asked and not yet told included,
+and stops it: resuming submits those candidates again first, so the run still ends as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,12 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2 import __version__
-from hf_m2n2.errors import HfM2n2Error
-from hf_m2n2.evaluate.base import EvaluationError, Evaluator, check_scores
+from hf_m2n2.errors import ContractError, EvaluationError, HfM2n2Error, InfrastructureError
+from hf_m2n2.evaluate.base import check_scores
 from hf_m2n2.evolve.checkpoint import load_state, save_state
-from hf_m2n2.evolve.genome import GenomeOps
-from hf_m2n2.evolve.strategy import Candidate, Strategy
+from hf_m2n2.evolve.executor import Executor, Scored
+from hf_m2n2.evolve.strategy import Candidate, Lineage, Strategy
+from hf_m2n2.genomes.base import GenomeOps
 from hf_m2n2.outdir import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -126,31 +130,37 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _score(evaluator: Evaluator, ops: GenomeOps, candidate: Candidate, state: LoopState) -> np.ndarray:
-    try:
-        scores = check_scores(evaluator.scores(ops.materialize(candidate.genome)), state.n_examples)
-    except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        if state.n_examples is None:
-            raise EvaluationError(f"the first candidate could not be evaluated: {message}") from exc
-        state.failures += 1
-        if len(state.failure_records) < MAX_FAILURE_RECORDS:
-            state.failure_records.append({"candidate": candidate.lineage.id, "error": message})
-        logger.warning(
-            "candidate %d: evaluation failed (%s); scored 0 on every example", candidate.lineage.id, message
-        )
-        return np.zeros(state.n_examples)
+def _checked(scored: Scored, state: LoopState) -> np.ndarray:
+    """The candidate's validated scores, or zeros on every example for a candidate failure (logged)."""
+    candidate, message = scored.candidate, scored.error
+    if message is None:
+        try:
+            scores = check_scores(scored.scores, state.n_examples)
+        except ValueError as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        else:
+            if state.n_examples is None:
+                state.n_examples = int(scores.shape[0])
+            return scores
     if state.n_examples is None:
-        state.n_examples = int(scores.shape[0])
-    return scores
+        raise EvaluationError(f"the first candidate could not be evaluated: {message}")
+    state.failures += 1
+    if len(state.failure_records) < MAX_FAILURE_RECORDS:
+        state.failure_records.append({"candidate": candidate.lineage.id, "error": message})
+    logger.warning(
+        "candidate %d: evaluation failed (%s); scored 0 on every example", candidate.lineage.id, message
+    )
+    return np.zeros(state.n_examples)
 
 
-def _test_score(evaluator: Evaluator, ops: GenomeOps, strategy: Strategy) -> float | None:
+def _test_score(executor: Executor, strategy: Strategy) -> float | None:
     best = strategy.best()
     if best is None:
         return None
     try:
-        value = evaluator.test_score(ops.materialize(best.genome))
+        value = executor.score(best.genome, "test")
+    except InfrastructureError:
+        raise
     except Exception as exc:
         logger.warning(
             "test evaluation of candidate %d failed: %s: %s", best.lineage.id, type(exc).__name__, exc
@@ -175,7 +185,7 @@ def _progress_bar(settings: LoopSettings, initial: int) -> Any:
 def run_loop(
     strategy: Strategy,
     ops: GenomeOps,
-    evaluator: Evaluator,
+    executor: Executor,
     run_dir: str | os.PathLike[str],
     settings: LoopSettings,
     *,
@@ -186,8 +196,9 @@ def run_loop(
 
     Args:
         strategy: the ask/tell strategy (freshly built; on resume its state is loaded from the checkpoint).
-        ops: operations on the strategy's genomes.
-        evaluator: scores materialized candidates.
+        ops: operations on the strategy's genomes (checkpoints and the archive store genomes through them).
+        executor: evaluates candidates; up to `executor.parallelism` are asked and not yet told at a time, and
+            they are told in the order they were asked.
         run_dir: an existing directory for the history, checkpoint, archive and summary.
         settings: budget, logging and checkpoint intervals, progress bar.
         info: extra fields for the summary (name, seed, spec hash, ...).
@@ -198,16 +209,20 @@ def run_loop(
 
     Raises:
         EvaluationError: the very first candidate cannot be evaluated (the evaluator is broken).
+        InfrastructureError: a service the evaluation needs failed; the run is checkpointed (its candidates in
+            flight included) and `resume=True` continues it.
         HfM2n2Error: the checkpoint or history does not match.
         KeyboardInterrupt: Ctrl-C or SIGTERM, after a checkpoint of the last finished step.
 
     Example:
-        >>> summary = run_loop(strategy, ops, evaluator, "runs/m2n2", LoopSettings(budget=1000))  # doctest: +SKIP
+        >>> executor = LocalExecutor(ops, target, evaluator)  # doctest: +SKIP
+        >>> summary = run_loop(strategy, ops, executor, "runs/m2n2", LoopSettings(budget=1000))  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
     history_path = run_dir / HISTORY
     lineage_path = run_dir / LINEAGE
     state = LoopState()
+    in_flight: deque[Candidate] = deque()
     if resume:
         saved = load_state(run_dir / CHECKPOINT)
         if saved.get("format") != CHECKPOINT_FORMAT:
@@ -216,6 +231,10 @@ def run_loop(
             )
         strategy.load_state_dict(saved["strategy"])
         state = LoopState(**saved["loop"])
+        in_flight.extend(
+            Candidate(ops.from_state(c["genome"]), Lineage.from_dict(c["lineage"]))
+            for c in saved.get("in_flight", [])
+        )
         _truncate(history_path, state.history_bytes)
         if settings.lineage:
             _truncate(lineage_path, state.lineage_bytes)
@@ -245,40 +264,64 @@ def run_loop(
                 state.lineage_bytes = lineage.tell()
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             loop_state = asdict(state)
-            save_state(
-                run_dir / CHECKPOINT,
-                {"format": CHECKPOINT_FORMAT, "loop": loop_state, "strategy": strategy.state_dict()},
-            )
+            saved = {"format": CHECKPOINT_FORMAT, "loop": loop_state, "strategy": strategy.state_dict()}
+            if in_flight:  # asked, not told: submitted again first on resume
+                saved["in_flight"] = [
+                    {"genome": ops.to_state(c.genome), "lineage": c.lineage.to_dict()} for c in in_flight
+                ]
+            save_state(run_dir / CHECKPOINT, saved)
             last_checkpoint, last_checkpoint_pass = time.perf_counter(), state.passes
 
         every_s, every_steps = settings.checkpoint_every_s, settings.checkpoint_every_steps
-        while state.passes < settings.budget:
-            if stop.requested or (stop.event is not None and stop.event.is_set()):
+        for candidate in in_flight:
+            executor.submit(candidate)
+        told = True  # the state is that of a finished step (a checkpoint now resumes exactly)
+        try:
+            while state.passes < settings.budget:
+                if stop.requested or (stop.event is not None and stop.event.is_set()):
+                    checkpoint()
+                    raise KeyboardInterrupt
+                while (
+                    len(in_flight) < executor.parallelism
+                    and state.passes + len(in_flight) < settings.budget
+                    and (candidate := strategy.ask()) is not None
+                ):
+                    executor.submit(candidate)
+                    in_flight.append(candidate)
+                if not in_flight:
+                    raise ContractError(f"{strategy.name} asked no candidate while none was in flight")
+                scored = executor.collect()
+                if scored.candidate is not in_flight[0]:
+                    raise ContractError("the executor collected candidates out of submission order")
+                scores = _checked(scored, state)
+                told = False
+                in_flight.popleft()
+                strategy.tell(scored.candidate, scores)
+                state.passes += 1
+                if lineage is not None:
+                    record = {**scored.candidate.lineage.to_dict(), "score": float(np.mean(scores))}
+                    lineage.write((json.dumps(record) + "\n").encode())
+                if state.passes % settings.log_every == 0 or state.passes == settings.budget:
+                    record = {"passes": state.passes, **_train_stats(strategy)}
+                    record["test"] = _test_score(executor, strategy)
+                    record["failures"] = state.failures
+                    history.write((json.dumps(record) + "\n").encode())
+                    state.last_log = record
+                    bar.update(state.passes - bar.n)
+                    bar.set_postfix(
+                        best=f"{record['best_train']:.4f}",
+                        mean=f"{record['mean_train']:.4f}",
+                        test=record["test"],
+                    )
+                told = True
+                if (every_steps and state.passes - last_checkpoint_pass >= every_steps) or (
+                    every_s is not None and time.perf_counter() - last_checkpoint >= every_s
+                ):
+                    checkpoint()
+        except InfrastructureError:
+            if told:  # else the last checkpoint stands: resuming redoes the step
                 checkpoint()
-                raise KeyboardInterrupt
-            candidate = strategy.ask()
-            scores = _score(evaluator, ops, candidate, state)
-            strategy.tell(candidate, scores)
-            state.passes += 1
-            if lineage is not None:
-                record = {**candidate.lineage.to_dict(), "score": float(np.mean(scores))}
-                lineage.write((json.dumps(record) + "\n").encode())
-            if state.passes % settings.log_every == 0 or state.passes == settings.budget:
-                record = {"passes": state.passes, **_train_stats(strategy)}
-                record["test"] = _test_score(evaluator, ops, strategy)
-                record["failures"] = state.failures
-                history.write((json.dumps(record) + "\n").encode())
-                state.last_log = record
-                bar.update(state.passes - bar.n)
-                bar.set_postfix(
-                    best=f"{record['best_train']:.4f}",
-                    mean=f"{record['mean_train']:.4f}",
-                    test=record["test"],
-                )
-            if (every_steps and state.passes - last_checkpoint_pass >= every_steps) or (
-                every_s is not None and time.perf_counter() - last_checkpoint >= every_s
-            ):
-                checkpoint()
+            raise
         if state.passes - last_checkpoint_pass or not (run_dir / CHECKPOINT).exists():
             checkpoint()
         elapsed = elapsed_before + time.perf_counter() - session_start
@@ -313,7 +356,7 @@ def _write_archive(path: Path, strategy: Strategy, ops: GenomeOps) -> None:
     save_state(
         path,
         {
-            "genome_kind": getattr(ops, "kind", "unknown"),
+            "genome_kind": ops.kind,
             "best": best_index,
             "members": [
                 {

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2.evolve.competition import Capacity, attraction, fitness, resource_weights
-from hf_m2n2.evolve.genome import GenomeOps
 from hf_m2n2.evolve.strategy import (
     Candidate,
     Lineage,
@@ -28,6 +27,7 @@ from hf_m2n2.evolve.strategy import (
     rng_state,
     sample_cumulative,
 )
+from hf_m2n2.genomes.base import GenomeOps
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class M2N2:
         name: reported name (`m2n2`, `ga`, ...).
 
     Example:
-        >>> from hf_m2n2.evolve.genome import DenseVectorOps
+        >>> from hf_m2n2.genomes.dense import DenseVectorOps
         >>> ops = DenseVectorOps(8)
         >>> rng = np.random.default_rng(0)
         >>> strategy = M2N2(ops, [ops.random(0.01, rng) for _ in range(2)], M2N2Config(archive_size=4), seed=0)

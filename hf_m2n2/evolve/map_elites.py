@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from hf_m2n2.evolve.genome import GenomeOps
 from hf_m2n2.evolve.strategy import (
     Candidate,
     Lineage,
@@ -25,6 +24,7 @@ from hf_m2n2.evolve.strategy import (
     rng_state,
     sample_index,
 )
+from hf_m2n2.genomes.base import GenomeOps
 
 
 class MapElites:

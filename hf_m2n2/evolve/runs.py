@@ -13,15 +13,16 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from hf_m2n2.errors import HfM2n2Error, OutputError
-from hf_m2n2.evolve.config import EvolveSpec, load_evolve_spec
 from hf_m2n2.evolve.loop import CHECKPOINT, SUMMARY, LoopSettings, run_loop
+from hf_m2n2.evolve.outcome import MODEL_DIR
+from hf_m2n2.evolve.spec import EvolveSpec, load_evolve_spec
 from hf_m2n2.outdir import atomic_write_text
-from hf_m2n2.spec import read_spec_text, spec_hash
+from hf_m2n2.spec import spec_hash
 
 SPEC_COPY = "spec.yaml"
 RUN_INFO = "run.json"
@@ -31,15 +32,42 @@ PUSHED = "push.json"  # the upload of the exported model succeeded (resume pushe
 Reporter = Callable[[Path, dict[str, Any]], None]
 
 
-def load_run_spec(path: str | os.PathLike[str]) -> tuple[Any, str]:
-    """A standalone evolve spec (dense genomes) or a model evolution spec (`models:` seeds), and its text."""
-    from hf_m2n2.evolve.models import is_model_spec, parse_model_spec
-    from hf_m2n2.spec import parse_yaml
+@dataclass
+class RunInfo:
+    """One run's identity, as `run.json` holds it.
 
-    text = read_spec_text(path)
-    data = parse_yaml(text, path)
-    if is_model_spec(data):
-        return parse_model_spec(data), text
+    Attributes:
+        seed: the run seed.
+        run: its index in a directory of runs (None: a single run).
+        spec_hash: the hash of `spec.yaml`'s text (a modified copy refuses to resume).
+        spec_dir: the original spec's folder: relative model paths and include_path resolve against it.
+        push: the `--push` target given on the command line (a resumed run still publishes there).
+    """
+
+    seed: int
+    run: int | None
+    spec_hash: str
+    spec_dir: str | None = None
+    push: dict[str, Any] | None = None
+
+    def save(self, run_dir: Path) -> None:
+        data = {"seed": self.seed, "run": self.run, "spec_hash": self.spec_hash, "spec_dir": self.spec_dir}
+        if self.push is not None:
+            data["push"] = self.push
+        atomic_write_text(run_dir / RUN_INFO, json.dumps(data) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunInfo:
+        data = json.loads((run_dir / RUN_INFO).read_text())
+        return cls(data["seed"], data["run"], data["spec_hash"], data.get("spec_dir"), data.get("push"))
+
+    @property
+    def label_suffix(self) -> str:
+        return "" if self.run is None else f" run {self.run}"
+
+
+def load_run_spec(path: str | os.PathLike[str]) -> tuple[EvolveSpec, str]:
+    """An evolve spec (any genome kind) and its text."""
     return load_evolve_spec(path)
 
 
@@ -83,17 +111,18 @@ def start_runs(
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
     if runs is None:
-        return [_start_one(out, spec, text, spec.evolve.seed, None, progress, on_done, spec_dir, target)]
-    info = {"runs": runs, "seed": spec.evolve.seed, "spec_dir": spec_dir}
-    atomic_write_text(out / RUNS_INFO, json.dumps(info) + "\n")
+        push = None if target is None else _target_record(target)
+        info = RunInfo(spec.evolve.seed, None, spec_hash(text), spec_dir, push)
+        return [_start_one(out, spec, text, info, progress, on_done, target)]
+    index_info = {"runs": runs, "seed": spec.evolve.seed, "spec_dir": spec_dir}
+    atomic_write_text(out / RUNS_INFO, json.dumps(index_info) + "\n")
     atomic_write_text(out / SPEC_COPY, text)
     summaries = []
     for index in range(runs):
         run_dir = out / f"run-{index}"
         run_dir.mkdir()
-        summaries.append(
-            _start_one(run_dir, spec, text, spec.evolve.seed + index, index, progress, on_done, spec_dir)
-        )
+        info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), spec_dir)
+        summaries.append(_start_one(run_dir, spec, text, info, progress, on_done))
     return summaries
 
 
@@ -121,19 +150,21 @@ def resume_runs(
     """
     out = Path(out_dir)
     if (out / RUNS_INFO).is_file():
-        info = json.loads((out / RUNS_INFO).read_text())
+        index_info = json.loads((out / RUNS_INFO).read_text())
         if runs is not None:
-            if runs < info["runs"]:
-                raise HfM2n2Error(f"{out} already has {info['runs']} runs; --runs can only raise it")
-            info["runs"] = runs
-            atomic_write_text(out / RUNS_INFO, json.dumps(info) + "\n")
-        dirs = [out / f"run-{index}" for index in range(int(info["runs"]))]
-        for run_dir in dirs:
+            if runs < index_info["runs"]:
+                raise HfM2n2Error(f"{out} already has {index_info['runs']} runs; --runs can only raise it")
+            index_info["runs"] = runs
+            atomic_write_text(out / RUNS_INFO, json.dumps(index_info) + "\n")
+        dirs = [out / f"run-{index}" for index in range(int(index_info["runs"]))]
+        for index, run_dir in enumerate(dirs):
             run_dir.mkdir(exist_ok=True)
             if not (run_dir / RUN_INFO).is_file():  # killed before this run started
                 spec, text = load_run_spec(out / SPEC_COPY)
-                index = dirs.index(run_dir)
-                _write_run_info(run_dir, text, spec.evolve.seed + index, index, info.get("spec_dir"))
+                atomic_write_text(run_dir / SPEC_COPY, text)
+                RunInfo(spec.evolve.seed + index, index, spec_hash(text), index_info.get("spec_dir")).save(
+                    run_dir
+                )
         return [_resume_one(run_dir, progress, on_done) for run_dir in dirs]
     if (out / RUN_INFO).is_file():
         if runs is not None:
@@ -162,11 +193,10 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 def _push_target(spec: EvolveSpec, repo_id: str | None, private: bool | None, runs: int | None):
-    from hf_m2n2.evolve.models import ModelEvolveSpec
     from hf_m2n2.push import PushTarget
 
-    target = PushTarget.resolve(getattr(spec, "output", None), repo_id, private)
-    if target is not None and not isinstance(spec, ModelEvolveSpec):
+    target = PushTarget.resolve(spec.output, repo_id, private)
+    if target is not None and not spec.kind.uses_models:
         raise HfM2n2Error("--push publishes models: this spec evolves dense vectors, not Hub models")
     if target is not None and runs is not None:
         raise HfM2n2Error(
@@ -175,71 +205,49 @@ def _push_target(spec: EvolveSpec, repo_id: str | None, private: bool | None, ru
     return target
 
 
-def _write_run_info(
-    run_dir: Path, text: str, seed: int, index: int | None, spec_dir: str | None = None, target=None
-) -> None:
-    atomic_write_text(run_dir / SPEC_COPY, text)
-    # spec_dir: relative model paths and include_path resolve against the original spec's folder
-    info = {"seed": seed, "run": index, "spec_hash": spec_hash(text), "spec_dir": spec_dir}
-    if target is not None:  # --push given on the command line: a resumed run still publishes there
-        info["push"] = {"repo_id": target.repo_id, "private": target.private, "revision": target.revision}
-    atomic_write_text(run_dir / RUN_INFO, json.dumps(info) + "\n")
+def _target_record(target) -> dict[str, Any]:
+    return {"repo_id": target.repo_id, "private": target.private, "revision": target.revision}
 
 
 def _start_one(
     run_dir: Path,
     spec: EvolveSpec,
     text: str,
-    seed: int,
-    index: int | None,
+    info: RunInfo,
     progress: bool,
     on_done: Reporter | None,
-    spec_dir: str | None = None,
     target=None,
 ) -> dict[str, Any]:
-    _write_run_info(run_dir, text, seed, index, spec_dir, target)
-    return _execute(
-        run_dir, spec, text, seed, index, progress, on_done, resume=False, spec_dir=spec_dir, target=target
-    )
+    atomic_write_text(run_dir / SPEC_COPY, text)
+    info.save(run_dir)
+    return _execute(run_dir, spec, info, progress, on_done, resume=False, target=target)
 
 
 def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict[str, Any]:
-    info = json.loads((run_dir / RUN_INFO).read_text())
+    info = RunInfo.load(run_dir)
     spec, text = load_run_spec(run_dir / SPEC_COPY)
-    if spec_hash(text) != info["spec_hash"]:
+    if spec_hash(text) != info.spec_hash:
         raise HfM2n2Error(f"{run_dir / SPEC_COPY} was modified after the run started (spec hash differs)")
-    from hf_m2n2.evolve.models import MODEL_DIR, ModelEvolveSpec
-
-    exported = not isinstance(spec, ModelEvolveSpec) or (run_dir / MODEL_DIR).is_dir()
+    exports = spec.kind.uses_models
+    exported = not exports or (run_dir / MODEL_DIR).is_dir()
     if (run_dir / SUMMARY).is_file() and exported:
         summary = json.loads((run_dir / SUMMARY).read_text())
-        target = _stored_target(spec, info) if isinstance(spec, ModelEvolveSpec) else None
+        target = _stored_target(spec, info) if exports else None
         if target is not None and not (run_dir / PUSHED).is_file():  # finished, but the upload failed
             summary = {**summary, "push": _push(target, run_dir / MODEL_DIR, run_dir)}
         if on_done:
             on_done(run_dir, summary)
         return summary
     resume = (run_dir / CHECKPOINT).is_file()
-    return _execute(
-        run_dir,
-        spec,
-        text,
-        info["seed"],
-        info["run"],
-        progress,
-        on_done,
-        resume=resume,
-        spec_dir=info.get("spec_dir"),
-        target=_stored_target(spec, info),
-    )
+    return _execute(run_dir, spec, info, progress, on_done, resume=resume, target=_stored_target(spec, info))
 
 
-def _stored_target(spec: EvolveSpec, info: dict[str, Any]):
+def _stored_target(spec: EvolveSpec, info: RunInfo):
     from hf_m2n2.push import PushTarget
 
-    if "push" in info:
-        return PushTarget(**info["push"])
-    return PushTarget.resolve(getattr(spec, "output", None))
+    if info.push is not None:
+        return PushTarget(**info.push)
+    return PushTarget.resolve(spec.output)
 
 
 def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
@@ -255,33 +263,25 @@ def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
 def _execute(
     run_dir: Path,
     spec: EvolveSpec,
-    text: str,
-    seed: int,
-    index: int | None,
+    info: RunInfo,
     progress: bool,
     on_done: Reporter | None,
     *,
     resume: bool,
-    spec_dir: str | None = None,
     target=None,
 ) -> dict[str, Any]:
     import torch
 
     from hf_m2n2.evolve.build import build_run
-    from hf_m2n2.evolve.models import MODEL_DIR, ModelEvolveSpec, build_model_run, finish_model_run
+    from hf_m2n2.evolve.outcome import finish_model_run
     from hf_m2n2.spec import OutputConfig
 
     torch.set_num_threads(spec.evolve.threads)
-    model_run = None
-    if isinstance(spec, ModelEvolveSpec):
-        if target is not None:  # the card's usage snippet names the repo
-            output = OutputConfig(
-                push_to_hub=target.repo_id, private=target.private, revision=target.revision
-            )
-            spec = spec.model_copy(update={"output": output})
-        parts, model_run = build_model_run(spec, seed, run_dir, Path(spec_dir) if spec_dir else None)
-    else:
-        parts = build_run(spec, seed)
+    exports = spec.kind.uses_models
+    if target is not None and exports:  # the card's usage snippet names the repo
+        output = OutputConfig(push_to_hub=target.repo_id, private=target.private, revision=target.revision)
+        spec = spec.model_copy(update={"output": output})
+    parts = build_run(spec, info.seed, run_dir, Path(info.spec_dir) if info.spec_dir else None)
     evolve = spec.evolve
     settings = LoopSettings(
         budget=evolve.budget,
@@ -289,26 +289,26 @@ def _execute(
         checkpoint_every_s=evolve.checkpoint_every_s,
         checkpoint_every_steps=evolve.checkpoint_every_steps,
         progress=progress,
-        label=spec.label if index is None else f"{spec.label} run {index}",
-        lineage=model_run is not None,
+        label=spec.label + info.label_suffix,
+        lineage=exports,
     )
-    info = {
+    summary_info = {
         "name": spec.label,
         "algorithm": evolve.algorithm,
-        "seed": seed,
-        "run": index,
-        "spec_hash": spec_hash(text),
+        "seed": info.seed,
+        "run": info.run,
+        "spec_hash": info.spec_hash,
         "threads": evolve.threads,
         "mutation_std": parts.mutation_std,
         "slerp_scope": spec.genome.slerp_scope,
     }
     with _blas_threads(evolve.threads):
         summary = run_loop(
-            parts.strategy, parts.ops, parts.evaluator, run_dir, settings, info=info, resume=resume
+            parts.strategy, parts.ops, parts.executor, run_dir, settings, info=summary_info, resume=resume
         )
-        if model_run is not None:
-            finish_model_run(model_run, run_dir, summary, parts.strategy, progress=progress)
-    if target is not None and model_run is not None:
+        if exports:
+            finish_model_run(spec, parts, run_dir, summary, progress=progress)
+    if target is not None and exports:
         summary = {**summary, "push": _push(target, run_dir / MODEL_DIR, run_dir)}
     if on_done:
         on_done(run_dir, summary)

@@ -1,6 +1,7 @@
 """The ask/tell strategy interface shared by M2N2 and its baselines.
 
-A strategy proposes one candidate at a time (`ask`), is told its per-example score vector (`tell`), and keeps
+A strategy proposes candidates (`ask`), is told their per-example score vectors (`tell`) in the order it asked
+them, possibly after several asks (an executor with several workers keeps several in flight), and keeps
 all of its state (archive, score matrix, random generator) in explicit objects that `state_dict` returns and
 `load_state_dict` restores exactly: a resumed run draws the same numbers as an uninterrupted one. Strategies see
 genomes (through `GenomeOps`) and score vectors, never models.
@@ -71,12 +72,15 @@ class Strategy(Protocol):
 
     name: str
 
-    def ask(self) -> Candidate:
-        """The next candidate to evaluate."""
+    def ask(self) -> Candidate | None:
+        """The next candidate to evaluate, drawn from the strategy's state as it is now (M2N2: from the archive
+        as it stands, whatever is still in flight); None when it cannot propose one before more tells (CMA-ES
+        at the end of a generation)."""
         ...
 
     def tell(self, candidate: Candidate, scores: np.ndarray) -> None:
-        """Report the per-example scores (float, shape (n_examples,)) of a candidate returned by `ask`."""
+        """Report the per-example scores (float, shape (n_examples,)) of a candidate returned by `ask`; candidates
+        are told in the order they were asked."""
         ...
 
     def best(self) -> Member | None:

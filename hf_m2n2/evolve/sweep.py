@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from hf_m2n2.evolve.genome import GenomeOps
 from hf_m2n2.evolve.strategy import Candidate, Lineage, Member
+from hf_m2n2.genomes.base import GenomeOps
 
 
 class Sweep:

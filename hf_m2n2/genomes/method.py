@@ -28,8 +28,8 @@ genome:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -38,16 +38,19 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hf_m2n2.errors import HfM2n2Error, SpecError
+from hf_m2n2.evaluate.base import EvaluationContext
+from hf_m2n2.genomes.base import GenomeKind, GenomeRun
 from hf_m2n2.seeds import Seed
+from hf_m2n2.spec import StrictModel
 
 MERGE_CONFIG = "merge_config.yaml"
 EVOMERGE_PAPER = "Evolutionary Optimization of Model Merging Recipes (https://arxiv.org/abs/2403.13187)"
 
 
-class MethodGenomeConfig(BaseModel):
+class MethodGenomeConfig(StrictModel):
     """`genome: {kind: method, ...}`: per-seed, per-layer-group parameters of one merge method.
 
     Attributes:
@@ -61,8 +64,6 @@ class MethodGenomeConfig(BaseModel):
         dtype: dtype of the merge arithmetic, of the live model and of the exported weights.
         device: where the live model lives and the merge arithmetic runs.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["method"]
     method: str
@@ -89,10 +90,6 @@ def check_method_spec(spec: Any) -> None:
     from hf_m2n2.spec import check_setting
 
     genome: MethodGenomeConfig = spec.genome
-    if spec.evolve.algorithm != "evomerge_ps":
-        raise SpecError(
-            "evolve.algorithm", f"a method genome is evolved by evomerge_ps, not {spec.evolve.algorithm}"
-        )
     try:
         method = get_method(genome.method)
     except UnknownMethodError as exc:
@@ -231,31 +228,19 @@ def genome_hash(x: np.ndarray) -> str:
 
 
 class MethodOps:
-    """GenomeOps over method genomes; `write` merges a candidate into the live model as `hf-m2n2 merge` would.
+    """GenomeOps over method genomes: vectors in [0, 1]^n standing for merge specs (no crossover: evomerge_ps).
 
     Args:
         template: the merge spec without the evolved values.
-        seeds: the opened seeds (`template.models`, then the base).
-        live: the resident model candidates are written into.
-        device: where the merge arithmetic runs.
-        merge_options: `hf-m2n2 merge`'s options whose computation the live model mirrors (default: merge's
-            defaults on `device`).
+        num_seeds: the opened seeds (the models, then the base): `seed_genomes` has one `SeedPick` each.
     """
 
     kind = "method"
     slerp_scope = None
 
-    def __init__(
-        self, template: MethodTemplate, seeds: list[Seed], live: Any, device: str = "cpu", merge_options=None
-    ):
-        from hf_m2n2.merge import MergeOptions
-
+    def __init__(self, template: MethodTemplate, num_seeds: int):
         self.template = template
-        self.seeds = seeds
-        self.seed_index = {pinned_ref(s): i for i, s in enumerate(seeds)}
-        self.live = live
-        self.merge_options = merge_options or MergeOptions(device=device, progress=False)
-        self._last: np.ndarray | None = None
+        self.num_seeds = num_seeds
 
     @property
     def size(self) -> int:
@@ -289,25 +274,47 @@ class MethodOps:
     def random(self, std: float, rng: np.random.Generator) -> Any:
         raise HfM2n2Error("method genomes start at 0.5 everywhere (evomerge_ps), not from random vectors")
 
-    def materialize(self, x: Any) -> Any:
-        return x  # the evaluator checks its score cache, then calls `write`
-
     def hash(self, x: Any) -> str:
         return f"seed-{x.index}" if isinstance(x, SeedPick) else genome_hash(x)
 
     def seed_genomes(self) -> list[SeedPick]:
         """Every seed as itself (for the held-out report)."""
-        return [SeedPick(k) for k in range(len(self.seeds))]
+        return [SeedPick(k) for k in range(self.num_seeds)]
 
     def merge_config(self, x: np.ndarray) -> dict[str, Any]:
         return self.template.merge_config(x)
+
+
+class MethodTarget:
+    """Writes method genomes into the live model: `hf-m2n2 merge` of the genome's spec, in place.
+
+    Args:
+        template: the merge spec without the evolved values.
+        seeds: the opened seeds (`template.models`, then the base).
+        live: the resident model candidates are written into.
+        device: where the merge arithmetic runs.
+        merge_options: `hf-m2n2 merge`'s options whose computation the live model mirrors (default: merge's
+            defaults on `device`).
+    """
+
+    def __init__(
+        self, template: MethodTemplate, seeds: list[Seed], live: Any, device: str = "cpu", merge_options=None
+    ):
+        from hf_m2n2.merge import MergeOptions
+
+        self.template = template
+        self.seeds = seeds
+        self.seed_index = {pinned_ref(s): i for i, s in enumerate(seeds)}
+        self.live = live
+        self.merge_options = merge_options or MergeOptions(device=device, progress=False)
+        self._last: np.ndarray | None = None
 
     def plan(self, x: np.ndarray) -> Any:
         """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default)."""
         from hf_m2n2.plan import plan_merge
         from hf_m2n2.spec import parse_spec
 
-        spec = parse_spec(self.merge_config(x), source="method genome")
+        spec = parse_spec(self.template.merge_config(x), source="method genome")
         return plan_merge(spec, self.seeds, self.seed_index, random_seed=0)
 
     def write(self, x: np.ndarray | SeedPick) -> Any:
@@ -356,55 +363,120 @@ class MethodOps:
                 self.live.write(name, seed.checkpoint.get(name).to(self.live.dtype))
 
 
-def build_method_run(spec: Any, seed: int, run_dir: Path, spec_dir: Path | None) -> tuple[Any, Any]:
-    """Open the seeds (the models, then the base), build the live model, ops, evaluator and strategy.
+class MethodKind(GenomeKind):
+    """`genome: {kind: method, ...}`: evomerge_ps over merge-method parameters; the export is `hf-m2n2 merge`
+    of the best genome's spec, written next to the weights as merge_config.yaml."""
 
-    Returns:
-        (RunParts for the loop, ModelRun for the export).
+    name = "method"
+    config = MethodGenomeConfig
+    algorithms = ("evomerge_ps",)
+    uses_models = True
 
-    Raises:
-        SpecError: the seeds' layer counts differ, the layer groups do not fit, or the merge cannot be planned.
-    """
-    from hf_m2n2.evolve.build import RunParts, build_strategy
-    from hf_m2n2.evolve.models import BlendEvaluator, ModelRun, _inner_evaluator
-    from hf_m2n2.live import LiveModel
-    from hf_m2n2.plan import torch_dtype
-    from hf_m2n2.seeds import open_seeds
+    def check(self, spec: Any) -> None:
+        check_method_spec(spec)
 
-    genome: MethodGenomeConfig = spec.genome
-    refs = spec.seed_refs() + ([genome.base_model] if genome.base_model is not None else [])
-    seeds = open_seeds(refs, base_dir=spec_dir)
-    pinned = [pinned_ref(s) for s in seeds]
-    if len(set(pinned)) != len(pinned):
-        raise SpecError("models", "two references resolve to the same model")
-    counts = {s.name: s.num_layers for s in seeds}
-    if len(set(counts.values())) != 1:
-        detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
-        raise SpecError("models", f"the models have different layer counts ({detail})")
-    n_models = len(spec.models)
-    template = MethodTemplate(
-        method=genome.method,
-        models=tuple(pinned[:n_models]),
-        base=pinned[n_models] if genome.base_model is not None else None,
-        parameters=tuple(genome.parameters),
-        groups=layer_groups(seeds[0].num_layers, genome.layer_groups),
-        fixed=dict(genome.method_parameters),
-        dtype=genome.dtype,
-    )
-    reference = n_models if genome.base_model is not None else 0
-    live = LiveModel(seeds[reference].model.path, dtype=torch_dtype(genome.dtype), device=genome.device)
-    ops = MethodOps(template, seeds, live, genome.device)
-    try:
-        ops.plan(np.full(ops.size, 0.5))  # fail now, not at the first candidate
-    except SpecError as exc:
-        raise SpecError(
-            "genome", f"the {genome.method} merge of these models cannot be planned: {exc}"
-        ) from None
-    inner = _inner_evaluator(spec, live, seeds[reference], spec_dir)
-    evaluator = BlendEvaluator(ops, inner)
-    _, strategy_stream = np.random.SeedSequence(seed).spawn(2)
-    strategy = build_strategy(spec.evolve, ops, [], seed=strategy_stream, mutation_std=0.0)
-    return RunParts(ops, evaluator, strategy, 0.0), ModelRun(spec, seeds, ops, live, inner, reference, [])
+    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
+        """Open the seeds (the models, then the base), build the live model and the ops.
+
+        Raises:
+            SpecError: the seeds' layer counts differ, the layer groups do not fit, or the merge cannot be
+                planned.
+        """
+        from hf_m2n2.live import LiveModel
+        from hf_m2n2.plan import torch_dtype
+        from hf_m2n2.seeds import open_seeds
+
+        genome: MethodGenomeConfig = spec.genome
+        refs = spec.seed_refs() + ([genome.base_model] if genome.base_model is not None else [])
+        seeds = open_seeds(refs, base_dir=spec_dir)
+        pinned = [pinned_ref(s) for s in seeds]
+        if len(set(pinned)) != len(pinned):
+            raise SpecError("models", "two references resolve to the same model")
+        counts = {s.name: s.num_layers for s in seeds}
+        if len(set(counts.values())) != 1:
+            detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
+            raise SpecError("models", f"the models have different layer counts ({detail})")
+        n_models = len(spec.models)
+        template = MethodTemplate(
+            method=genome.method,
+            models=tuple(pinned[:n_models]),
+            base=pinned[n_models] if genome.base_model is not None else None,
+            parameters=tuple(genome.parameters),
+            groups=layer_groups(seeds[0].num_layers, genome.layer_groups),
+            fixed=dict(genome.method_parameters),
+            dtype=genome.dtype,
+        )
+        reference = n_models if genome.base_model is not None else 0
+        live = LiveModel(seeds[reference].model.path, dtype=torch_dtype(genome.dtype), device=genome.device)
+        ops = MethodOps(template, len(seeds))
+        target = MethodTarget(template, seeds, live, genome.device)
+        try:
+            target.plan(np.full(ops.size, 0.5))  # fail now, not at the first candidate
+        except SpecError as exc:
+            raise SpecError(
+                "genome", f"the {genome.method} merge of these models cannot be planned: {exc}"
+            ) from None
+        context = EvaluationContext(live.model, seeds[reference].model.path, spec_dir, genome.device)
+        return GenomeRun(
+            ops,
+            target,
+            [],
+            context=context,
+            seeds=seeds,
+            seed_genomes=ops.seed_genomes(),
+            cache_scores=True,
+            timed=True,
+        )
+
+    def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:
+        """`model_dir` is `hf-m2n2 merge` of the best genome's spec (written there as merge_config.yaml) plus the
+        lineage card and fitness plot."""
+        best, summary = outcome.best, outcome.summary
+        genome: MethodGenomeConfig = spec.genome
+        score = float(np.mean(best.scores))
+        header = (
+            f"{outcome.merged_name}: evolved by hf-m2n2 evomerge_ps (CMA-ES over {genome.method} "
+            f"{', '.join(genome.parameters)} per model and layer group), run seed {summary['seed']}, "
+            f"candidate {best.lineage.id} of {summary['forward_passes']} (mean fitness {score:.4f}).\n"
+            f"The weights next to this file are `hf-m2n2 merge {MERGE_CONFIG} OUT_DIR"
+            + ("" if genome.device == "cpu" else f" --device {genome.device}")
+            + "`, bit for bit."
+        )
+        text = recipe_text(run.ops.merge_config(best.genome), header)
+
+        def extras(out: Path) -> None:
+            outcome.write_card(
+                out,
+                recipe_file=MERGE_CONFIG,
+                rebuild_command=f"hf-m2n2 merge {MERGE_CONFIG} OUT_DIR",
+                paper=EVOMERGE_PAPER,
+                merge_device=None if genome.device == "cpu" else genome.device,
+            )
+
+        merge_recipe(text, model_dir, overwrite=True, device=genome.device, extras=extras)
+
+    def export_again(self, model_dir: Path, out_dir: Path, overwrite: bool) -> Path | None:
+        """`hf-m2n2 export`: merge the run's merge_config.yaml again (on the device its card records), with its
+        card and plot."""
+        if not (model_dir / MERGE_CONFIG).is_file():
+            return None
+        text = (model_dir / MERGE_CONFIG).read_text()
+        device = merge_device(model_dir)
+
+        def extras(out: Path) -> None:
+            for name in ("README.md", "card.json", "fitness.png"):
+                if (model_dir / name).is_file():
+                    shutil.copyfile(model_dir / name, out / name)
+
+        return merge_recipe(text, out_dir, overwrite=overwrite, device=device, extras=extras)
+
+
+def merge_device(model_dir: Path) -> str:
+    """The device an exported method-genome model was merged on: its card's `merge_device` (absent: the CPU)."""
+    card = model_dir / "card.json"
+    if not card.is_file():
+        return "cpu"
+    return json.loads(card.read_text()).get("details", {}).get("merge_device") or "cpu"
 
 
 def recipe_text(config: dict[str, Any], header: str) -> str:
@@ -414,39 +486,6 @@ def recipe_text(config: dict[str, Any], header: str) -> str:
     if yaml.safe_load(text) != config:
         raise HfM2n2Error("the merge spec does not survive a YAML round trip")
     return text
-
-
-def finish_method_run(
-    run: Any, run_dir: Path, summary: dict[str, Any], strategy: Any, progress: bool = True
-) -> dict[str, dict[str, float]]:
-    """Export the best genome: `run_dir/model` is `hf-m2n2 merge` of its spec (written there as merge_config.yaml)
-    plus the lineage card and fitness plot; the held-out report of every seed and the merge goes to report.json."""
-    from hf_m2n2.evolve.models import MODEL_DIR, RunOutcome
-
-    outcome = RunOutcome.of(run, run_dir, summary, strategy)
-    best, merged_name = outcome.best, outcome.merged_name
-    genome: MethodGenomeConfig = run.spec.genome
-    score = float(np.mean(best.scores))
-    header = (
-        f"{merged_name}: evolved by hf-m2n2 evomerge_ps (CMA-ES over {genome.method} "
-        f"{', '.join(genome.parameters)} per model and layer group), run seed {summary['seed']}, "
-        f"candidate {best.lineage.id} of {summary['forward_passes']} (mean fitness {score:.4f}).\n"
-        f"The weights next to this file are `hf-m2n2 merge {MERGE_CONFIG} OUT_DIR"
-        + ("" if genome.device == "cpu" else f" --device {genome.device}")
-        + "`, bit for bit."
-    )
-    text = recipe_text(run.ops.merge_config(best.genome), header)
-
-    def extras(out: Path) -> None:
-        outcome.write_card(
-            out,
-            recipe_file=MERGE_CONFIG,
-            rebuild_command=f"hf-m2n2 merge {MERGE_CONFIG} OUT_DIR",
-            paper=EVOMERGE_PAPER,
-        )
-
-    merge_recipe(text, run_dir / MODEL_DIR, overwrite=True, device=genome.device, extras=extras)
-    return outcome.save_report(progress)
 
 
 def merge_recipe(
@@ -474,17 +513,3 @@ def merge_recipe(
         if extras is not None:
             extras(tmp)
     return out
-
-
-def export_method_run(model_dir: Path, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """`hf-m2n2 export` of a method-genome run: merge its merge_config.yaml again, with its card and plot."""
-    text = (model_dir / MERGE_CONFIG).read_text()
-    found = re.search(r"--device (\S+?)`", text)  # the run's device, recorded in the header
-    device = found.group(1) if found else "cpu"
-
-    def extras(out: Path) -> None:
-        for name in ("README.md", "card.json", "fitness.png"):
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, out / name)
-
-    return merge_recipe(text, out_dir, overwrite=overwrite, device=device, extras=extras)

@@ -1,8 +1,8 @@
-"""Genome operations: what strategies may do to a genome without knowing what it is.
+"""Dense genomes: one flat float32 vector per candidate (small models evolved from scratch, e.g. the digits MLP).
 
-Strategies see genomes only through a `GenomeOps` object: split-point SLERP crossover, Gaussian mutation, random
-initialisation, the flattened size N (split points are positions in [0, N] of the flattened parameter vector,
-N meaning "no split"), conversion to what the evaluator receives, and conversion to/from checkpoint arrays.
+Strategies see genomes only through `GenomeOps` (`hf_m2n2.genomes.base`): split-point SLERP crossover, Gaussian
+mutation, random initialisation, the flattened size N (split points are positions in [0, N], N meaning "no
+split"), and conversion to/from checkpoint arrays.
 
 M2N2's crossover is, per segment, `child = a * x + b * y` where the scalars (a, b) come from the SLERP formula
 with t = w before the split point and 1 - w after it, and the angle from inner products of the parents
@@ -13,53 +13,57 @@ float32 numpy vector; a Blend genome implements the same contract from Gram pref
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
 from hf_m2n2.blend import slerp_coefficients  # the one M2N2 SLERP rule, shared with Blend genomes
+from hf_m2n2.errors import SpecError
+from hf_m2n2.evaluate.python import check_callable_reference, resolve_callable
+from hf_m2n2.genomes.base import GenomeKind, GenomeRun, SlerpScope
+from hf_m2n2.spec import StrictModel
 
-G = TypeVar("G")
-SlerpScope = Literal["global", "segment"]
+DEFAULT_MUTATION_STD = 0.01
+DENSE_ALGORITHMS = ("m2n2", "ga", "cma_es", "map_elites", "sweep")
 
 
-@runtime_checkable
-class GenomeOps(Protocol[G]):
-    """Operations on opaque genomes of one kind. Implementations hold no random state: every draw comes from the
-    `numpy.random.Generator` passed in, which the strategy owns and checkpoints."""
+class RandomSeeds(StrictModel):
+    """`count` initial vectors drawn from N(0, std^2) with the run's seed (from-scratch runs)."""
 
-    kind: str
-    slerp_scope: SlerpScope
+    kind: Literal["random"]
+    count: int = Field(2, ge=1)
+    std: float = Field(0.01, gt=0)
 
-    @property
-    def size(self) -> int:
-        """N, the number of flattened parameters; split points lie in [0, N] (N: no split)."""
-        ...
 
-    def crossover(self, x: G, y: G, w: float, split: int) -> G:
-        """SLERP x towards y with t = w on [0, split) and t = 1 - w on [split, N); angles per `slerp_scope`."""
-        ...
+class PythonSeeds(StrictModel):
+    """Initial vectors returned by a Python function `callable(**kwargs) -> list of 1-D arrays`."""
 
-    def mutate(self, x: G, std: float, rng: np.random.Generator) -> G:
-        """x plus N(0, std^2) noise on every parameter (a new genome; x is unchanged)."""
-        ...
+    kind: Literal["python"]
+    callable: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    def random(self, std: float, rng: np.random.Generator) -> G:
-        """A genome with every parameter drawn from N(0, std^2)."""
-        ...
+    _callable = field_validator("callable")(check_callable_reference)
 
-    def materialize(self, x: G) -> Any:
-        """What the evaluator receives for genome x (a parameter vector, a live model, ...)."""
-        ...
 
-    def to_state(self, x: G) -> Any:
-        """x as checkpointable data: numpy arrays, numbers, strings, lists and dicts of them."""
-        ...
+SeedsConfig = Annotated[RandomSeeds | PythonSeeds, Field(discriminator="kind")]
 
-    def from_state(self, state: Any) -> G:
-        """Inverse of `to_state`."""
-        ...
+
+class DenseGenomeConfig(StrictModel):
+    """A genome that is one flat float32 vector (models evolved from scratch, e.g. the digits MLP).
+
+    Attributes:
+        size: number of parameters N.
+        seeds: where the initial genomes come from.
+        slerp_scope: SLERP angle from the full vectors (`global`, reference code) or per segment (`segment`).
+    """
+
+    kind: Literal["dense"] = "dense"
+    size: int = Field(gt=0)
+    seeds: SeedsConfig = RandomSeeds(kind="random")
+    slerp_scope: Literal["global", "segment"] = "global"
 
 
 class DenseVectorOps:
@@ -161,3 +165,63 @@ class DenseVectorOps:
         if not np.isfinite(vector).all():
             raise ValueError("the vector has non-finite values")
         return vector
+
+
+class DenseTarget:
+    """The dense genome's target: the evaluator receives the vector itself, as a float32 torch tensor."""
+
+    def __init__(self, ops: DenseVectorOps):
+        self.ops = ops
+
+    def write(self, genome: np.ndarray) -> torch.Tensor:
+        return self.ops.materialize(genome)
+
+
+def initial_vectors(genome: DenseGenomeConfig, ops: DenseVectorOps, rng: np.random.Generator) -> list[Any]:
+    """The initial genomes: random N(0, std^2) vectors from `rng`, or the vectors a Python function returns.
+
+    Raises:
+        SpecError: the function fails or returns vectors of the wrong size (naming `genome.seeds`).
+    """
+    seeds = genome.seeds
+    if isinstance(seeds, RandomSeeds):
+        return [ops.random(seeds.std, rng) for _ in range(seeds.count)]
+    fn = resolve_callable(seeds.callable, "genome.seeds.callable")
+    try:
+        vectors = list(fn(**seeds.kwargs))
+    except Exception as exc:
+        raise SpecError(
+            "genome.seeds.callable", f"{seeds.callable} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not vectors:
+        raise SpecError("genome.seeds.callable", f"{seeds.callable} returned no seeds")
+    try:
+        return [ops.from_array(v) for v in vectors]
+    except ValueError as exc:
+        raise SpecError("genome.seeds.callable", f"{seeds.callable} returned a bad seed: {exc}") from None
+
+
+class DenseKind(GenomeKind):
+    """`genome: {kind: dense, ...}`: from-scratch vectors, every algorithm but evomerge_ps, no `models:`."""
+
+    name = "dense"
+    config = DenseGenomeConfig
+    algorithms = DENSE_ALGORITHMS
+    uses_models = False
+
+    def check(self, spec: Any) -> None:
+        seeds = spec.genome.seeds
+        if spec.evolve.algorithm == "sweep" and isinstance(seeds, RandomSeeds) and seeds.count != 2:
+            raise SpecError("genome.seeds.count", "the sweep needs exactly two seeds")
+
+    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
+        ops = DenseVectorOps(spec.genome.size, spec.genome.slerp_scope)
+        initial = initial_vectors(spec.genome, ops, rng)
+        return GenomeRun(ops, DenseTarget(ops), initial, mutation_std=self.mutation_std(spec))
+
+    @staticmethod
+    def mutation_std(spec: Any) -> float:
+        """`evolve.mutation_std`, or 0.01 for from-scratch runs (random seeds) and 0 otherwise (the reference)."""
+        if spec.evolve.mutation_std is not None:
+            return spec.evolve.mutation_std
+        return DEFAULT_MUTATION_STD if isinstance(spec.genome.seeds, RandomSeeds) else 0.0

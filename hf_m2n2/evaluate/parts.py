@@ -1,0 +1,69 @@
+"""`evaluate:` as a list of parts: one fitness vector made of several evaluators' score vectors, end to end.
+
+The paper's agent experiment scores a merge on GSM8K (lm-eval) and on WebShop sessions at once: each part
+scores the same candidate, and the fitness vector is their concatenation, part by part in spec order, each
+part's examples repeated `weight` times. Each part keeps its own held-out figures in the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hf_m2n2.evaluate.base import Report
+
+
+class PartsEvaluator:
+    """Several evaluators of one candidate, concatenated.
+
+    Args:
+        parts: the evaluators, in spec order.
+        weights: one repeat count per part (>= 1).
+
+    Example:
+        >>> both = PartsEvaluator([math, agent], [1, 2])  # doctest: +SKIP
+        >>> both.scores(model).shape  # doctest: +SKIP
+        (n_math + 2 * n_agent,)
+    """
+
+    def __init__(self, parts: list[Any], weights: list[int]):
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("one weight per part, and at least one part")
+        self.parts = list(parts)
+        self.weights = [int(w) for w in weights]
+
+    def scores(self, model: Any) -> np.ndarray:
+        vectors = [np.asarray(part.scores(model), dtype=np.float64) for part in self.parts]
+        return np.concatenate([np.tile(v, w) for v, w in zip(vectors, self.weights)])
+
+    def test_score(self, model: Any) -> float | None:
+        """The unweighted mean of the parts' held-out scores (None when no part has one)."""
+        values = [v for v in (part.test_score(model) for part in self.parts) if v is not None]
+        return float(np.mean(values)) if values else None
+
+    def example_groups(self) -> np.ndarray | None:
+        """Each part's group ids, shifted past the previous parts' (None unless every part has groups)."""
+        groups, offset = [], 0
+        for part, weight in zip(self.parts, self.weights):
+            ids = part.example_groups()
+            if ids is None:
+                return None
+            ids = np.asarray(ids, dtype=np.int64)
+            groups.append(np.tile(ids + offset, weight))
+            offset += int(ids.max()) + 1 if ids.size else 0
+        return np.concatenate(groups)
+
+    def report(self, model: Any) -> Report:
+        """Every part's figures; a name two parts share is prefixed with its part's index (`part1.test`)."""
+        reports = [part.report(model) for part in self.parts]
+        seen: dict[str, int] = {}
+        for report in reports:
+            for name in report.scores:
+                seen[name] = seen.get(name, 0) + 1
+        scores: dict[str, float] = {}
+        for i, report in enumerate(reports):
+            for name, value in report.scores.items():
+                scores[f"part{i}.{name}" if seen[name] > 1 else name] = value
+        metrics = {r.metric for r in reports}
+        return Report(scores, metrics.pop() if len(metrics) == 1 else "score")

@@ -1,0 +1,155 @@
+"""Executors: between the loop and the evaluation. The loop submits candidates and collects their scores; the
+executor writes each genome into its target, runs the evaluator, and decides what a failure means.
+
+Two kinds of failure, never confused:
+- a candidate failure (the write or the evaluator raises, or returns something that is not a score vector):
+  collected as a failure, which the loop scores 0 on every example; the run goes on;
+- an infrastructure failure (`InfrastructureError`: a server down, workers lost): raised, so the loop
+  checkpoints and the run stops with one line; `--resume` continues.
+
+`LocalExecutor` runs one candidate at a time in this process (`parallelism` 1): submit, then collect, in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from hf_m2n2.errors import ContractError, InfrastructureError
+from hf_m2n2.evaluate.base import Report
+from hf_m2n2.evolve.strategy import Candidate
+
+Split = Literal["fit", "test"]
+
+
+@dataclass
+class Scored:
+    """A collected candidate: its raw scores, or the one-line error that made it a candidate failure."""
+
+    candidate: Candidate
+    scores: Any = None
+    error: str | None = None
+
+
+class Executor(Protocol):
+    """Evaluates candidates for the loop.
+
+    Attributes:
+        parallelism: how many candidates the loop may keep submitted and not yet collected.
+    """
+
+    parallelism: int
+
+    def submit(self, candidate: Candidate) -> None:
+        """Start evaluating a candidate's fitness."""
+        ...
+
+    def collect(self) -> Scored:
+        """The oldest submitted candidate, scored (blocking until it is)."""
+        ...
+
+    def score(self, genome: Any, split: Split) -> Any:
+        """Evaluate a genome now: `fit` scores or the `test` score (the logged held-out figure)."""
+        ...
+
+    def report(self, genome: Any) -> Report:
+        """The held-out report of a genome (the final table's row)."""
+        ...
+
+
+@dataclass
+class CandidateTiming:
+    """Seconds per scored candidate: writing it into the target (materialize) vs running the evaluator.
+
+    Only score-cache misses are timed (hits are counted). In memory: a resumed run times the candidates of its last
+    session only. On an accelerator, kernels still running after the write are counted as evaluation.
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    cache_hits: int = 0
+
+    def add(self, kind: str, materialize_s: float, evaluate_s: float) -> None:
+        self.records.append(
+            {"kind": kind, "materialize_s": round(materialize_s, 4), "evaluate_s": round(evaluate_s, 4)}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"fit": {...}, "test": {...}, "cache_hits": n, "records": [...]}`: count, total and mean seconds of
+        materialize and evaluate for fitness (`fit`) and held-out (`test`) calls, then every record in order."""
+        out: dict[str, Any] = {}
+        for kind in ("fit", "test"):
+            rows = [r for r in self.records if r["kind"] == kind]
+            stats: dict[str, Any] = {"count": len(rows)}
+            for part in ("materialize_s", "evaluate_s"):
+                total = sum(r[part] for r in rows)
+                stats[f"{part}_total"] = round(total, 3)
+                stats[f"{part}_mean"] = round(total / len(rows), 4) if rows else None
+            out[kind] = stats
+        return {**out, "cache_hits": self.cache_hits, "records": self.records}
+
+
+class LocalExecutor:
+    """Scores candidates one at a time in this process.
+
+    Args:
+        ops: genome operations (their `hash` keys the score cache when `cache_scores`).
+        target: writes a genome where the evaluator sees it (`target.write(genome) -> model`).
+        evaluator: scores what the target returns.
+        cache_scores: score each distinct genome once per split (a recipe seen again costs nothing).
+        timed: record the seconds of every write and evaluation in `timing`.
+    """
+
+    parallelism = 1
+
+    def __init__(
+        self, ops: Any, target: Any, evaluator: Any, *, cache_scores: bool = False, timed: bool = False
+    ):
+        self.ops = ops
+        self.target = target
+        self.evaluator = evaluator
+        self.cache_scores = cache_scores
+        self.timing = CandidateTiming() if timed else None
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._queue: deque[Candidate] = deque()
+
+    def submit(self, candidate: Candidate) -> None:
+        if len(self._queue) >= self.parallelism:
+            raise ContractError("submit beyond the executor's parallelism: collect first")
+        self._queue.append(candidate)
+
+    def collect(self) -> Scored:
+        if not self._queue:
+            raise ContractError("collect without a submitted candidate")
+        candidate = self._queue.popleft()
+        try:
+            return Scored(candidate, self.score(candidate.genome, "fit"))
+        except InfrastructureError:
+            raise
+        except Exception as exc:
+            return Scored(candidate, error=f"{type(exc).__name__}: {exc}")
+
+    def score(self, genome: Any, split: Split) -> Any:
+        key = (split, self.ops.hash(genome)) if self.cache_scores else None
+        if key is not None and key in self._cache:
+            if self.timing is not None:
+                self.timing.cache_hits += 1
+            return self._cache[key]
+        start = time.perf_counter()
+        model = self.target.write(genome)
+        written = time.perf_counter()
+        result = self.evaluator.scores(model) if split == "fit" else self.evaluator.test_score(model)
+        if self.timing is not None:
+            self.timing.add(split, written - start, time.perf_counter() - written)
+        if key is not None:
+            self._cache[key] = result
+        return result
+
+    def report(self, genome: Any) -> Report:
+        return self.evaluator.report(self.target.write(genome))
+
+    def example_groups(self) -> np.ndarray | None:
+        return self.evaluator.example_groups()

@@ -1,0 +1,186 @@
+"""What a finished model run leaves: the best member exported through its genome kind, its lineage, the held-out
+report of every seed and of the merge (`report.json`), the lineage card, the fitness plot, `timing.json`; and
+`hf-m2n2 export`, which writes a finished run's model again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.evolve.loop import LINEAGE
+
+MODEL_DIR = "model"
+REPORT = "report.json"
+TIMING = "timing.json"
+
+
+def ancestors(lineage_path: Path, best_id: int) -> list[dict[str, Any]]:
+    """The lineage records of `best_id` and all its ancestors, oldest first."""
+    records = {}
+    if lineage_path.exists():
+        for line in lineage_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["id"]] = record
+    wanted, stack = set(), [best_id]
+    while stack:
+        node = stack.pop()
+        if node in wanted or node not in records:
+            continue
+        wanted.add(node)
+        stack.extend(records[node]["parents"])
+    return [records[i] for i in sorted(wanted)]
+
+
+def held_out_report(
+    executor: Any, rows: list[tuple[str, Any]]
+) -> tuple[dict[str, dict[str, float]], list[str], str]:
+    """The report table: one row per (name, genome), each the executor's held-out report of that genome.
+
+    Returns:
+        (`{name: {part: score}}`, the part names in order, the metric's name).
+    """
+    report: dict[str, dict[str, float]] = {}
+    metric = "score"
+    for name, genome in rows:
+        row = executor.report(genome)
+        report[name] = dict(row.scores)
+        metric = row.metric
+    tasks = list(next(iter(report.values())))
+    return report, tasks, metric
+
+
+@dataclass
+class RunOutcome:
+    """What a finished model run exports, whatever its genome: the best member, its lineage, the held-out
+    report of every seed and of the merge, and the fitness plot."""
+
+    spec: Any
+    seeds: list[Any]
+    run_dir: Path
+    summary: dict[str, Any]
+    best: Any
+    lineage: list[dict[str, Any]]
+    merged_name: str
+    report: dict[str, dict[str, float]]
+    tasks: list[str]
+    metric: str
+    plot_name: str | None
+
+    @classmethod
+    def of(cls, spec: Any, parts: Any, run_dir: Path, summary: dict[str, Any]) -> RunOutcome:
+        """Gather the outcome of a finished run (`parts`: the run's `RunParts`)."""
+        best = parts.strategy.best()
+        if best is None:
+            raise HfM2n2Error("the run has no archive member to export")
+        merged_name = spec.name or f"{spec.evolve.algorithm}-merge"
+        seeds = parts.genome.seeds
+        rows = [(s.name, g) for s, g in zip(seeds, parts.genome.seed_genomes)] + [(merged_name, best.genome)]
+        report, tasks, metric = held_out_report(parts.executor, rows)
+        lineage = ancestors(run_dir / LINEAGE, best.lineage.id)
+        return cls(
+            spec,
+            seeds,
+            run_dir,
+            summary,
+            best,
+            lineage,
+            merged_name,
+            report,
+            tasks,
+            metric,
+            _fitness_plot(run_dir),
+        )
+
+    def write_card(self, out: Path, **card_fields: Any) -> None:
+        """Add the fitness plot, README.md and card.json (seeds, held-out scores, lineage, push target) to `out`."""
+        from hf_m2n2.card import evolve_card_info, write_card
+
+        report, tasks = self.report, self.tasks
+        if self.plot_name:
+            (out / self.plot_name).write_bytes((self.run_dir / self.plot_name).read_bytes())
+        output = self.spec.output
+        info = evolve_card_info(
+            model_name=self.merged_name,
+            algorithm=self.spec.evolve.algorithm,
+            seeds=[s.model for s in self.seeds],
+            tasks=tasks,
+            metric=self.metric,
+            merged=[report[self.merged_name][t] for t in tasks],
+            seed_scores={s.name: [report[s.name][t] for t in tasks] for s in self.seeds},
+            lineage=self.lineage,
+            passes=self.summary["forward_passes"],
+            run_seed=self.summary["seed"],
+            plot=self.plot_name,
+            model_id=output.push_to_hub if output is not None else None,
+            **card_fields,
+        )
+        write_card(out, info)
+
+    def save_report(self, progress: bool) -> dict[str, dict[str, float]]:
+        (self.run_dir / REPORT).write_text(json.dumps(self.report, indent=2) + "\n")
+        if progress:
+            print(format_report(self.report, self.tasks))
+        return self.report
+
+
+def finish_model_run(
+    spec: Any, parts: Any, run_dir: Path, summary: dict[str, Any], progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Export the best member through its genome kind to `run_dir/model` (weights, recipe, lineage card, fitness
+    plot), write the held-out report `{model_name: {task: score}}` of every seed and of the merged model to
+    `run_dir/report.json`, and the per-candidate materialize/evaluate seconds to `run_dir/timing.json`."""
+    timing = parts.executor.timing
+    if timing is not None:
+        (run_dir / TIMING).write_text(json.dumps(timing.to_dict(), indent=2) + "\n")
+    outcome = RunOutcome.of(spec, parts, run_dir, summary)
+    spec.kind.export(parts.genome, spec, outcome, run_dir / MODEL_DIR)
+    return outcome.save_report(progress)
+
+
+def format_report(report: dict[str, dict[str, float]], tasks: list[str]) -> str:
+    width = max(len(n) for n in report) + 2
+    lines = ["".ljust(width) + "".join(t[:22].rjust(24) for t in tasks) + "mean".rjust(10)]
+    for name, scores in report.items():
+        values = [scores[t] for t in tasks]
+        lines.append(name.ljust(width) + "".join(f"{v:24.4f}" for v in values) + f"{np.mean(values):10.4f}")
+    return "\n".join(lines)
+
+
+def _fitness_plot(run_dir: Path) -> str | None:
+    try:
+        from hf_m2n2.plots import plot_runs
+    except ImportError:
+        return None
+    name = "fitness.png"
+    try:
+        plot_runs([run_dir], run_dir / name, metric="best_train")
+    except Exception:  # a missing matplotlib or an empty history must not lose the exported model
+        return None
+    return name
+
+
+def export_run(
+    run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """`hf-m2n2 export`: write the best model of a finished run again, with its card and plot, into `out_dir`
+    (the genome kind whose recipe the run's `model/` holds does it).
+
+    Raises:
+        HfM2n2Error: `run_dir` is not a finished model evolution run.
+    """
+    from hf_m2n2.genomes import genome_kinds
+
+    model = Path(run_dir) / MODEL_DIR
+    for kind in genome_kinds().values():
+        out = kind.export_again(model, Path(out_dir), overwrite)
+        if out is not None:
+            return out
+    raise HfM2n2Error(f"{run_dir} has no exported model ({MODEL_DIR}/recipe.json): is the run finished?")

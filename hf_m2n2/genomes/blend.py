@@ -1,0 +1,166 @@
+"""Blend genomes (M2N2 over pretrained seeds): piecewise-constant seed coefficients over the flattened tensors.
+
+The seeds are the spec's `models:`; one live model holds the candidate being scored; the best Blend is exported
+as a safetensors directory with its `recipe.json`, from which `hf-m2n2 rebuild` makes the same bytes again.
+
+Example (`examples/specialists/spec.yaml`):
+
+```yaml
+models:
+  - model: build/add
+  - model: build/rev
+genome: {kind: blend, block_size: 4096, slerp_scope: global}
+```
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from hf_m2n2.errors import SpecError
+from hf_m2n2.evaluate.base import EvaluationContext
+from hf_m2n2.genomes.base import GenomeKind, GenomeRun
+from hf_m2n2.spec import StrictModel
+
+RECIPE = "recipe.json"
+
+
+class BlendGenomeConfig(StrictModel):
+    """The `genome:` section of a model evolution: Blend genomes over the seeds, and the live model.
+
+    Attributes:
+        block_size: elements per block (granularity of split points and Gram sums).
+        slerp_scope: SLERP angle from the full vectors (`global`, reference), per segment (`segment`, paper) or
+            per tensor (`tensor`).
+        include, exclude: glob patterns of the tensors that evolve; the others come from `fixed_from`.
+        fixed_from: the seed (as written in `models`) whose config, tokenizer and non-evolved tensors are used.
+        dtype: dtype of the live model and of the blending arithmetic (and of the exported weights).
+        device: where the live model and the resident seeds live (`cpu`, `cuda`, ...).
+        resident: keep the seeds' evolved tensors in memory on `device` (else read them per candidate).
+        device_map, max_memory, offload_folder: accelerate dispatch of the live model (CPU/disk offload).
+    """
+
+    kind: Literal["blend"] = "blend"
+    block_size: int = Field(65536, ge=1)
+    slerp_scope: Literal["global", "segment", "tensor"] = "global"
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    fixed_from: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    resident: bool = True
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[str, int | str] | None = None
+    offload_folder: str | None = None
+
+
+class BlendKind(GenomeKind):
+    """`genome: {kind: blend, ...}`: M2N2 and its baselines over pretrained seeds, exported with a recipe."""
+
+    name = "blend"
+    config = BlendGenomeConfig
+    algorithms = ("m2n2", "ga", "map_elites", "sweep")
+    uses_models = True
+
+    def check(self, spec: Any) -> None:
+        if spec.evolve.mutation_std:
+            raise SpecError("evolve.mutation_std", "Blend genomes of pretrained seeds are not mutated")
+        if spec.evolve.algorithm == "sweep" and len(spec.models) != 2:
+            raise SpecError("models", "the sweep needs exactly two seeds")
+        refs = spec.seed_refs()
+        if len(set(refs)) != len(refs):
+            raise SpecError("models", "a seed is listed twice")
+        if spec.genome.fixed_from is not None and spec.genome.fixed_from not in refs:
+            raise SpecError("genome.fixed_from", f"{spec.genome.fixed_from!r} is not one of the models")
+
+    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
+        """Open the seeds, build the live model, the Gram sums (cached in the run directory) and the ops."""
+        from hf_m2n2.blend import select_tensors
+        from hf_m2n2.blend_ops import BlendOps, BlendTarget, SeedTensors, evolved_layout, seed_gram
+        from hf_m2n2.live import LiveModel
+        from hf_m2n2.plan import torch_dtype
+        from hf_m2n2.seeds import open_seeds
+
+        refs = spec.seed_refs()
+        seeds = open_seeds(refs, base_dir=spec_dir)
+        genome = spec.genome
+        fixed = refs.index(genome.fixed_from) if genome.fixed_from else 0
+        floating = [
+            n
+            for n in seeds[fixed].checkpoint.names
+            if seeds[fixed].checkpoint.info(n).dtype.is_floating_point
+        ]
+        names = select_tensors(floating, genome.include, genome.exclude)
+        if not names:
+            raise SpecError("genome.include", "no tensor matches the include/exclude patterns")
+        layout = evolved_layout(seeds, names, genome.block_size)
+        dtype = torch_dtype(genome.dtype)
+        offload = None
+        if genome.offload_folder is not None:
+            offload = Path(genome.offload_folder)
+            offload = offload if offload.is_absolute() else run_dir / offload
+        live = LiveModel(
+            seeds[fixed].model.path,
+            dtype=dtype,
+            device=genome.device,
+            device_map=genome.device_map,
+            max_memory=genome.max_memory,
+            offload_folder=offload,
+        )
+        tensors = SeedTensors(
+            seeds, names, dtype, live.device if genome.device_map is None else "cpu", genome.resident
+        )
+        gram = seed_gram(layout, tensors, run_dir / "gram.npz")
+        ops = BlendOps(layout, gram, len(seeds), genome.slerp_scope)
+        context = EvaluationContext(live.model, seeds[fixed].model.path, spec_dir, genome.device)
+        initial = ops.seed_genomes()
+        return GenomeRun(
+            ops,
+            BlendTarget(layout, tensors, live),
+            initial,
+            context=context,
+            seeds=seeds,
+            seed_genomes=ops.seed_genomes(),
+            cache_scores=True,
+            timed=True,
+            export={"fixed": fixed, "tensors": names},
+        )
+
+    def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:
+        """Stream the best Blend into `model_dir` with its recipe, card and plot (all or nothing)."""
+        from hf_m2n2.blend_ops import BlendRecipe, export_blend, seed_record
+
+        genome = spec.genome
+        recipe = BlendRecipe(
+            [seed_record(s) for s in run.seeds],
+            run.export["tensors"],
+            genome.block_size,
+            run.export["fixed"],
+            genome.dtype,
+            outcome.best.genome,
+            outcome.lineage,
+        )
+        export_blend(
+            recipe,
+            run.seeds,
+            model_dir,
+            overwrite=True,
+            write_card=lambda tmp: outcome.write_card(tmp, recipe_file=RECIPE),
+        )
+
+    def export_again(self, model_dir: Path, out_dir: Path, overwrite: bool) -> Path | None:
+        from hf_m2n2.blend_ops import BlendRecipe, rebuild
+
+        if not (model_dir / RECIPE).is_file():
+            return None
+        BlendRecipe.load(model_dir / RECIPE)
+        out = rebuild(model_dir / RECIPE, out_dir, overwrite=overwrite)
+        for extra in ("README.md", "card.json", "fitness.png"):
+            if (model_dir / extra).is_file():
+                shutil.copyfile(model_dir / extra, out / extra)
+        return out
