@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,13 @@ from hf_m2n2.errors import SpecError
 from hf_m2n2.hub import ResolvedModel
 from hf_m2n2.materialize import CHUNK_ELEMENTS, WorkItem, compute_item, materialize, work_items
 from hf_m2n2.methods import get_method
-from hf_m2n2.outdir import atomic_output_dir, check_output_dir
+from hf_m2n2.outdir import (
+    atomic_output_dir,
+    check_output_dir,
+    copy_generation_config,
+    copy_tokenizer_files,
+    set_config_dtype,
+)
 from hf_m2n2.plan import plan_merge
 from hf_m2n2.push import PushResult, PushTarget
 from hf_m2n2.recipe import MethodRecipe
@@ -29,18 +34,6 @@ from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -275,23 +268,6 @@ def _write_tokenizer(
         _set_chat_template(tmp, template)
         return True
     return (tmp / "chat_template.jinja").exists() or "chat_template" in _tokenizer_config(tmp)
-
-
-def copy_generation_config(src: Path, dst: Path) -> None:
-    if (src / "generation_config.json").exists():
-        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
-
-
-def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
-    """Record the weights' dtype under the key(s) the config already uses (`dtype` in transformers 5)."""
-    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-        config[key] = str(dtype).removeprefix("torch.")
 
 
 def _chat_template(value: str | None, seeds: list[Seed], options: MergeOptions) -> str | None:
