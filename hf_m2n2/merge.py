@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from hf_m2n2.card import CardModel, merge_card_info, write_card
-from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
 from hf_m2n2.errors import SpecError
 from hf_m2n2.hub import ResolvedModel
 from hf_m2n2.materialize import CHUNK_ELEMENTS, WorkItem, compute_item, materialize, work_items
@@ -30,6 +29,7 @@ from hf_m2n2.recipe import MethodRecipe
 from hf_m2n2.seeds import Seed, open_seeds
 from hf_m2n2.spec import MergeSpec, load_spec, model_ref_string, parse_spec, parse_yaml, read_spec_text
 from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
+from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
 log = logging.getLogger(__name__)
 
