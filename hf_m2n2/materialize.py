@@ -12,10 +12,7 @@ Big tensors are computed in row blocks (`work_items` splits a recipe's tasks, ea
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
-import mmap
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -25,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from hf_m2n2.errors import CheckpointError
+from hf_m2n2.heap import RecycledHeap
 from hf_m2n2.methods import MergeMethod, get_method
 from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.streaming import Block, Lazy, TensorContext, block_shape
@@ -37,6 +35,8 @@ CHUNK_ELEMENTS = 16 << 20
 # Divisors of CHUNK_ELEMENTS, measured on bench/merge_bench.py's 1B model (see work_items)
 _ELEMENTWISE_SHARE = 8
 _TEMPORARIES_SHARE = 4
+# without a memory budget, the heap still keeps at most half of this free between items
+_DEFAULT_BUDGET = 768 << 20
 
 
 class Sink(Protocol):
@@ -331,7 +331,7 @@ def materialize(
         heap.item_done()
         return item
 
-    with _RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) as heap:
+    with RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) as heap:
         if workers <= 1:
             for item in items:
                 run(item)
@@ -364,93 +364,6 @@ def _run_pool(
             for f in pending:
                 f.cancel()
             raise
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters (malloc.h)
-_GLIBC_DEFAULT_THRESHOLD = 128 << 10
-_DEFAULT_BUDGET = 768 << 20
-
-
-class _RecycledHeap:
-    """While merging, serve big buffers from the heap and keep freed ones there for the next items.
-
-    By default glibc maps each big buffer afresh and unmaps it when freed (and `malloc_trim` after every item
-    returned the rest): every new page then costs a page fault and zeroing, ~40% of a merge's CPU time. Kept on
-    the heap (one arena for all threads), the buffers of one item are reused by the next. Free heap pages are
-    given back to the OS once the resident memory that live allocations do not account for (glibc's
-    `mallinfo2`) has grown by more than `max_free` bytes since the start, so RSS stays within the live buffers
-    plus `max_free`. Where mallinfo2 is missing, once the resident memory itself has grown by `max_free`:
-    items whose live buffers alone pass that limit then trim after every item and fault their pages in again
-    (ties on a 1B model: 1.3M page faults and 15 s of system time, against 0.07M and 3 s). At the end, glibc's
-    defaults are restored and everything free is returned.
-    """
-
-    def __init__(self, max_free: int):
-        self.max_free = max_free
-        self.limit = 0
-
-    def __enter__(self) -> _RecycledHeap:
-        if _LIBC is not None:
-            self.limit = _unaccounted_bytes() + self.max_free
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-            _LIBC.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-            _LIBC.mallopt(_M_ARENA_MAX, 1)  # process-wide and for good: glibc reads it once
-        return self
-
-    def item_done(self) -> None:
-        if _LIBC is not None and _unaccounted_bytes() > self.limit:
-            _LIBC.malloc_trim(0)
-
-    def __exit__(self, *exc: object) -> None:
-        if _LIBC is not None:
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            _LIBC.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            _LIBC.malloc_trim(0)
-
-
-def _resident_bytes() -> int:
-    """This process's resident memory (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-            "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _unaccounted_bytes() -> int:
-    """Resident memory that glibc's live allocations do not account for: mostly free heap pages still
-    resident (free bytes themselves are no measure: trimmed pages stay counted as free). The resident memory
-    itself without glibc >= 2.33's mallinfo2."""
-    if _MALLINFO2 is None:
-        return _resident_bytes()
-    info = _MALLINFO2()
-    return _resident_bytes() - int(info.uordblks) - int(info.hblkhd)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    if not (hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt")):
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
-_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
-if _MALLINFO2 is not None:
-    _MALLINFO2.restype = _MallInfo2
 
 
 def _drain(pending: dict[Future[Any], int], on_done, return_when: str) -> None:
