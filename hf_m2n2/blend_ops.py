@@ -303,10 +303,14 @@ def export_blend(
         seeds: the opened seeds, in recipe order.
         write_card: optional `write_card(tmp_dir)` adding README.md and friends before the rename.
     """
-    from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
     from hf_m2n2.materialize import materialize
-    from hf_m2n2.merge import copy_generation_config, copy_tokenizer_files, set_config_dtype
-    from hf_m2n2.outdir import atomic_output_dir
+    from hf_m2n2.outdir import (
+        atomic_output_dir,
+        copy_generation_config,
+        copy_tokenizer_files,
+        set_config_dtype,
+    )
+    from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
     dtype = torch_dtype(recipe.dtype)
     layout = evolved_layout(seeds, recipe.tensors, recipe.block_size)

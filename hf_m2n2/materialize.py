@@ -5,16 +5,14 @@ sink: a sharded safetensors directory, or (for evolution) a live model's paramet
 flight at once on a small thread pool, so reading, math and writing overlap; memory stays bounded by those few
 tensors, not by shard or model size.
 
-Big tensors are computed in row blocks: an elementwise method's blocks independently; a streamed method's
+Big tensors are computed in row blocks (`work_items` splits a recipe's tasks, each block at most
+`CHUNK_ELEMENTS` elements of each input): an elementwise method's blocks independently; a streamed method's
 (`MergeMethod.streamed`) after one statistics item has scanned the tensor's blocks (see `TensorStream`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
-import mmap
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,12 +22,21 @@ from typing import Any, Protocol
 import torch
 
 from hf_m2n2.errors import CheckpointError
-from hf_m2n2.methods import get_method
+from hf_m2n2.heap import RecycledHeap
+from hf_m2n2.methods import MergeMethod, get_method
 from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.streaming import Block, Lazy, TensorContext, block_shape
-from hf_m2n2.recipe import SourceTensor, TensorTask
+from hf_m2n2.recipe import MethodRecipe, SourceTensor, TensorTask
 from hf_m2n2.seeds import Seed
 from hf_m2n2.vocab import VocabPlan, align_rows
+
+# the most elements of one input a method sees at once: memory stays flat at any model size
+CHUNK_ELEMENTS = 16 << 20
+# Divisors of CHUNK_ELEMENTS, measured on bench/merge_bench.py's 1B model (see work_items)
+_ELEMENTWISE_SHARE = 8
+_TEMPORARIES_SHARE = 4
+# without a memory budget, the heap still keeps at most half of this free between items
+_DEFAULT_BUDGET = 768 << 20
 
 
 class Sink(Protocol):
@@ -225,6 +232,74 @@ def row_blocks(shape: Sequence[int], max_elements: int) -> list[tuple[int, int] 
     return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
+def work_items(recipe: MethodRecipe, chunk_elements: int = CHUNK_ELEMENTS) -> list[WorkItem]:
+    """The recipe's tasks as work items; every item holds at most `chunk_elements` elements of each input.
+
+    Big tensors are split into row blocks when the method is elementwise (independent blocks) or streamed
+    (a statistics item scanning the blocks, then independent blocks). A streamed tensor's statistics item is
+    placed before the blocks of the tensor before it, so the two overlap instead of waiting on each other.
+    Tensors whose rows are re-ordered by vocabulary alignment are computed whole.
+    """
+    stages: list[list[list[WorkItem]]] = []  # per task: its items in order of dependency
+    for task in recipe.tasks:
+        method = get_method(task.method)
+        split = (method.elementwise or method.streamed is not None) and not task.align_rows
+        chunk = _block_elements(method, len(task.sources), chunk_elements)
+        blocks = row_blocks(task.shape, chunk) if split else [None]
+        per_element = _bytes_per_element(task, recipe.compute_dtype)
+        costs = [
+            per_element
+            * (math.prod(task.shape) if rows is None else (rows[1] - rows[0]) * math.prod(task.shape[1:]))
+            for rows in blocks
+        ]
+        if len(blocks) == 1 or method.elementwise:
+            stages.append([[WorkItem(task, rows, cost) for rows, cost in zip(blocks, costs)]])
+            continue
+        stream = TensorStream(task, blocks)
+        apply = [WorkItem(task, rows, cost, stream, i) for i, (rows, cost) in enumerate(zip(blocks, costs))]
+        if method.streamed.statistics is None:
+            stages.append([apply])
+        else:
+            stages.append([[WorkItem(task, None, max(costs), stream, statistics=True)], apply])
+    return _pipeline(stages)
+
+
+def _block_elements(method: MergeMethod, sources: int, chunk_elements: int) -> int:
+    """Elements per row block: small where each element needs full-size temporaries, so the heap stays small and
+    is reused instead of trimmed and faulted in again after every item; big where a block holds only inputs and
+    output, so more tensors are read once (a streamed tensor of several blocks is read twice).
+
+    Elementwise methods keep float32 sums: 1/8 of the chunk (vs the whole chunk: half the peak RSS, same wall
+    time). Task-vector methods keep deltas, masks and signs per model beside the base and run a statistics item
+    beside the blocks: 1/4 of the chunk per such model. Slerp works through fixed pieces: the whole chunk (1B
+    bench: every MLP matrix read once; ~10% faster than half the chunk).
+    """
+    if method.elementwise:
+        return max(1, chunk_elements // _ELEMENTWISE_SHARE)
+    if method.streamed is not None and not method.streamed.block_temporaries:
+        return chunk_elements
+    return max(1, chunk_elements // (_TEMPORARIES_SHARE * max(1, sources - 1)))
+
+
+def _pipeline(stages: list[list[list[WorkItem]]]) -> list[WorkItem]:
+    """Interleave the tasks' stages: step s holds stage 0 of task s, stage 1 of task s - 1, ... (in that order),
+    so every item still follows the items it depends on."""
+    depth = max((len(s) for s in stages), default=0)
+    items: list[WorkItem] = []
+    for step in range(len(stages) + depth - 1):
+        for stage in range(depth):
+            task = step - stage
+            if 0 <= task < len(stages) and stage < len(stages[task]):
+                items.extend(stages[task][stage])
+    return items
+
+
+def _bytes_per_element(task: TensorTask, compute_dtype: torch.dtype) -> int:
+    """Rough peak bytes per output element while computing: inputs as read and cast, two temporaries, output."""
+    k = len(task.sources)
+    return k * (task.out_dtype.itemsize + compute_dtype.itemsize) + 2 * 4 + task.out_dtype.itemsize
+
+
 def materialize(
     items: Sequence[Any],
     compute: Callable[[Any], torch.Tensor],
@@ -256,7 +331,7 @@ def materialize(
         heap.item_done()
         return item
 
-    with _RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) as heap:
+    with RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) as heap:
         if workers <= 1:
             for item in items:
                 run(item)
@@ -289,93 +364,6 @@ def _run_pool(
             for f in pending:
                 f.cancel()
             raise
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters (malloc.h)
-_GLIBC_DEFAULT_THRESHOLD = 128 << 10
-_DEFAULT_BUDGET = 768 << 20
-
-
-class _RecycledHeap:
-    """While merging, serve big buffers from the heap and keep freed ones there for the next items.
-
-    By default glibc maps each big buffer afresh and unmaps it when freed (and `malloc_trim` after every item
-    returned the rest): every new page then costs a page fault and zeroing, ~40% of a merge's CPU time. Kept on
-    the heap (one arena for all threads), the buffers of one item are reused by the next. Free heap pages are
-    given back to the OS once the resident memory that live allocations do not account for (glibc's
-    `mallinfo2`) has grown by more than `max_free` bytes since the start, so RSS stays within the live buffers
-    plus `max_free`. Where mallinfo2 is missing, once the resident memory itself has grown by `max_free`:
-    items whose live buffers alone pass that limit then trim after every item and fault their pages in again
-    (ties on a 1B model: 1.3M page faults and 15 s of system time, against 0.07M and 3 s). At the end, glibc's
-    defaults are restored and everything free is returned.
-    """
-
-    def __init__(self, max_free: int):
-        self.max_free = max_free
-        self.limit = 0
-
-    def __enter__(self) -> _RecycledHeap:
-        if _LIBC is not None:
-            self.limit = _unaccounted_bytes() + self.max_free
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-            _LIBC.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-            _LIBC.mallopt(_M_ARENA_MAX, 1)  # process-wide and for good: glibc reads it once
-        return self
-
-    def item_done(self) -> None:
-        if _LIBC is not None and _unaccounted_bytes() > self.limit:
-            _LIBC.malloc_trim(0)
-
-    def __exit__(self, *exc: object) -> None:
-        if _LIBC is not None:
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            _LIBC.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            _LIBC.malloc_trim(0)
-
-
-def _resident_bytes() -> int:
-    """This process's resident memory (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-            "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _unaccounted_bytes() -> int:
-    """Resident memory that glibc's live allocations do not account for: mostly free heap pages still
-    resident (free bytes themselves are no measure: trimmed pages stay counted as free). The resident memory
-    itself without glibc >= 2.33's mallinfo2."""
-    if _MALLINFO2 is None:
-        return _resident_bytes()
-    info = _MALLINFO2()
-    return _resident_bytes() - int(info.uordblks) - int(info.hblkhd)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    if not (hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt")):
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
-_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
-if _MALLINFO2 is not None:
-    _MALLINFO2.restype = _MallInfo2
 
 
 def _drain(pending: dict[Future[Any], int], on_done, return_when: str) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,39 +12,28 @@ from pathlib import Path
 import torch
 
 from hf_m2n2.card import CardModel, merge_card_info, write_card
-from hf_m2n2.checkpoint import PlannedTensor, ShardedSafetensorsWriter
 from hf_m2n2.errors import SpecError
 from hf_m2n2.hub import ResolvedModel
-from hf_m2n2.materialize import TensorStream, WorkItem, compute_item, materialize, row_blocks
-from hf_m2n2.methods import MergeMethod, get_method
-from hf_m2n2.outdir import atomic_output_dir, check_output_dir
+from hf_m2n2.materialize import CHUNK_ELEMENTS, WorkItem, compute_item, materialize, work_items
+from hf_m2n2.methods import get_method
+from hf_m2n2.outdir import (
+    atomic_output_dir,
+    check_output_dir,
+    copy_generation_config,
+    copy_tokenizer_files,
+    set_config_dtype,
+)
 from hf_m2n2.plan import plan_merge
 from hf_m2n2.push import PushResult, PushTarget
-from hf_m2n2.recipe import MethodRecipe, TensorTask
+from hf_m2n2.recipe import MethodRecipe
 from hf_m2n2.seeds import Seed, open_seeds
 from hf_m2n2.spec import MergeSpec, load_spec, model_ref_string, parse_spec, parse_yaml, read_spec_text
 from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
+from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
-# the most elements of one input a method sees at once: memory stays flat at any model size
-CHUNK_ELEMENTS = 16 << 20
-# Divisors of CHUNK_ELEMENTS, measured on bench/merge_bench.py's 1B model (see work_items)
-_ELEMENTWISE_SHARE = 8
-_TEMPORARIES_SHARE = 4
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -189,74 +176,6 @@ def _merged_refs(spec: MergeSpec) -> set[str]:
     return refs
 
 
-def work_items(recipe: MethodRecipe, chunk_elements: int = CHUNK_ELEMENTS) -> list[WorkItem]:
-    """The recipe's tasks as work items; every item holds at most `chunk_elements` elements of each input.
-
-    Big tensors are split into row blocks when the method is elementwise (independent blocks) or streamed
-    (a statistics item scanning the blocks, then independent blocks). A streamed tensor's statistics item is
-    placed before the blocks of the tensor before it, so the two overlap instead of waiting on each other.
-    Tensors whose rows are re-ordered by vocabulary alignment are computed whole.
-    """
-    stages: list[list[list[WorkItem]]] = []  # per task: its items in order of dependency
-    for task in recipe.tasks:
-        method = get_method(task.method)
-        split = (method.elementwise or method.streamed is not None) and not task.align_rows
-        chunk = _block_elements(method, len(task.sources), chunk_elements)
-        blocks = row_blocks(task.shape, chunk) if split else [None]
-        per_element = _bytes_per_element(task, recipe.compute_dtype)
-        costs = [
-            per_element
-            * (math.prod(task.shape) if rows is None else (rows[1] - rows[0]) * math.prod(task.shape[1:]))
-            for rows in blocks
-        ]
-        if len(blocks) == 1 or method.elementwise:
-            stages.append([[WorkItem(task, rows, cost) for rows, cost in zip(blocks, costs)]])
-            continue
-        stream = TensorStream(task, blocks)
-        apply = [WorkItem(task, rows, cost, stream, i) for i, (rows, cost) in enumerate(zip(blocks, costs))]
-        if method.streamed.statistics is None:
-            stages.append([apply])
-        else:
-            stages.append([[WorkItem(task, None, max(costs), stream, statistics=True)], apply])
-    return _pipeline(stages)
-
-
-def _block_elements(method: MergeMethod, sources: int, chunk_elements: int) -> int:
-    """Elements per row block: small where each element needs full-size temporaries, so the heap stays small and
-    is reused instead of trimmed and faulted in again after every item; big where a block holds only inputs and
-    output, so more tensors are read once (a streamed tensor of several blocks is read twice).
-
-    Elementwise methods keep float32 sums: 1/8 of the chunk (vs the whole chunk: half the peak RSS, same wall
-    time). Task-vector methods keep deltas, masks and signs per model beside the base and run a statistics item
-    beside the blocks: 1/4 of the chunk per such model. Slerp works through fixed pieces: the whole chunk (1B
-    bench: every MLP matrix read once; ~10% faster than half the chunk).
-    """
-    if method.elementwise:
-        return max(1, chunk_elements // _ELEMENTWISE_SHARE)
-    if method.streamed is not None and not method.streamed.block_temporaries:
-        return chunk_elements
-    return max(1, chunk_elements // (_TEMPORARIES_SHARE * max(1, sources - 1)))
-
-
-def _pipeline(stages: list[list[list[WorkItem]]]) -> list[WorkItem]:
-    """Interleave the tasks' stages: step s holds stage 0 of task s, stage 1 of task s - 1, ... (in that order),
-    so every item still follows the items it depends on."""
-    depth = max((len(s) for s in stages), default=0)
-    items: list[WorkItem] = []
-    for step in range(len(stages) + depth - 1):
-        for stage in range(depth):
-            task = step - stage
-            if 0 <= task < len(stages) and stage < len(stages[task]):
-                items.extend(stages[task][stage])
-    return items
-
-
-def _bytes_per_element(task: TensorTask, compute_dtype: torch.dtype) -> int:
-    """Rough peak bytes per output element while computing: inputs as read and cast, two temporaries, output."""
-    k = len(task.sources)
-    return k * (task.out_dtype.itemsize + compute_dtype.itemsize) + 2 * 4 + task.out_dtype.itemsize
-
-
 def _run_tasks(
     recipe: MethodRecipe,
     seeds: list[Seed],
@@ -349,23 +268,6 @@ def _write_tokenizer(
         _set_chat_template(tmp, template)
         return True
     return (tmp / "chat_template.jinja").exists() or "chat_template" in _tokenizer_config(tmp)
-
-
-def copy_generation_config(src: Path, dst: Path) -> None:
-    if (src / "generation_config.json").exists():
-        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
-
-
-def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
-    """Record the weights' dtype under the key(s) the config already uses (`dtype` in transformers 5)."""
-    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
-        config[key] = str(dtype).removeprefix("torch.")
 
 
 def _chat_template(value: str | None, seeds: list[Seed], options: MergeOptions) -> str | None:

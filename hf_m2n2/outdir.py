@@ -1,4 +1,5 @@
-"""All-or-nothing output directories: write into a temporary sibling, rename onto the target at the end."""
+"""Output directories: all-or-nothing (write into a temporary sibling, rename onto the target at the end), and
+the files besides the weights that an output takes from a seed (config dtype, generation config, tokenizer)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,25 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hf_m2n2.errors import OutputError
+
+if TYPE_CHECKING:
+    import torch
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -108,3 +125,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file atomically (see `atomic_write_bytes`)."""
     atomic_write_bytes(path, lambda handle: handle.write(text.encode()))
+
+
+def copy_generation_config(src: Path, dst: Path) -> None:
+    if (src / "generation_config.json").exists():
+        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """Record the weights' dtype under the key(s) the config already uses (`dtype` in transformers 5)."""
+    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]:
+        config[key] = str(dtype).removeprefix("torch.")

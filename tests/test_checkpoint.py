@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hf_m2n2.checkpoint import Checkpoint, PlannedTensor, ShardedSafetensorsWriter
+from hf_m2n2.checkpoint import Checkpoint
 from hf_m2n2.errors import CheckpointError, OutputError
+from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
 
 def _tensors():
@@ -83,10 +84,10 @@ def test_writer_rows_in_any_order_direct_or_buffered(tmp_path, monkeypatch, dire
     threads, must still give exactly the bytes the safetensors library reads back (and page-cache writes too)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from hf_m2n2 import checkpoint
+    from hf_m2n2 import writer as writer_module
 
     if not direct:
-        monkeypatch.delattr(checkpoint.os, "O_DIRECT", raising=False)
+        monkeypatch.delattr(writer_module.os, "O_DIRECT", raising=False)
     g = torch.Generator().manual_seed(1)
     tensors = {
         "big": torch.randn(1001, 37, generator=g).to(torch.bfloat16),  # blocks straddle 4 KiB boundaries

@@ -325,7 +325,7 @@ def test_streamed_merge_is_byte_identical_and_bounded(seeds, tmp_path, monkeypat
 
 
 def test_work_items_blocks_and_order(seeds):
-    from hf_m2n2.merge import work_items
+    from hf_m2n2.materialize import work_items
     from hf_m2n2.plan import plan_merge
     from hf_m2n2.seeds import open_seeds
 

@@ -326,8 +326,7 @@ class MethodTarget:
             return self.live.model
         import torch
 
-        from hf_m2n2.materialize import compute_item, materialize
-        from hf_m2n2.merge import work_items
+        from hf_m2n2.materialize import compute_item, materialize, work_items
 
         recipe = self.plan(x)
         options = self.merge_options

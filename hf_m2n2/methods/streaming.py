@@ -3,9 +3,9 @@
 A method whose output element depends on a whole-tensor quantity (slerp's angle, TIES's magnitude cut-off, an
 L1 rescale factor, a random stream) declares that quantity as `statistics`: a sequential scan over the
 tensor's row blocks, each read on request, returning a small value. With it fixed, `apply` computes any block
-of the output from the same rows of the inputs. The engine (`hf_m2n2.merge.work_items`) then holds one block
-of rows at a time, whatever the tensor's size; `whole_tensor_fn` runs the same two functions on a single block
-(the whole tensor), so a method's one-pass and streamed results are the same computation.
+of the output from the same rows of the inputs. The engine (`hf_m2n2.materialize.work_items`) then holds one
+block of rows at a time, whatever the tensor's size; `whole_tensor_fn` runs the same two functions on a single
+block (the whole tensor), so a method's one-pass and streamed results are the same computation.
 
 Sums over a tensor are taken per row (float64), then over the rows: a row's sum does not depend on how the
 rows are grouped into blocks, so streamed results equal the one-pass result bit for bit for any block size.
