@@ -1015,7 +1015,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     allowed = [args.work_dir] if args.work_dir else None
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=allowed)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
