@@ -5,7 +5,9 @@ Specs are in the CLI's YAML schema: `static_spec` for `hf-m2n2 merge`, `evolve_s
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -26,6 +28,100 @@ EXTRA_PARAMS_HELP = (
     "e.g. `normalize: false` or `lambda: 1.2` (the method's global parameters, mergekit's schema)"
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+# ---------------------------------------------------------------------- the form's fields
+
+
+@dataclass(frozen=True)
+class Field:
+    """One input of the run form, declared once: `ui.build_demo` places its component, and the run callback
+    receives its value under `name` (also the parameter name of the `/run` API endpoint).
+
+    Attributes:
+        name: the value's key (e.g. `budget`).
+        default: the component's initial value (and the API's default).
+        make: builds the component (label, limits, element id) given `value=default`.
+    """
+
+    name: str
+    default: Any
+    make: Callable[..., Any]
+
+    def build(self) -> Any:
+        """The Gradio component, holding the default value."""
+        return self.make(value=self.default)
+
+
+def _method_dropdown(**kwargs: Any) -> Any:
+    return gr.Dropdown(method_choices(), label="Method", elem_id="method", **kwargs)  # choices: at build time
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("source", SPECIALISTS, partial(gr.Radio, [SPECIALISTS, HUB], label="Seeds", elem_id="seed-source")),
+    Field(
+        "hub_ids",
+        "",
+        partial(
+            gr.Textbox,
+            label="Hub model ids (one per line, org/name or org/name@revision)",
+            lines=3,
+            visible=False,
+            elem_id="hub-ids",
+        ),
+    ),
+    Field(
+        "base_id",
+        "",
+        partial(
+            gr.Textbox,
+            label="Base model (static methods that need one; Hub id)",
+            visible=False,
+            elem_id="base-model",
+        ),
+    ),
+    Field("method", "m2n2", _method_dropdown),
+    # evolutions
+    Field(
+        "budget", 20, partial(gr.Slider, 4, 500, step=1, label="Budget (forward passes)", elem_id="budget")
+    ),
+    Field("seed", 42, partial(gr.Number, precision=0, label="Random seed", elem_id="seed")),
+    Field("archive", 20, partial(gr.Number, precision=0, minimum=2, label="Archive size", elem_id="archive")),
+    # static merges
+    Field(
+        "weights",
+        "0.5, 0.5",
+        partial(gr.Textbox, label="Weights (one per model, or one for all)", elem_id="weights"),
+    ),
+    Field("density", 0.5, partial(gr.Slider, 0, 1, step=0.01, label="Density", elem_id="density")),
+    Field("t", 0.5, partial(gr.Slider, 0, 1, step=0.01, label="t (slerp)", elem_id="t")),
+    Field(
+        "extra",
+        "",
+        partial(gr.Textbox, label="More parameters (YAML)", info=EXTRA_PARAMS_HELP, elem_id="extra"),
+    ),
+    Field(
+        "score_static",
+        True,
+        partial(gr.Checkbox, label="Score the seeds and the merge", elem_id="score-static"),
+    ),
+    # fitness
+    Field(
+        "fitness", DEMO_TASKS, partial(gr.Radio, [DEMO_TASKS, LM_EVAL], label="Fitness", elem_id="fitness")
+    ),
+    Field("tasks", "gsm8k", partial(gr.Textbox, label="lm-eval tasks (comma-separated)", elem_id="tasks")),
+    Field("test_tasks", "", partial(gr.Textbox, label="Held-out tasks (optional)", elem_id="test-tasks")),
+    Field("metric", "exact_match", partial(gr.Textbox, label="Metric", elem_id="metric")),
+    Field(
+        "limit",
+        50,
+        partial(gr.Number, precision=0, minimum=1, label="Examples per task", elem_id="limit"),
+    ),
+    Field("split", "", partial(gr.Textbox, label="Fitness split (optional)", elem_id="split")),
+    Field("test_split", "", partial(gr.Textbox, label="Held-out split (optional)", elem_id="test-split")),
+)
+"""The run form's fields, in the order of the `/run` endpoint's parameters (the page's order)."""
+FIELD = {f.name: f for f in FIELDS}
 
 
 # ---------------------------------------------------------------------- specs (the CLI's YAML schema)

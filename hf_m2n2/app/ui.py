@@ -19,15 +19,13 @@ import yaml
 
 from hf_m2n2.app.forms import (
     _HUB_ID,
-    DEMO_TASKS,
     EVOLVE_ALGORITHMS,
-    EXTRA_PARAMS_HELP,
+    FIELD,
     HUB,
     LM_EVAL,
     SPECIALISTS,
     _evaluate,
     evolve_spec,
-    method_choices,
     method_help,
     static_methods,
     static_spec,
@@ -118,63 +116,29 @@ def build_demo(
             "and a fitness; the merged model comes with its lineage card. Same engine as the `hf-m2n2` CLI.",
             elem_id="title",
         )
+        form: dict[str, Any] = {}  # field name -> its component, in the page's order
+
+        def place(*names: str) -> None:
+            for name in names:
+                form[name] = FIELD[name].build()
+
         with gr.Row():
             with gr.Column(scale=4):
-                source = gr.Radio([SPECIALISTS, HUB], value=SPECIALISTS, label="Seeds", elem_id="seed-source")
-                hub_ids = gr.Textbox(
-                    value="",
-                    label="Hub model ids (one per line, org/name or org/name@revision)",
-                    lines=3,
-                    visible=False,
-                    elem_id="hub-ids",
-                )
-                base_id = gr.Textbox(
-                    value="",
-                    label="Base model (static methods that need one; Hub id)",
-                    visible=False,
-                    elem_id="base-model",
-                )
-                method = gr.Dropdown(method_choices(), value="m2n2", label="Method", elem_id="method")
-                info = gr.Markdown(method_help("m2n2"), elem_id="method-help")
+                place("source", "hub_ids", "base_id", "method")
+                info = gr.Markdown(method_help(FIELD["method"].default), elem_id="method-help")
                 with gr.Group(visible=True) as evolve_box:
-                    budget = gr.Slider(
-                        4, 500, value=20, step=1, label="Budget (forward passes)", elem_id="budget"
-                    )
+                    place("budget")
                     with gr.Row():
-                        seed = gr.Number(42, precision=0, label="Random seed", elem_id="seed")
-                        archive = gr.Number(
-                            20, precision=0, minimum=2, label="Archive size", elem_id="archive"
-                        )
+                        place("seed", "archive")
                 with gr.Group(visible=False) as static_box:
-                    weights = gr.Textbox(
-                        "0.5, 0.5", label="Weights (one per model, or one for all)", elem_id="weights"
-                    )
-                    density = gr.Slider(0, 1, value=0.5, step=0.01, label="Density", elem_id="density")
-                    t = gr.Slider(0, 1, value=0.5, step=0.01, label="t (slerp)", elem_id="t")
-                    extra = gr.Textbox(
-                        value="", label="More parameters (YAML)", info=EXTRA_PARAMS_HELP, elem_id="extra"
-                    )
-                    score_static = gr.Checkbox(
-                        True, label="Score the seeds and the merge", elem_id="score-static"
-                    )
-                fitness = gr.Radio(
-                    [DEMO_TASKS, LM_EVAL], value=DEMO_TASKS, label="Fitness", elem_id="fitness"
-                )
+                    place("weights", "density", "t", "extra", "score_static")
+                place("fitness")
                 with gr.Group(visible=False) as lm_eval_box:
-                    tasks = gr.Textbox(
-                        label="lm-eval tasks (comma-separated)", value="gsm8k", elem_id="tasks"
-                    )
-                    test_tasks = gr.Textbox(value="", label="Held-out tasks (optional)", elem_id="test-tasks")
+                    place("tasks", "test_tasks")
                     with gr.Row():
-                        metric = gr.Textbox("exact_match", label="Metric", elem_id="metric")
-                        limit = gr.Number(
-                            50, precision=0, minimum=1, label="Examples per task", elem_id="limit"
-                        )
+                        place("metric", "limit")
                     with gr.Row():
-                        split = gr.Textbox(value="", label="Fitness split (optional)", elem_id="split")
-                        test_split = gr.Textbox(
-                            value="", label="Held-out split (optional)", elem_id="test-split"
-                        )
+                        place("split", "test_split")
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
@@ -210,66 +174,33 @@ def build_demo(
         with gr.Accordion("Model card", open=True):
             card = gr.Markdown(elem_id="card-preview")
         model_state = gr.State(None)
+        if list(form) != list(FIELD):
+            raise AssertionError(
+                f"the page places the fields {list(form)}, not those declared: {list(FIELD)}"
+            )
 
         def on_method(name: str):
             evolve = name in EVOLVE_ALGORITHMS
             return method_help(name), gr.update(visible=evolve), gr.update(visible=not evolve)
 
-        method.change(on_method, method, [info, evolve_box, static_box], api_visibility="private")
-        source.change(
+        form["method"].change(
+            on_method, form["method"], [info, evolve_box, static_box], api_visibility="private"
+        )
+        form["source"].change(
             lambda s: (gr.update(visible=s == HUB), gr.update(visible=s == HUB)),
-            source,
-            [hub_ids, base_id],
+            form["source"],
+            [form["hub_ids"], form["base_id"]],
             api_visibility="private",
         )
-        fitness.change(
-            lambda f: gr.update(visible=f == LM_EVAL), fitness, lm_eval_box, api_visibility="private"
+        form["fitness"].change(
+            lambda f: gr.update(visible=f == LM_EVAL), form["fitness"], lm_eval_box, api_visibility="private"
         )
 
         def run(
-            source: str,
-            hub_ids: str,
-            base_id: str,
-            method: str,
-            budget: float,
-            seed: float,
-            archive: float,
-            weights: str,
-            density: float,
-            t: float,
-            extra: str,
-            score_static: bool,
-            fitness: str,
-            tasks: str,
-            test_tasks: str,
-            metric: str,
-            limit: float,
-            split: str,
-            test_split: str,
             request: gr.Request,
             progress=gr.Progress(),  # noqa: B008  (Gradio's way of asking for a progress tracker)
+            **values: Any,
         ) -> Iterator[tuple[Any, ...]]:
-            values = {
-                "source": source,
-                "hub_ids": hub_ids,
-                "base_id": base_id,
-                "method": method,
-                "budget": budget,
-                "seed": seed,
-                "archive": archive,
-                "weights": weights,
-                "density": density,
-                "t": t,
-                "extra": extra,
-                "score_static": score_static,
-                "fitness": fitness,
-                "tasks": tasks,
-                "test_tasks": test_tasks,
-                "metric": metric,
-                "limit": limit,
-                "split": split,
-                "test_split": test_split,
-            }
             try:
                 yield from _run(settings, request, progress, values)
             except gr.Error as exc:  # shown as a toast; the status line says it too
@@ -278,28 +209,8 @@ def build_demo(
 
         run_event = run_btn.click(
             run,
-            [
-                source,
-                hub_ids,
-                base_id,
-                method,
-                budget,
-                seed,
-                archive,
-                weights,
-                density,
-                t,
-                extra,
-                score_static,
-                fitness,
-                tasks,
-                test_tasks,
-                metric,
-                limit,
-                split,
-                test_split,
-            ],
-            [status, plot, table, card, download, model_state],
+            inputs_kwargs=form,  # each field's value under its name (the /run endpoint's parameters)
+            outputs=[status, plot, table, card, download, model_state],
             api_name="run",
             concurrency_limit=1,
             concurrency_id="run",
