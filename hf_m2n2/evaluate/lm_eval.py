@@ -427,39 +427,18 @@ class LmEvalEvaluator:
 
     def _select(self, task: Any, entry: str) -> _Leaf:
         """Check and pick the task's metric and filter."""
-        name = task.task_name
         metric = self.config.metric_for(entry)
         aggregations = task.aggregation()
-        if metric not in aggregations:
-            raise SpecError(
-                f"{self._prefix}.metric",
-                f"task {name!r} has no metric {metric!r} (it has: {', '.join(sorted(aggregations)) or 'none'})",
-            )
-        aggregation = getattr(aggregations[metric], "__name__", str(aggregations[metric]))
-        if aggregation != "mean":
-            raise SpecError(
-                f"{self._prefix}.metric",
-                f"metric {metric!r} of task {name!r} is aggregated by {aggregation!r}, not by mean: it is not a "
-                "per-example score (use e.g. exact_match or acc)",
-            )
-        if task.higher_is_better().get(metric) is False:
-            raise SpecError(
-                f"{self._prefix}.metric", f"metric {metric!r} of task {name!r} is lower-is-better"
-            )
-        filters = _filter_names(task.get_config("filter_list"))
-        wanted = self.config.filter_for(entry)
-        if wanted is None:
-            if len(filters) > 1:
-                raise SpecError(
-                    f"{self._prefix}.filter",
-                    f"task {name!r} has several filters, choose one: {', '.join(filters)}",
-                )
-            wanted = filters[0]
-        elif wanted not in filters:
-            raise SpecError(
-                f"{self._prefix}.filter",
-                f"task {name!r} has no filter {wanted!r} (it has: {', '.join(filters)})",
-            )
+        wanted = _check_metric_and_filter(
+            task.task_name,
+            metric,
+            sorted(aggregations),
+            _filter_names(task.get_config("filter_list")),
+            self.config.filter_for(entry),
+            self._prefix,
+            aggregations=aggregations,
+            higher_is_better=task.higher_is_better(),
+        )
         return _Leaf(task=task, entry=entry, metric=metric, filter=wanted)
 
     # ------------------------------------------------------------------ one call
@@ -600,6 +579,76 @@ def _filter_names(filter_list: Any) -> list[str]:
     return [f["name"] if isinstance(f, Mapping) else getattr(f, "name", str(f)) for f in filter_list]
 
 
+# ---------------------------------------------------------------------- metric and filter of one task
+
+
+def _check_metric_and_filter(
+    task: str,
+    metric: str,
+    metrics: Sequence[str],
+    filters: Sequence[str],
+    wanted: str | None,
+    prefix: str,
+    *,
+    aggregations: Mapping[str, Any] | None = None,
+    higher_is_better: Mapping[str, bool] | None = None,
+    none_listed: str = "none",
+) -> str:
+    """Check the metric and filter configured for one leaf task; the one check of both `check_lm_eval_config`
+    (the task's YAML) and `LmEvalEvaluator` (the loaded task).
+
+    Args:
+        task: the task's name, as errors name it.
+        metric: the configured metric.
+        metrics: the task's metrics, in the order the error lists them.
+        filters: the task's filter names (`["none"]` without a filter_list).
+        wanted: the configured filter (None: the task's only filter).
+        prefix: YAML path of the `evaluate:` section, named in errors.
+        aggregations: per metric, its aggregation (a function or a name); None (a YAML check): not checked.
+        higher_is_better: per metric, its direction; None: not checked.
+        none_listed: what the error lists when the task has no metric at all (the YAML check has always listed
+            nothing there, the evaluator `none`).
+
+    Returns:
+        The filter to read: `wanted`, or the task's only filter.
+
+    Raises:
+        SpecError: the task has no such metric or filter, the metric is not a per-example score (aggregated by
+            something else than the mean) or is lower-is-better, or the task has several filters and none was
+            chosen (naming `PREFIX.metric` or `PREFIX.filter`).
+
+    Example:
+        >>> _check_metric_and_filter("gsm8k", "exact_match", ["exact_match"], ["strict-match"], None, "evaluate")
+        'strict-match'
+    """
+    if metric not in metrics:
+        raise SpecError(
+            f"{prefix}.metric",
+            f"task {task!r} has no metric {metric!r} (it has: {', '.join(metrics) or none_listed})",
+        )
+    if aggregations is not None:
+        aggregation = getattr(aggregations[metric], "__name__", str(aggregations[metric]))
+        if aggregation != "mean":
+            raise SpecError(
+                f"{prefix}.metric",
+                f"metric {metric!r} of task {task!r} is aggregated by {aggregation!r}, not by mean: it is not a "
+                "per-example score (use e.g. exact_match or acc)",
+            )
+    if higher_is_better is not None and higher_is_better.get(metric) is False:
+        raise SpecError(f"{prefix}.metric", f"metric {metric!r} of task {task!r} is lower-is-better")
+    if wanted is None:
+        if len(filters) > 1:
+            raise SpecError(
+                f"{prefix}.filter", f"task {task!r} has several filters, choose one: {', '.join(filters)}"
+            )
+        return filters[0]
+    if wanted not in filters:
+        raise SpecError(
+            f"{prefix}.filter", f"task {task!r} has no filter {wanted!r} (it has: {', '.join(filters)})"
+        )
+    return wanted
+
+
 # ---------------------------------------------------------------------- offline check (no datasets)
 
 
@@ -650,23 +699,15 @@ def check_lm_eval_config(
             metrics = metrics or DEFAULT_METRIC_REGISTRY.get(
                 task_config.get("output_type", "generate_until"), []
             )
-            metric = config.metric_for(name)
-            if metric not in metrics:
-                raise SpecError(
-                    f"{prefix}.metric",
-                    f"task {name!r} has no metric {metric!r} (it has: {', '.join(metrics)})",
-                )
-            filters = _filter_names(task_config.get("filter_list"))
-            wanted = config.filter_for(name)
-            if wanted is None and len(filters) > 1:
-                raise SpecError(
-                    f"{prefix}.filter", f"task {name!r} has several filters, choose one: {', '.join(filters)}"
-                )
-            if wanted is not None and wanted not in filters:
-                raise SpecError(
-                    f"{prefix}.filter",
-                    f"task {name!r} has no filter {wanted!r} (it has: {', '.join(filters)})",
-                )
+            _check_metric_and_filter(
+                name,
+                config.metric_for(name),
+                metrics,
+                _filter_names(task_config.get("filter_list")),
+                config.filter_for(name),
+                prefix,
+                none_listed="",
+            )
 
 
 def _find_builtin_yaml(name: str) -> Path | None:

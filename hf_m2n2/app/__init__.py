@@ -1,0 +1,86 @@
+"""The Gradio app (the Hugging Face Space): merge or evolve models from a browser, with the same API as the CLI.
+
+Every run writes a spec in the CLI's YAML schema and calls what `hf-m2n2` calls: `hf_m2n2.merge.run_merge` for a
+static merge, `hf_m2n2.evolve.runs.start_runs` for an evolution (M2N2 or a baseline). The job runs in a worker
+thread; the event handler polls the run directory (`history.jsonl`, `lineage.jsonl`) to move the progress bar and
+redraw the fitness plot, and stops the job through `hf_m2n2.evolve.loop.stop_when` (the loop checkpoints and
+stops after its current step). At the end it shows the seeds-vs-merged score table (`report.json` of the run; for
+static merges the seeds and the merge are scored with the same lm-eval evaluator), the model card, a zip of the
+model, and pushes it to the Hub with `hf_m2n2.push.push_folder` (OAuth on a Space, or a token field whose value is
+never written to any output, log or file).
+
+Gradio is imported here only: the rest of the package never imports `hf_m2n2.app`.
+
+Modules:
+    forms: the form's choices and help, and the specs written from its values (`static_spec`, `evolve_spec`,
+        `lm_eval_section`).
+    jobs: a run in a worker thread (`Job`), scoring (`score_models`), and the readers of a run directory
+        (`progress_frame`, `passes_done`, `score_table`, `card_preview`, `zip_model`). No Gradio.
+    ui: the page (`build_demo`), its callbacks, and `main` (`python -m hf_m2n2.app`).
+
+Example:
+    >>> demo = build_demo()  # doctest: +SKIP
+    >>> demo.launch(server_name="127.0.0.1")  # doctest: +SKIP
+
+Command line: `python -m hf_m2n2.app [--host 127.0.0.1] [--port 7860] [--allow-local-models]`.
+"""
+
+from hf_m2n2.app.forms import (
+    DEMO_TASKS,
+    EVOLVE_ALGORITHMS,
+    EXTRA_PARAMS_HELP,
+    HIDDEN_METHODS,
+    HUB,
+    LM_EVAL,
+    SPECIALISTS,
+    evolve_spec,
+    lm_eval_section,
+    method_choices,
+    method_help,
+    static_methods,
+    static_spec,
+)
+from hf_m2n2.app.jobs import (
+    PLOT_SERIES,
+    Cancelled,
+    Job,
+    card_preview,
+    passes_done,
+    progress_frame,
+    score_models,
+    score_table,
+    zip_model,
+)
+from hf_m2n2.app.jobs import (
+    _scrub as _scrub,  # re-exported for tests/test_space.py, which checks the token scrubbing
+)
+from hf_m2n2.app.ui import POLL_S, build_demo, default_specialists_dir, main
+
+__all__ = [
+    "DEMO_TASKS",
+    "EVOLVE_ALGORITHMS",
+    "EXTRA_PARAMS_HELP",
+    "HIDDEN_METHODS",
+    "HUB",
+    "LM_EVAL",
+    "PLOT_SERIES",
+    "POLL_S",
+    "SPECIALISTS",
+    "Cancelled",
+    "Job",
+    "build_demo",
+    "card_preview",
+    "default_specialists_dir",
+    "evolve_spec",
+    "lm_eval_section",
+    "main",
+    "method_choices",
+    "method_help",
+    "passes_done",
+    "progress_frame",
+    "score_models",
+    "score_table",
+    "static_methods",
+    "static_spec",
+    "zip_model",
+]
