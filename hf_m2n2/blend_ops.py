@@ -17,6 +17,7 @@ import torch
 from hf_m2n2.blend import Blend, SeedLayout, blend_tensor, crossover, gram_prefix, load_or_compute_gram
 from hf_m2n2.errors import HfM2n2Error, SpecError
 from hf_m2n2.live import LiveModel
+from hf_m2n2.models import model_kind
 from hf_m2n2.plan import torch_dtype
 from hf_m2n2.seeds import Seed
 
@@ -148,20 +149,7 @@ class SeedTensors:
 
 def evolved_layout(seeds: Sequence[Seed], names: Sequence[str], block_size: int) -> SeedLayout:
     """The canonical layout of the evolved tensors; every seed must hold each of them with the same shape."""
-    shapes = []
-    for name in names:
-        shape = seeds[0].checkpoint.info(name).shape
-        for seed in seeds[1:]:
-            if name not in seed.checkpoint:
-                raise HfM2n2Error(f"tensor {name!r} is missing in seed {seed.name}")
-            if seed.checkpoint.info(name).shape != shape:
-                raise HfM2n2Error(
-                    f"tensor {name!r} has different shapes in {seeds[0].name} and {seed.name} "
-                    f"({list(shape)} vs {list(seed.checkpoint.info(name).shape)}); exclude it from the genome "
-                    "(genome.exclude) to take it from genome.fixed_from"
-                )
-        shapes.append((name, shape))
-    return SeedLayout(shapes, block_size)
+    return SeedLayout(model_kind(seeds[0].kind).check_fit(seeds, names), block_size)
 
 
 def seed_gram(layout: SeedLayout, tensors: SeedTensors, cache: Path | None) -> np.ndarray:
@@ -304,12 +292,7 @@ def export_blend(
         write_card: optional `write_card(tmp_dir)` adding README.md and friends before the rename.
     """
     from hf_m2n2.materialize import materialize
-    from hf_m2n2.outdir import (
-        atomic_output_dir,
-        copy_generation_config,
-        copy_tokenizer_files,
-        set_config_dtype,
-    )
+    from hf_m2n2.outdir import atomic_output_dir
     from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
     dtype = torch_dtype(recipe.dtype)
@@ -340,11 +323,7 @@ def export_blend(
             writer.finish()
         finally:
             writer.abort()
-        config = dict(reference.config)
-        set_config_dtype(config, dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_generation_config(reference.model.path, tmp)
-        copy_tokenizer_files(reference.model.path, tmp)
+        model_kind(reference.kind).save_configs(reference, tmp, dtype)
         recipe.save(tmp / "recipe.json")
         if write_card is not None:
             write_card(tmp)

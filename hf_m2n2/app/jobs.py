@@ -102,28 +102,39 @@ def score_models(
     Returns:
         `{model name: {task: score}}`, the shape of an evolve run's `report.json`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hf_m2n2.evaluate.lm_eval import LmEvalConfig
+    from hf_m2n2.evolve.outcome import held_out_report
 
-    from hf_m2n2.evaluate.lm_eval import LmEvalConfig, LmEvalEvaluator
+    rows = [(name, (name, path)) for name, path in models.items()]
+    report, _, _ = held_out_report(_SavedModels(LmEvalConfig(**evaluate), job, base_dir), rows)
+    return report
 
-    config = LmEvalConfig(**evaluate)
-    split = "test" if config.has_test else "fitness"
-    evaluator = None
-    report: dict[str, dict[str, float]] = {}
-    for name, path in models.items():
-        if job is not None:
-            if job.stop.is_set():
+
+class _SavedModels:
+    """The report's door for saved model directories: `report((name, path))` loads the model and scores it with the
+    evaluator built (from the registry) on the first one, as a run's executor reports its genomes."""
+
+    def __init__(self, config: Any, job: Job | None, base_dir: Path | None):
+        self.config, self.job, self.base_dir = config, job, base_dir
+        self.evaluator: Any = None
+
+    def report(self, named: tuple[str, Path]) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from hf_m2n2.evaluate import EvaluationContext, build_evaluator
+
+        name, path = named
+        if self.job is not None:
+            if self.job.stop.is_set():
                 raise Cancelled
-            job.stage = f"scoring {name}"
+            self.job.stage = f"scoring {name}"
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         model.eval()
-        if evaluator is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-            evaluator = LmEvalEvaluator(config, model, tokenizer, base_dir=base_dir)
-        report[name] = evaluator.evaluate(split, model).entry_means()
-        del model
-    return report
+        if self.evaluator is None:
+            context = EvaluationContext(model, Path(path), self.base_dir)
+            self.evaluator = build_evaluator(self.config, context)
+        return self.evaluator.report(model)
 
 
 # ---------------------------------------------------------------------- run directory readers

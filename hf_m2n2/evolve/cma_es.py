@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2.errors import ContractError, HfM2n2Error
-from hf_m2n2.evolve.strategy import Candidate, Lineage, Member, make_rng, restore_rng, rng_state
+from hf_m2n2.evolve.strategy import BestSample, Candidate, Lineage, make_rng, restore_rng, rng_state
 
 STATE_FORMAT = 2  # 1: cma_es pickled its `cma` object; evomerge_ps had its own layout
 
@@ -36,20 +36,6 @@ class GeneratorRandn:
 
     def __call__(self, *shape: int) -> np.ndarray:
         return self.rng.standard_normal(shape)
-
-
-class BestSample:
-    """The archive of a sampling strategy (CMA-ES): the best sample evaluated so far (as the reference logs
-    `xbest`), from `best_genome`, `best_scores`, `best_lineage` and `generation`."""
-
-    def best(self) -> Member | None:
-        if self.best_genome is None:
-            return None
-        return Member(self.best_genome, self.best_scores, self.best_lineage, {"generation": self.generation})
-
-    def members(self) -> list[Member]:
-        best = self.best()
-        return [] if best is None else [best]
 
 
 class ReplayedCMA(BestSample):
@@ -68,6 +54,9 @@ class ReplayedCMA(BestSample):
     """
 
     name = "cma"
+
+    def best_extra(self) -> dict[str, Any]:
+        return {"generation": self.generation}
 
     def __init__(
         self,
@@ -149,10 +138,7 @@ class ReplayedCMA(BestSample):
         mean = float(np.mean(scores))
         self.fvalues.append(self.fvalue(self.solutions[len(self.fvalues)], mean))
         self.means.append(mean)
-        if self.best_scores is None or mean > float(self.best_scores.mean()):
-            self.best_genome = candidate.genome
-            self.best_scores = np.asarray(scores, dtype=np.float64).copy()
-            self.best_lineage = candidate.lineage
+        self.keep_if_best(candidate, scores, mean)
         if len(self.fvalues) == self.popsize:
             self.es.tell(list(self.solutions), list(self.fvalues))
             self.told.append(list(self.fvalues))

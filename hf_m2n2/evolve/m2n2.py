@@ -140,8 +140,10 @@ class M2N2:
             self._cached = _Competition(slots, scores, total, cap, weights, fitness(scores, weights), {})
         return self._cached
 
-    def ask(self) -> Candidate:
-        """Propose the next seed, or a child of two archive members."""
+    def ask(self) -> Candidate | None:
+        """Propose the next seed, or a child of two archive members (None while no member is told yet)."""
+        if not self.pending_seeds and not self.occupied.any():
+            return None
         cid, self.next_id = self.next_id, self.next_id + 1
         if self.pending_seeds:
             return Candidate(self.pending_seeds.pop(0), Lineage(cid, "seed"))

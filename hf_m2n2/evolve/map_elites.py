@@ -84,7 +84,10 @@ class MapElites:
         index = np.clip(np.floor(sums * self.bins / self.counts), 0, self.bins - 1).astype(np.int64)
         return int(np.ravel_multi_index(tuple(index), (self.bins,) * self.n_groups))
 
-    def ask(self) -> Candidate:
+    def ask(self) -> Candidate | None:
+        """The next seed, or a child of two elites; None while no elite is told yet."""
+        if not self.pending_seeds and not self.occupied.any():
+            return None
         cid, self.next_id = self.next_id, self.next_id + 1
         if self.pending_seeds:
             return Candidate(self.pending_seeds.pop(0), Lineage(cid, "seed"))

@@ -300,7 +300,7 @@ def _execute(
         "spec_hash": info.spec_hash,
         "threads": evolve.threads,
         "mutation_std": parts.mutation_std,
-        "slerp_scope": spec.genome.slerp_scope,
+        "slerp_scope": spec.kind.slerp_scope(spec.genome),
     }
     with _blas_threads(evolve.threads):
         summary = run_loop(

@@ -104,6 +104,35 @@ class Strategy(Protocol):
         ...
 
 
+class BestSample:
+    """The archive of a strategy that samples rather than keeps a population (CMA-ES, the sweep): the best
+    candidate evaluated so far (as the reference logs `xbest`), from `best_genome`, `best_scores` and
+    `best_lineage`; `best_extra` adds to the member's `extra`."""
+
+    best_genome: Any = None
+    best_scores: np.ndarray | None = None
+    best_lineage: Lineage | None = None
+
+    def best_extra(self) -> dict[str, Any]:
+        return {}
+
+    def keep_if_best(self, candidate: Candidate, scores: np.ndarray, mean: float) -> None:
+        """Keep the candidate when its mean score beats the best so far (the first of equals stays)."""
+        if self.best_scores is None or mean > float(self.best_scores.mean()):
+            self.best_genome = candidate.genome
+            self.best_scores = np.asarray(scores, dtype=np.float64).copy()
+            self.best_lineage = candidate.lineage
+
+    def best(self) -> Member | None:
+        if self.best_genome is None:
+            return None
+        return Member(self.best_genome, self.best_scores, self.best_lineage, self.best_extra())
+
+    def members(self) -> list[Member]:
+        best = self.best()
+        return [] if best is None else [best]
+
+
 def sample_index(weights: np.ndarray, rng: np.random.Generator) -> int:
     """An index drawn with probability proportional to non-negative `weights` (uniform when they sum to 0).
 

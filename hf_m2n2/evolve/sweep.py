@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from hf_m2n2.evolve.strategy import Candidate, Lineage, Member
+from hf_m2n2.evolve.strategy import BestSample, Candidate, Lineage
 from hf_m2n2.genomes.base import GenomeOps
 
 
-class Sweep:
+class Sweep(BestSample):
     """SLERP sweep over `points` evenly spaced mixing ratios in [0, 1].
 
     Args:
@@ -55,19 +55,7 @@ class Sweep:
         mean = float(np.mean(scores))
         self.score_sum += mean
         self.told += 1
-        if self.best_scores is None or mean > float(self.best_scores.mean()):
-            self.best_genome = candidate.genome
-            self.best_scores = np.asarray(scores, dtype=np.float64).copy()
-            self.best_lineage = candidate.lineage
-
-    def best(self) -> Member | None:
-        if self.best_genome is None:
-            return None
-        return Member(self.best_genome, self.best_scores, self.best_lineage)
-
-    def members(self) -> list[Member]:
-        best = self.best()
-        return [] if best is None else [best]
+        self.keep_if_best(candidate, scores, mean)
 
     def stats(self) -> dict[str, float]:
         best = 0.0 if self.best_scores is None else float(self.best_scores.mean())

@@ -115,6 +115,10 @@ class GenomeKind:
     def check(self, spec: Any) -> None:
         """Checks across the spec's sections beyond the section's own model (raises SpecError)."""
 
+    def slerp_scope(self, config: Any) -> str | None:
+        """Where the section measures SLERP angles (for the run summary; None: the kind has no crossover)."""
+        return getattr(config, "slerp_scope", None)
+
     def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
         """The run's parts; `rng` draws whatever the kind draws at the start (random initial genomes)."""
         raise NotImplementedError

@@ -82,7 +82,7 @@ class BlendKind(GenomeKind):
         """Open the seeds, build the live model, the Gram sums (cached in the run directory) and the ops."""
         from hf_m2n2.blend import select_tensors
         from hf_m2n2.blend_ops import BlendOps, BlendTarget, SeedTensors, evolved_layout, seed_gram
-        from hf_m2n2.live import LiveModel
+        from hf_m2n2.models import model_kind
         from hf_m2n2.plan import torch_dtype
         from hf_m2n2.seeds import open_seeds
 
@@ -104,8 +104,8 @@ class BlendKind(GenomeKind):
         if genome.offload_folder is not None:
             offload = Path(genome.offload_folder)
             offload = offload if offload.is_absolute() else run_dir / offload
-        live = LiveModel(
-            seeds[fixed].model.path,
+        live = model_kind(seeds[fixed].kind).live_target(
+            seeds[fixed],
             dtype=dtype,
             device=genome.device,
             device_map=genome.device_map,

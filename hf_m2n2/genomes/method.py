@@ -74,11 +74,6 @@ class MethodGenomeConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
 
-    @property
-    def slerp_scope(self) -> None:
-        """Method genomes have no crossover (run summaries record the SLERP scope of Blend genomes)."""
-        return None
-
 
 def check_method_spec(spec: Any) -> None:
     """Checks of a model evolution spec with a method genome (the parsed spec's other sections are valid).
@@ -381,7 +376,7 @@ class MethodKind(GenomeKind):
             SpecError: the seeds' layer counts differ, the layer groups do not fit, or the merge cannot be
                 planned.
         """
-        from hf_m2n2.live import LiveModel
+        from hf_m2n2.models import model_kind
         from hf_m2n2.plan import torch_dtype
         from hf_m2n2.seeds import open_seeds
 
@@ -406,7 +401,9 @@ class MethodKind(GenomeKind):
             dtype=genome.dtype,
         )
         reference = n_models if genome.base_model is not None else 0
-        live = LiveModel(seeds[reference].model.path, dtype=torch_dtype(genome.dtype), device=genome.device)
+        live = model_kind(seeds[reference].kind).live_target(
+            seeds[reference], dtype=torch_dtype(genome.dtype), device=genome.device
+        )
         ops = MethodOps(template, len(seeds))
         target = MethodTarget(template, seeds, live, genome.device)
         try:

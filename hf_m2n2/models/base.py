@@ -1,0 +1,138 @@
+"""Model kinds: what a seed is and what a live target is, behind one registry.
+
+A model kind knows how to open a seed directory (tensor names, shapes, lazy reads, config, architecture family),
+check that seeds fit together, build the live target from a seed's configs without random init, write tensors
+into it in place (the target is a `materialize()` sink), and save the configs and tokenizer next to exported
+weights. The causal LM is the first kind; a diffusers pipeline or a routed model is one new file plus one
+`register_model_kind` line in `hf_m2n2/models/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from hf_m2n2.architectures import Architecture
+from hf_m2n2.checkpoint import Checkpoint
+from hf_m2n2.errors import CheckpointError, HfM2n2Error
+from hf_m2n2.hub import ResolvedModel
+
+
+@dataclass
+class Seed:
+    """An opened input model.
+
+    Attributes:
+        model: the resolved reference (local directory, Hub repo and pinned commit).
+        checkpoint: lazy access to its tensors.
+        config: its `config.json`.
+        arch: its architecture family.
+        num_layers: its number of layers.
+        kind: the model kind that opened it (`hf_m2n2.models`).
+    """
+
+    model: ResolvedModel
+    checkpoint: Checkpoint
+    config: dict[str, Any]
+    arch: Architecture
+    num_layers: int
+    kind: str = "causal_lm"
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: invalid JSON ({exc})") from exc
+
+
+class LiveTarget(Protocol):
+    """A resident model whose tensors are overwritten in place per candidate (a `materialize()` sink)."""
+
+    model: Any
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None: ...
+
+
+class ModelKind:
+    """One kind of model. Subclasses set `name` and implement the methods.
+
+    Attributes:
+        name: the kind's name (recorded with the seeds it opened).
+    """
+
+    name: str = ""
+
+    def recognizes(self, directory: Path) -> bool:
+        """Whether a seed directory holds a model of this kind."""
+        raise NotImplementedError
+
+    def open_seed(self, model: Any) -> Any:
+        """A `Seed` over a resolved model's directory: lazy tensors, config, architecture."""
+        raise NotImplementedError
+
+    def check_fit(self, seeds: Sequence[Any], names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
+        """The shapes of `names`, checked to be the same in every seed.
+
+        Raises:
+            HfM2n2Error: a tensor is missing from a seed or has another shape there.
+        """
+        raise NotImplementedError
+
+    def live_target(self, reference: Any, **options: Any) -> LiveTarget:
+        """The resident model built from `reference`'s configs (no random init) and filled with its weights."""
+        raise NotImplementedError
+
+    def save_configs(self, reference: Any, out_dir: Path, dtype: torch.dtype) -> None:
+        """Write what makes `out_dir`'s weights loadable (configs, tokenizer), taken from `reference`."""
+        raise NotImplementedError
+
+
+_KINDS: dict[str, ModelKind] = {}
+
+
+def register_model_kind(kind: ModelKind) -> ModelKind:
+    """Register a model kind (replacing one of the same name); kinds are tried in registration order."""
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def model_kinds() -> dict[str, ModelKind]:
+    """Every registered kind, by name, in registration order."""
+    return dict(_KINDS)
+
+
+def model_kind(name: str) -> ModelKind:
+    """The registered kind called `name`."""
+    if name not in _KINDS:
+        raise HfM2n2Error(f"unknown model kind {name!r} (known: {', '.join(_KINDS)})")
+    return _KINDS[name]
+
+
+def kind_of_directory(directory: Path) -> ModelKind:
+    """The first registered kind that recognizes a seed directory.
+
+    Raises:
+        CheckpointError: no kind does.
+    """
+    for kind in _KINDS.values():
+        if kind.recognizes(directory):
+            return kind
+    raise CheckpointError(f"{directory}: not a model of a known kind ({', '.join(_KINDS)})")

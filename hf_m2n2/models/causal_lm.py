@@ -1,0 +1,62 @@
+"""The causal LM model kind: a Hugging Face directory with `config.json` and safetensors (or `.bin`) weights,
+evaluated as one resident `AutoModelForCausalLM` (`LiveModel`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.models.base import ModelKind, Seed, load_config
+
+
+class CausalLMKind(ModelKind):
+    """Seeds are causal-LM directories; the live target is a `LiveModel`."""
+
+    name = "causal_lm"
+
+    def recognizes(self, directory: Path) -> bool:
+        return not (Path(directory) / "model_index.json").is_file()  # anything that is not a pipeline
+
+    def open_seed(self, model: Any) -> Any:
+        from hf_m2n2.architectures import detect_architecture, num_layers
+        from hf_m2n2.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint(model.path)
+        config = load_config(model.path)
+        arch = detect_architecture(config, checkpoint.names)
+        return Seed(model, checkpoint, config, arch, num_layers(config, arch, checkpoint.names), self.name)
+
+    def check_fit(self, seeds: Sequence[Any], names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
+        shapes = []
+        for name in names:
+            shape = seeds[0].checkpoint.info(name).shape
+            for seed in seeds[1:]:
+                if name not in seed.checkpoint:
+                    raise HfM2n2Error(f"tensor {name!r} is missing in seed {seed.name}")
+                if seed.checkpoint.info(name).shape != shape:
+                    raise HfM2n2Error(
+                        f"tensor {name!r} has different shapes in {seeds[0].name} and {seed.name} "
+                        f"({list(shape)} vs {list(seed.checkpoint.info(name).shape)}); exclude it from the genome "
+                        "(genome.exclude) to take it from genome.fixed_from"
+                    )
+            shapes.append((name, shape))
+        return shapes
+
+    def live_target(self, reference: Any, **options: Any) -> Any:
+        from hf_m2n2.live import LiveModel
+
+        return LiveModel(reference.model.path, **options)
+
+    def save_configs(self, reference: Any, out_dir: Path, dtype: torch.dtype) -> None:
+        from hf_m2n2.outdir import copy_generation_config, copy_tokenizer_files, set_config_dtype
+
+        config = dict(reference.config)
+        set_config_dtype(config, dtype)
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_generation_config(reference.model.path, out_dir)
+        copy_tokenizer_files(reference.model.path, out_dir)
