@@ -117,12 +117,12 @@ def test_cma_es_resumes_identically_from_a_checkpoint_without_pickle(tmp_path, d
             strategy.tell(candidate, scores(candidate.genome))
 
     x0 = np.zeros(12, np.float32)
-    a = CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=1)
+    a = CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, rng_seed=1)
     step(a, 15)  # mid-generation
     save_state(tmp_path / "cma.npz", a.state_dict())
     saved = load_state(tmp_path / "cma.npz")
     assert saved["told"].shape == (2, 6) and len(saved["fvalues"]) == 3
-    b = CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=1)
+    b = CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, rng_seed=1)
     b.load_state_dict(saved)
     step(a, 300)
     step(b, 300)
@@ -130,8 +130,8 @@ def test_cma_es_resumes_identically_from_a_checkpoint_without_pickle(tmp_path, d
     np.testing.assert_array_equal(a.cma_state()["C"], b.cma_state()["C"])
     assert a.stats() == b.stats() and a.stats()["best"] > scores(x0).mean() + 0.2
     with pytest.raises(HfM2n2Error, match="other cma_es settings or another seed"):
-        CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=2).load_state_dict(saved)
+        CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, rng_seed=2).load_state_dict(saved)
     with pytest.raises(HfM2n2Error, match="unsupported cma_es checkpoint format 1"):
-        CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, seed=1).load_state_dict(
+        CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, rng_seed=1).load_state_dict(
             {**saved, "format": 1}
         )

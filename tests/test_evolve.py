@@ -67,7 +67,7 @@ def _strategy(scores: np.ndarray, **config) -> M2N2:
     """An M2N2 whose archive holds one genome per row of `scores` (genome i is the constant vector i + 1)."""
     ops = DenseVectorOps(4)
     seeds = [np.full(4, i + 1.0, dtype=np.float32) for i in range(len(scores))]
-    strategy = M2N2(ops, seeds, M2N2Config(archive_size=len(scores), **config), seed=0)
+    strategy = M2N2(ops, seeds, M2N2Config(archive_size=len(scores), **config), rng_seed=0)
     for row in scores:
         strategy.tell(strategy.ask(), row)
     return strategy
@@ -211,10 +211,10 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
             strategy.tell(candidate, (candidate.genome > 0).astype(float))
 
     config = M2N2Config(archive_size=4, mutation_std=0.05)
-    a = M2N2(ops, seeds, config, seed=7)
+    a = M2N2(ops, seeds, config, rng_seed=7)
     step(a, 30)
     save_state(tmp_path / "state.npz", a.state_dict())
-    b = M2N2(ops, seeds, config, seed=123)
+    b = M2N2(ops, seeds, config, rng_seed=123)
     b.load_state_dict(load_state(tmp_path / "state.npz"))
     step(a, 30)
     step(b, 30)

@@ -56,7 +56,7 @@ def toy_run(tmp_path: Path, name: str, evaluator_fn, budget: int = 300, seed: in
     ops = DenseVectorOps(64)
     rng = np.random.default_rng(seed)
     seeds = [ops.random(0.1, rng) for _ in range(2)]
-    strategy = M2N2(ops, seeds, M2N2Config(archive_size=6, mutation_std=0.05), seed=seed)
+    strategy = M2N2(ops, seeds, M2N2Config(archive_size=6, mutation_std=0.05), rng_seed=seed)
     run_dir = tmp_path / name
     run_dir.mkdir()
     settings = LoopSettings(budget=budget, log_every=25, checkpoint_every_steps=100, progress=False)

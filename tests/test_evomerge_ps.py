@@ -108,7 +108,7 @@ def test_popsize_is_4_plus_floor_3_ln_n(n, popsize):
 
 
 def test_paper_settings_and_bounds():
-    strategy = EvomergePS(_VectorOps(6), seed=1)
+    strategy = EvomergePS(_VectorOps(6), rng_seed=1)
     assert strategy.sigma0 == pytest.approx(1 / 6) and np.all(strategy.es.mean == 0.5)
     asked = _drive(strategy, 20 * strategy.popsize)
     assert all(np.all((g >= 0) & (g <= 1)) for g in asked)  # samples outside are projected (repair)
@@ -117,14 +117,14 @@ def test_paper_settings_and_bounds():
 
 
 def test_checkpoint_is_explicit_and_replays_exactly_mid_generation():
-    straight = EvomergePS(_VectorOps(5), seed=np.random.SeedSequence(9))
+    straight = EvomergePS(_VectorOps(5), rng_seed=np.random.SeedSequence(9))
     tail = _drive(straight, 53)[30:]
-    first = EvomergePS(_VectorOps(5), seed=np.random.SeedSequence(9))
+    first = EvomergePS(_VectorOps(5), rng_seed=np.random.SeedSequence(9))
     _drive(first, 30)  # popsize 8: 3 generations, then 6 samples of the 4th
     state = _roundtrip(first.state_dict())
     assert state["told"].shape == (3, 8) and state["solutions"].shape == (8, 5) and len(state["fvalues"]) == 6
     assert state["cma"]["C"].shape == (5, 5) and state["cma"]["countiter"] == 3
-    resumed = EvomergePS(_VectorOps(5), seed=np.random.SeedSequence(9))
+    resumed = EvomergePS(_VectorOps(5), rng_seed=np.random.SeedSequence(9))
     resumed.load_state_dict(state)
     assert all(np.array_equal(a, b) for a, b in zip(_drive(resumed, 23), tail))
     for key, value in straight.cma_state().items():
@@ -136,14 +136,14 @@ def test_checkpoint_is_explicit_and_replays_exactly_mid_generation():
 
 
 def test_a_checkpoint_that_does_not_replay_is_refused():
-    strategy = EvomergePS(_VectorOps(4), seed=2)
+    strategy = EvomergePS(_VectorOps(4), rng_seed=2)
     _drive(strategy, 17)
     state = _roundtrip(strategy.state_dict())
     state["cma"]["sigma"] *= 1.5
     with pytest.raises(HfM2n2Error, match=r"did not reproduce its state.*\(sigma\)"):
-        EvomergePS(_VectorOps(4), seed=2).load_state_dict(state)
+        EvomergePS(_VectorOps(4), rng_seed=2).load_state_dict(state)
     with pytest.raises(HfM2n2Error, match="other evomerge_ps settings or another seed"):
-        EvomergePS(_VectorOps(4), seed=3).load_state_dict(_roundtrip(strategy.state_dict()))
+        EvomergePS(_VectorOps(4), rng_seed=3).load_state_dict(_roundtrip(strategy.state_dict()))
 
 
 def test_layer_groups_are_contiguous_and_cover_every_layer():

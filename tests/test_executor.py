@@ -98,7 +98,7 @@ def _m2n2(ops):
 
 
 def _cma(ops):
-    return CMAES(ops, np.zeros(24, np.float32), popsize=4, sigma0=0.1, seed=2)
+    return CMAES(ops, np.zeros(24, np.float32), popsize=4, sigma0=0.1, rng_seed=2)
 
 
 @pytest.mark.parametrize("strategy_of", [_m2n2, _cma], ids=["m2n2", "cma_es"])
@@ -118,7 +118,7 @@ def test_candidates_in_flight_are_checkpointed_and_resumed_exactly(tmp_path, str
 
 def test_cma_es_waits_for_its_generation_before_asking_the_next():
     ops = DenseVectorOps(6)
-    cma = CMAES(ops, np.zeros(6, np.float32), popsize=3, sigma0=0.1, seed=0)
+    cma = CMAES(ops, np.zeros(6, np.float32), popsize=3, sigma0=0.1, rng_seed=0)
     asked = [cma.ask() for _ in range(3)]
     assert cma.ask() is None  # the generation is asked, none told yet
     assert len({a.genome.tobytes() for a in asked}) == 3 and [a.lineage.id for a in asked] == [0, 1, 2]

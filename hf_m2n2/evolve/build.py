@@ -69,7 +69,12 @@ def _cma_es(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
 
     options = config.cma or CMAOptions()
     return CMAES(
-        ops, initial[0], popsize=options.popsize, sigma0=options.sigma0, diagonal=options.diagonal, seed=seed
+        ops,
+        initial[0],
+        popsize=options.popsize,
+        sigma0=options.sigma0,
+        diagonal=options.diagonal,
+        rng_seed=seed,
     )
 
 
@@ -77,7 +82,7 @@ def _evomerge_ps(config, ops, initial, seed, mutation_std, groups, name) -> Stra
     from hf_m2n2.evolve.evomerge_ps import EvomergePS
 
     options = config.evomerge_ps or EvomergeOptions()
-    return EvomergePS(ops, popsize=options.popsize, sigma0=options.sigma0, x0=options.x0, seed=seed)
+    return EvomergePS(ops, popsize=options.popsize, sigma0=options.sigma0, x0=options.x0, rng_seed=seed)
 
 
 def _map_elites(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
@@ -94,7 +99,7 @@ def _map_elites(config, ops, initial, seed, mutation_std, groups, name) -> Strat
             bins=options.bins,
             split_point=config.split_point,
             mutation_std=mutation_std,
-            seed=seed,
+            rng_seed=seed,
         )
     except ValueError as exc:
         raise SpecError("evaluate.groups_callable", str(exc)) from None

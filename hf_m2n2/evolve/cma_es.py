@@ -49,7 +49,7 @@ class ReplayedCMA(BestSample):
         x0: the initial mean.
         sigma0: initial step size.
         popsize: samples per generation.
-        seed: seed of the sampling generator.
+        rng_seed: seed of the sampling generator.
         options: further `cma` options (e.g. `CMA_diagonal`).
     """
 
@@ -65,7 +65,7 @@ class ReplayedCMA(BestSample):
         *,
         sigma0: float,
         popsize: int,
-        seed: int | np.random.SeedSequence,
+        rng_seed: int | np.random.SeedSequence,
         options: dict[str, Any] | None = None,
     ):
         if popsize < 2:
@@ -77,7 +77,7 @@ class ReplayedCMA(BestSample):
         self.sigma0 = float(sigma0)
         self.popsize = int(popsize)
         self.options = dict(options or {})
-        self.initial_rng = rng_state(make_rng(seed))
+        self.initial_rng = rng_state(make_rng(rng_seed))
         self.es, self.rng = self._fresh_es()
         self.told: list[list[float]] = []  # f-values told to cma, one row per finished generation
         self.solutions: np.ndarray | None = None  # the current generation's samples
@@ -247,7 +247,7 @@ class CMAES(ReplayedCMA):
         popsize: samples per generation.
         sigma0: initial step size.
         diagonal: separable CMA-ES (diagonal covariance).
-        seed: seed of the sampling generator.
+        rng_seed: seed of the sampling generator.
     """
 
     name = "cma_es"
@@ -260,13 +260,13 @@ class CMAES(ReplayedCMA):
         popsize: int = 20,
         sigma0: float = 0.01,
         diagonal: bool = False,
-        seed: int | np.random.SeedSequence = 0,
+        rng_seed: int | np.random.SeedSequence = 0,
     ):
         super().__init__(
             ops,
             np.asarray(ops.to_state(x0), dtype=np.float64),
             sigma0=sigma0,
             popsize=popsize,
-            seed=seed,
+            rng_seed=rng_seed,
             options={"CMA_diagonal": bool(diagonal)},
         )

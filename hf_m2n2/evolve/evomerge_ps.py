@@ -45,7 +45,7 @@ class EvomergePS(ReplayedCMA):
         popsize: samples per generation (None: `default_popsize(n)`).
         sigma0: initial step size (1/6).
         x0: initial value of every coordinate (0.5).
-        seed: seed of the sampling generator.
+        rng_seed: seed of the sampling generator.
     """
 
     name = "evomerge_ps"
@@ -57,13 +57,13 @@ class EvomergePS(ReplayedCMA):
         popsize: int | None = None,
         sigma0: float = DEFAULT_SIGMA0,
         x0: float = DEFAULT_X0,
-        seed: int | np.random.SeedSequence = 0,
+        rng_seed: int | np.random.SeedSequence = 0,
     ):
         n = int(ops.size)
         if not 0.0 <= x0 <= 1.0:
             raise ValueError(f"x0 must lie in [0, 1], got {x0}")
         popsize = int(popsize) if popsize is not None else default_popsize(n)
-        super().__init__(ops, np.full(n, float(x0)), sigma0=sigma0, popsize=popsize, seed=seed)
+        super().__init__(ops, np.full(n, float(x0)), sigma0=sigma0, popsize=popsize, rng_seed=rng_seed)
 
     def genome_of(self, sample: np.ndarray) -> Any:
         """The projection of the sample onto [0, 1]^n (repair)."""

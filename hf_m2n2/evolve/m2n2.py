@@ -84,16 +84,16 @@ class M2N2:
 
     Args:
         ops: operations on the genomes.
-        seeds: the initial genomes, asked first (each enters the archive by the replacement rule).
+        initial: the initial genomes, asked first (each enters the archive by the replacement rule).
         config: the algorithm's settings.
-        seed: seed of the strategy's random generator (parent sampling, w, split points, mutation).
+        rng_seed: seed of the strategy's random generator (parent sampling, w, split points, mutation).
         name: reported name (`m2n2`, `ga`, ...).
 
     Example:
         >>> from hf_m2n2.genomes.dense import DenseVectorOps
         >>> ops = DenseVectorOps(8)
         >>> rng = np.random.default_rng(0)
-        >>> strategy = M2N2(ops, [ops.random(0.01, rng) for _ in range(2)], M2N2Config(archive_size=4), seed=0)
+        >>> strategy = M2N2(ops, [ops.random(0.01, rng) for _ in range(2)], M2N2Config(archive_size=4), rng_seed=0)
         >>> for _ in range(10):
         ...     candidate = strategy.ask()
         ...     strategy.tell(candidate, (candidate.genome[:4] > 0).astype(float))
@@ -104,25 +104,25 @@ class M2N2:
     def __init__(
         self,
         ops: GenomeOps,
-        seeds: list[Any],
+        initial: list[Any],
         config: M2N2Config,
-        seed: int | np.random.SeedSequence,
+        rng_seed: int | np.random.SeedSequence,
         name: str = "m2n2",
     ):
         if config.archive_size < 1:
             raise ValueError("archive_size must be at least 1")
-        if not seeds:
-            raise ValueError("M2N2 needs at least one seed genome")
+        if not initial:
+            raise ValueError("M2N2 needs at least one initial genome")
         self.ops = ops
         self.config = config
         self.name = name
-        self.rng = make_rng(seed)
+        self.rng = make_rng(rng_seed)
         size = config.archive_size
         self.genomes: list[Any] = [None] * size
         self.lineages: list[Lineage | None] = [None] * size
         self.occupied = np.zeros(size, dtype=bool)
         self.scores: np.ndarray | None = None  # (P, n) float64, allocated at the first tell
-        self.pending_seeds = list(seeds)
+        self.pending_seeds = list(initial)
         self.next_id = 0
         self.accepted = 0
         self.discarded = 0

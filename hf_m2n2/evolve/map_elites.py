@@ -32,12 +32,12 @@ class MapElites:
 
     Args:
         ops: operations on the genomes.
-        seeds: initial genomes, asked first.
+        initial: initial genomes, asked first.
         groups: per-example group ids 0..G-1 (shape (n,)); the grid has `bins ** G` cells.
         bins: cells per descriptor axis.
         split_point: crossover with a random split point (off: t = w everywhere).
         mutation_std: Gaussian noise added to every child (0: none).
-        seed: seed of the strategy's generator.
+        rng_seed: seed of the strategy's generator.
     """
 
     name = "map_elites"
@@ -45,13 +45,13 @@ class MapElites:
     def __init__(
         self,
         ops: GenomeOps,
-        seeds: list[Any],
+        initial: list[Any],
         groups: np.ndarray,
         *,
         bins: int = 10,
         split_point: bool = True,
         mutation_std: float = 0.0,
-        seed: int | np.random.SeedSequence = 0,
+        rng_seed: int | np.random.SeedSequence = 0,
     ):
         groups = np.asarray(groups)
         if groups.ndim != 1 or not groups.size or groups.min() < 0:
@@ -60,21 +60,21 @@ class MapElites:
         counts = np.bincount(groups, minlength=self.n_groups)
         if (counts == 0).any():
             raise ValueError(f"every group id in 0..{self.n_groups - 1} needs at least one example")
-        if not seeds:
-            raise ValueError("MAP-Elites needs at least one seed genome")
+        if not initial:
+            raise ValueError("MAP-Elites needs at least one initial genome")
         self.ops = ops
         self.bins = bins
         self.split_point = split_point
         self.mutation_std = mutation_std
         self.groups, self.counts = groups.astype(np.int64), counts
         cells = bins**self.n_groups
-        self.rng = make_rng(seed)
+        self.rng = make_rng(rng_seed)
         self.genomes: list[Any] = [None] * cells
         self.lineages: list[Lineage | None] = [None] * cells
         self.cell_scores: dict[int, np.ndarray] = {}
         self.quality = np.zeros(cells)
         self.occupied = np.zeros(cells, dtype=bool)
-        self.pending_seeds = list(seeds)
+        self.pending_seeds = list(initial)
         self.next_id = 0
 
     def cell_of(self, scores: np.ndarray) -> int:

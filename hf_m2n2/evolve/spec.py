@@ -168,7 +168,7 @@ def parse_evolve_spec(data: Any, *, source: str = "spec") -> EvolveSpec:
     if kind.uses_models and spec.models is None:
         raise SpecError("models", f"required by {kind.name} genomes (the seeds)")
     if not kind.uses_models and spec.models is not None:
-        raise SpecError("models", f"not used by {kind.name} genomes (their seeds are genome.seeds)")
+        raise SpecError("models", f"not used by {kind.name} genomes (their initial genomes are genome.seeds)")
     _check_evaluate(spec, kind)
     kind.check(spec)
     return spec

@@ -20,19 +20,19 @@ class Sweep(BestSample):
 
     Args:
         ops: operations on the genomes.
-        seeds: exactly two genomes (w = 0 gives the first, w = 1 the second).
+        initial: exactly two genomes (w = 0 gives the first, w = 1 the second).
         points: number of candidates (the budget).
     """
 
     name = "sweep"
 
-    def __init__(self, ops: GenomeOps, seeds: list[Any], points: int):
-        if len(seeds) != 2:
-            raise ValueError(f"the sweep needs exactly two seeds, got {len(seeds)}")
+    def __init__(self, ops: GenomeOps, initial: list[Any], points: int):
+        if len(initial) != 2:
+            raise ValueError(f"the sweep needs exactly two genomes, got {len(initial)}")
         if points < 1:
             raise ValueError("points must be at least 1")
         self.ops = ops
-        self.seeds = list(seeds)
+        self.ends = list(initial)
         self.points = points
         self.next_id = 0
         self.score_sum = 0.0
@@ -48,7 +48,7 @@ class Sweep(BestSample):
     def ask(self) -> Candidate:
         cid, self.next_id = self.next_id, self.next_id + 1
         w = self.ratio(cid)
-        genome = self.ops.crossover(self.seeds[0], self.seeds[1], w, self.ops.size)
+        genome = self.ops.crossover(self.ends[0], self.ends[1], w, self.ops.size)
         return Candidate(genome, Lineage(cid, "sweep", (), w, self.ops.size))
 
     def tell(self, candidate: Candidate, scores: np.ndarray) -> None:
@@ -64,7 +64,7 @@ class Sweep(BestSample):
     def state_dict(self) -> dict[str, Any]:
         return {
             "points": self.points,
-            "seeds": [self.ops.to_state(g) for g in self.seeds],
+            "seeds": [self.ops.to_state(g) for g in self.ends],  # the key of earlier checkpoints
             "next_id": self.next_id,
             "score_sum": self.score_sum,
             "told": self.told,
@@ -76,7 +76,7 @@ class Sweep(BestSample):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["points"] != self.points:
             raise ValueError("the checkpoint was written with a different number of sweep points")
-        self.seeds = [self.ops.from_state(g) for g in state["seeds"]]
+        self.ends = [self.ops.from_state(g) for g in state["seeds"]]
         self.next_id = int(state["next_id"])
         self.score_sum = float(state["score_sum"])
         self.told = int(state["told"])
