@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+NO_RUN = False
 TIMING_KEYS = {"timing", "elapsed_s", "wall_time_s", "passes_per_s"}
 MERGE_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic")
 SPECIALIST_SPECS = (
@@ -63,15 +64,19 @@ def file_digest(path: Path) -> str:
     if path.suffix == ".json":
         data = json.loads(path.read_text().replace(str(ROOT), "<ROOT>"))
         return hashlib.sha256(json.dumps(_drop_timing(data), sort_keys=True).encode()).hexdigest()[:16]
-    if path.suffix == ".npz" and path.name != "gram.npz":
+    if path.suffix == ".npz":
         import numpy as np
 
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode().replace(str(ROOT), "<ROOT>"))
-        digest = hashlib.sha256(json.dumps(_drop_timing(meta), sort_keys=True).encode())
+        digest = hashlib.sha256()
+        if "__meta__" in arrays:  # a checkpoint or archive: a JSON tree and its arrays
+            meta = json.loads(arrays.pop("__meta__").tobytes().decode().replace(str(ROOT), "<ROOT>"))
+            digest.update(json.dumps(_drop_timing(meta), sort_keys=True).encode())
         for key in sorted(arrays):
-            digest.update(key.encode() + arrays[key].tobytes() + str(arrays[key].dtype).encode())
+            value = arrays[key]
+            raw = str(value).replace(str(ROOT), "<ROOT>").encode() if value.dtype.kind == "U" else value.tobytes()
+            digest.update(key.encode() + raw + str(value.dtype).encode())
         return digest.hexdigest()[:16]
     return hashlib.sha256(path.read_bytes().replace(str(ROOT).encode(), b"<ROOT>")).hexdigest()[:16]
 
@@ -84,12 +89,16 @@ def tree_digests(root: Path, prefix: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], **kwargs) -> None:
+    if NO_RUN:
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, **kwargs)
 
 
 def short_copy(spec: Path, budget: int) -> Path:
     """The spec with a smaller budget, next to it (relative paths keep resolving)."""
+    if NO_RUN:
+        return spec
     text = re.sub(r"budget: \d+", f"budget: {budget}", spec.read_text())
     copy = spec.with_name(f".fingerprint-{spec.name}")
     copy.write_text(text)
@@ -101,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="manifest to write (JSON)")
     parser.add_argument("--compare", type=Path, help="an earlier manifest: print what differs, exit 1 if any")
     parser.add_argument("--skip", default="", help="comma-separated groups to skip: merge,specialists,digits")
+    parser.add_argument("--no-run", action="store_true", help="hash the outputs already in out/fingerprint")
     args = parser.parse_args(argv)
+    global NO_RUN
+    NO_RUN = args.no_run
     skip = set(filter(None, args.skip.split(",")))
     work = ROOT / "out" / "fingerprint"
     work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 run([*cli, "evolve", str(copy), "--out", str(out), "--overwrite", "-q"])
             finally:
                 if copy != spec:
-                    copy.unlink()
+                    copy.unlink(missing_ok=True)
             manifest.update(tree_digests(out, f"specialists/{out.name}"))
         demo = work / "specialists" / "spec"
         run([*cli, "export", str(demo), str(work / "exported"), "--overwrite", "-q"])
@@ -163,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run([*cli, "evolve", str(copy), "--out", str(out), "--overwrite", "-q"])
             finally:
-                copy.unlink()
+                if not NO_RUN:
+                    copy.unlink()
             manifest.update(tree_digests(out, f"digits/{out.name}"))
 
     args.out.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -27,16 +27,12 @@ if [[ -n ${PREPARE:-} ]]; then
 fi
 mkdir -p "$work"
 result="$work/result"
-$hf_m2n2 validate "$spec" --quiet
-kind=$(python3 - "$spec" <<'PY'
-import sys
-
-import yaml
-
-data = yaml.safe_load(open(sys.argv[1]))
-print("evolve" if isinstance(data, dict) and ("evolve" in data or "genome" in data) else "merge")
-PY
-)
+# validate tells an evolve spec from a merge spec by the package's one rule (hf_m2n2.spec.is_evolve_spec)
+summary=$($hf_m2n2 validate "$spec")
+kind=merge
+if [[ $summary == *" evolve spec ("* ]]; then
+  kind=evolve
+fi
 if [[ $kind == evolve ]]; then
   $hf_m2n2 evolve "$spec" --out "$result" --overwrite --push "$repo_id" "${private[@]}"
   model="$result/model"

@@ -421,7 +421,6 @@ class MethodKind(GenomeKind):
             seeds=seeds,
             seed_genomes=ops.seed_genomes(),
             cache_scores=True,
-            timed=True,
         )
 
     def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:
