@@ -1,6 +1,6 @@
 """A Python fitness for causal LMs: per-example likelihood of fixed token sequences (no dataset, no lm-eval).
 
-`evaluate: {kind: python, callable: "hf_m2n2.tasks.likelihood:token_likelihood", kwargs: {sequences: [...]}}`
+`evaluate: {kind: python, callable: "hf_m2n2.demo.tasks.likelihood:token_likelihood", kwargs: {sequences: [...]}}`
 scores each sequence by exp(-mean next-token negative log-likelihood), a number in (0, 1].
 """
 

@@ -1,8 +1,8 @@
 """Tiny specialists: an offline, deterministic demo of merging two skills into one model.
 
 `build_specialists(ROOT)` trains, on one CPU thread, a small Llama-architecture base with the byte-level tokenizer of
-`hf_m2n2.toy`, then two specialists fine-tuned from it on two synthetic skills, and writes lm-eval custom tasks for
-each skill with a fitness split and a separate held-out test split:
+`hf_m2n2.demo.toy`, then two specialists fine-tuned from it on two synthetic skills, and writes lm-eval custom tasks
+for each skill with a fitness split and a separate held-out test split:
 
 - `add`: two-digit addition, `"37+48="` -> `"85"`;
 - `rev`: reverse a lowercase word and uppercase it, `"merge="` -> `"EGREM"`.
@@ -20,7 +20,7 @@ ROOT/tasks/*.yaml                     lm-eval tasks specialists_{add,rev}_{fit,t
 ROOT/tasks/data/*.jsonl               {"prompt": ..., "answer": ...} per line
 ```
 
-Command line: `python -m hf_m2n2.specialists ROOT [--report]`.
+Command line: `python -m hf_m2n2.demo.specialists ROOT [--report]` (or the old `python -m hf_m2n2.specialists`).
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def _build_base(config: SpecialistsConfig, out: Path, excluded: set[str]) -> Non
     import torch
     from transformers import LlamaForCausalLM
 
-    from hf_m2n2.toy import byte_tokenizer, tiny_llama_config
+    from hf_m2n2.demo.toy import byte_tokenizer, tiny_llama_config
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(config.seed)
@@ -557,7 +557,10 @@ def _config_from(overrides: Sequence[str], parser: argparse.ArgumentParser) -> S
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m hf_m2n2.specialists ROOT [--report] [--param NAME=VALUE ...]`: build (or reuse) into ROOT."""
+    """`python -m hf_m2n2.demo.specialists ROOT [--report] [--param NAME=VALUE ...]`: build (or reuse) into ROOT.
+
+    The old `python -m hf_m2n2.specialists` runs this too (hence `prog`, kept as it was).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m hf_m2n2.specialists", description="Build the tiny specialists demo offline (cached)."
     )

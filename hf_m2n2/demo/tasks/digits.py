@@ -6,7 +6,7 @@ out as `W1 (64x256, row-major), b1 (256), W2 (256x10, row-major), b2 (10)`. A ca
 1 when it classifies that training image correctly.
 
 The functions here are the Python fitness that `hf-m2n2 evolve` calls (`evaluate: {kind: python, callable:
-hf_m2n2.tasks.digits:train_scores, ...}`); each takes the candidate's parameter vector.
+hf_m2n2.demo.tasks.digits:train_scores, ...}`); each takes the candidate's parameter vector.
 
 Example:
     >>> import torch
