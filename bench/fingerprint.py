@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest: dict[str, str] = {}
 
     if "merge" not in skip:
-        run([py, "-m", "hf_m2n2.toy", "out/seeds"])
+        run([py, "-m", "hf_m2n2.demo.toy", "out/seeds"])
         run([*cli, "merge", "examples/tiny_merge/spec.yaml", str(work / "tiny-merged"), "--overwrite", "-q"])
         manifest.update(tree_digests(work / "tiny-merged", "merge/tiny_merge"))
         sys.path.insert(0, str(ROOT / "bench"))
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest.update(tree_digests(out, f"merge/{method}"))
 
     if "specialists" not in skip:
-        run([py, "-m", "hf_m2n2.specialists", "examples/specialists/build"])
+        run([py, "-m", "hf_m2n2.demo.specialists", "examples/specialists/build"])
         for name in SPECIALIST_SPECS:
             spec = ROOT / "examples/specialists" / name
             copy = spec if name == "spec.yaml" else short_copy(spec, 16)

@@ -754,7 +754,7 @@ def _session(request: gr.Request | None) -> str:
 
 
 def _build_specialists(settings: _Settings) -> Any:
-    from hf_m2n2.specialists import build_specialists
+    from hf_m2n2.demo.specialists import build_specialists
 
     with settings.build_lock:
         return build_specialists(settings.specialists_dir, settings.specialists_config, log=log.info)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_m2n2.demo.tasks import digits
 from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evolve.build import build_run
 from hf_m2n2.evolve.checkpoint import load_state, save_state
@@ -15,18 +16,17 @@ from hf_m2n2.evolve.cma_es import CMAES
 from hf_m2n2.evolve.config import parse_evolve_spec
 from hf_m2n2.evolve.genome import DenseVectorOps
 from hf_m2n2.evolve.loop import LoopSettings, run_loop
-from hf_m2n2.tasks import digits
 
 torch.set_num_threads(1)
 
 EVALUATE = {
     "kind": "python",
-    "callable": "hf_m2n2.tasks.digits:train_scores",
-    "test_callable": "hf_m2n2.tasks.digits:test_accuracy",
-    "groups_callable": "hf_m2n2.tasks.digits:parity_groups",
+    "callable": "hf_m2n2.demo.tasks.digits:train_scores",
+    "test_callable": "hf_m2n2.demo.tasks.digits:test_accuracy",
+    "groups_callable": "hf_m2n2.demo.tasks.digits:parity_groups",
 }
 RANDOM_SEEDS = {"kind": "random", "count": 2, "std": 0.01}
-PRETRAINED_SEEDS = {"kind": "python", "callable": "hf_m2n2.tasks.digits:pretrained_seeds"}
+PRETRAINED_SEEDS = {"kind": "python", "callable": "hf_m2n2.demo.tasks.digits:pretrained_seeds"}
 
 
 def test_split_model_and_scores():
