@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         from synthetic import build_synthetic_llama
 
         models = build_synthetic_llama(
-            work / "synthetic", hidden=128, intermediate=344, layers=2, vocab=512, shard_bytes=400_000,
+            work / "synthetic",
+            hidden=128,
+            intermediate=344,
+            layers=2,
+            vocab=512,
+            shard_bytes=400_000,
             verbose=False,
         )
         for method in MERGE_METHODS:
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         demo = work / "specialists" / "spec"
         run([*cli, "export", str(demo), str(work / "exported"), "--overwrite", "-q"])
         manifest.update(tree_digests(work / "exported", "specialists/export"))
-        run([*cli, "rebuild", str(demo / "model" / "recipe.json"), str(work / "rebuilt"), "--overwrite", "-q"])
+        run(
+            [*cli, "rebuild", str(demo / "model" / "recipe.json"), str(work / "rebuilt"), "--overwrite", "-q"]
+        )
         manifest.update(tree_digests(work / "rebuilt", "specialists/rebuild"))
         evomerge = work / "specialists" / "compare-evomerge_ps"
         run([*cli, "export", str(evomerge), str(work / "exported-ps"), "--overwrite", "-q"])
