@@ -16,12 +16,12 @@ $(STAMP):
 
 # The main job: build the tiny specialists offline (cached), evolve a merge with M2N2, print the held-out report.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.specialists examples/specialists/build
+	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.demo.specialists examples/specialists/build
 	OMP_NUM_THREADS=1 $(VENV)/bin/hf-m2n2 evolve examples/specialists/spec.yaml --out out/specialists --overwrite
 
 # A static mergekit-style merge of tiny seeds, loaded back with transformers.
 merge-demo: $(STAMP)
-	$(PY) -m hf_m2n2.toy out/seeds
+	$(PY) -m hf_m2n2.demo.toy out/seeds
 	$(VENV)/bin/hf-m2n2 merge examples/tiny_merge/spec.yaml out/tiny-merged --overwrite
 	$(PY) examples/tiny_merge/check.py out/tiny-merged
 

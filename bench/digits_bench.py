@@ -8,7 +8,7 @@ What it measures, and how (one torch thread, one BLAS thread, as `hf-m2n2 evolve
   two matmuls; bias, ReLU and argmax not counted) at the better of the two measured rates (the strictest bound;
   the 1024^3 rate swings with the other jobs on a shared machine, the small first-layer shape much less). The
   ratio against the bound at the 1024^3 sgemm rate alone (the issue's "measured fp32 matmul rate") is printed too.
-* Evaluation floor: B x the time of one bare evaluation (`hf_m2n2.tasks.digits.train_scores` on a fixed vector,
+* Evaluation floor: B x the time of one bare evaluation (`hf_m2n2.demo.tasks.digits.train_scores` on a fixed vector,
   best of 5 timings of 500 calls): what the forward passes alone cost, with the skinny second layer, ReLU and
   argmax included.
 * The runs: `examples/digits/scratch/m2n2.yaml` (50,000 passes, mutation) and
@@ -59,7 +59,7 @@ def _best_time(fn, calls: int, repeats: int = 5) -> float:
 
 def matmul_rates() -> dict[str, float]:
     """GFLOP/s of a 1024^3 sgemm and of the first layer's shape, one thread."""
-    from hf_m2n2.tasks import digits
+    from hf_m2n2.demo.tasks import digits
 
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(1024, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
@@ -71,7 +71,7 @@ def matmul_rates() -> dict[str, float]:
 
 
 def forward_flops() -> int:
-    from hf_m2n2.tasks import digits
+    from hf_m2n2.demo.tasks import digits
 
     n = digits.load_data().x_train.shape[0]
     return 2 * n * (digits.INPUT_DIM * digits.HIDDEN_DIM + digits.HIDDEN_DIM * digits.OUTPUT_DIM)
@@ -79,7 +79,7 @@ def forward_flops() -> int:
 
 def evaluation_time() -> float:
     """Seconds per bare evaluation of one candidate on the training set."""
-    from hf_m2n2.tasks import digits
+    from hf_m2n2.demo.tasks import digits
 
     params = torch.randn(digits.NUM_PARAMS, generator=torch.Generator().manual_seed(1)) * 0.01
     return _best_time(lambda: digits.train_scores(params), 500)

@@ -75,7 +75,11 @@ def file_digest(path: Path) -> str:
             digest.update(json.dumps(_drop_timing(meta), sort_keys=True).encode())
         for key in sorted(arrays):
             value = arrays[key]
-            raw = str(value).replace(str(ROOT), "<ROOT>").encode() if value.dtype.kind == "U" else value.tobytes()
+            raw = (
+                str(value).replace(str(ROOT), "<ROOT>").encode()
+                if value.dtype.kind == "U"
+                else value.tobytes()
+            )
             digest.update(key.encode() + raw + str(value.dtype).encode())
         return digest.hexdigest()[:16]
     return hashlib.sha256(path.read_bytes().replace(str(ROOT).encode(), b"<ROOT>")).hexdigest()[:16]
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest: dict[str, str] = {}
 
     if "merge" not in skip:
-        run([py, "-m", "hf_m2n2.toy", "out/seeds"])
+        run([py, "-m", "hf_m2n2.demo.toy", "out/seeds"])
         run([*cli, "merge", "examples/tiny_merge/spec.yaml", str(work / "tiny-merged"), "--overwrite", "-q"])
         manifest.update(tree_digests(work / "tiny-merged", "merge/tiny_merge"))
         sys.path.insert(0, str(ROOT / "bench"))
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest.update(tree_digests(out, f"merge/{method}"))
 
     if "specialists" not in skip:
-        run([py, "-m", "hf_m2n2.specialists", "examples/specialists/build"])
+        run([py, "-m", "hf_m2n2.demo.specialists", "examples/specialists/build"])
         for name in SPECIALIST_SPECS:
             spec = ROOT / "examples/specialists" / name
             copy = spec if name == "spec.yaml" else short_copy(spec, 16)

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from hf_m2n2.toy import build_tiny_llama  # noqa: E402
+from hf_m2n2.demo.toy import build_tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)
 

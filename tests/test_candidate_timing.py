@@ -52,7 +52,7 @@ def test_model_run_writes_timing_json(seeds, tmp_path):
         "evolve": {"algorithm": "m2n2", "budget": 4, "seed": 1, "log_every": 2},
         "evaluate": {
             "kind": "python",
-            "callable": "hf_m2n2.tasks.likelihood:token_likelihood",
+            "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
             "kwargs": {"sequences": [[1, 40, 41, 42, 2], [1, 50, 51, 52, 2]]},
         },
     }

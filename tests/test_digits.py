@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_m2n2.demo.tasks import digits
 from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evolve.build import build_run
 from hf_m2n2.evolve.checkpoint import load_state, save_state
@@ -15,18 +16,17 @@ from hf_m2n2.evolve.cma_es import CMAES
 from hf_m2n2.evolve.loop import LoopSettings, run_loop
 from hf_m2n2.evolve.spec import parse_evolve_spec
 from hf_m2n2.genomes.dense import DenseVectorOps
-from hf_m2n2.tasks import digits
 
 torch.set_num_threads(1)
 
 EVALUATE = {
     "kind": "python",
-    "callable": "hf_m2n2.tasks.digits:train_scores",
-    "test_callable": "hf_m2n2.tasks.digits:test_accuracy",
-    "groups_callable": "hf_m2n2.tasks.digits:parity_groups",
+    "callable": "hf_m2n2.demo.tasks.digits:train_scores",
+    "test_callable": "hf_m2n2.demo.tasks.digits:test_accuracy",
+    "groups_callable": "hf_m2n2.demo.tasks.digits:parity_groups",
 }
 RANDOM_SEEDS = {"kind": "random", "count": 2, "std": 0.01}
-PRETRAINED_SEEDS = {"kind": "python", "callable": "hf_m2n2.tasks.digits:pretrained_seeds"}
+PRETRAINED_SEEDS = {"kind": "python", "callable": "hf_m2n2.demo.tasks.digits:pretrained_seeds"}
 
 
 def test_split_model_and_scores():
@@ -135,3 +135,26 @@ def test_cma_es_resumes_identically_from_a_checkpoint_without_pickle(tmp_path, d
         CMAES(ops, x0, popsize=6, sigma0=0.3, diagonal=diagonal, rng_seed=1).load_state_dict(
             {**saved, "format": 1}
         )
+
+
+def test_old_module_paths_are_aliases_of_the_demo_package():
+    """Specs and commands naming the paths from before `hf_m2n2.demo` get the very same objects (one module state)."""
+    import hf_m2n2.specialists
+    import hf_m2n2.tasks.digits
+    import hf_m2n2.tasks.likelihood
+    import hf_m2n2.toy
+    from hf_m2n2.demo import specialists, toy
+    from hf_m2n2.demo.tasks import likelihood
+    from hf_m2n2.evaluate.python import resolve_callable
+
+    assert hf_m2n2.tasks.digits.train_scores is digits.train_scores
+    assert hf_m2n2.tasks.digits.load_data is digits.load_data  # one lru_cache, not a second copy
+    assert resolve_callable("hf_m2n2.tasks.digits:train_scores", "x") is digits.train_scores
+    assert resolve_callable("hf_m2n2.tasks.digits:pretrained_seeds", "x") is digits.pretrained_seeds
+    for old, new in [
+        (hf_m2n2.tasks.digits, digits),
+        (hf_m2n2.tasks.likelihood, likelihood),
+        (hf_m2n2.specialists, specialists),
+        (hf_m2n2.toy, toy),
+    ]:
+        assert old.__all__ and all(getattr(old, name) is getattr(new, name) for name in old.__all__)

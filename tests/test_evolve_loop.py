@@ -22,8 +22,8 @@ torch.set_num_threads(1)
 
 DIGITS_EVAL = {
     "kind": "python",
-    "callable": "hf_m2n2.tasks.digits:train_scores",
-    "test_callable": "hf_m2n2.tasks.digits:test_accuracy",
+    "callable": "hf_m2n2.demo.tasks.digits:train_scores",
+    "test_callable": "hf_m2n2.demo.tasks.digits:test_accuracy",
 }
 
 

@@ -17,8 +17,8 @@ SEQUENCES = [[1, 40 + i, 41 + i, 42 + i, 43 + i, 2] for i in range(6)]
 # Per-example fitness: each sequence's token likelihood under the candidate (a Python evaluator, no lm-eval).
 LIKELIHOOD_EVALUATE = {
     "kind": "python",
-    "callable": "hf_m2n2.tasks.likelihood:token_likelihood",
-    "test_callable": "hf_m2n2.tasks.likelihood:mean_likelihood",
+    "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
+    "test_callable": "hf_m2n2.demo.tasks.likelihood:mean_likelihood",
     "kwargs": {"sequences": SEQUENCES},
 }
 HELD_OUT = [[1, 90 + i, 91 + i, 92 + i, 2] for i in range(3)]

@@ -334,7 +334,7 @@ def test_algorithm_and_genome_must_match(seeds, write_spec):
     dense = {
         "genome": {"kind": "dense", "size": 10},
         "evolve": {"algorithm": "evomerge_ps", "budget": 4},
-        "evaluate": {"kind": "python", "callable": "hf_m2n2.tasks.digits:train_scores"},
+        "evaluate": {"kind": "python", "callable": "hf_m2n2.demo.tasks.digits:train_scores"},
     }
     with pytest.raises(SpecError, match="evolve.algorithm: evomerge_ps evolves merge-method parameters"):
         parse_evolve_spec(dense)

@@ -23,7 +23,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import load_file
 
-from hf_m2n2.toy import build_tiny_llama
+from hf_m2n2.demo.toy import build_tiny_llama
 
 ALICE, BOB = (next(t for t, user in TEST_TOKENS.items() if user == name) for name in ("alice", "bob"))
 REPO = "alice/tiny"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from hf_m2n2.demo.specialists import SpecialistsConfig, build_specialists
 from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate.lm_eval import LmEvalConfig, LmEvalEvaluator, check_lm_eval_config
-from hf_m2n2.specialists import SpecialistsConfig, build_specialists
 
 # Same parameters and folder as test_specialists.py's reduced build: whichever file runs first builds it.
 SMALL = SpecialistsConfig(base_steps=200, finetune_steps=100, finetune_lr=3e-3, fitness_size=20, test_size=40)

@@ -23,7 +23,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from hf_m2n2 import app as app_module  # noqa: E402
-from hf_m2n2.specialists import MARKER, SKILLS, SpecialistsConfig, build_specialists  # noqa: E402
+from hf_m2n2.demo.specialists import MARKER, SKILLS, SpecialistsConfig, build_specialists  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own pandas deprecations
 
@@ -106,7 +106,7 @@ def _check_scores(rows: list[dict], tasks: int) -> None:
 
 def test_core_does_not_import_gradio():
     code = (
-        "import sys, hf_m2n2, hf_m2n2.cli, hf_m2n2.merge, hf_m2n2.evolve.runs, hf_m2n2.specialists; "
+        "import sys, hf_m2n2, hf_m2n2.cli, hf_m2n2.merge, hf_m2n2.evolve.runs, hf_m2n2.demo.specialists; "
         "sys.exit('gradio' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

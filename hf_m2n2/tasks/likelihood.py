@@ -1,34 +1,5 @@
-"""A Python fitness for causal LMs: per-example likelihood of fixed token sequences (no dataset, no lm-eval).
+"""Old path of `hf_m2n2.demo.tasks.likelihood`, kept for specs naming `hf_m2n2.tasks.likelihood:...`."""
 
-`evaluate: {kind: python, callable: "hf_m2n2.tasks.likelihood:token_likelihood", kwargs: {sequences: [...]}}`
-scores each sequence by exp(-mean next-token negative log-likelihood), a number in (0, 1].
-"""
+from hf_m2n2.demo.tasks.likelihood import mean_likelihood, token_likelihood
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-
-import numpy as np
-
-
-def token_likelihood(model, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-    """exp(-mean NLL) of each token sequence under `model` (a causal LM), one score per sequence.
-
-    Example:
-        >>> token_likelihood(model, [[1, 5, 6, 7], [1, 9, 9]])  # doctest: +SKIP
-        array([0.0042, 0.0039])
-    """
-    import torch
-
-    scores = []
-    with torch.no_grad():
-        for seq in sequences:
-            ids = torch.tensor([list(seq)], device=next(model.parameters()).device)
-            loss = model(input_ids=ids, labels=ids).loss
-            scores.append(float(torch.exp(-loss)))
-    return np.array(scores)
-
-
-def mean_likelihood(model, sequences: Sequence[Sequence[int]]) -> float:
-    """The mean of `token_likelihood` (a held-out figure for logs)."""
-    return float(token_likelihood(model, sequences).mean())
+__all__ = ["mean_likelihood", "token_likelihood"]

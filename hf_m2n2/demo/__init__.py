@@ -1,0 +1,6 @@
+"""The offline demos' builders: the tiny specialists (`specialists`), the toy seeds (`toy`) and the Python fitness
+tasks (`tasks.digits`, `tasks.likelihood`).
+
+Nothing in the library imports this package, except the app (the bundled specialists) and the specs that name its
+callables. The old paths (`hf_m2n2.specialists`, `hf_m2n2.toy`, `hf_m2n2.tasks.*`) stay as aliases of these modules.
+"""
