@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import threading
@@ -33,6 +34,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype."""
+    return math.prod(shape) * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
@@ -42,10 +48,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 class Checkpoint:

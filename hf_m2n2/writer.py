@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hf_m2n2.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
+from hf_m2n2.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, tensor_nbytes
 from hf_m2n2.errors import OutputError
 
 _ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -36,10 +36,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @dataclass

@@ -128,7 +128,7 @@ def test_a_new_genome_kind_is_one_registration(tmp_path):
     from hf_m2n2.evolve.runs import start_runs
     from hf_m2n2.evolve.spec import parse_evolve_spec
     from hf_m2n2.genomes import GenomeKind, GenomeRun, register_genome_kind
-    from hf_m2n2.genomes.base import _KINDS
+    from hf_m2n2.genomes.base import GENOME_KINDS
     from hf_m2n2.genomes.dense import DenseTarget, DenseVectorOps
     from hf_m2n2.spec import StrictModel
 
@@ -162,7 +162,7 @@ def test_a_new_genome_kind_is_one_registration(tmp_path):
         [summary] = start_runs(tmp_path / "spec.yaml", tmp_path / "run", progress=False)
         assert summary["best_train"] == 1.0  # w = 0: the constant seed itself, |1| per example
     finally:
-        _KINDS.pop("constant")
+        GENOME_KINDS.remove("constant")
 
 
 def test_an_evaluate_list_concatenates_its_parts_with_weights(tmp_path):
@@ -191,3 +191,46 @@ def test_an_evaluate_list_concatenates_its_parts_with_weights(tmp_path):
     genome = np.abs(member["genome"].astype(np.float64))
     expected = np.concatenate([genome, genome**2, genome**2])
     np.testing.assert_allclose(member["scores"], expected, rtol=1e-6)
+
+
+def test_a_new_evaluator_kind_is_one_registration(tmp_path):
+    """An evaluator registered from outside the package is an `evaluate:` part like the built-in ones."""
+    from typing import Literal
+
+    from hf_m2n2.evaluate import EvaluatorConfig, Report, register_evaluator
+    from hf_m2n2.evaluate.base import EVALUATOR_KINDS
+    from hf_m2n2.evolve.runs import start_runs
+
+    class CountConfig(EvaluatorConfig):
+        kind: Literal["count_positive"]
+
+    class CountPositive:
+        def scores(self, model):
+            return (model > 0).numpy().astype(np.float64)
+
+        def test_score(self, model):
+            return None
+
+        def example_groups(self):
+            return None
+
+        def report(self, model):
+            return Report({"positive": float(self.scores(model).mean())})
+
+    register_evaluator("count_positive", CountConfig, lambda config, context: CountPositive())
+    try:
+        spec = {
+            "genome": {"kind": "dense", "size": 5, "seeds": {"kind": "random", "count": 2}},
+            "evolve": {"algorithm": "sweep", "budget": 2, "log_every": 1},
+            "evaluate": [{"kind": "count_positive"}, {"kind": "python", "callable": "torch:abs"}],
+        }
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        [summary] = start_runs(tmp_path / "spec.yaml", tmp_path / "run", progress=False)
+        assert summary["forward_passes"] == 2 and summary["failures"] == 0
+        from hf_m2n2.evolve.loop import load_archive
+
+        [member] = load_archive(tmp_path / "run")["members"]
+        genome = member["genome"].astype(np.float64)
+        np.testing.assert_allclose(member["scores"], np.concatenate([genome > 0, np.abs(genome)]), rtol=1e-6)
+    finally:
+        EVALUATOR_KINDS.remove("count_positive")

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from hf_m2n2.errors import EvaluationError, SpecError
+from hf_m2n2.registry import Registry
 from hf_m2n2.spec import StrictModel
 
 __all__ = [
@@ -128,7 +129,7 @@ class EvaluatorKind:
     needs_target: bool = False
 
 
-_KINDS: dict[str, EvaluatorKind] = {}
+EVALUATOR_KINDS = Registry[EvaluatorKind]("evaluator kind", "evaluate.kind")
 
 
 def register_evaluator(
@@ -154,25 +155,17 @@ def register_evaluator(
     Example:
         >>> register_evaluator("python", PythonEvaluateConfig, build_python_evaluator)  # doctest: +SKIP
     """
-    entry = EvaluatorKind(kind, config, factory, offline_check, needs_target)
-    _KINDS[kind] = entry
-    return entry
+    return EVALUATOR_KINDS.add(kind, EvaluatorKind(kind, config, factory, offline_check, needs_target))
 
 
 def evaluator_kind(kind: str) -> EvaluatorKind:
-    """The registered entry of `kind`.
-
-    Raises:
-        SpecError: no such kind (naming `evaluate.kind`).
-    """
-    if kind not in _KINDS:
-        raise SpecError("evaluate.kind", f"unknown evaluator kind {kind!r} (known: {', '.join(_KINDS)})")
-    return _KINDS[kind]
+    """The registered entry of `kind` (SpecError naming `evaluate.kind` if none)."""
+    return EVALUATOR_KINDS.get(kind)
 
 
 def evaluator_kinds() -> dict[str, EvaluatorKind]:
     """Every registered kind, by name, in registration order."""
-    return dict(_KINDS)
+    return EVALUATOR_KINDS.all()
 
 
 def check_scores(raw: Any, n_examples: int | None) -> np.ndarray:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate.base import EvaluationContext
+from hf_m2n2.registry import Registry
 
 G = TypeVar("G")
 SlerpScope = Literal["global", "segment"]
@@ -131,7 +132,7 @@ class GenomeKind:
         return None
 
 
-_KINDS: dict[str, GenomeKind] = {}
+GENOME_KINDS = Registry[GenomeKind]("genome kind", "genome.kind")
 
 
 def register_genome_kind(kind: GenomeKind) -> GenomeKind:
@@ -140,30 +141,23 @@ def register_genome_kind(kind: GenomeKind) -> GenomeKind:
     Example:
         >>> register_genome_kind(DenseKind())  # doctest: +SKIP
     """
-    _KINDS[kind.name] = kind
-    return kind
+    return GENOME_KINDS.add(kind.name, kind)
 
 
 def genome_kind(name: str) -> GenomeKind:
-    """The registered kind called `name`.
-
-    Raises:
-        SpecError: no such kind (naming `genome.kind`).
-    """
-    if name not in _KINDS:
-        raise SpecError("genome.kind", f"unknown genome kind {name!r} (known: {', '.join(_KINDS)})")
-    return _KINDS[name]
+    """The registered kind called `name` (SpecError naming `genome.kind` if none)."""
+    return GENOME_KINDS.get(name)
 
 
 def genome_kinds() -> dict[str, GenomeKind]:
     """Every registered kind, by name, in registration order."""
-    return dict(_KINDS)
+    return GENOME_KINDS.all()
 
 
 def default_genome_kind(uses_models: bool) -> str:
     """The kind a `genome:` section without `kind:` gets: the first registered one that takes (or refuses)
     `models:` as the spec does (blend with models, dense without)."""
-    return next(k.name for k in _KINDS.values() if k.uses_models == uses_models)
+    return next(k.name for k in GENOME_KINDS.all().values() if k.uses_models == uses_models)
 
 
 def check_algorithm(kind: GenomeKind, algorithm: str, describe: dict[str, str]) -> None:
@@ -184,7 +178,7 @@ def check_algorithm(kind: GenomeKind, algorithm: str, describe: dict[str, str]) 
             "evolve.algorithm", f"a {kind.name} genome is evolved by {kind.algorithms[0]}, not {algorithm}"
         )
     what = f"{algorithm} {describe.get(algorithm, 'is not available')}"
-    owners = [k for k in _KINDS.values() if algorithm in k.algorithms]
+    owners = [k for k in GENOME_KINDS.all().values() if algorithm in k.algorithms]
     same_shape = [k for k in owners if k.uses_models == kind.uses_models]
     if same_shape:
         raise SpecError("genome.kind", f"{what}: use genome: {{kind: {same_shape[0].name}, ...}}")

@@ -19,8 +19,9 @@ import torch
 
 from hf_m2n2.architectures import Architecture
 from hf_m2n2.checkpoint import Checkpoint
-from hf_m2n2.errors import CheckpointError, HfM2n2Error
+from hf_m2n2.errors import CheckpointError
 from hf_m2n2.hub import ResolvedModel
+from hf_m2n2.registry import Registry
 
 
 @dataclass
@@ -105,25 +106,22 @@ class ModelKind:
         raise NotImplementedError
 
 
-_KINDS: dict[str, ModelKind] = {}
+MODEL_KINDS = Registry[ModelKind]("model kind", "kind")
 
 
 def register_model_kind(kind: ModelKind) -> ModelKind:
     """Register a model kind (replacing one of the same name); kinds are tried in registration order."""
-    _KINDS[kind.name] = kind
-    return kind
+    return MODEL_KINDS.add(kind.name, kind)
 
 
 def model_kinds() -> dict[str, ModelKind]:
     """Every registered kind, by name, in registration order."""
-    return dict(_KINDS)
+    return MODEL_KINDS.all()
 
 
 def model_kind(name: str) -> ModelKind:
     """The registered kind called `name`."""
-    if name not in _KINDS:
-        raise HfM2n2Error(f"unknown model kind {name!r} (known: {', '.join(_KINDS)})")
-    return _KINDS[name]
+    return MODEL_KINDS.get(name)
 
 
 def kind_of_directory(directory: Path) -> ModelKind:
@@ -132,7 +130,7 @@ def kind_of_directory(directory: Path) -> ModelKind:
     Raises:
         CheckpointError: no kind does.
     """
-    for kind in _KINDS.values():
+    for kind in MODEL_KINDS.all().values():
         if kind.recognizes(directory):
             return kind
-    raise CheckpointError(f"{directory}: not a model of a known kind ({', '.join(_KINDS)})")
+    raise CheckpointError(f"{directory}: not a model of a known kind ({', '.join(MODEL_KINDS.all())})")
