@@ -255,7 +255,7 @@ class BlendTarget:
 
         self._last_written = None
         with torch.no_grad():
-            materialize(self.layout.tensors, compute, self.live, workers=1)
+            materialize(self.layout.tensors, compute, self.live, workers=1, recycle_heap=False)
         self._last_written = x
         return self.live.model
 

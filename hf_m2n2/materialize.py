@@ -300,6 +300,19 @@ def _bytes_per_element(task: TensorTask, compute_dtype: torch.dtype) -> int:
     return k * (task.out_dtype.itemsize + compute_dtype.itemsize) + 2 * 4 + task.out_dtype.itemsize
 
 
+class _NoHeap:
+    """`RecycledHeap`'s interface doing nothing (glibc's defaults stay)."""
+
+    def __enter__(self) -> _NoHeap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def item_done(self) -> None:
+        pass
+
+
 def materialize(
     items: Sequence[Any],
     compute: Callable[[Any], torch.Tensor],
@@ -308,6 +321,7 @@ def materialize(
     workers: int = 2,
     budget_bytes: int | None = None,
     on_done: Callable[[Any], None] | None = None,
+    recycle_heap: bool = True,
 ) -> None:
     """Compute every item and write it to the sink, up to `workers` at a time (plus one queued).
 
@@ -316,6 +330,8 @@ def materialize(
     so peak memory is bounded by the budget, not by the largest tensors all at once. Items start in order (an
     item may wait for an earlier one, never for a later one); one whose compute returns None writes nothing.
     The first error stops the submission of new items and is re-raised once the running ones finish.
+    `recycle_heap` keeps freed buffers on the heap for the next items (`RecycledHeap`); a caller whose items
+    allocate nothing big (writes in place into a live model) turns it off and leaves glibc's settings alone.
     """
 
     def run(item: Any) -> Any:
@@ -331,7 +347,8 @@ def materialize(
         heap.item_done()
         return item
 
-    with RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) as heap:
+    heap = RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) if recycle_heap else _NoHeap()
+    with heap:
         if workers <= 1:
             for item in items:
                 run(item)
