@@ -44,6 +44,18 @@ class OutputError(HfM2n2Error):
     """The output directory cannot be written (exists, disk full, permission)."""
 
 
+class UnknownMethodError(HfM2n2Error, LookupError):
+    """A merge method name that no method registers."""
+
+
+class MethodParameterError(HfM2n2Error, ValueError):
+    """A parameter value is outside what the merge method accepts (e.g. della's density +/- epsilon)."""
+
+
+class PushError(HfM2n2Error):
+    """The upload failed (bad repo id, no or wrong token, server error, network); the local files are intact."""
+
+
 class EvaluationError(HfM2n2Error, RuntimeError):
     """The evaluator cannot score candidates at all (it failed before producing any valid score vector)."""
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.errors import PushError
 from hf_m2n2.hub import http_error_message
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,6 @@ IGNORE_PATTERNS = [".*", "**/.*", "*.tmp"]
 
 
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9_]{8,}")  # scrubbed from messages we did not compose ourselves
-
-
-class PushError(HfM2n2Error):
-    """The upload failed (bad repo id, no or wrong token, server error, network); the local files are intact."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from hf_m2n2.errors import HfM2n2Error
+from hf_m2n2.errors import UnknownMethodError
 
 if TYPE_CHECKING:
     from hf_m2n2.methods._common import RandomStream
@@ -97,14 +97,6 @@ class MergeMethod:
     @property
     def model_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.per_model)
-
-
-class UnknownMethodError(HfM2n2Error):
-    pass
-
-
-class MethodParameterError(HfM2n2Error, ValueError):
-    """A parameter value is outside what the merge method accepts (e.g. della's density +/- epsilon)."""
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
