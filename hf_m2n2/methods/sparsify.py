@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_m2n2.errors import MethodParameterError
 from hf_m2n2.methods._common import RandomStream, keep_mask
-from hf_m2n2.methods.base import MethodParameterError, Scalar
+from hf_m2n2.methods.base import Scalar
 from hf_m2n2.methods.streaming import Lazy, TensorContext, row_sums, total
 
 _RESCALE_EPS = 1e-7
