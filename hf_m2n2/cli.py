@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--labels", help="comma-separated line labels, one per DIR (default: the run names)")
     plot.add_argument("--title", help="figure title")
     _verbosity(plot)
+    parser.set_defaults(command_parsers=sub.choices)  # so an unknown flag is reported with its command's usage
     return parser
 
 
@@ -347,7 +348,9 @@ def _terminate(signum, frame):
 def main(argv: Sequence[str] | None = None) -> int:
     # Large CPU tensors on transparent huge pages: fresh allocations fault 6-8x less (read by torch at first use).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging(args)
     signal.signal(signal.SIGTERM, _terminate)
     from hf_m2n2.errors import HfM2n2Error

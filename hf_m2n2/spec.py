@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -129,8 +130,8 @@ class MergeSpec(StrictModel):
     """
 
     merge_method: str
-    models: list[InputModel] | None = None
-    slices: list[OutputSlice] | None = None
+    models: list[InputModel] | None = Field(None, min_length=1)
+    slices: list[OutputSlice] | None = Field(None, min_length=1)
     base_model: ModelRef | None = None
     parameters: dict[str, Any] | None = None
     dtype: str | None = None
@@ -196,14 +197,41 @@ def yaml_path(loc: tuple[Any, ...], data: Any) -> str:
     return out
 
 
-def validation_error(exc: ValidationError, data: Any, prefix: str = "") -> SpecError:
-    """The first pydantic error as a SpecError with its YAML path."""
-    err = exc.errors()[0]
+def validation_error(
+    exc: ValidationError, data: Any, prefix: str = "", model: type[BaseModel] | None = None
+) -> SpecError:
+    """The first pydantic error as a SpecError with its YAML path; an unknown key comes first (a misspelled key
+    often also makes a required one look missing) and, given the model, names the nearest valid key."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     message = {"extra_forbidden": "unknown key", "missing": "required"}.get(err["type"], err["msg"])
+    if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+        close = difflib.get_close_matches(str(err["loc"][-1]), sorted(_field_names(model)), n=1, cutoff=0.75)
+        if close:
+            message += f" (did you mean {close[0]}?)"
     path = yaml_path(tuple(err["loc"]), data)
     if prefix:
         path = f"{prefix}.{path}" if path else prefix
     return SpecError(path, message.removeprefix("Value error, "))
+
+
+def _field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
+    """Every key a model and the models inside it accept (the candidates of "did you mean")."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return set()
+    seen.add(model)
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        names.add(name)
+        stack = [field.annotation]
+        while stack:
+            annotation = stack.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                names |= _field_names(annotation, seen)
+            else:
+                stack.extend(get_args(annotation))
+    return names
 
 
 def parse_model(model: type[M], data: Any, *, source: str = "spec") -> M:
@@ -217,7 +245,7 @@ def parse_model(model: type[M], data: Any, *, source: str = "spec") -> M:
     try:
         return model(**data)
     except ValidationError as exc:
-        raise validation_error(exc, data) from None
+        raise validation_error(exc, data, model=model) from None
     except TypeError as exc:
         raise SpecError("", f"{source}: {exc}") from None
 

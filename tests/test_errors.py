@@ -56,6 +56,24 @@ def test_unknown_key_names_its_path(seeds, write_spec, cli, tmp_path):
     _fails(cli, tmp_path, write_spec(spec), expect="models[1].paramters: unknown key")
 
 
+def test_misspelled_top_level_key_is_named_before_the_key_it_hides(seeds, write_spec, cli, tmp_path):
+    spec = _ties(seeds)
+    spec["merge_methd"] = spec.pop("merge_method")
+    _fails(cli, tmp_path, write_spec(spec), expect="merge_methd: unknown key (did you mean merge_method?)")
+
+
+def test_no_models_is_a_one_line_error(write_spec, cli, tmp_path):
+    _fails(cli, tmp_path, write_spec("merge_method: linear\nmodels: []\n"), expect="models: List should have")
+
+
+def test_an_unknown_flag_is_reported_with_the_commands_usage(write_spec, cli, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli("merge", write_spec("merge_method: linear\n"), tmp_path / "out", "--cuda")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: hf-m2n2 merge" in err
+    assert "hf-m2n2 merge: error: unrecognized arguments: --cuda" in err
+
+
 def test_missing_required_parameter(seeds, write_spec, cli, tmp_path):
     spec = _ties(seeds)
     del spec["models"][1]["parameters"]["weight"]

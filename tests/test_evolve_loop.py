@@ -159,7 +159,10 @@ def test_spec_errors_name_the_yaml_path(tmp_path, write_spec, cli):
             load_evolve_spec(write_spec(spec))
         return str(info.value)
 
-    assert error(digits_spec(10, archive_sise=3)) == "evolve.archive_sise: unknown key"
+    assert (
+        error(digits_spec(10, archive_sise=3))
+        == "evolve.archive_sise: unknown key (did you mean archive_size?)"
+    )
     assert error(digits_spec(10, archive_size=0)).startswith("evolve.archive_size: Input should be greater")
     assert error(digits_spec(10, algorithm="ga", alpha=1.0)).startswith(
         "evolve.alpha: ga is M2N2 with alpha 0"
@@ -170,7 +173,7 @@ def test_spec_errors_name_the_yaml_path(tmp_path, write_spec, cli):
     assert error(digits_spec(10, algorithm="map_elites")).startswith("evaluate.groups_callable: required")
     bad_seeds = digits_spec(10)
     bad_seeds["genome"]["seeds"] = {"kind": "random", "count": 2, "stdev": 1}
-    assert error(bad_seeds) == "genome.seeds.stdev: unknown key"
+    assert error(bad_seeds) == "genome.seeds.stdev: unknown key (did you mean std?)"
     bad_callable = digits_spec(10)
     bad_callable["evaluate"] = {**DIGITS_EVAL, "callable": "no colon"}
     assert error(bad_callable).startswith("evaluate.callable: expected 'module:function'")

@@ -64,6 +64,11 @@ def test_filters_first_match_wins_and_star_catches_all():
     "data, message",
     [
         ({"models": [{"model": "a/b"}]}, "merge_method: required"),
+        (
+            {"merge_methd": "ties", "models": [{"model": "a/b"}]},
+            "merge_methd: unknown key (did you mean merge_method?)",
+        ),
+        ({"merge_method": "linear", "models": [{"model": "a/b", "xyz": 1}]}, "models[0].xyz: unknown key"),
         ({"merge_method": "linear"}, "models: exactly one of 'models' or 'slices'"),
         (
             {"merge_method": "linear", "models": [{"model": "a/b", "weights": 1}]},
