@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--labels", help="comma-separated line labels, one per DIR (default: the run names)")
     plot.add_argument("--title", help="figure title")
     _verbosity(plot)
-    parser.set_defaults(command_parsers=sub.choices)  # so an unknown flag is reported with its command's usage
+    parser.set_defaults(
+        command_parsers=sub.choices
+    )  # so an unknown flag is reported with its command's usage
     return parser
 
 
@@ -240,8 +242,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     spec, _ = load_any_spec(args.config)
     if isinstance(spec, EvolveSpec):
-        # task, metric and filter names checked from the task YAMLs alone (no dataset, no network)
-        check_offline(spec.evaluate, Path(args.config).resolve().parent)
+        # what evolve checks before its first candidate: seeds open and fit (unless --no-resolve), callables
+        # import, lm-eval task, metric and filter names (from the task YAMLs alone: no dataset, no network)
+        spec_dir = Path(args.config).resolve().parent
+        spec.kind.preflight(spec, spec_dir, resolve=not args.no_resolve)
+        check_offline(spec.evaluate, spec_dir)
         if not args.quiet:
             print(
                 f"{args.config}: valid {spec.evolve.algorithm} evolve spec ({spec.evolve.budget} forward passes)"

@@ -104,13 +104,36 @@ def test_model_spec_errors_name_the_path(seeds, change, message):
 
 
 def test_real_scale_spec_validates_offline(cli):
-    """The WizardMath-7B + AgentEvol-7B gsm8k spec validates without the Hub (lm-eval config checked statically)."""
+    """The WizardMath-7B + AgentEvol-7B gsm8k spec validates without the Hub with --no-resolve (lm-eval config
+    checked statically); resolving its seeds needs them in the cache, as evolve does."""
     from pathlib import Path
 
     spec = Path(__file__).resolve().parents[1] / "examples" / "wizardmath-agentevol" / "spec.yaml"
-    code, out, err = cli("validate", spec)
+    code, out, err = cli("validate", spec, "--no-resolve")
     assert code == 0, err
     assert "valid m2n2 evolve spec" in out
+    code, _, err = cli("validate", spec)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "WizardMath" in err
+
+
+def test_validate_checks_what_evolve_checks_before_its_first_candidate(seeds, tmp_path, cli):
+    def validate(spec: dict, *flags: str) -> tuple[int, str]:
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        code, _, err = cli("validate", path, *flags)
+        return code, err
+
+    assert validate(_spec(seeds)) == (0, "")
+    missing = {**_spec(seeds), "models": [{"model": str(seeds["a"])}, {"model": str(tmp_path / "nope")}]}
+    code, err = validate(missing)
+    assert code == 2 and "nope" in err
+    assert validate(missing, "--no-resolve")[0] == 0
+    mixed = {**_spec(seeds), "models": [{"model": str(seeds["a"])}, {"model": str(seeds["narrow"])}]}
+    code, err = validate(mixed)
+    assert code == 2 and "different shapes" in err
+    callable_missing = {**_spec(seeds), "evaluate": {**LIKELIHOOD_EVALUATE, "callable": "hf_m2n2.nope:f"}}
+    code, err = validate(callable_missing, "--no-resolve")
+    assert code == 2 and "evaluate.callable: cannot import module 'hf_m2n2.nope'" in err
 
 
 def test_differing_embedding_rows_name_the_fix(seeds, tmp_path):

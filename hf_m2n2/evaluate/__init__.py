@@ -33,6 +33,7 @@ from hf_m2n2.evaluate.python import (
     PythonEvaluateConfig,
     PythonEvaluator,
     build_python_evaluator,
+    check_python_config,
     resolve_callable,
 )
 
@@ -52,7 +53,7 @@ def _lm_eval_check(config: LmEvalConfig, spec_dir: Path | None) -> None:
 
 
 register_evaluator("lm_eval", LmEvalConfig, _lm_eval, _lm_eval_check, needs_target=True)
-register_evaluator("python", PythonEvaluateConfig, build_python_evaluator)
+register_evaluator("python", PythonEvaluateConfig, build_python_evaluator, check_python_config)
 
 
 def evaluate_parts(section: Any) -> list[Any]:
@@ -72,7 +73,7 @@ def build_evaluator(section: Any, context: EvaluationContext) -> Any:
 
 
 def check_offline(section: Any, spec_dir: Path | None) -> None:
-    """What `hf-m2n2 validate` checks of every part without models or network (task names, metrics, ...)."""
+    """What `hf-m2n2 validate` checks of every part without models or network (task names, metrics, callables)."""
     for part in evaluate_parts(section):
         check = evaluator_kind(part.kind).offline_check
         if check is not None:

@@ -139,4 +139,9 @@ class PythonEvaluator:
 
 def build_python_evaluator(config: PythonEvaluateConfig, context: EvaluationContext) -> PythonEvaluator:
     """The registry's factory: resolve the section's callables (the context is not needed)."""
-    return PythonEvaluator.from_config(config)
+    return PythonEvaluator.from_config(config, context.prefix)
+
+
+def check_python_config(config: PythonEvaluateConfig, spec_dir: Any = None) -> None:
+    """`hf-m2n2 validate`: every callable the section names imports (none is called)."""
+    PythonEvaluator.from_config(config)

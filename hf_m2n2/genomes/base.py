@@ -116,6 +116,10 @@ class GenomeKind:
     def check(self, spec: Any) -> None:
         """Checks across the spec's sections beyond the section's own model (raises SpecError)."""
 
+    def preflight(self, spec: Any, spec_dir: Path | None, resolve: bool = True) -> None:
+        """What `hf-m2n2 validate` checks before a run, short of building it: what the section names imports,
+        and (with `resolve`) the seeds open and fit together. Raises what `build` would."""
+
     def slerp_scope(self, config: Any) -> str | None:
         """Where the section measures SLERP angles (for the run summary; None: the kind has no crossover)."""
         return getattr(config, "slerp_scope", None)

@@ -78,12 +78,16 @@ class BlendKind(GenomeKind):
         if spec.genome.fixed_from is not None and spec.genome.fixed_from not in refs:
             raise SpecError("genome.fixed_from", f"{spec.genome.fixed_from!r} is not one of the models")
 
-    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
-        """Open the seeds, build the live model, the Gram sums (cached in the run directory) and the ops."""
+    def preflight(self, spec: Any, spec_dir: Path | None, resolve: bool = True) -> None:
+        if resolve:
+            seeds = self._open(spec, spec_dir)[0]
+            for seed in seeds:
+                seed.checkpoint.close()
+
+    def _open(self, spec: Any, spec_dir: Path | None) -> tuple[list[Any], int, list[str], Any]:
+        """The opened seeds, the fixed seed's index, the evolved tensor names and their layout (checked to fit)."""
         from hf_m2n2.blend import select_tensors
-        from hf_m2n2.blend_ops import BlendOps, BlendTarget, SeedTensors, evolved_layout, seed_gram
-        from hf_m2n2.models import model_kind
-        from hf_m2n2.plan import torch_dtype
+        from hf_m2n2.blend_ops import evolved_layout
         from hf_m2n2.seeds import open_seeds
 
         refs = spec.seed_refs()
@@ -98,7 +102,16 @@ class BlendKind(GenomeKind):
         names = select_tensors(floating, genome.include, genome.exclude)
         if not names:
             raise SpecError("genome.include", "no tensor matches the include/exclude patterns")
-        layout = evolved_layout(seeds, names, genome.block_size)
+        return seeds, fixed, names, evolved_layout(seeds, names, genome.block_size)
+
+    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
+        """Open the seeds, build the live model, the Gram sums (cached in the run directory) and the ops."""
+        from hf_m2n2.blend_ops import BlendOps, BlendTarget, SeedTensors, seed_gram
+        from hf_m2n2.models import model_kind
+        from hf_m2n2.plan import torch_dtype
+
+        seeds, fixed, names, layout = self._open(spec, spec_dir)
+        genome = spec.genome
         dtype = torch_dtype(genome.dtype)
         offload = None
         if genome.offload_folder is not None:

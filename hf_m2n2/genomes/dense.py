@@ -214,6 +214,11 @@ class DenseKind(GenomeKind):
         if spec.evolve.algorithm == "sweep" and isinstance(seeds, RandomSeeds) and seeds.count != 2:
             raise SpecError("genome.seeds.count", "the sweep needs exactly two seeds")
 
+    def preflight(self, spec: Any, spec_dir: Path | None, resolve: bool = True) -> None:
+        seeds = spec.genome.seeds
+        if isinstance(seeds, PythonSeeds):
+            resolve_callable(seeds.callable, "genome.seeds.callable")
+
     def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
         ops = DenseVectorOps(spec.genome.size, spec.genome.slerp_scope)
         initial = initial_vectors(spec.genome, ops, rng)

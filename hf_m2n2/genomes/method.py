@@ -280,6 +280,15 @@ class MethodOps:
         return self.template.merge_config(x)
 
 
+def plan_genome(template: MethodTemplate, seeds: list[Seed], x: np.ndarray) -> Any:
+    """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default)."""
+    from hf_m2n2.plan import plan_merge
+    from hf_m2n2.spec import parse_spec
+
+    spec = parse_spec(template.merge_config(x), source="method genome")
+    return plan_merge(spec, seeds, {pinned_ref(s): i for i, s in enumerate(seeds)}, random_seed=0)
+
+
 class MethodTarget:
     """Writes method genomes into the live model: `hf-m2n2 merge` of the genome's spec, in place.
 
@@ -299,18 +308,13 @@ class MethodTarget:
 
         self.template = template
         self.seeds = seeds
-        self.seed_index = {pinned_ref(s): i for i, s in enumerate(seeds)}
         self.live = live
         self.merge_options = merge_options or MergeOptions(device=device, progress=False)
         self._last: np.ndarray | None = None
 
     def plan(self, x: np.ndarray) -> Any:
         """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default)."""
-        from hf_m2n2.plan import plan_merge
-        from hf_m2n2.spec import parse_spec
-
-        spec = parse_spec(self.template.merge_config(x), source="method genome")
-        return plan_merge(spec, self.seeds, self.seed_index, random_seed=0)
+        return plan_genome(self.template, self.seeds, x)
 
     def write(self, x: np.ndarray | SeedPick) -> Any:
         """Write genome x's merged tensors (or a seed's own) into the live model in place."""
@@ -378,6 +382,33 @@ class MethodKind(GenomeKind):
         """
         from hf_m2n2.models import model_kind
         from hf_m2n2.plan import torch_dtype
+
+        genome: MethodGenomeConfig = spec.genome
+        seeds, template, reference = self._open(spec, spec_dir)
+        live = model_kind(seeds[reference].kind).live_target(
+            seeds[reference], dtype=torch_dtype(genome.dtype), device=genome.device
+        )
+        ops = MethodOps(template, len(seeds))
+        target = MethodTarget(template, seeds, live, genome.device)
+        context = EvaluationContext(live.model, seeds[reference].model.path, spec_dir, genome.device)
+        return GenomeRun(
+            ops,
+            target,
+            [],
+            context=context,
+            seeds=seeds,
+            seed_genomes=ops.seed_genomes(),
+            cache_scores=True,
+        )
+
+    def preflight(self, spec: Any, spec_dir: Path | None, resolve: bool = True) -> None:
+        if resolve:
+            for seed in self._open(spec, spec_dir)[0]:
+                seed.checkpoint.close()
+
+    def _open(self, spec: Any, spec_dir: Path | None) -> tuple[list[Seed], MethodTemplate, int]:
+        """The opened seeds (the models, then the base), the merge template (planned once at 0.5 everywhere, so
+        that a merge that cannot be planned fails now, not at the first candidate) and the reference seed."""
         from hf_m2n2.seeds import open_seeds
 
         genome: MethodGenomeConfig = spec.genome
@@ -401,27 +432,13 @@ class MethodKind(GenomeKind):
             dtype=genome.dtype,
         )
         reference = n_models if genome.base_model is not None else 0
-        live = model_kind(seeds[reference].kind).live_target(
-            seeds[reference], dtype=torch_dtype(genome.dtype), device=genome.device
-        )
-        ops = MethodOps(template, len(seeds))
-        target = MethodTarget(template, seeds, live, genome.device)
         try:
-            target.plan(np.full(ops.size, 0.5))  # fail now, not at the first candidate
+            plan_genome(template, seeds, np.full(template.size, 0.5))
         except SpecError as exc:
             raise SpecError(
                 "genome", f"the {genome.method} merge of these models cannot be planned: {exc}"
             ) from None
-        context = EvaluationContext(live.model, seeds[reference].model.path, spec_dir, genome.device)
-        return GenomeRun(
-            ops,
-            target,
-            [],
-            context=context,
-            seeds=seeds,
-            seed_genomes=ops.seed_genomes(),
-            cache_scores=True,
-        )
+        return seeds, template, reference
 
     def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:
         """`model_dir` is `hf-m2n2 merge` of the best genome's spec (written there as merge_config.yaml) plus the
