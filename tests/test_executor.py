@@ -125,3 +125,20 @@ def test_cma_es_waits_for_its_generation_before_asking_the_next():
     for candidate in asked:
         cma.tell(candidate, np.ones(4))
     assert cma.ask().lineage.id == 3 and cma.generation == 2
+
+
+def test_a_run_that_cannot_start_leaves_no_directory_behind(tmp_path, write_spec, cli):
+    out = tmp_path / "run"
+    bad_import = _outage_spec(tmp_path, down_at=10**9)
+    bad_import["evaluate"] = {"kind": "python", "callable": "hf_m2n2.nope:scores"}
+    code, _, err = cli("evolve", write_spec(bad_import, name="a.yaml"), "--out", out, "--quiet")
+    assert code == 2 and "evaluate.callable: cannot import module 'hf_m2n2.nope'" in err and not out.exists()
+
+    broken = _outage_spec(tmp_path, down_at=10**9)
+    broken["evaluate"] = {"kind": "python", "callable": "builtins:len"}  # a number, not a score vector
+    code, _, err = cli("evolve", write_spec(broken, name="b.yaml"), "--out", out, "--quiet")
+    assert code == 2 and "the first candidate could not be evaluated" in err and not out.exists()
+
+    down = _outage_spec(tmp_path, down_at=1)  # an outage keeps the directory: it is resumable
+    code, _, err = cli("evolve", write_spec(down, name="c.yaml"), "--out", out, "--quiet")
+    assert code == 2 and (out / "checkpoint.npz").is_file()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_m2n2.errors import HfM2n2Error, OutputError
+from hf_m2n2.evaluate import check_offline
 from hf_m2n2.evolve.loop import CHECKPOINT, SUMMARY, LoopSettings, run_loop
 from hf_m2n2.evolve.outcome import MODEL_DIR
 from hf_m2n2.evolve.spec import EvolveSpec, load_evolve_spec
@@ -109,7 +110,20 @@ def start_runs(
         raise HfM2n2Error(f"--runs must be at least 1, got {runs}")
     target = _push_target(spec, push_to_hub, private, runs)
     out = Path(out_dir)
+    _refuse_busy(out, overwrite)
+    # everything that can be checked without running is checked before anything is written
+    spec.kind.preflight(spec, Path(spec_dir))
+    check_offline(spec.evaluate, Path(spec_dir))
     _prepare_dir(out, overwrite)
+    try:
+        return _start(out, spec, text, spec_dir, runs, progress, on_done, target)
+    except Exception:
+        if not any(out.glob(f"**/{CHECKPOINT}")):  # failed before its first checkpoint: nothing to resume
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _start(out, spec, text, spec_dir, runs, progress, on_done, target) -> list[dict[str, Any]]:
     if runs is None:
         push = None if target is None else _target_record(target)
         info = RunInfo(spec.evolve.seed, None, spec_hash(text), spec_dir, push)
@@ -173,18 +187,22 @@ def resume_runs(
     raise HfM2n2Error(f"{out} is not an hf-m2n2 evolve run directory (no {RUN_INFO} or {RUNS_INFO})")
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
+def _refuse_busy(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        resumable = (out / RUN_INFO).exists() or (out / RUNS_INFO).exists()
+        hint = (
+            "continue it with --resume DIR, or replace it with --overwrite"
+            if resumable
+            else "use --overwrite"
+        )
+        raise OutputError(f"{out} already exists and is not empty ({hint})")
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    _refuse_busy(out, overwrite)
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            resumable = (out / RUN_INFO).exists() or (out / RUNS_INFO).exists()
-            hint = (
-                "continue it with --resume DIR, or replace it with --overwrite"
-                if resumable
-                else "use --overwrite"
-            )
-            raise OutputError(f"{out} already exists and is not empty ({hint})")
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
