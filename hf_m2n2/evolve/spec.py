@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
@@ -128,15 +128,15 @@ def _one_or_list(part: Any) -> Any:
 
 
 def _union(members: tuple[Any, ...]) -> Any:
-    from typing import Union
-
     return Union[members]  # noqa: UP007 (a union built from a runtime tuple)
 
 
 @cache
-def _spec_model(genomes: tuple[str, ...], evaluators: tuple[str, ...]) -> type[EvolveSpec]:
-    genome_union = _tagged_union({k: genome_kind(k).config for k in genomes}, "genome")
-    part = _tagged_union({k: evaluator_kind(k).config for k in evaluators}, "evaluator")
+def _spec_model(
+    genomes: tuple[tuple[str, type], ...], evaluators: tuple[tuple[str, type], ...]
+) -> type[EvolveSpec]:
+    genome_union = _tagged_union(dict(genomes), "genome")
+    part = _tagged_union(dict(evaluators), "evaluator")
     return type(
         "EvolveSpec",
         (EvolveSpec,),
@@ -150,7 +150,8 @@ def _spec_model(genomes: tuple[str, ...], evaluators: tuple[str, ...]) -> type[E
 
 def spec_model() -> type[EvolveSpec]:
     """The EvolveSpec model over the genome and evaluator kinds registered now."""
-    return _spec_model(tuple(genome_kinds()), tuple(evaluator_kinds()))
+    genomes = tuple((name, kind.config) for name, kind in genome_kinds().items())
+    return _spec_model(genomes, tuple((name, kind.config) for name, kind in evaluator_kinds().items()))
 
 
 def parse_evolve_spec(data: Any, *, source: str = "spec") -> EvolveSpec:
