@@ -243,11 +243,10 @@ class BlendTarget:
 
         if self._last_written is not None and _same(self._last_written, x):
             return self.live.model
-        targets = self.live.model.state_dict(keep_vars=True)
 
         def compute(t: Any) -> torch.Tensor | None:
             seeds = [self.tensors.get(k, t.name) for k in range(len(self.tensors))]
-            target = targets.get(t.name)
+            target = self.live.tensor(t.name)
             if target is not None and target.device.type != "meta" and target.dtype == seeds[0].dtype:
                 blend_tensor(x, t, self.layout, seeds, out=target)  # in place: nothing left to write
                 return None

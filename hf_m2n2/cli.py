@@ -141,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--labels", help="comma-separated line labels, one per DIR (default: the run names)")
     plot.add_argument("--title", help="figure title")
     _verbosity(plot)
-    parser.set_defaults(
-        command_parsers=sub.choices
-    )  # so an unknown flag is reported with its command's usage
+    # an unknown flag is reported with its command's usage, not the top level's
+    parser.set_defaults(command_parsers=sub.choices)
     return parser
 
 
@@ -277,7 +276,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evolve(args: argparse.Namespace) -> int:
-    from hf_m2n2.errors import HfM2n2Error
+    from hf_m2n2.errors import HfM2n2Error, InfrastructureError
     from hf_m2n2.evolve.runs import resume_runs, start_runs
 
     if args.resume and (args.config or args.out or args.overwrite or args.push or args.private):
@@ -299,8 +298,6 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
             _print_push(summary["push"]["repo_url"], summary["push"]["commit_url"])
 
     out = args.resume or args.out
-    from hf_m2n2.errors import InfrastructureError
-
     try:
         if args.resume:
             resume_runs(args.resume, runs=args.runs, progress=not args.quiet, on_done=report)

@@ -25,27 +25,28 @@ class RecycledHeap:
     defaults are restored and everything free is returned.
     """
 
-    def __init__(self, max_free: int):
+    def __init__(self, max_free: int, enabled: bool = True):
         self.max_free = max_free
         self.limit = 0
+        self.libc = _LIBC if enabled else None  # disabled: glibc's settings are left as they are
 
     def __enter__(self) -> RecycledHeap:
-        if _LIBC is not None:
+        if self.libc is not None:
             self.limit = _unaccounted_bytes() + self.max_free
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-            _LIBC.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-            _LIBC.mallopt(_M_ARENA_MAX, 1)  # process-wide and for good: glibc reads it once
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+            self.libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+            self.libc.mallopt(_M_ARENA_MAX, 1)  # process-wide and for good: glibc reads it once
         return self
 
     def item_done(self) -> None:
-        if _LIBC is not None and _unaccounted_bytes() > self.limit:
-            _LIBC.malloc_trim(0)
+        if self.libc is not None and _unaccounted_bytes() > self.limit:
+            self.libc.malloc_trim(0)
 
     def __exit__(self, *exc: object) -> None:
-        if _LIBC is not None:
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            _LIBC.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            _LIBC.malloc_trim(0)
+        if self.libc is not None:
+            self.libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            self.libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            self.libc.malloc_trim(0)
 
 
 def _resident_bytes() -> int:

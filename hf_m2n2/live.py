@@ -96,6 +96,10 @@ class LiveModel:
     def names(self) -> list[str]:
         return list(self._targets)
 
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """The live parameter or buffer called `name` (on `meta` when offloaded), None if the model has none."""
+        return self._targets.get(name)
+
     def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
         """Overwrite one weight (or its rows from `row_start`) in place: resident, CPU- or disk-offloaded."""
         target = self._targets.get(name)

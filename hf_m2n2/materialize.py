@@ -300,19 +300,6 @@ def _bytes_per_element(task: TensorTask, compute_dtype: torch.dtype) -> int:
     return k * (task.out_dtype.itemsize + compute_dtype.itemsize) + 2 * 4 + task.out_dtype.itemsize
 
 
-class _NoHeap:
-    """`RecycledHeap`'s interface doing nothing (glibc's defaults stay)."""
-
-    def __enter__(self) -> _NoHeap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def item_done(self) -> None:
-        pass
-
-
 def materialize(
     items: Sequence[Any],
     compute: Callable[[Any], torch.Tensor],
@@ -347,8 +334,7 @@ def materialize(
         heap.item_done()
         return item
 
-    heap = RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2) if recycle_heap else _NoHeap()
-    with heap:
+    with RecycledHeap(max_free=(budget_bytes or _DEFAULT_BUDGET) // 2, enabled=recycle_heap) as heap:
         if workers <= 1:
             for item in items:
                 run(item)

@@ -60,7 +60,7 @@ def toy_run(tmp_path: Path, name: str, evaluator_fn, budget: int = 300, seed: in
     run_dir = tmp_path / name
     run_dir.mkdir()
     settings = LoopSettings(budget=budget, log_every=25, checkpoint_every_steps=100, progress=False)
-    executor = LocalExecutor(ops, DenseTarget(ops), PythonEvaluator(evaluator_fn))
+    executor = LocalExecutor(ops, DenseTarget(), PythonEvaluator(evaluator_fn))
     return run_loop(strategy, ops, executor, run_dir, settings, info={"seed": seed})
 
 

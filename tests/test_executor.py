@@ -86,7 +86,7 @@ def _wide_run(tmp_path, name, strategy_of, outage_at=None, resume=False):
     run_dir = tmp_path / name
     run_dir.mkdir(exist_ok=True)
     settings = LoopSettings(budget=45, log_every=5, checkpoint_every_steps=7, progress=False)
-    executor = _Wide(ops, DenseTarget(ops), PythonEvaluator(_Outage(outage_at)))
+    executor = _Wide(ops, DenseTarget(), PythonEvaluator(_Outage(outage_at)))
     return run_loop(strategy, ops, executor, run_dir, settings, resume=resume)
 
 

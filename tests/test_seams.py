@@ -144,7 +144,7 @@ def test_a_new_genome_kind_is_one_registration(tmp_path):
         def build(self, spec, rng, run_dir, spec_dir):
             ops = DenseVectorOps(3)
             start = [np.full(3, spec.genome.value, np.float32), np.zeros(3, np.float32)]
-            return GenomeRun(ops, DenseTarget(ops), start)
+            return GenomeRun(ops, DenseTarget(), start)
 
     register_genome_kind(ConstantKind())
     try:

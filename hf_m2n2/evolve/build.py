@@ -39,16 +39,8 @@ class RunParts:
     genome: GenomeRun
 
     @property
-    def mutation_std(self) -> float:
-        return self.genome.mutation_std
-
-    @property
     def target(self) -> Any:
         return self.genome.target
-
-    @property
-    def evaluator(self) -> Any:
-        return self.executor.evaluator
 
 
 StrategyBuilder = Callable[..., Strategy]

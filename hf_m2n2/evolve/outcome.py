@@ -82,7 +82,7 @@ class RunOutcome:
             raise HfM2n2Error("the run has no archive member to export")
         merged_name = spec.name or f"{spec.evolve.algorithm}-merge"
         seeds = parts.genome.seeds
-        rows = [(s.name, g) for s, g in zip(seeds, parts.genome.seed_genomes)] + [(merged_name, best.genome)]
+        rows = [(s.name, g) for s, g in zip(seeds, parts.ops.seed_genomes())] + [(merged_name, best.genome)]
         report, tasks, metric = held_out_report(parts.executor, rows)
         lineage = ancestors(run_dir / LINEAGE, best.lineage.id)
         return cls(

@@ -51,7 +51,9 @@ class RunInfo:
     spec_dir: str | None = None
     push: dict[str, Any] | None = None
 
-    def save(self, run_dir: Path) -> None:
+    def save(self, run_dir: Path, spec_text: str) -> None:
+        """Write the run directory's `spec.yaml` (the spec's text) and `run.json`."""
+        atomic_write_text(run_dir / SPEC_COPY, spec_text)
         data = {"seed": self.seed, "run": self.run, "spec_hash": self.spec_hash, "spec_dir": self.spec_dir}
         if self.push is not None:
             data["push"] = self.push
@@ -65,11 +67,6 @@ class RunInfo:
     @property
     def label_suffix(self) -> str:
         return "" if self.run is None else f" run {self.run}"
-
-
-def load_run_spec(path: str | os.PathLike[str]) -> tuple[EvolveSpec, str]:
-    """An evolve spec (any genome kind) and its text."""
-    return load_evolve_spec(path)
 
 
 def start_runs(
@@ -104,7 +101,7 @@ def start_runs(
         OutputError: `out_dir` exists and is not empty (without `overwrite`).
         PushError: the upload failed (the run directory is complete; retry with `hf-m2n2 push`).
     """
-    spec, text = load_run_spec(spec_path)
+    spec, text = load_evolve_spec(spec_path)
     spec_dir = str(Path(spec_path).resolve().parent)
     if runs is not None and runs < 1:
         raise HfM2n2Error(f"--runs must be at least 1, got {runs}")
@@ -174,11 +171,9 @@ def resume_runs(
         for index, run_dir in enumerate(dirs):
             run_dir.mkdir(exist_ok=True)
             if not (run_dir / RUN_INFO).is_file():  # killed before this run started
-                spec, text = load_run_spec(out / SPEC_COPY)
-                atomic_write_text(run_dir / SPEC_COPY, text)
-                RunInfo(spec.evolve.seed + index, index, spec_hash(text), index_info.get("spec_dir")).save(
-                    run_dir
-                )
+                spec, text = load_evolve_spec(out / SPEC_COPY)
+                info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), index_info.get("spec_dir"))
+                info.save(run_dir, text)
         return [_resume_one(run_dir, progress, on_done) for run_dir in dirs]
     if (out / RUN_INFO).is_file():
         if runs is not None:
@@ -236,14 +231,13 @@ def _start_one(
     on_done: Reporter | None,
     target=None,
 ) -> dict[str, Any]:
-    atomic_write_text(run_dir / SPEC_COPY, text)
-    info.save(run_dir)
+    info.save(run_dir, text)
     return _execute(run_dir, spec, info, progress, on_done, resume=False, target=target)
 
 
 def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict[str, Any]:
     info = RunInfo.load(run_dir)
-    spec, text = load_run_spec(run_dir / SPEC_COPY)
+    spec, text = load_evolve_spec(run_dir / SPEC_COPY)
     if spec_hash(text) != info.spec_hash:
         raise HfM2n2Error(f"{run_dir / SPEC_COPY} was modified after the run started (spec hash differs)")
     exports = spec.kind.uses_models
@@ -317,7 +311,7 @@ def _execute(
         "run": info.run,
         "spec_hash": info.spec_hash,
         "threads": evolve.threads,
-        "mutation_std": parts.mutation_std,
+        "mutation_std": parts.genome.mutation_std,
         "slerp_scope": spec.kind.slerp_scope(spec.genome),
     }
     with _blas_threads(evolve.threads):

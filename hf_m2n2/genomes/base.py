@@ -78,8 +78,8 @@ class GenomeRun:
         initial: the initial genomes, asked first by strategies that take seeds.
         mutation_std: Gaussian noise on every child (0: none).
         context: what the evaluator factory may use (the live model, the reference seed, the spec's folder).
-        seeds: the opened input models (empty for dense genomes), in genome order.
-        seed_genomes: one genome per seed standing for it unmerged (the held-out report's rows).
+        seeds: the opened input models (empty for dense genomes), in genome order; the kind's ops give one
+            genome per seed standing for it unmerged (`ops.seed_genomes()`, the held-out report's rows).
         cache_scores: score each distinct genome once (its recipe hash keys the cache).
         timed: record the seconds of every write and evaluation (the run's `timing.json`).
         export: what the kind's `export` needs besides the spec (tensor names, the reference seed, ...).
@@ -91,7 +91,6 @@ class GenomeRun:
     mutation_std: float = 0.0
     context: EvaluationContext = field(default_factory=EvaluationContext)
     seeds: list[Any] = field(default_factory=list)
-    seed_genomes: list[Any] = field(default_factory=list)
     cache_scores: bool = False
     timed: bool = False
     export: dict[str, Any] = field(default_factory=dict)

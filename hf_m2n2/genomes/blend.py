@@ -131,14 +131,12 @@ class BlendKind(GenomeKind):
         gram = seed_gram(layout, tensors, run_dir / "gram.npz")
         ops = BlendOps(layout, gram, len(seeds), genome.slerp_scope)
         context = EvaluationContext(live.model, seeds[fixed].model.path, spec_dir, genome.device)
-        initial = ops.seed_genomes()
         return GenomeRun(
             ops,
             BlendTarget(layout, tensors, live),
-            initial,
+            ops.seed_genomes(),
             context=context,
             seeds=seeds,
-            seed_genomes=ops.seed_genomes(),
             cache_scores=True,
             timed=True,
             export={"fixed": fixed, "tensors": names},

@@ -69,7 +69,7 @@ class DenseGenomeConfig(StrictModel):
 class DenseVectorOps:
     """GenomeOps over one flat float32 numpy vector of `size` parameters (models evolved from scratch).
 
-    Genomes are never modified in place; `materialize` hands the evaluator a torch view of the vector.
+    Genomes are never modified in place; `DenseTarget` hands the evaluator a torch view of the vector.
 
     Args:
         size: number of parameters.
@@ -141,10 +141,6 @@ class DenseVectorOps:
         self._generator.manual_seed(int(rng.integers(2**63)))
         return torch.randn(self._size, generator=self._generator).numpy()
 
-    def materialize(self, x: np.ndarray) -> torch.Tensor:
-        """A float32 torch tensor sharing x's memory (the evaluator must not modify it)."""
-        return torch.from_numpy(x)
-
     def to_state(self, x: np.ndarray) -> np.ndarray:
         return x
 
@@ -170,11 +166,9 @@ class DenseVectorOps:
 class DenseTarget:
     """The dense genome's target: the evaluator receives the vector itself, as a float32 torch tensor."""
 
-    def __init__(self, ops: DenseVectorOps):
-        self.ops = ops
-
     def write(self, genome: np.ndarray) -> torch.Tensor:
-        return self.ops.materialize(genome)
+        """A float32 torch tensor sharing the genome's memory (the evaluator must not modify it)."""
+        return torch.from_numpy(genome)
 
 
 def initial_vectors(genome: DenseGenomeConfig, ops: DenseVectorOps, rng: np.random.Generator) -> list[Any]:
@@ -222,7 +216,7 @@ class DenseKind(GenomeKind):
     def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
         ops = DenseVectorOps(spec.genome.size, spec.genome.slerp_scope)
         initial = initial_vectors(spec.genome, ops, rng)
-        return GenomeRun(ops, DenseTarget(ops), initial, mutation_std=self.mutation_std(spec))
+        return GenomeRun(ops, DenseTarget(), initial, mutation_std=self.mutation_std(spec))
 
     @staticmethod
     def mutation_std(spec: Any) -> float:

@@ -280,13 +280,21 @@ class MethodOps:
         return self.template.merge_config(x)
 
 
-def plan_genome(template: MethodTemplate, seeds: list[Seed], x: np.ndarray) -> Any:
-    """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default)."""
+def plan_genome(
+    template: MethodTemplate, seeds: list[Seed], seed_index: dict[str, int], x: np.ndarray
+) -> Any:
+    """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default);
+    `seed_index` maps each seed's `pinned_ref` to its position."""
     from hf_m2n2.plan import plan_merge
     from hf_m2n2.spec import parse_spec
 
     spec = parse_spec(template.merge_config(x), source="method genome")
-    return plan_merge(spec, seeds, {pinned_ref(s): i for i, s in enumerate(seeds)}, random_seed=0)
+    return plan_merge(spec, seeds, seed_index, random_seed=0)
+
+
+def seed_positions(seeds: list[Seed]) -> dict[str, int]:
+    """Each seed's position by the reference a method genome's merge spec names it with (`pinned_ref`)."""
+    return {pinned_ref(s): i for i, s in enumerate(seeds)}
 
 
 class MethodTarget:
@@ -308,13 +316,14 @@ class MethodTarget:
 
         self.template = template
         self.seeds = seeds
+        self.seed_index = seed_positions(seeds)
         self.live = live
         self.merge_options = merge_options or MergeOptions(device=device, progress=False)
         self._last: np.ndarray | None = None
 
     def plan(self, x: np.ndarray) -> Any:
-        """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default)."""
-        return plan_genome(self.template, self.seeds, x)
+        """`plan_genome` of x over this target's seeds."""
+        return plan_genome(self.template, self.seeds, self.seed_index, x)
 
     def write(self, x: np.ndarray | SeedPick) -> Any:
         """Write genome x's merged tensors (or a seed's own) into the live model in place."""
@@ -397,7 +406,6 @@ class MethodKind(GenomeKind):
             [],
             context=context,
             seeds=seeds,
-            seed_genomes=ops.seed_genomes(),
             cache_scores=True,
         )
 
@@ -414,8 +422,9 @@ class MethodKind(GenomeKind):
         genome: MethodGenomeConfig = spec.genome
         refs = spec.seed_refs() + ([genome.base_model] if genome.base_model is not None else [])
         seeds = open_seeds(refs, base_dir=spec_dir)
-        pinned = [pinned_ref(s) for s in seeds]
-        if len(set(pinned)) != len(pinned):
+        index = seed_positions(seeds)
+        pinned = list(index)
+        if len(index) != len(seeds):
             raise SpecError("models", "two references resolve to the same model")
         counts = {s.name: s.num_layers for s in seeds}
         if len(set(counts.values())) != 1:
@@ -433,7 +442,7 @@ class MethodKind(GenomeKind):
         )
         reference = n_models if genome.base_model is not None else 0
         try:
-            plan_genome(template, seeds, np.full(template.size, 0.5))
+            plan_genome(template, seeds, index, np.full(template.size, 0.5))
         except SpecError as exc:
             raise SpecError(
                 "genome", f"the {genome.method} merge of these models cannot be planned: {exc}"
