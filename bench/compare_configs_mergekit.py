@@ -11,8 +11,8 @@ template.
 
 Run from the repo root (about 3 minutes on 2 cores):
 
-    /work/main/.venv/bin/python bench/compare_configs_mergekit.py \
-        --mergekit-python /work/main/.venv-mergekit/bin/python [--repo DIR] [--only NAME,...] [--keep DIR]
+    .venv/bin/python bench/compare_configs_mergekit.py [--mergekit-python .venv-mergekit/bin/python]
+        [--repo DIR] [--only NAME,...] [--keep DIR] [--list]
 
 Prints one line per config (name, origin, verdict) and the total "N of M agree". Exit status 0 when all agree.
 """
@@ -314,19 +314,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repo", default=str(REPO), help="the hf-m2n2 checkout to run (default: this one)")
     parser.add_argument(
         "--ours-python",
-        default="/work/main/.venv/bin/python",
-        help="python that runs hf-m2n2 (with PYTHONPATH set to --repo)",
+        default=sys.executable,
+        help="python that runs hf-m2n2, with PYTHONPATH set to --repo (default: this one)",
     )
     parser.add_argument(
-        "--mergekit-python", default="/work/main/.venv-mergekit/bin/python", help="python with mergekit 0.1.5"
+        "--mergekit-python",
+        help="python with mergekit 0.1.5 (default: the repo's .venv-mergekit, else the one of mergekit-yaml on PATH)",
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per merge (default 300)")
     parser.add_argument("--list", action="store_true", help="list the configs and exit")
     return parser.parse_args(argv)
 
 
+def default_mergekit_python() -> str | None:
+    candidates = [REPO / ".venv-mergekit" / "bin" / "python"]
+    if shutil.which("mergekit-yaml"):
+        candidates.append(Path(shutil.which("mergekit-yaml")).parent / "python")
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.mergekit_python = args.mergekit_python or default_mergekit_python()
+    if args.mergekit_python is None:
+        print(
+            "error: no mergekit found: pass --mergekit-python (a python with mergekit 0.1.5)", file=sys.stderr
+        )
+        return 2
     data = yaml.safe_load(DATA.read_text())
     entries = data["configs"]
     if args.list:
