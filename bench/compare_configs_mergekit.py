@@ -172,6 +172,8 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def compare_tensors(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], out: Comparison) -> None:
+    if not ref or not ours:  # two empty outputs must not count as agreeing
+        out.structure.append(f"no tensors in {'mergekit' if not ref else 'our'} output")
     missing, extra = sorted(set(ref) - set(ours)), sorted(set(ours) - set(ref))
     if missing:
         out.structure.append(f"{len(missing)} tensors missing in ours (e.g. {missing[0]})")
@@ -192,7 +194,11 @@ def compare_tensors(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
                 continue
             max_diff = float((a.double() - b.double()).abs().max())
             count = int((ulps > 0).sum())
-            out.values.append((max_diff, f"{name}: max|diff| {max_diff:.3g} at {count}/{a.numel()} elements"))
+            where = f"{count}/{a.numel()} elements"
+            if a.dim() == 2 and ("embed" in name or "lm_head" in name):  # vocabulary rows: say which tokens
+                rows = (ulps > 0).any(dim=1).nonzero().flatten().tolist()
+                where += f", rows {rows}" if len(rows) <= 6 else f", {len(rows)}/{a.shape[0]} rows"
+            out.values.append((max_diff, f"{name}: max|diff| {max_diff:.3g} at {where}"))
             out.masks[name] = ulps > 0
 
 
