@@ -58,7 +58,7 @@ class Run:
 
     def error_line(self) -> str:
         """The one line that says why the run failed: hf-m2n2's `error: ...`, else the traceback's last line."""
-        lines = [line.strip() for line in self.log.splitlines() if line.strip()]
+        lines = [line.strip() for line in self.log.splitlines()[1:] if line.strip()]  # [0]: the command
         for line in reversed(lines):
             if line.startswith("error:"):
                 return line[len("error:") :].strip()
@@ -325,15 +325,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mergekit-python",
-        help="python with mergekit 0.1.5 (default: the repo's .venv-mergekit, else the one of mergekit-yaml on PATH)",
+        help="python with mergekit 0.1.5 (default: .venv-mergekit in --repo or this repo, else mergekit-yaml's on PATH)",
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per merge (default 300)")
     parser.add_argument("--list", action="store_true", help="list the configs and exit")
     return parser.parse_args(argv)
 
 
-def default_mergekit_python() -> str | None:
-    candidates = [REPO / ".venv-mergekit" / "bin" / "python"]
+def default_mergekit_python(repo: Path) -> str | None:
+    candidates = [root / ".venv-mergekit" / "bin" / "python" for root in (repo, REPO)]
     if shutil.which("mergekit-yaml"):
         candidates.append(Path(shutil.which("mergekit-yaml")).parent / "python")
     return next((str(c) for c in candidates if c.is_file()), None)
@@ -341,7 +341,7 @@ def default_mergekit_python() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.mergekit_python = args.mergekit_python or default_mergekit_python()
+    args.mergekit_python = args.mergekit_python or default_mergekit_python(Path(args.repo))
     if args.mergekit_python is None:
         print(
             "error: no mergekit found: pass --mergekit-python (a python with mergekit 0.1.5)", file=sys.stderr

@@ -21,10 +21,11 @@ import time
 import traceback
 
 
-def run_child(entry, job: dict) -> int:
+def run_child(entry, label: str, job: dict) -> int:
     fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    print(f"# {label}: {job['argv']}", flush=True)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(max(1, int(job.get("timeout", 600))))
     try:
@@ -45,6 +46,7 @@ def main() -> None:
     for name in sys.argv[2:]:
         importlib.import_module(name)
     entry = getattr(importlib.import_module(module), function)
+    label = f"{sys.argv[1]} from {sys.modules[module].__file__}"
     protocol = os.fdopen(os.dup(1), "w")  # answers go here; the children's fd 1 is their log
     for line in sys.stdin:
         job = json.loads(line)
@@ -53,7 +55,7 @@ def main() -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            os._exit(run_child(entry, job))
+            os._exit(run_child(entry, label, job))
         _, status = os.waitpid(pid, 0)
         answer = {"returncode": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - start}
         protocol.write(json.dumps(answer) + "\n")
