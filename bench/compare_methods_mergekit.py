@@ -14,14 +14,14 @@ Per case it prints:
           magnitude ties at the selection cut-off (the only difference the issue allows); "selection" when
           differences reach other elements but both sides keep the same multiset of magnitudes per model (only
           tied elements swapped), so the L1 rescale sum rounds differently in bf16 (a global 1-step change)
-Randomized methods run with torch.manual_seed(s) for mergekit and torch.Generator().manual_seed(s) for ours:
-the same draws, so they match too, except DELLA where magnitudes tie within a row: we rank ties by index
-(stable sort, the same on CPU and GPU), mergekit's unstable sort ranks them arbitrarily. Any such case then
-also reports how many drawn masks differ and whether all those elements have such rank ties.
+Randomized methods (DARE, DELLA) draw their masks from a counter-based Philox stream (see the README), mergekit
+from torch's generator: the masks differ, so such a case is "ok (random)" when ours is reproducible, changes with
+the seed, and each model's keep rate agrees with mergekit's within 5 standard errors.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +34,7 @@ from mergekit.merge_methods.api import merge_tensors
 
 from hf_m2n2.methods import get_method
 from hf_m2n2.methods import sparsify as ours_sparsify
+from hf_m2n2.methods._common import RandomStream
 
 torch.set_num_threads(2)
 
@@ -95,6 +96,33 @@ CASES: tuple[Case, ...] = (
         "della", 3, {}, {"weight": [1.0, 0.5, 0.8], "density": [0.5, 0.3, 0.7], "epsilon": [0.1, 0.2, 0.15]}
     ),
     Case("della_linear", 2, {"lambda": 0.9}, {"weight": [1.0, 0.5], "density": [0.4, 0.6]}),
+    Case(
+        "nuslerp",
+        2,
+        {},
+        {"weight": [1.0, 2.0]},
+        with_base=False,
+        note="bf16 math as mergekit's (dtype: bfloat16)",
+    ),
+    Case("sce", 3, {}),
+    Case("sce", 3, {"select_topk": 0.5}),
+    Case("sce", 2, {"select_topk": 0.3, "int8_mask": True}, data="quantized", note="variance ties"),
+    Case("ram", 3, {}, data="sparse"),
+    Case("ram", 2, {"epsilon": 0.01}, data="finetune"),
+    Case("ramplus_tl", 3, {}, data="sparse"),
+    Case("ramplus_tl", 3, {"r": 0.5, "alpha": 0.3, "epsilon": 1e-3}, data="sparse"),
+    Case("multislerp", 3, {}, {"weight": [1.0, 2.0, 0.5]}, with_base=False, data="far"),
+    Case("multislerp", 3, {}, {"weight": [1.0, 2.0, 0.5]}, data="finetune", note="task vectors"),
+    Case("multislerp", 2, {"normalize_weights": False}, {"weight": [0.3, 0.4]}, with_base=False, data="far"),
+    Case(
+        "multislerp", 2, {}, {"weight": [1.0, 1.0]}, with_base=False, data="opposite", note="linear fallback"
+    ),
+    Case("karcher", 3, {}, with_base=False, data="far"),
+    Case("karcher", 2, {"max_iter": 3, "tol": 1e-4}, with_base=False, data="finetune"),
+    Case("nearswap", 1, {"t": 0.01}),
+    Case("nearswap", 1, {"t": 0.3}, data="far"),
+    Case("arcee_fusion", 1, {}),
+    Case("arcee_fusion", 1, {}, data="far"),
 )
 MAGNITUDE = {
     "ties": "magnitude",
@@ -116,6 +144,15 @@ def make_inputs(
         models = [base + 0.6 * torch.randn(shape, generator=g) for _ in range(case.n_models)]
     elif case.data == "parallel":
         models = [base * (1.5 + i) for i in range(case.n_models)]
+    elif (
+        case.data == "sparse"
+    ):  # RL-style task vectors: most entries unchanged, some changed by several models
+        models = [
+            base + (torch.rand(shape, generator=g) < 0.3) * 0.02 * torch.randn(shape, generator=g)
+            for _ in range(case.n_models)
+        ]
+    elif case.data == "opposite":
+        models = [base, -base]
     elif case.data == "antiparallel":
         models = [-2.0 * base for _ in range(case.n_models)]
     else:
@@ -134,14 +171,15 @@ def run_mergekit(case: Case, base: torch.Tensor, models: list[torch.Tensor]) -> 
 
 
 def run_ours(case: Case, base: torch.Tensor, models: list[torch.Tensor], seed: int = SEED) -> torch.Tensor:
+    """Our method on the same inputs (randomized methods: a RandomStream keyed by `seed`)."""
     method = get_method(case.method)
     params = {p.name: case.params.get(p.name, p.default) for p in method.global_params}
     model_params = [
         {p.name: case.model_params.get(p.name, [p.default] * len(models))[i] for p in method.model_params}
         for i in range(len(models))
     ]
-    generator = torch.Generator().manual_seed(seed) if method.randomized else None
-    return method.fn(models, base if case.with_base else None, params, model_params, generator)
+    stream = RandomStream(seed) if method.randomized else None
+    return method.fn(models, base if case.with_base else None, params, model_params, stream)
 
 
 def one_step(ref: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:
@@ -206,31 +244,60 @@ def rank_ties(delta: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(tied).scatter_(1, order, tied).reshape(delta.shape)
 
 
-def random_mask_check(case: Case, base: torch.Tensor, models: list[torch.Tensor]) -> tuple[int, int]:
-    """Draw each model's mask with mergekit's and our sparsifier from one seed; count (outside ties, all) diffs."""
+def random_mask_check(case: Case, base: torch.Tensor, models: list[torch.Tensor]) -> tuple[float, float]:
+    """Our masks come from a Philox stream, mergekit's from torch's generator: the draws differ, so compare their
+    keep rates per model; returns (the largest |ours - theirs| keep-rate gap in standard errors of a difference of
+    two independent rates, that gap)."""
     densities = case.model_params.get("density", [1.0] * len(models))
     epsilons = case.model_params.get("epsilon", [0.15] * len(models))
     della = case.method.startswith("della")
     torch.manual_seed(SEED)
-    generator = torch.Generator().manual_seed(SEED)
-    outside = total = 0
+    stream = RandomStream(SEED)
+    worst_z = worst_gap = 0.0
     for x, density, epsilon in zip(models, densities, epsilons):
         delta = x - base
         if della:
             theirs = mk_sparsify.della_magprune(delta, density, epsilon)
-            ours = ours_sparsify.della_magprune(delta, density, epsilon, False, generator)
+            ours = ours_sparsify.della_magprune(delta, density, epsilon, False, stream)
         else:
             theirs = mk_sparsify.bernoulli(delta, density)
-            ours = ours_sparsify.random_drop(delta, density, False, generator)
-        differ = (theirs != 0) != (ours != 0)
-        total += int(differ.sum())
-        outside += int((differ & ~rank_ties(delta)).sum()) if della else int(differ.sum())
-    return outside, total
+            ours = ours_sparsify.random_drop(delta, density, False, stream)
+        n = delta.numel()
+        nonzero = int((delta != 0).sum())
+        p = min(1.0, density) * nonzero / n
+        stderr = max(math.sqrt(2 * p * (1 - p) / n), 1e-12)
+        rates = [int((side != 0).sum()) / n for side in (theirs, ours)]
+        worst_z = max(worst_z, abs(rates[0] - rates[1]) / stderr)
+        worst_gap = max(worst_gap, abs(rates[0] - rates[1]))
+    return worst_z, worst_gap
+
+
+def sce_variance_ties(case: Case, base: torch.Tensor, models: list[torch.Tensor]) -> str:
+    """Whether ours and mergekit's SCE select the same number of positions, differing only among positions whose
+    variance equals the cut-off (torch.topk breaks such ties arbitrarily, ours in index order)."""
+    from mergekit.merge_methods.sce import sce_mask
+
+    from hf_m2n2.methods.sce import select_by_variance
+
+    deltas = torch.stack([x - base for x in models])
+    fraction = float(case.params["select_topk"])
+    theirs, ours = sce_mask(deltas, fraction).bool(), select_by_variance(deltas, fraction).bool()
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    kept = variance[ours]
+    cut = kept.min() if kept.numel() else variance.new_tensor(float("inf"))
+    differing = theirs != ours
+    if int(theirs.sum()) == int(ours.sum()) and bool((variance[differing] == cut).all()):
+        return f" ties=all({int(differing.sum())} selected positions swapped among equal variances)"
+    return f" ties=NO({int(differing.sum())} selected positions differ)"
 
 
 def compare(case: Case, shape: tuple[int, ...], dtype: torch.dtype) -> str:
     base, models = make_inputs(case, shape, dtype)
     ref = run_mergekit(case, base, models)
+    if (
+        ref.dtype != dtype
+    ):  # mergekit returns float32 for some half inputs (arcee_fusion, ramplus_tl); its writer casts
+        ref = ref.to(dtype)
     ours = run_ours(case, base, models)
     if ours.dtype != ref.dtype or ours.shape != ref.shape:
         return f"FAIL dtype/shape {ours.dtype}{tuple(ours.shape)} vs {ref.dtype}{tuple(ref.shape)}"
@@ -252,17 +319,25 @@ def compare(case: Case, shape: tuple[int, ...], dtype: torch.dtype) -> str:
             ties = f" ties=NO({outside} differing elements not at ties)"
         if bad.any() and not ties.startswith(" ties=NO"):
             status = "ok (tie-only)"
+    if case.method == "sce" and float(case.params.get("select_topk", 1.0)) < 1 and bad.any():
+        ties = sce_variance_ties(case, base, models)
+        status = "ok (tie-only)" if ties.startswith(" ties=all") else "FAIL"
     extra = ""
+    if case.method == "arcee_fusion" and base.numel() > 1_000_000 and bad.any():
+        status = "ok (sampled)"  # mergekit estimates the quartiles from 1M random scores; ours are exact
+        extra = " mergekit samples quartiles above 1M elements"
     if get_method(case.method).randomized:
         again = run_ours(case, base, models)
         other = run_ours(case, base, models, seed=SEED + 1)
         same = torch.equal(again, ours)
         differs = not torch.equal(other, ours) or all(d >= 1 for d in case.model_params.get("density", [1.0]))
         extra = f" reproducible={same} seed-sensitive={differs}"
-        if bad.any():
-            outside, total = random_mask_check(case, base, models)
-            extra += f" masks: {total} differ, {outside} not at within-row magnitude ties"
-            status = "ok (random)" if same and differs and outside == 0 else "FAIL"
+        if bad.any():  # other draws than mergekit's: compare the keep rates instead
+            z, gap = random_mask_check(case, base, models)
+            extra += (
+                f" keep rates: ours vs mergekit {gap:.4f} apart, both within {z:.1f} std errors of density"
+            )
+            status = "ok (random)" if same and differs and z < 5 else "FAIL"
     rel = float(diff.max() / scale)
     return f"{status:14s} rel={rel:.2e} ndiff={int((diff > 0).sum()):7d} bad={int(bad.sum()):5d}{ties}{extra}"
 
@@ -291,7 +366,10 @@ def timing() -> None:
 def main(argv: Sequence[str]) -> int:
     print(f"torch {torch.__version__}; shapes {SHAPES}")
     failures = 0
+    only = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("--only=")]
     for case in CASES:
+        if only and case.method not in only[0]:
+            continue
         print(describe(case))
         for dtype in (torch.float32, torch.bfloat16):
             for shape in SHAPES:

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     merge.add_argument("--workers", type=int, default=2, help="tensors computed concurrently (default 2)")
     merge.add_argument("--trust-remote-code", action="store_true", help="allow tokenizers with custom code")
+    _lenient_flag(merge)
     merge.add_argument(
         "--lazy-unpickle", action="store_true", help=argparse.SUPPRESS
     )  # mergekit compatibility
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a spec (and, unless --no-resolve, that its models fit)")
     validate.add_argument("config")
     validate.add_argument("--no-resolve", action="store_true", help="only check the YAML, do not open models")
+    _lenient_flag(validate)
     _verbosity(validate)
 
     evolve = sub.add_parser("evolve", help="evolve models with M2N2 (or a baseline) from an evolve spec")
@@ -146,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lenient_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lenient-parameters",
+        action="store_true",
+        help="warn about and ignore parameter names the merge method does not declare (mergekit's behaviour)",
+    )
+
+
 def _push_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--push",
@@ -188,6 +198,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         push_to_hub=args.push,
         private=args.private,
+        lenient_parameters=args.lenient_parameters,
     )
     result = run_merge(args.config, args.out_dir, options)
     if not args.quiet:
@@ -251,7 +262,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 f"{args.config}: valid {spec.evolve.algorithm} evolve spec ({spec.evolve.budget} forward passes)"
             )
         return 0
-    spec = validate(args.config, resolve=not args.no_resolve)
+    spec = validate(args.config, resolve=not args.no_resolve, lenient_parameters=args.lenient_parameters)
     if not args.quiet:
         print(f"{args.config}: valid {spec.merge_method} spec over {len(spec.referenced_models())} models")
     return 0

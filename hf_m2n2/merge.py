@@ -23,7 +23,7 @@ from hf_m2n2.outdir import (
     copy_tokenizer_files,
     set_config_dtype,
 )
-from hf_m2n2.plan import plan_merge
+from hf_m2n2.plan import check_parameters, plan_merge
 from hf_m2n2.push import PushResult, PushTarget
 from hf_m2n2.recipe import MethodRecipe
 from hf_m2n2.seeds import Seed, open_seeds
@@ -58,6 +58,7 @@ class MergeOptions:
     progress: bool = True
     push_to_hub: str | None = None  # overrides the spec's output.push_to_hub
     private: bool | None = None  # overrides output.private
+    lenient_parameters: bool = False  # warn about and ignore parameter names the method does not declare
 
 
 @dataclass
@@ -133,6 +134,7 @@ def _merge_seeds(
         random_seed=options.random_seed,
         allow_crimes=options.allow_crimes,
         align_rows=vocab is not None,
+        lenient_parameters=options.lenient_parameters,
     )
     planned = [
         PlannedTensor(t.name, (vocab.rows, *t.shape[1:]) if t.align_rows and vocab else t.shape, t.out_dtype)
@@ -342,13 +344,20 @@ def _write_card(
     write_card(tmp, info)
 
 
-def validate(config_path: str | os.PathLike[str], *, resolve: bool = True) -> MergeSpec:
-    """`hf-m2n2 validate`: parse the spec; with `resolve`, also resolve the seeds and plan the merge (no writes)."""
+def validate(
+    config_path: str | os.PathLike[str], *, resolve: bool = True, lenient_parameters: bool = False
+) -> MergeSpec:
+    """`hf-m2n2 validate`: parse the spec and check its parameters; with `resolve`, also resolve the seeds and
+    plan the merge (no writes), which checks every parameter value as the merge would."""
     spec = load_spec(config_path)
-    if resolve:
+    if not resolve:
+        check_parameters(spec, lenient=lenient_parameters)
+    else:
         refs = spec.referenced_models()
         seeds = open_seeds(refs, base_dir=Path(config_path).resolve().parent)
         seed_index = {ref: i for i, ref in enumerate(refs)}
         vocab = _plan_vocab(spec, seeds, seed_index, MergeOptions())
-        plan_merge(spec, seeds, seed_index, align_rows=vocab is not None)
+        plan_merge(
+            spec, seeds, seed_index, align_rows=vocab is not None, lenient_parameters=lenient_parameters
+        )
     return spec

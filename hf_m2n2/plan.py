@@ -8,6 +8,7 @@ Parameters are looked up per model, then per slice, then globally.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 
 from hf_m2n2.architectures import architecture_signature, ties_word_embeddings
 from hf_m2n2.errors import CheckpointError, SpecError
-from hf_m2n2.methods import MergeMethod, Param, get_method
+from hf_m2n2.methods import MergeMethod, Param, all_methods, get_method
 from hf_m2n2.recipe import MethodRecipe, SourceTensor, TensorTask
 from hf_m2n2.seeds import Seed
 from hf_m2n2.spec import MergeSpec, evaluate_setting, model_ref_string
@@ -56,6 +57,7 @@ def plan_merge(
     random_seed: int = 0,
     allow_crimes: bool = False,
     align_rows: bool = False,
+    lenient_parameters: bool = False,
 ) -> MethodRecipe:
     """Build the recipe of a static merge.
 
@@ -65,6 +67,8 @@ def plan_merge(
         random_seed: run seed; each randomized tensor's generator is seeded from it and the tensor name.
         allow_crimes: merge seeds of different architectures.
         align_rows: embeddings need re-ordering by token (vocabulary alignment).
+        lenient_parameters: warn about (and ignore) parameter names the method does not declare, as mergekit
+            does, instead of refusing them.
 
     Raises:
         SpecError: a parameter or model count problem, naming the YAML path.
@@ -74,7 +78,7 @@ def plan_merge(
     base = None if spec.base_model is None else seed_index[spec.base_ref()]
     slices = _normalize(spec, seeds, seed_index, method, base)
     _check_architectures(seeds, [s.seed for sl in slices for s in sl.sources], allow_crimes)
-    _check_declared(spec, method, slices)
+    _check_declared(spec, method, slices, lenient_parameters)
     reference = base if base is not None else slices[0].sources[0].seed
     compute_dtype = torch_dtype(spec.dtype) or torch.float32
     out_dtype = torch_dtype(spec.out_dtype) or torch_dtype(spec.dtype)
@@ -182,13 +186,101 @@ def _check_architectures(seeds: list[Seed], used: list[int], allow_crimes: bool)
         )
 
 
-def _check_declared(spec: MergeSpec, method: MergeMethod, slices: list[_Slice]) -> None:
-    """Static checks: required parameters are given somewhere; warn about parameters the method ignores."""
-    known = {p.name for p in method.params}
+def check_parameters(spec: MergeSpec, *, lenient: bool = False) -> None:
+    """The parameter checks that need no models (`validate --no-resolve` runs only these; planning runs them first).
+
+    A name the method does not declare is an error naming the nearest valid one, unless `lenient` or another
+    method declares it (a recipe switched from ties to linear keeps its `density`): then a warning, and the value
+    is ignored, as mergekit ignores it. Values given as plain scalars are checked as the merge would check them.
+
+    Raises:
+        SpecError: naming the YAML path of the offending parameter.
+    """
+    method = get_method(spec.merge_method)
+    known = [p.name for p in method.params]
+    anywhere = sorted({p.name for m in all_methods() for p in m.params})
     for place, params in _all_parameter_places(spec):
         for name in params or {}:
-            if name not in known:
-                log.warning("%s.%s is not a parameter of %s; ignored", place, name, method.name)
+            if name in known:
+                continue
+            if not (lenient or name in anywhere):
+                raise SpecError(
+                    f"{place}.{name}", f"not a parameter of {method.name}{_suggestion(name, known)}"
+                )
+            log.warning("%s.%s is not a parameter of %s; ignored", place, name, method.name)
+    if method.check is not None:
+        for src_path, layers in _static_inputs(spec, method):
+            values = {}
+            for p in method.params:
+                places = layers if p.per_model else layers[1:]
+                found = next(((path, params[p.name]) for path, params in places if p.name in params), None)
+                if found is not None and not isinstance(found[1], (int, float, str, bool)):
+                    break  # a gradient or filters: checked per tensor when planned
+                values[p.name] = p.default if found is None else _coerce_at(p, *found)
+            else:
+                _raise_problem(method, values, layers, src_path)
+
+
+def _coerce_at(p: Param, path: str, value: Any) -> Any:
+    """`value` coerced for `p`, found in the parameters mapping at `path` (a SpecError names `path.<name>`)."""
+    try:
+        return _coerce(p, value, "")
+    except SpecError as exc:
+        raise SpecError(f"{path}.{p.name}", exc.message) from None
+
+
+def _suggestion(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    listed = ", ".join(known) if known else "none"
+    return f" (its parameters: {listed}; --lenient-parameters ignores unknown names)"
+
+
+# (path of a parameters mapping, the mapping), most specific first: the source's, its slice's, the global ones
+_Layers = list[tuple[str, dict[str, Any]]]
+
+
+def _static_inputs(spec: MergeSpec, method: MergeMethod):
+    """(source path, parameter layers) of every input model the method merges (the base excluded when used)."""
+    top = ("parameters", spec.parameters or {})
+    if spec.models is not None:
+        for i, m in enumerate(spec.models):
+            if method.uses_base != "never" and model_ref_string(m.model) == spec.base_ref():
+                continue
+            yield f"models[{i}]", [(f"models[{i}].parameters", m.parameters or {}), top]
+        return
+    for i, sl in enumerate(spec.slices or []):
+        base = model_ref_string(sl.base_model) if sl.base_model is not None else spec.base_ref()
+        for j, src in enumerate(sl.sources):
+            if method.uses_base != "never" and model_ref_string(src.model) == base:
+                continue
+            path = f"slices[{i}].sources[{j}]"
+            yield (
+                path,
+                [
+                    (f"{path}.parameters", src.parameters or {}),
+                    (f"slices[{i}].parameters", sl.parameters or {}),
+                    top,
+                ],
+            )
+
+
+def _raise_problem(method: MergeMethod, values: dict[str, Any], layers: _Layers, src_path: str) -> None:
+    """SpecError at the YAML path of the parameter `method.check` blames for `values`, if any."""
+    problem = method.check(values)
+    if problem is None:
+        return
+    name, message = problem
+    path = next(
+        (f"{where}.{name}" for where, params in layers if name in params), f"{src_path}.parameters.{name}"
+    )
+    raise SpecError(path, message)
+
+
+def _check_declared(spec: MergeSpec, method: MergeMethod, slices: list[_Slice], lenient: bool) -> None:
+    """Static checks: parameter names and scalar values (`check_parameters`); required parameters given somewhere."""
+    check_parameters(spec, lenient=lenient)
     global_given = set(spec.parameters or {})
     for p in method.global_params:
         if (
@@ -275,6 +367,15 @@ class _Planner:
             {p.name: self._param(p, src, sl, st.name, t) for p in self.method.model_params}
             for src, st in inputs
         )
+        if self.method.check is not None:  # values from gradients and filters, as this tensor resolves them
+            top = ("parameters", self.spec.parameters or {})
+            for (src, _), values in zip(inputs, model_params):
+                layers = [
+                    (f"{src.path}.parameters", src.params or {}),
+                    (f"{sl.path}.parameters", sl.params or {}),
+                    top,
+                ]
+                _raise_problem(self.method, {**params, **values}, layers, src.path)
         return TensorTask(
             name=out_name,
             shape=ref.shape,

@@ -29,6 +29,13 @@ ALL = [
     "della_linear",
     "model_stock",
     "passthrough",
+    "sce",
+    "ram",
+    "ramplus_tl",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
 ]
 S2 = 1 / math.sqrt(2)
 

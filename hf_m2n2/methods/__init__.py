@@ -2,10 +2,16 @@
 
 from hf_m2n2.errors import MethodParameterError, UnknownMethodError
 from hf_m2n2.methods import (  # noqa: F401  (imported to register the methods)
+    arcee_fusion,
+    karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
     nuslerp,
     passthrough,
+    ram,
+    sce,
     slerp,
     task_arithmetic,
 )

@@ -64,6 +64,12 @@ MergeFn = Callable[
 ]
 
 
+# check(values) -> None when fine, else (the parameter to blame, what is wrong): `values` are one input model's
+# resolved parameters, global and per-model together. The planner runs it before anything is written, so a value
+# the method would reject while merging is reported with its YAML path by `validate` and `merge` alike.
+ParamCheck = Callable[[Mapping[str, Scalar]], "tuple[str, str] | None"]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method.
@@ -89,6 +95,7 @@ class MergeMethod:
     # Not elementwise, but as whole-tensor statistics + an elementwise apply (`fn` runs both on one block):
     # big tensors are merged in row blocks too. See hf_m2n2.methods.streaming.
     streamed: Streamed | None = None
+    check: ParamCheck | None = None
 
     @property
     def global_params(self) -> tuple[Param, ...]:

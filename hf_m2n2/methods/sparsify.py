@@ -427,17 +427,26 @@ def _della_plan(model_params: Mapping[str, Scalar]) -> Any:
         return None
     if density <= 0:
         return ZERO
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise MethodParameterError(
-            f"della: epsilon={epsilon} with density={density} puts keep probabilities outside (0, 1); "
-            "choose epsilon < min(density, 1 - density)"
-        )
+    problem = della_problem(density, epsilon)
+    if problem is not None:
+        raise MethodParameterError(f"della: {problem}")
 
     def probability(x: torch.Tensor) -> torch.Tensor:
         rows = x.unsqueeze(0) if x.dim() < 2 else x
         return _rank_probabilities(rows, density, epsilon, torch.float32).reshape(x.shape)
 
     return probability
+
+
+def della_problem(density: float, epsilon: float) -> str | None:
+    """Why DELLA cannot sample with these values (keep probabilities density +/- epsilon outside (0, 1)), or None.
+    A density of 1 or more keeps everything and one of 0 or less drops everything: epsilon is then unused."""
+    if density >= 1 or density <= 0 or (density - epsilon > 0 and density + epsilon < 1):
+        return None
+    return (
+        f"epsilon={epsilon} with density={density} puts keep probabilities outside (0, 1); "
+        "choose epsilon < min(density, 1 - density)"
+    )
 
 
 def _drawn(plan_of: Callable[[Mapping[str, Scalar]], Any]) -> Callable[..., list[Any]]:

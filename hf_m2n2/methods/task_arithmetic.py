@@ -174,6 +174,11 @@ def _params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tu
     )
 
 
+def _della_check(values: Mapping[str, Scalar]) -> tuple[str, str] | None:
+    problem = sparsify.della_problem(float(values["density"]), float(values["epsilon"]))
+    return None if problem is None else ("epsilon", problem)
+
+
 _GAMMA = (Param("gamma", 0.01, per_model=True),)
 _EPSILON = (Param("epsilon", 0.15, per_model=True),)
 _TASK_ARITHMETIC = "Editing Models with Task Arithmetic (https://arxiv.org/abs/2212.04089)"
@@ -228,5 +233,6 @@ for _name, _sparsifier, _consensus, _normalize, _rescale, _extra, _paper, _descr
             min_models=1,
             paper=_paper,
             description=_description,
+            check=_della_check if _sparsifier is sparsify.DELLA else None,
         )
     )
