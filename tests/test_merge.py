@@ -189,7 +189,7 @@ def test_tokenizer_copy_and_chat_template(seeds, write_spec, cli, tmp_path):
 
 @pytest.mark.parametrize("source, rows", [("base", 259), ("union", 260), (None, 259)])
 def test_vocabulary_rows_aligned_by_token(seeds, write_spec, cli, tmp_path, source, rows):
-    """base has 259 rows, `wide` 260 (an extra token): rows are matched by token, gaps zeroed, never a crash."""
+    """base has 259 rows, `wide` 260 (an extra token): rows are matched by token, gaps filled, never a crash."""
     spec = {
         "merge_method": "linear",
         "base_model": str(seeds["base"]),
@@ -207,8 +207,10 @@ def test_vocabulary_rows_aligned_by_token(seeds, write_spec, cli, tmp_path, sour
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert merged[name].shape[0] == rows
         torch.testing.assert_close(merged[name][:259], (base[name] + wide[name][:259]) / 2)
-        if rows == 260:  # the base lacks the extra token: its row is zero, so the mean halves wide's row
-            torch.testing.assert_close(merged[name][259], wide[name][259] / 2)
+        if (
+            rows == 260
+        ):  # the base lacks the extra token: it takes wide's row first (as mergekit), so it is kept
+            torch.testing.assert_close(merged[name][259], wide[name][259])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == rows
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "out"))) == rows
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
