@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TokenRow:
     """A configured token's default row (`tokenizer.tokens`): seed `seed`'s original row `row` (`row` None: its
-    row for this token; `seed` None: zeros), given to every seed when `force`, else to those lacking the token."""
+    row for this token), zeros when `zero`, the automatic default when neither; given to every seed when
+    `force`, else to those lacking the token."""
 
     token: str
     seed: int | None
     row: int | None
     force: bool
+    zero: bool = False
 
 
 @dataclass
@@ -164,8 +166,10 @@ def _token_row(
 ) -> TokenRow:
     """Resolve one `tokenizer.tokens` entry to a default row (checked here, so a bad entry fails before writing)."""
     where = f"tokenizer.tokens.{token}.source"
-    if cfg.source is None or isinstance(cfg.source, ZeroEmbedding):
+    if cfg.source is None:  # the automatic default (mergekit 0.1.5 fails on an entry without a source)
         return TokenRow(token, None, None, cfg.force)
+    if isinstance(cfg.source, ZeroEmbedding):
+        return TokenRow(token, None, None, cfg.force, zero=True)
     ref = cfg.source.model if isinstance(cfg.source, ModelTokenEmbedding) else cfg.source
     seed = seed_index.get(model_ref_string(ref))
     if seed not in users:
@@ -256,8 +260,9 @@ def align_embeddings(
     forced = torch.zeros(n, dtype=torch.bool, device=default.device)
     for out_row, cfg in vocab.token_rows.items():
         forced[out_row] = cfg.force
-        if cfg.seed is None:
+        if cfg.zero:
             default[out_row] = 0
+        if cfg.seed is None:
             continue
         if cfg.seed not in seed_ids:
             raise CheckpointError(

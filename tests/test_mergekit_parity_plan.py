@@ -239,3 +239,16 @@ def test_a_token_source_that_is_not_merged_is_a_spec_error(seeds, chat, tmp_path
     ):
         merge(parse_spec(spec), tmp_path / "out", MergeOptions(progress=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_token_entry_without_a_source_takes_the_automatic_default(seeds, chat, tmp_path):
+    """`{force: true}` alone gives every seed the default row (the base's, all having the token); `{}` alone only
+    adds a token, zero where no seed has it."""
+    tokens = {"</s>": {"force": True}, "<|new|>": {}}
+    spec = _linear(seeds["base"], chat["chat"], base_model=str(seeds["base"]), tokenizer={"tokens": tokens})
+    merged = _run(spec, tmp_path / "out")
+    vocab = _vocab(tmp_path / "out")
+    base = load_dir(seeds["base"])
+    for name in EMBEDS:
+        torch.testing.assert_close(merged[name][vocab["</s>"]], base[name][2], rtol=1e-6, atol=0)
+        assert torch.equal(merged[name][vocab["<|new|>"]], torch.zeros_like(merged[name][0]))
