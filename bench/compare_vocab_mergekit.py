@@ -152,7 +152,7 @@ def compare(ours_dir: Path, mk_dir: Path) -> dict:
             a = torch.cat([a[[v_ours[t] for t in tokens]], a[pad]])
             b = torch.cat([b[[v_mk[t] for t in tokens]], b[pad]])
         rel = float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-        if rel >= worst:
+        if rel > worst or not worst_name:
             worst, worst_name = rel, name
     return {
         "tensors": len(ours.keys() & mk.keys()),

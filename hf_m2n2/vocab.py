@@ -236,45 +236,73 @@ def align_embeddings(
     """Each seed's token-indexed tensor re-ordered to the output vocabulary, the rows it lacks filled as mergekit
     0.1.5 fills them (see the module docstring), padding rows set to its mean embedding.
 
+    Default rows are computed only for the tokens some seed lacks (or forced ones): the extra memory is a few rows.
+
     Args:
         seed_ids: the seed of each tensor (the sources of one output tensor).
         base: the base seed of this tensor, if any (its row is the default where it has the token).
     """
-    n = vocab.tokens
+    n, total = vocab.tokens, vocab.rows
     aligned, has = [], []
     for k, tensor in zip(seed_ids, tensors):
         row_map = vocab.row_maps[k].to(tensor.device)
-        present = row_map >= 0
-        rows = tensor.index_select(0, row_map.clamp(min=0))
-        rows[~present] = 0
-        aligned.append(rows)
-        has.append(present)
-    count = torch.stack(has).sum(0)
-    default = aligned[0].clone()
-    for rows in aligned[1:]:
-        default += rows  # rows a seed lacks are zero: the sum runs over the seeds that have the token
-    default /= count.clamp(min=1).to(default.dtype).view(-1, *([1] * (default.dim() - 1)))
-    if base in seed_ids:
-        at = list(seed_ids).index(base)
-        default[has[at]] = aligned[at][has[at]]
-    forced = torch.zeros(n, dtype=torch.bool, device=default.device)
+        has.append(row_map >= 0)
+        if total > n:
+            row_map = torch.cat([row_map, row_map.new_full((total - n,), -1)])
+        aligned.append(tensor.index_select(0, row_map.clamp(min=0)))
+    forced = torch.zeros(n, dtype=torch.bool, device=has[0].device)
     for out_row, cfg in vocab.token_rows.items():
         forced[out_row] = cfg.force
+    need = (~torch.stack(has).all(0) | forced).nonzero().squeeze(1)
+    if need.numel():
+        default = _default_rows(need, list(seed_ids), tensors, aligned, has, vocab, base)
+        for rows, present in zip(aligned, has):
+            fill = ~present[need] | forced[need]
+            rows[need[fill]] = default[fill]
+    if total > n:
+        for rows in aligned:
+            rows[n:] = rows[:n].mean(0)
+    return aligned
+
+
+def _default_rows(
+    need: torch.Tensor,
+    seed_ids: list[int],
+    tensors: Sequence[torch.Tensor],
+    aligned: list[torch.Tensor],
+    has: list[torch.Tensor],
+    vocab: VocabPlan,
+    base: int | None,
+) -> torch.Tensor:
+    """The default row of each output token in `need`: its configured source, else the one seed's that has it,
+    else the base's, else the mean of the seeds that have it (zeros when none has it)."""
+    subs = []
+    for rows, present in zip(aligned, has):
+        sub = rows[need]
+        sub[~present[need]] = 0
+        subs.append(sub)
+    default = subs[0].clone()
+    for sub in subs[1:]:
+        default += sub  # rows a seed lacks are zero: the sum runs over the seeds that have the token
+    count = torch.stack([h[need] for h in has]).sum(0).clamp(min=1)
+    default /= count.to(default.dtype).view(-1, *([1] * (default.dim() - 1)))
+    if base in seed_ids:
+        at = seed_ids.index(base)
+        own = has[at][need]
+        default[own] = subs[at][own]
+    position = {row: i for i, row in enumerate(need.tolist())}
+    for out_row, cfg in vocab.token_rows.items():
+        if out_row not in position:
+            continue
+        i = position[out_row]
         if cfg.zero:
-            default[out_row] = 0
+            default[i] = 0
         if cfg.seed is None:
             continue
         if cfg.seed not in seed_ids:
             raise CheckpointError(
                 f"tokenizer.tokens.{cfg.token}: its row comes from a model that is not merged into this tensor"
             )
-        at = list(seed_ids).index(cfg.seed)
-        default[out_row] = aligned[at][out_row] if cfg.row is None else tensors[at][cfg.row]
-    out = []
-    for rows, present in zip(aligned, has):
-        keep = (present & ~forced).view(-1, *([1] * (rows.dim() - 1)))
-        rows = torch.where(keep, rows, default)
-        if vocab.rows > n:
-            rows = torch.cat([rows, rows.mean(0, keepdim=True).expand(vocab.rows - n, *rows.shape[1:])])
-        out.append(rows)
-    return out
+        at = seed_ids.index(cfg.seed)
+        default[i] = aligned[at][out_row] if cfg.row is None else tensors[at][cfg.row]
+    return default
