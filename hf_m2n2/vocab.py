@@ -231,7 +231,11 @@ def _union(tokenizers: dict[int, Any], owner: int, rows: dict[int, int | None]):
 
 
 def align_embeddings(
-    seed_ids: Sequence[int], tensors: Sequence[torch.Tensor], vocab: VocabPlan, base: int | None
+    seed_ids: Sequence[int],
+    tensors: Sequence[torch.Tensor],
+    vocab: VocabPlan,
+    base: int | None,
+    name: str = "",
 ) -> list[torch.Tensor]:
     """Each seed's token-indexed tensor re-ordered to the output vocabulary, the rows it lacks filled as mergekit
     0.1.5 fills them (see the module docstring), padding rows set to its mean embedding.
@@ -241,6 +245,10 @@ def align_embeddings(
     Args:
         seed_ids: the seed of each tensor (the sources of one output tensor).
         base: the base seed of this tensor, if any (its row is the default where it has the token).
+        name: the tensor's name, for messages.
+
+    Raises:
+        CheckpointError: a `tokenizer.tokens` entry takes its row from a model this tensor is not merged from.
     """
     n, total = vocab.tokens, vocab.rows
     aligned, has = [], []
@@ -255,7 +263,7 @@ def align_embeddings(
         forced[out_row] = cfg.force
     need = (~torch.stack(has).all(0) | forced).nonzero().squeeze(1)
     if need.numel():
-        default = _default_rows(need, list(seed_ids), tensors, aligned, has, vocab, base)
+        default = _default_rows(need, list(seed_ids), tensors, aligned, has, vocab, base, name)
         for rows, present in zip(aligned, has):
             fill = ~present[need] | forced[need]
             rows[need[fill]] = default[fill]
@@ -273,6 +281,7 @@ def _default_rows(
     has: list[torch.Tensor],
     vocab: VocabPlan,
     base: int | None,
+    name: str,
 ) -> torch.Tensor:
     """The default row of each output token in `need`: its configured source, else the one seed's that has it,
     else the base's, else the mean of the seeds that have it (zeros when none has it)."""
@@ -301,7 +310,7 @@ def _default_rows(
             continue
         if cfg.seed not in seed_ids:
             raise CheckpointError(
-                f"tokenizer.tokens.{cfg.token}: its row comes from a model that is not merged into this tensor"
+                f"tokenizer.tokens.{cfg.token}: its row comes from a model that is not merged into {name!r}"
             )
         at = seed_ids.index(cfg.seed)
         default[i] = aligned[at][out_row] if cfg.row is None else tensors[at][cfg.row]

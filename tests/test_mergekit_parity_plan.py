@@ -252,3 +252,31 @@ def test_a_token_entry_without_a_source_takes_the_automatic_default(seeds, chat,
     for name in EMBEDS:
         torch.testing.assert_close(merged[name][vocab["</s>"]], base[name][2], rtol=1e-6, atol=0)
         assert torch.equal(merged[name][vocab["<|new|>"]], torch.zeros_like(merged[name][0]))
+
+
+def test_a_token_source_missing_from_one_tensors_models_names_the_tensor(seeds, chat, tmp_path):
+    """Slices: lm_head comes from the last slice, which does not merge the fine-tune the token's row is taken from."""
+    tokens = {IM_START: {"source": str(chat["chat"]), "force": True}}
+    spec = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(m), "layer_range": [0, 1], "parameters": {"weight": 1}}
+                    for m in (seeds["base"], chat["chat"])
+                ]
+            },
+            {
+                "sources": [
+                    {"model": str(m), "layer_range": [1, 2], "parameters": {"weight": 1}}
+                    for m in (seeds["base"], seeds["a"])
+                ]
+            },
+        ],
+        "tokenizer": {"tokens": tokens},
+    }
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.tokens\.<\|im_start\|>: .* not merged into 'lm_head.weight'"
+    ):
+        merge(parse_spec(spec), tmp_path / "out", MergeOptions(progress=False))
+    assert not (tmp_path / "out").exists()
