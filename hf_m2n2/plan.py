@@ -108,11 +108,9 @@ def plan_merge(
                 out_name = first.arch.with_layer(in_name, out_layer)
                 planner.add(tasks, out_name, suffix_names, sl, t)
             out_layer += 1
-    for name in non_layer:
+    for name in non_layer:  # mergekit >= 0.1.2: post-layer tensors at t = 0 too
         if not ref_seed.arch.is_pre(name):
-            planner.add(
-                tasks, name, {}, slices[-1], 0.0
-            )  # mergekit >= 0.1.2: post-layer tensors at t = 0 too
+            planner.add(tasks, name, {}, slices[-1], 0.0)
     return MethodRecipe(method.name, tasks, compute_dtype, out_layer, reference, base, planner.notes)
 
 
