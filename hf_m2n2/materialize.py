@@ -28,7 +28,7 @@ from hf_m2n2.methods._common import RandomStream
 from hf_m2n2.methods.streaming import Block, Lazy, TensorContext, block_shape
 from hf_m2n2.recipe import MethodRecipe, SourceTensor, TensorTask
 from hf_m2n2.seeds import Seed
-from hf_m2n2.vocab import VocabPlan, align_rows
+from hf_m2n2.vocab import VocabPlan, align_embeddings
 
 # the most elements of one input a method sees at once: memory stays flat at any model size
 CHUNK_ELEMENTS = 16 << 20
@@ -99,7 +99,7 @@ def load_inputs(
         for s in task.sources
     ]
     if task.align_rows and vocab is not None:
-        loaded = _align(task.sources, loaded, vocab)
+        loaded = _align(task, loaded, vocab)
     if task.base is not None:
         return loaded[1:], loaded[0]
     return loaded, None
@@ -182,18 +182,10 @@ def compute_item(
     return stream.streamed.apply(read(item.block), stats).to(item.task.out_dtype)
 
 
-def _align(
-    sources: Sequence[SourceTensor], tensors: list[torch.Tensor], vocab: VocabPlan
-) -> list[torch.Tensor]:
-    aligned = [align_rows(t, vocab.row_maps[s.seed].to(t.device)) for s, t in zip(sources, tensors)]
-    fill = next((a for s, a in zip(sources, aligned) if s.seed == vocab.fill_seed), None)
-    out = []
-    for tensor, missing in aligned:
-        if fill is not None and missing.any():
-            usable = missing & ~fill[1]
-            tensor[usable] = fill[0][usable]
-        out.append(tensor)
-    return out
+def _align(task: TensorTask, tensors: list[torch.Tensor], vocab: VocabPlan) -> list[torch.Tensor]:
+    """Re-order token rows to the output vocabulary and fill the rows a seed lacks (see `hf_m2n2.vocab`)."""
+    base = task.base.seed if task.base is not None else vocab.base
+    return align_embeddings([s.seed for s in task.sources], tensors, vocab, base, task.name)
 
 
 @dataclass(frozen=True)

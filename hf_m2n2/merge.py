@@ -161,13 +161,14 @@ def _plan_vocab(
     spec: MergeSpec, seeds: list[Seed], seed_index: dict[str, int], options: MergeOptions
 ) -> VocabPlan | None:
     source = spec.tokenizer_source_ref()
-    if spec.tokenizer is not None and spec.tokenizer.tokens:
-        raise SpecError("tokenizer.tokens", "per-token embedding sources are not supported")
     users = [seed_index[r] for r in spec.referenced_models() if r != source or r in _merged_refs(spec)]
     base = seed_index[spec.base_ref()] if spec.base_model is not None else None
     reference = base if base is not None else users[0]
     pad = spec.tokenizer.pad_to_multiple_of if spec.tokenizer else None
-    return plan_vocab(source, seeds, seed_index, users, base, reference, pad, options.trust_remote_code)
+    tokens = spec.tokenizer.tokens if spec.tokenizer else None
+    return plan_vocab(
+        source, seeds, seed_index, users, base, reference, pad, options.trust_remote_code, tokens
+    )
 
 
 def _merged_refs(spec: MergeSpec) -> set[str]:

@@ -1,9 +1,14 @@
 """Plan a static merge: a MergeSpec over opened seeds becomes a MethodRecipe (one TensorTask per output tensor).
 
-Follows mergekit's planning semantics: `models:` is one slice over every layer (the base appended when not
-listed); embeddings and other tensors before the layers take the first slice's sources at gradient position
-t = 0, tensors after the layers the last slice's at t = 1; layer k of an n-layer slice sits at t = k / (n - 1).
-Parameters are looked up per model, then per slice, then globally.
+Follows mergekit 0.1.5's planning semantics: `models:` is one slice over every layer (the base appended when not
+listed); embeddings and other tensors before the layers take the first slice's sources, tensors after the layers
+(final norm, lm_head) the last slice's, both at gradient position t = 0 (mergekit since its multi-module planner,
+0.1.2); layer k of an n-layer slice sits at t = k / (n - 1), a one-layer slice's layer at t = 1. Parameters are
+looked up per model, then per slice, then globally.
+
+Every tensor stored by any seed of a slice must be stored by all of them (or be a tied head the seed derives from
+its embeddings), whatever the order the seeds are listed in; the one exception is a buffer transformers ignores when
+loading (rotary `inv_freq` in old checkpoints), which is left out when some seed lacks it.
 """
 
 from __future__ import annotations
@@ -86,28 +91,30 @@ def plan_merge(
 
     tasks: list[TensorTask] = []
     ref_seed = seeds[reference]
-    non_layer = [n for n in ref_seed.checkpoint.names if ref_seed.arch.layer_index(n) is None]
-    non_layer += _tied_heads(seeds, slices, non_layer)
+    non_layer = _non_layer_names(
+        seeds, [reference, *(s.seed for sl in (slices[0], slices[-1]) for s in sl.sources)]
+    )
     for name in non_layer:
         if ref_seed.arch.is_pre(name):
-            tasks.append(planner.task(name, {}, slices[0], 0.0))
+            planner.add(tasks, name, {}, slices[0], 0.0)
+    by_layer = {s.seed: _names_by_layer(seeds[s.seed]) for sl in slices for s in sl.sources}
     out_layer = 0
     for sl in slices:
         for offset in range(sl.num_layers):
             t = offset / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
             first = seeds[sl.sources[0].seed]
-            for in_name in _layer_tensors(first, sl.sources[0].layer_start + offset):
+            for in_name in _layer_names(seeds, by_layer, sl, offset):
                 suffix_names = {
                     s.seed: seeds[s.seed].arch.with_layer(in_name, s.layer_start + offset) for s in sl.sources
                 }
                 if _uses_base(method, sl) and sl.base not in suffix_names:
                     raise SpecError(f"{sl.path}", "the base model must be one of the slice's sources")
                 out_name = first.arch.with_layer(in_name, out_layer)
-                tasks.append(planner.task(out_name, suffix_names, sl, t))
+                planner.add(tasks, out_name, suffix_names, sl, t)
             out_layer += 1
-    for name in non_layer:
+    for name in non_layer:  # mergekit >= 0.1.2: post-layer tensors at t = 0 too
         if not ref_seed.arch.is_pre(name):
-            tasks.append(planner.task(name, {}, slices[-1], 1.0))
+            planner.add(tasks, name, {}, slices[-1], 0.0)
     return MethodRecipe(method.name, tasks, compute_dtype, out_layer, reference, base, planner.notes)
 
 
@@ -309,20 +316,53 @@ def _all_parameter_places(spec: MergeSpec):
             yield f"slices[{i}].sources[{j}].parameters", src.parameters
 
 
-def _layer_tensors(seed: Seed, layer: int) -> list[str]:
-    return [n for n in seed.checkpoint.names if seed.arch.layer_index(n) == layer]
+def _non_layer_names(seeds: list[Seed], seed_ids: list[int]) -> list[str]:
+    """Tensors outside the layers stored by any of these seeds (the first's order first): a tensor one seed
+    lacks is then an error naming it, whichever seed is listed first."""
+    names: dict[str, None] = {}
+    for k in dict.fromkeys(seed_ids):
+        seed = seeds[k]
+        names.update((n, None) for n in seed.checkpoint.names if seed.arch.layer_index(n) is None)
+    return list(names)
 
 
-def _tied_heads(seeds: list[Seed], slices: list[_Slice], names: list[str]) -> list[str]:
-    """Output heads absent from the reference (tied) but stored by another seed: merged like any tensor."""
-    extra = []
-    for sl in slices:
-        for src in sl.sources:
-            seed = seeds[src.seed]
-            for head, _ in seed.arch.tied_pairs:
-                if head in seed.checkpoint and head not in names and head not in extra:
-                    extra.append(head)
-    return extra
+def _layer_names(
+    seeds: list[Seed], by_layer: dict[int, dict[int, list[str]]], sl: _Slice, offset: int
+) -> list[str]:
+    """Tensors of layer `offset` of a slice stored by any of its sources, named as in its first source."""
+    first = sl.sources[0]
+    names: dict[str, None] = {}
+    for src in sl.sources:
+        seed = seeds[src.seed]
+        for n in by_layer[src.seed].get(src.layer_start + offset, ()):
+            names[seed.arch.with_layer(n, first.layer_start + offset)] = None
+    return list(names)
+
+
+def _names_by_layer(seed: Seed) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for n in seed.checkpoint.names:
+        index = seed.arch.layer_index(n)
+        if index is not None:
+            out.setdefault(index, []).append(n)
+    return out
+
+
+def _ignored_on_load(seed: Seed, name: str) -> bool:
+    """Whether transformers ignores this stored tensor when loading the seed's model class (a non-persistent
+    buffer an old checkpoint still carries, like rotary `inv_freq`); mergekit's architectures never list them."""
+    import re
+
+    patterns = [r"rotary_emb\.inv_freq"]  # transformers adds this one for every model (modeling_utils)
+    for arch in seed.config.get("architectures") or []:
+        try:
+            import transformers
+
+            cls = getattr(transformers, arch, None)
+        except Exception:
+            cls = None
+        patterns += list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])
+    return any(re.search(p, name) for p in patterns)
 
 
 class _Planner:
@@ -342,6 +382,28 @@ class _Planner:
         self.out_dtype = out_dtype
         self.align_rows = align_rows
         self.notes: list[str] = []
+
+    def add(
+        self, tasks: list[TensorTask], out_name: str, in_names: dict[int, str], sl: _Slice, t: float
+    ) -> None:
+        """Plan one output tensor, unless it is a loader-ignored buffer that some seed lacks (then left out)."""
+        names = {s.seed: in_names.get(s.seed, out_name) for s in sl.sources}
+        lacking = [k for k, n in names.items() if not self._has(k, n)]
+        if lacking and _ignored_on_load(self.seeds[sl.sources[0].seed], out_name):
+            note = (
+                f"{out_name}: a buffer transformers ignores when loading, stored by only some seeds: left out"
+            )
+            log.info(note)
+            self.notes.append(note)
+            return
+        tasks.append(self.task(out_name, in_names, sl, t))
+
+    def _has(self, seed_idx: int, name: str) -> bool:
+        try:
+            self._source(seed_idx, name)
+        except CheckpointError:
+            return False
+        return True
 
     def task(self, out_name: str, in_names: dict[int, str], sl: _Slice, t: float) -> TensorTask:
         sources = [self._source(src.seed, in_names.get(src.seed, out_name)) for src in sl.sources]

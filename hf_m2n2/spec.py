@@ -6,10 +6,18 @@ import difflib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from hf_m2n2.errors import SpecError
 
@@ -95,10 +103,72 @@ class OutputSlice(StrictModel):
     _ref = field_validator("base_model", mode="before")(lambda v: None if v is None else _coerce_ref(v))
 
 
+class ModelTokenEmbedding(StrictModel):
+    """`{kind: model_token, model: M, token: "<x>"}` or `token_id: N`: that row of model M's own embeddings."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    _ref = field_validator("model", mode="before")(_coerce_ref)
+
+
+class ZeroEmbedding(StrictModel):
+    """`{kind: zero}`: a row of zeros."""
+
+    kind: Literal["zero"]
+
+
+def _token_source_tag(value: Any) -> str:
+    if isinstance(value, dict) and "kind" in value:
+        return {"model_token": "model_token", "zero": "zero"}.get(value["kind"], "unknown kind")
+    if isinstance(value, (ModelTokenEmbedding, ZeroEmbedding)):
+        return value.kind
+    return "model"
+
+
+def _coerce_token_source(value: Any) -> Any:
+    if isinstance(value, dict) and "kind" in value:
+        if value["kind"] not in ("model_token", "zero"):
+            raise ValueError(f"unknown kind {value['kind']!r} (use model_token or zero)")
+        if value["kind"] == "model_token" and (value.get("token") is None) == (value.get("token_id") is None):
+            raise ValueError("model_token: give exactly one of token and token_id")
+        return value
+    return _coerce_ref(value)
+
+
+TokenSource = Annotated[
+    Annotated[ModelTokenEmbedding, Tag("model_token")]
+    | Annotated[ZeroEmbedding, Tag("zero")]
+    | Annotated[ModelRef, Tag("model")],
+    Discriminator(_token_source_tag),
+]
+
+
+class TokenEmbeddingConfig(StrictModel):
+    """How one output token's embedding row is made (mergekit's `tokenizer.tokens` entry).
+
+    Attributes:
+        source: a merged model (its row for this token), `{kind: model_token, ...}` or `{kind: zero}`.
+        force: give every model this row, even those that have the token (default: only those that lack it).
+    """
+
+    source: TokenSource | None = None
+    force: bool = False
+
+    _source = field_validator("source", mode="before")(
+        lambda v: None if v is None else _coerce_token_source(v)
+    )
+
+
 class TokenizerConfig(StrictModel):
-    source: str | ModelRefDict
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    """`tokenizer:`: the output vocabulary (`source`: union, base or a model), per-token embedding sources
+    (`tokens`, each token added to the vocabulary if new) and `pad_to_multiple_of`."""
+
+    source: str | ModelRefDict = "union"
+    tokens: dict[str, TokenEmbeddingConfig] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
 
     _ref = field_validator("source", mode="before")(_coerce_ref)
 

@@ -63,7 +63,8 @@ def test_parameter_precedence_gradients_and_filters(seeds, write_spec, cli, tmp_
 
 
 def test_slerp_gradient_endpoints(seeds, write_spec, cli, tmp_path):
-    """t: [0, 1] gives the base at layer 0 and embeddings (t=0), the other model at layer 1 and after (t=1)."""
+    """t: [0, 1] gives the other model at layer 1 (t=1) and the base everywhere else: layer 0 and every tensor
+    outside the layers, before or after them, sit at t=0 (as in mergekit since 0.1.2)."""
     spec = write_spec(
         {
             "merge_method": "slerp",
@@ -75,7 +76,7 @@ def test_slerp_gradient_endpoints(seeds, write_spec, cli, tmp_path):
     merged = _merge(cli, spec, tmp_path / "out")
     base, a = load_dir(seeds["base"]), load_dir(seeds["a"])
     for name in base:
-        expected = base[name] if (".layers.0." in name or "embed" in name) else a[name]
+        expected = a[name] if ".layers.1." in name else base[name]
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -188,7 +189,7 @@ def test_tokenizer_copy_and_chat_template(seeds, write_spec, cli, tmp_path):
 
 @pytest.mark.parametrize("source, rows", [("base", 259), ("union", 260), (None, 259)])
 def test_vocabulary_rows_aligned_by_token(seeds, write_spec, cli, tmp_path, source, rows):
-    """base has 259 rows, `wide` 260 (an extra token): rows are matched by token, gaps zeroed, never a crash."""
+    """base has 259 rows, `wide` 260 (an extra token): rows are matched by token, gaps filled, never a crash."""
     spec = {
         "merge_method": "linear",
         "base_model": str(seeds["base"]),
@@ -206,8 +207,10 @@ def test_vocabulary_rows_aligned_by_token(seeds, write_spec, cli, tmp_path, sour
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert merged[name].shape[0] == rows
         torch.testing.assert_close(merged[name][:259], (base[name] + wide[name][:259]) / 2)
-        if rows == 260:  # the base lacks the extra token: its row is zero, so the mean halves wide's row
-            torch.testing.assert_close(merged[name][259], wide[name][259] / 2)
+        if (
+            rows == 260
+        ):  # the base lacks the extra token: it takes wide's row first (as mergekit), so it is kept
+            torch.testing.assert_close(merged[name][259], wide[name][259])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == rows
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "out"))) == rows
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
