@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from hf_m2n2.outdir import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 SLERP_SCOPES = ("global", "segment", "tensor")
 SIN_EPS = 1e-6  # below this sin(omega) the reference code falls back to linear interpolation
@@ -132,13 +137,14 @@ def gram_prefix(layout: SeedLayout, read: Callable[[int, str], torch.Tensor], nu
 def load_or_compute_gram(path: Path, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """Gram prefix sums cached in `path` (npz), recomputed when `key` (seeds + layout) differs."""
     if path.exists():
-        with np.load(path) as data:
-            if str(data["key"]) == key:
-                return data["gram"]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["key"]) == key:
+                    return data["gram"]
+        except Exception:  # a damaged cache (truncated by a kill or a full disk) is recomputed, never trusted
+            logger.warning("%s is damaged; recomputing it", path)
     gram = compute()
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, gram=gram, key=np.array(key))
-    tmp.replace(path)
+    atomic_write_bytes(path, lambda handle: np.savez(handle, gram=gram, key=np.array(key)))
     return gram
 
 

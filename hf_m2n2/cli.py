@@ -329,6 +329,14 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     except InfrastructureError as exc:
         print(f"error: {exc}; checkpointed, continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:
+        from pathlib import Path
+
+        if _storage_error(exc, out) is None or not any(Path(out).glob("**/checkpoint.npz")):
+            raise
+        hint = f"the last checkpoint is intact; free space and continue with: hf-m2n2 evolve --resume {out}"
+        print(f"error: {_storage_error(exc, out)}; {hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 
@@ -370,12 +378,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
+    except OSError as exc:  # a full disk (or a file size limit) under any write: one line, as a user error
+        where = getattr(args, "resume", None) or getattr(args, "out_dir", None) or getattr(args, "out", None)
+        error = _storage_error(exc, where)
+        if error is None:
+            if isinstance(exc, HfM2n2Error):
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except HfM2n2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _storage_error(exc: OSError, where: str | None):
+    """The one-line StorageError for a disk that refused a write (None for other OSErrors), naming the output
+    being written (an OSError's own filename can be the source of a copy)."""
+    from hf_m2n2.errors import StorageError
+
+    error = StorageError.of(exc)
+    if error is None or not where:
+        return error
+    if not isinstance(exc, StorageError):
+        return StorageError(f"{where}: cannot write: {exc.strerror or exc}", exc.errno, str(where))
+    return error if error.filename else StorageError(f"{where}: {error}", error.errno, str(where))
 
 
 if __name__ == "__main__":

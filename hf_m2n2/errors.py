@@ -44,6 +44,39 @@ class OutputError(HfM2n2Error):
     """The output directory cannot be written (exists, disk full, permission)."""
 
 
+class StorageError(OutputError, OSError):
+    """The disk refused a write (full, over quota, read-only, failing, or a file size limit): what was already
+    safe stays as it was (a previous output, the last checkpoint).
+
+    Attributes:
+        errno: the OSError's errno.
+        filename: the file being written, when the system said.
+    """
+
+    ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG"})
+
+    def __init__(self, message: str, errno: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+        self.filename = filename
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno N] None"
+        return self.message
+
+    @classmethod
+    def of(cls, exc: BaseException) -> StorageError | None:
+        """The StorageError for an OSError that says the disk refused a write (else None)."""
+        import errno as errnos
+
+        if isinstance(exc, StorageError) or not isinstance(exc, OSError):
+            return exc if isinstance(exc, StorageError) else None
+        if exc.errno is None or errnos.errorcode.get(exc.errno) not in cls.ERRNOS:
+            return None
+        where = f"{exc.filename}: " if exc.filename else ""
+        return cls(f"{where}cannot write: {exc.strerror or exc}", exc.errno, exc.filename)
+
+
 class UnknownMethodError(HfM2n2Error, LookupError):
     """A merge method name that no method registers."""
 

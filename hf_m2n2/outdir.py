@@ -4,6 +4,8 @@ the files besides the weights that an output takes from a seed (config dtype, ge
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import shutil
 import tempfile
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_m2n2.errors import OutputError
+from hf_m2n2.locks import is_alive_temporary, own, owner_pid, sweep_dead, temporary_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -46,25 +49,42 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir`; on success it replaces `out_dir`, on any failure it is removed.
 
-    A crash, Ctrl-C or full disk leaves `out_dir` as it was (absent, or the previous result).
+    A crash, Ctrl-C or full disk leaves `out_dir` as it was (absent, or the previous result). The temporary is
+    locked by this process while it lives, so after a kill -9 the next write into `out_dir` removes it (and a
+    swap directory of a killed `--overwrite`), and a second write into `out_dir` while this one runs is refused.
 
     Raises:
-        OutputError: `out_dir` exists and `overwrite` is false, or the rename fails.
+        OutputError: `out_dir` exists and `overwrite` is false, another live process is writing it, or the
+            rename fails.
     """
     target = Path(out_dir)
     check_output_dir(target, overwrite)
     parent = target.resolve().parent
+    sweep_dead(parent, f".{glob.escape(target.name)}.tmp-*")
+    sweep_dead(parent, f".{glob.escape(target.name)}.old-*")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(target.name), dir=parent))
     except OSError as exc:
         raise OutputError(f"cannot create a temporary directory in {parent}: {exc.strerror or exc}") from exc
+    fd = None
     try:
+        fd = own(tmp)
+        # checked after our own temporary exists, so of two writers starting together at most one goes on
+        others = [
+            p for p in parent.glob(f".{glob.escape(target.name)}.tmp-*") if p != tmp and is_alive_temporary(p)
+        ]
+        if others:
+            pid = owner_pid(others[0])
+            raise OutputError(f"{target}: another hf-m2n2{f' (pid {pid})' if pid else ''} is writing it")
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a result directory is ordinary
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -75,17 +95,26 @@ def _umask() -> int:
 
 def _replace(tmp: Path, target: Path) -> None:
     old = None
+    fd = None
     try:
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.resolve().parent))
+            old = Path(
+                tempfile.mkdtemp(prefix=temporary_prefix(target.name, "old"), dir=target.resolve().parent)
+            )
+            fd = own(old)  # a kill while the previous result is deleted leaves it to the next run's sweep
             os.rename(target, old / "previous")
         os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
-        if old is not None and not target.exists():
+        if old is not None and not target.exists() and (old / "previous").exists():
             os.rename(old / "previous", target)
+        if old is not None and not (old / "previous").exists():
+            shutil.rmtree(old, ignore_errors=True)
         raise OutputError(f"cannot move the result into {target}: {exc.strerror or exc}") from exc
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,13 +138,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
         write: a function taking the open binary file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # unique per process (two writers never share a temporary) and locked, so a sweep removes it once we die
+    fd, name = tempfile.mkstemp(prefix=temporary_prefix(path.name), dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as handle:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from hf_m2n2.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, tensor_nbytes
-from hf_m2n2.errors import OutputError
+from hf_m2n2.errors import OutputError, StorageError
 
 _ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -66,6 +66,7 @@ class _BufferedFile:
         self._flush_bytes = flush_bytes
         self._unflushed = 0
         self._lock = threading.Lock()
+        self._flushes: list = []
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         _pwrite_all(self.fd, data, offset)
@@ -73,10 +74,12 @@ class _BufferedFile:
             self._unflushed += len(data)
             if self._unflushed >= self._flush_bytes:
                 self._unflushed = 0
-                self._flusher.submit(os.fdatasync, self.fd)
+                self._flushes.append(self._flusher.submit(os.fdatasync, self.fd))
 
     def close(self) -> None:
-        pass
+        # a failed background flush is reported here: a later fsync may no longer see the lost write
+        for flush in self._flushes:
+            flush.result()
 
 
 class _DirectFile:
@@ -218,7 +221,7 @@ class ShardedSafetensorsWriter:
                 self._open_shard(self.directory / file_name, group)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"cannot write {self.directory}: {exc.strerror or exc}") from exc
+            raise _write_error(exc, f"cannot write {self.directory}") from exc
 
     def _open_shard(self, file: Path, group: Sequence[PlannedTensor]) -> None:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -254,7 +257,7 @@ class ShardedSafetensorsWriter:
         try:
             self._files[slot.file].pwrite(memoryview(data), slot.offset + start)
         except OSError as exc:
-            raise OutputError(f"writing {slot.file.name}: {exc.strerror or exc}") from exc
+            raise _write_error(exc, f"writing {slot.file.name}") from exc
         with self._lock:
             slot.done += data.nbytes
 
@@ -274,7 +277,7 @@ class ShardedSafetensorsWriter:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
                 (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         except OSError as exc:
-            raise OutputError(f"finishing {self.directory}: {exc.strerror or exc}") from exc
+            raise _write_error(exc, f"finishing {self.directory.name}") from exc
 
     def abort(self) -> None:
         self._flusher.shutdown(wait=True)
@@ -282,6 +285,13 @@ class ShardedSafetensorsWriter:
             with contextlib.suppress(OSError):
                 os.close(out.fd)
         self._files.clear()
+
+
+def _write_error(exc: OSError, what: str) -> OutputError:
+    """A write's OSError as one line: a StorageError when the disk refused it (full, limit, failing)."""
+    if StorageError.of(exc) is not None:
+        return StorageError(f"{what}: {exc.strerror or exc}", exc.errno)
+    return OutputError(f"{what}: {exc.strerror or exc}")
 
 
 def _group_shards(planned: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:

@@ -217,7 +217,7 @@ def test_write_error_mid_merge_removes_temporary_dir(seeds, write_spec, tmp_path
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: writing model-") and "File too large" in proc.stderr
+    assert proc.stderr.startswith(f"error: {out}: writing model-") and "File too large" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_m2n2.errors import CheckpointError
 from hf_m2n2.outdir import atomic_write_bytes
 
 _META = "__meta__"
@@ -85,8 +86,30 @@ def load_state(path: str | os.PathLike[str]) -> Any:
 
     Returns:
         The tree, arrays as numpy arrays.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        CheckpointError: the file is damaged (truncated, emptied, altered) or not a checkpoint.
     """
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    tree = json.loads(arrays.pop(_META).tobytes().decode())
-    return unpack(tree, arrays)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        tree = json.loads(arrays.pop(_META).tobytes().decode())
+        return unpack(tree, arrays)
+    except FileNotFoundError:
+        raise
+    except (
+        Exception
+    ) as exc:  # zip, npy, JSON and layout errors alike; numpy's own text may advise allow_pickle
+        raise CheckpointError(
+            f"{path} is damaged ({_damage(exc)}): restore it, or start the run again with --overwrite"
+        ) from None
+
+
+def _damage(exc: Exception) -> str:
+    text = str(exc).lower()
+    if isinstance(exc, ValueError) and "pickle" in text:
+        return "not an hf-m2n2 checkpoint"
+    if isinstance(exc, EOFError) or "truncated" in text or "empty" in text or "not a zip file" in text:
+        return "truncated or not a checkpoint"
+    return "corrupted"

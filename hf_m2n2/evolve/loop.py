@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2 import __version__
-from hf_m2n2.errors import ContractError, EvaluationError, HfM2n2Error, InfrastructureError
+from hf_m2n2.errors import CheckpointError, ContractError, EvaluationError, InfrastructureError
 from hf_m2n2.evaluate.base import check_scores
 from hf_m2n2.evolve.checkpoint import load_state, save_state
 from hf_m2n2.evolve.executor import Executor, Scored
@@ -80,6 +81,10 @@ class LoopState:
     failure_records: list[dict[str, Any]] = field(default_factory=list)
     history_bytes: int = 0
     lineage_bytes: int = 0
+    history_sha256: str | None = (
+        None  # of the first history_bytes (None: a checkpoint from before it was kept)
+    )
+    lineage_sha256: str | None = None
     elapsed_s: float = 0.0
     sessions: int = 0
     last_log: dict[str, Any] | None = None
@@ -211,7 +216,8 @@ def run_loop(
         EvaluationError: the very first candidate cannot be evaluated (the evaluator is broken).
         InfrastructureError: a service the evaluation needs failed; the run is checkpointed (its candidates in
             flight included) and `resume=True` continues it.
-        HfM2n2Error: the checkpoint or history does not match.
+        CheckpointError: the checkpoint is damaged or does not match the settings, or the history does not
+            match it.
         KeyboardInterrupt: Ctrl-C or SIGTERM, after a checkpoint of the last finished step.
 
     Example:
@@ -224,24 +230,20 @@ def run_loop(
     state = LoopState()
     in_flight: deque[Candidate] = deque()
     if resume:
-        saved = load_state(run_dir / CHECKPOINT)
-        if saved.get("format") != CHECKPOINT_FORMAT:
-            raise HfM2n2Error(
-                f"{run_dir / CHECKPOINT}: unsupported checkpoint format {saved.get('format')!r}"
-            )
-        strategy.load_state_dict(saved["strategy"])
-        state = LoopState(**saved["loop"])
+        state, saved_in_flight = _restore(run_dir / CHECKPOINT, strategy)
         in_flight.extend(
-            Candidate(ops.from_state(c["genome"]), Lineage.from_dict(c["lineage"]))
-            for c in saved.get("in_flight", [])
+            Candidate(ops.from_state(c["genome"]), Lineage.from_dict(c["lineage"])) for c in saved_in_flight
         )
-        _truncate(history_path, state.history_bytes)
+        history_hash = _truncate(history_path, state.history_bytes, state.history_sha256)
         if settings.lineage:
-            _truncate(lineage_path, state.lineage_bytes)
+            lineage_hash = _truncate(lineage_path, state.lineage_bytes, state.lineage_sha256)
     else:
         history_path.write_bytes(b"")
+        history_hash = hashlib.sha256()
         if settings.lineage:
             lineage_path.write_bytes(b"")
+    if not settings.lineage or not resume:
+        lineage_hash = hashlib.sha256()
     state.sessions += 1
     session_start = time.perf_counter()
     elapsed_before = state.elapsed_s
@@ -260,8 +262,10 @@ def run_loop(
                 log.flush()
                 os.fsync(log.fileno())
             state.history_bytes = history.tell()
+            state.history_sha256 = history_hash.hexdigest()
             if lineage is not None:
                 state.lineage_bytes = lineage.tell()
+                state.lineage_sha256 = lineage_hash.hexdigest()
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             loop_state = asdict(state)
             saved = {"format": CHECKPOINT_FORMAT, "loop": loop_state, "strategy": strategy.state_dict()}
@@ -300,12 +304,16 @@ def run_loop(
                 state.passes += 1
                 if lineage is not None:
                     record = {**scored.candidate.lineage.to_dict(), "score": float(np.mean(scores))}
-                    lineage.write((json.dumps(record) + "\n").encode())
+                    line = (json.dumps(record) + "\n").encode()
+                    lineage.write(line)
+                    lineage_hash.update(line)
                 if state.passes % settings.log_every == 0 or state.passes == settings.budget:
                     record = {"passes": state.passes, **_train_stats(strategy)}
                     record["test"] = _test_score(executor, strategy)
                     record["failures"] = state.failures
-                    history.write((json.dumps(record) + "\n").encode())
+                    line = (json.dumps(record) + "\n").encode()
+                    history.write(line)
+                    history_hash.update(line)
                     state.last_log = record
                     bar.update(state.passes - bar.n)
                     bar.set_postfix(
@@ -336,17 +344,74 @@ def _train_stats(strategy: Strategy) -> dict[str, float]:
     return {"best_train": stats["best"], "mean_train": stats["mean"]}
 
 
-def _truncate(path: Path, size: int) -> None:
+def _restore(path: Path, strategy: Strategy) -> tuple[LoopState, list[dict[str, Any]]]:
+    """The loop state and the candidates in flight of a checkpoint; the strategy's state loaded into it.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged, or was written by other settings than the spec's now give.
+    """
+    saved = load_state(path)
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else None
+        raise CheckpointError(f"{path}: unsupported checkpoint format {found!r}")
+    try:
+        state = LoopState(**saved["loop"])
+        in_flight = list(saved.get("in_flight", []))
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a checkpoint of this hf-m2n2 version ({exc})") from None
+    try:
+        strategy.load_state_dict(saved["strategy"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        changed = _changed_settings(saved.get("strategy"), strategy)
+        what = f"{changed} differ" if changed else str(exc)
+        raise CheckpointError(
+            f"{path}: written with other {strategy.name} settings than the spec gives now ({what}; "
+            "a changed default?): resume with the hf-m2n2 version that started it, or start again with --overwrite"
+        ) from None
+    return state, in_flight
+
+
+def _changed_settings(saved: Any, strategy: Strategy) -> str:
+    """The names of the strategy settings that differ between a checkpoint and `strategy` (when both have them)."""
+    try:
+        before, now = saved["config"], strategy.state_dict()["config"]
+    except (KeyError, TypeError, AttributeError):
+        return ""
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return ""
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return ", ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in keys)
+
+
+def _truncate(path: Path, size: int, sha256: str | None) -> Any:
+    """Cut `path` back to the `size` bytes the checkpoint saw, after checking they are the ones it saw.
+
+    Returns:
+        The running sha256 of those bytes (the loop goes on appending to it).
+    """
+    digest = hashlib.sha256()
     try:
         with open(path, "r+b") as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell() < size:
-                raise HfM2n2Error(
+                raise CheckpointError(
                     f"{path} is shorter than its checkpoint expects ({handle.tell()} < {size} bytes)"
+                )
+            handle.seek(0)
+            remaining = size
+            while remaining:
+                chunk = handle.read(min(remaining, 1 << 20))
+                digest.update(chunk)
+                remaining -= len(chunk)
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise CheckpointError(
+                    f"{path} was changed after its last checkpoint (its checksum differs): restore it, "
+                    "or start the run again with --overwrite"
                 )
             handle.truncate(size)
     except FileNotFoundError:
-        raise HfM2n2Error(f"{path} is missing; cannot resume") from None
+        raise CheckpointError(f"{path} is missing; cannot resume") from None
+    return digest
 
 
 def _write_archive(path: Path, strategy: Strategy, ops: GenomeOps) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2.errors import HfM2n2Error
-from hf_m2n2.evolve.loop import LINEAGE
+from hf_m2n2.evolve.loop import LINEAGE, SUMMARY
+from hf_m2n2.outdir import atomic_write_text
 
 MODEL_DIR = "model"
 REPORT = "report.json"
@@ -125,10 +126,16 @@ class RunOutcome:
         write_card(out, info)
 
     def save_report(self, progress: bool) -> dict[str, dict[str, float]]:
-        (self.run_dir / REPORT).write_text(json.dumps(self.report, indent=2) + "\n")
+        # the run's "finished" marker: written last, so a run killed before it exports again on resume
+        atomic_write_text(self.run_dir / REPORT, json.dumps(self.report, indent=2) + "\n")
         if progress:
             print(format_report(self.report, self.tasks))
         return self.report
+
+
+def is_finished(run_dir: Path, exports: bool) -> bool:
+    """Whether a run finished: its summary is written, and for a model run the report, written after the model."""
+    return (run_dir / (REPORT if exports else SUMMARY)).is_file() and (run_dir / SUMMARY).is_file()
 
 
 def finish_model_run(
@@ -139,7 +146,7 @@ def finish_model_run(
     `run_dir/report.json`, and the per-candidate materialize/evaluate seconds to `run_dir/timing.json`."""
     timing = parts.executor.timing
     if timing is not None:
-        (run_dir / TIMING).write_text(json.dumps(timing.to_dict(), indent=2) + "\n")
+        atomic_write_text(run_dir / TIMING, json.dumps(timing.to_dict(), indent=2) + "\n")
     outcome = RunOutcome.of(spec, parts, run_dir, summary)
     spec.kind.export(parts.genome, spec, outcome, run_dir / MODEL_DIR)
     return outcome.save_report(progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hf_m2n2.errors import HfM2n2Error, OutputError
+from hf_m2n2 import locks
+from hf_m2n2.errors import CheckpointError, HfM2n2Error, OutputError
 from hf_m2n2.evaluate import check_offline
-from hf_m2n2.evolve.loop import CHECKPOINT, SUMMARY, LoopSettings, run_loop
-from hf_m2n2.evolve.outcome import MODEL_DIR
+from hf_m2n2.evolve.loop import CHECKPOINT, HISTORY, LINEAGE, SUMMARY, LoopSettings, run_loop
+from hf_m2n2.evolve.outcome import MODEL_DIR, is_finished
 from hf_m2n2.evolve.spec import EvolveSpec, load_evolve_spec
 from hf_m2n2.outdir import atomic_write_text
 from hf_m2n2.spec import spec_hash
@@ -28,7 +30,10 @@ from hf_m2n2.spec import spec_hash
 SPEC_COPY = "spec.yaml"
 RUN_INFO = "run.json"
 RUNS_INFO = "runs.json"
+RUN_OWNER = "another evolve"
 PUSHED = "push.json"  # the upload of the exported model succeeded (resume pushes again otherwise)
+
+logger = logging.getLogger(__name__)
 
 Reporter = Callable[[Path, dict[str, Any]], None]
 
@@ -61,7 +66,7 @@ class RunInfo:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunInfo:
-        data = json.loads((run_dir / RUN_INFO).read_text())
+        data = _read_json(run_dir / RUN_INFO)
         return cls(data["seed"], data["run"], data["spec_hash"], data.get("spec_dir"), data.get("push"))
 
     @property
@@ -111,13 +116,15 @@ def start_runs(
     # everything that can be checked without running is checked before anything is written
     spec.kind.preflight(spec, Path(spec_dir))
     check_offline(spec.evaluate, Path(spec_dir))
-    _prepare_dir(out, overwrite)
-    try:
-        return _start(out, spec, text, spec_dir, runs, progress, on_done, target)
-    except Exception:
-        if not any(out.glob(f"**/{CHECKPOINT}")):  # failed before its first checkpoint: nothing to resume
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    _make_dir(out)
+    with locks.hold(out, RUN_OWNER):  # held until the run ends: a second evolve into `out` is refused
+        try:
+            _clear(out, overwrite)
+            return _start(out, spec, text, spec_dir, runs, progress, on_done, target)
+        except Exception:
+            if not any(out.glob(f"**/{CHECKPOINT}")):  # failed before its first checkpoint: nothing to resume
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _start(out, spec, text, spec_dir, runs, progress, on_done, target) -> list[dict[str, Any]]:
@@ -133,7 +140,8 @@ def _start(out, spec, text, spec_dir, runs, progress, on_done, target) -> list[d
         run_dir = out / f"run-{index}"
         run_dir.mkdir()
         info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), spec_dir)
-        summaries.append(_start_one(run_dir, spec, text, info, progress, on_done))
+        with locks.hold(run_dir, RUN_OWNER):
+            summaries.append(_start_one(run_dir, spec, text, info, progress, on_done))
     return summaries
 
 
@@ -160,8 +168,18 @@ def resume_runs(
         HfM2n2Error: `out_dir` is not an evolve run directory, or `runs` is lower than its number of runs.
     """
     out = Path(out_dir)
+    if out.is_dir():  # a run starting in it has not written run.json yet
+        locks.check_free(out, RUN_OWNER)
+    if not (out / RUNS_INFO).is_file() and not (out / RUN_INFO).is_file():
+        raise HfM2n2Error(f"{out} is not an hf-m2n2 evolve run directory (no {RUN_INFO} or {RUNS_INFO})")
+    with locks.hold(out, RUN_OWNER):  # held until the runs end: a second evolve into `out` is refused
+        return _resume(out, runs, progress, on_done)
+
+
+def _resume(out: Path, runs: int | None, progress: bool, on_done: Reporter | None) -> list[dict[str, Any]]:
     if (out / RUNS_INFO).is_file():
-        index_info = json.loads((out / RUNS_INFO).read_text())
+        _sweep(out)
+        index_info = _read_json(out / RUNS_INFO)
         if runs is not None:
             if runs < index_info["runs"]:
                 raise HfM2n2Error(f"{out} already has {index_info['runs']} runs; --runs can only raise it")
@@ -174,18 +192,22 @@ def resume_runs(
                 spec, text = load_evolve_spec(out / SPEC_COPY)
                 info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), index_info.get("spec_dir"))
                 info.save(run_dir, text)
-        return [_resume_one(run_dir, progress, on_done) for run_dir in dirs]
-    if (out / RUN_INFO).is_file():
-        if runs is not None:
-            raise HfM2n2Error(f"{out} is a single run (started without --runs); --runs does not apply")
-        return [_resume_one(out, progress, on_done)]
-    raise HfM2n2Error(f"{out} is not an hf-m2n2 evolve run directory (no {RUN_INFO} or {RUNS_INFO})")
+        summaries = []
+        for run_dir in dirs:
+            with locks.hold(run_dir, RUN_OWNER):  # also refuses a --resume of this run alone meanwhile
+                summaries.append(_resume_one(run_dir, progress, on_done))
+        return summaries
+    if runs is not None:
+        raise HfM2n2Error(f"{out} is a single run (started without --runs); --runs does not apply")
+    return [_resume_one(out, progress, on_done)]
 
 
-def _refuse_busy(out: Path, overwrite: bool) -> None:
+def _refuse_busy(out: Path, overwrite: bool, held: bool = False) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and not held:
+        locks.check_free(out, RUN_OWNER)
+    if out.is_dir() and any(p.name != locks.LOCK_FILE for p in out.iterdir()) and not overwrite:
         resumable = (out / RUN_INFO).exists() or (out / RUNS_INFO).exists()
         hint = (
             "continue it with --resume DIR, or replace it with --overwrite"
@@ -195,14 +217,29 @@ def _refuse_busy(out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out} already exists and is not empty ({hint})")
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
-    _refuse_busy(out, overwrite)
-    if out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
+def _make_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out}: {exc.strerror or exc}") from None
+
+
+def _clear(out: Path, overwrite: bool) -> None:
+    """Empty `out` for a new run (its lock, which this process holds, stays)."""
+    _refuse_busy(out, overwrite, held=True)
+    for path in out.iterdir():
+        if path.name == locks.LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _sweep(run_dir: Path) -> None:
+    """Remove what a killed process left in a run directory: temporary files and an export's directories."""
+    for pattern in (".*.tmp-*", ".*.old-*"):
+        locks.sweep_dead(run_dir, pattern)
 
 
 def _push_target(spec: EvolveSpec, repo_id: str | None, private: bool | None, runs: int | None):
@@ -235,15 +272,29 @@ def _start_one(
     return _execute(run_dir, spec, info, progress, on_done, resume=False, target=target)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged ({exc}): restore it, or start again with --overwrite"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{path} is damaged (not a JSON object): restore it, or start again with --overwrite"
+        )
+    return data
+
+
 def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict[str, Any]:
+    _sweep(run_dir)
     info = RunInfo.load(run_dir)
     spec, text = load_evolve_spec(run_dir / SPEC_COPY)
     if spec_hash(text) != info.spec_hash:
         raise HfM2n2Error(f"{run_dir / SPEC_COPY} was modified after the run started (spec hash differs)")
     exports = spec.kind.uses_models
-    exported = not exports or (run_dir / MODEL_DIR).is_dir()
-    if (run_dir / SUMMARY).is_file() and exported:
-        summary = json.loads((run_dir / SUMMARY).read_text())
+    if is_finished(run_dir, exports):
+        summary = _read_json(run_dir / SUMMARY)
         target = _stored_target(spec, info) if exports else None
         if target is not None and not (run_dir / PUSHED).is_file():  # finished, but the upload failed
             summary = {**summary, "push": _push(target, run_dir / MODEL_DIR, run_dir)}
@@ -251,6 +302,11 @@ def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict
             on_done(run_dir, summary)
         return summary
     resume = (run_dir / CHECKPOINT).is_file()
+    if not resume and any(
+        (run_dir / log).is_file() and (run_dir / log).stat().st_size for log in (HISTORY, LINEAGE)
+    ):
+        # killed before its first checkpoint, or the checkpoint was deleted: the history goes with the restart
+        logger.warning("%s is missing: the run starts over (its history is cleared)", run_dir / CHECKPOINT)
     return _execute(run_dir, spec, info, progress, on_done, resume=resume, target=_stored_target(spec, info))
 
 

@@ -1,0 +1,429 @@
+"""Killing, damaging and filling the disk under merge and evolve: kill -9 loses only the work in flight (the next
+run removes what it left), two processes never share an output, damaged run files and a full disk give one line
+naming the file and exit 2, and what was already safe stays intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import load_dir
+from test_evolve_models import _spec as model_spec
+
+from hf_m2n2.evolve.checkpoint import load_state, save_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+# --- subprocesses: the CLI (optionally under a file size limit) and helpers killed at a chosen point -----------
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        # a write past the limit fails with EFBIG, as on a full disk (SIGXFSZ would kill the process instead)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def hf(*args, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`hf-m2n2 ARGS` in a child process; with `file_size_limit`, no file it writes can grow past that."""
+    return subprocess.run(
+        [sys.executable, "-m", "hf_m2n2.cli", *map(str, args)],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=None if file_size_limit is None else _limit_file_size(file_size_limit),
+    )
+
+
+# Each helper writes through hf-m2n2's own code path, says "ready" at the point where the test kills it.
+HOLD_OUTPUT_DIR = """
+import sys, time
+from hf_m2n2.outdir import atomic_output_dir
+with atomic_output_dir(sys.argv[1], overwrite=True) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"x" * 4096)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+KILL_IN_SWAP = """
+import shutil, sys, time
+import hf_m2n2.outdir
+rmtree = shutil.rmtree
+def stop_in_swap(path, *args, **kwargs):
+    if ".old-" in str(path):  # the previous result is being deleted after the swap: the test kills us here
+        print("ready", flush=True)
+        time.sleep(600)
+    rmtree(path, *args, **kwargs)
+hf_m2n2.outdir.shutil.rmtree = stop_in_swap
+with hf_m2n2.outdir.atomic_output_dir(sys.argv[1], overwrite=True) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"new")
+"""
+HOLD_FILE_WRITE = """
+import sys, time
+from hf_m2n2.outdir import atomic_write_bytes
+def write(handle):
+    handle.write(b"half a checkpoint")
+    handle.flush()
+    print("ready", flush=True)
+    time.sleep(600)
+atomic_write_bytes(sys.argv[1], write)
+"""
+
+
+def start_helper(script: str, *args) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stdout.readline()
+    assert line.strip() == "ready", process.stderr.read()
+    return process
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- specs ----------------------------------------------------------------------------------------------------
+
+
+def merge_spec(seeds) -> dict:
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(seeds["a"]), "parameters": {"weight": 0.5}},
+            {"model": str(seeds["b"]), "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+
+
+def dense_spec(state_dir: Path, down_at: int = 10**9, **evolve) -> dict:
+    """40 passes of M2N2 on 32 parameters, scored by `outage:scores` (down once at call `down_at`)."""
+    return {
+        "name": "robust",
+        "genome": {"kind": "dense", "size": 32, "seeds": {"kind": "random", "count": 2, "std": 0.1}},
+        "evolve": {"algorithm": "m2n2", "budget": 40, "seed": 3, "log_every": 5, "archive_size": 6, **evolve},
+        "evaluate": {
+            "kind": "python",
+            "callable": "outage:scores",
+            "kwargs": {"state_dir": str(state_dir), "down_at": down_at},
+        },
+    }
+
+
+def held_scores(params, hold: str) -> np.ndarray:
+    """`outage:scores`' sign pattern; the process whose pid `hold` names waits until `hold` is removed."""
+    while Path(hold).exists() and Path(hold).read_text() == str(os.getpid()):
+        time.sleep(0.01)
+    return (np.asarray(params[:16]) > 0).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted dense run, and the same run stopped by an outage at pass 22 with its checkpoint."""
+    root = tmp_path_factory.mktemp("robust")
+    from hf_m2n2.cli import main
+
+    out = {}
+    for name, down_at in (("calm", 10**9), ("stopped", 23)):
+        (root / name).mkdir()
+        spec = root / f"{name}.yaml"
+        spec.write_text(yaml.safe_dump(dense_spec(root / name, down_at)))
+        code = main(["evolve", str(spec), "--out", str(root / f"{name}-run"), "-q"])
+        assert code == (0 if name == "calm" else 2)
+        (root / name / "down").unlink(missing_ok=True)  # the service is back
+        out[name] = root / f"{name}-run"
+    return out
+
+
+@pytest.fixture
+def stopped(runs, tmp_path) -> Path:
+    """A fresh copy of the interrupted run (resumable from pass 22)."""
+    return Path(shutil.copytree(runs["stopped"], tmp_path / "run"))
+
+
+def assert_same_as_calm(run: Path, calm: Path) -> None:
+    assert (run / "history.jsonl").read_bytes() == (calm / "history.jsonl").read_bytes()
+    assert (
+        load_state(run / "archive.npz")["members"][0]["lineage"]
+        == load_state(calm / "archive.npz")["members"][0]["lineage"]
+    )
+
+
+# --- 1. what a kill -9 leaves is removed by the next run into the same place --------------------------------
+
+
+def test_a_killed_merge_s_temporary_is_removed_by_the_next_merge(seeds, tmp_path, write_spec, cli, caplog):
+    out = tmp_path / "merged"
+    helper = start_helper(HOLD_OUTPUT_DIR, out)
+    kill(helper)
+    [left] = leftovers(tmp_path, "merged")
+    assert left.startswith(f".merged.tmp-{helper.pid}-")
+
+    code, _, err = cli("merge", write_spec(merge_spec(seeds)), out, "-q")
+    assert code == 0, err
+    assert f"removed {left} left by a killed run (pid {helper.pid})" in caplog.text
+    assert leftovers(tmp_path, "merged") == [] and (out / "model.safetensors").is_file()
+
+
+def test_a_killed_overwrite_swap_is_removed_by_the_next_merge(seeds, tmp_path, write_spec, cli, caplog):
+    out = tmp_path / "merged"
+    spec = write_spec(merge_spec(seeds))
+    assert cli("merge", spec, out, "-q")[0] == 0
+    helper = start_helper(KILL_IN_SWAP, out)  # killed while deleting the previous result, after the swap
+    kill(helper)
+    [left] = leftovers(tmp_path, "merged")
+    assert (out / "model.safetensors").read_bytes() == b"new"
+
+    code, _, err = cli("merge", spec, out, "--overwrite", "-q")
+    assert code == 0, err
+    assert f"removed {left} left by a killed run (pid {helper.pid})" in caplog.text
+    assert leftovers(tmp_path, "merged") == []
+
+
+def test_a_live_merge_s_temporary_is_left_alone_and_a_second_merge_is_refused(
+    seeds, tmp_path, write_spec, cli
+):
+    out = tmp_path / "merged"
+    helper = start_helper(HOLD_OUTPUT_DIR, out)
+    try:
+        [live] = leftovers(tmp_path, "merged")
+        code, _, err = cli("merge", write_spec(merge_spec(seeds)), out, "--overwrite", "-q")
+        assert code == 2
+        assert one_line(err) == f"error: {out}: another hf-m2n2 (pid {helper.pid}) is writing it"
+        assert leftovers(tmp_path, "merged") == [live] and not out.exists()
+    finally:
+        kill(helper)
+
+
+def test_writes_killed_in_a_run_directory_are_removed_on_resume(stopped, runs, cli, caplog):
+    file_writer = start_helper(HOLD_FILE_WRITE, stopped / "checkpoint.npz")
+    export = start_helper(HOLD_OUTPUT_DIR, stopped / "model")
+    kill(file_writer)
+    kill(export)
+    left = leftovers(stopped, "checkpoint.npz") + leftovers(stopped, "model")
+    assert len(left) == 2 and all(f"-{p.pid}-" in name for p, name in zip((file_writer, export), left))
+
+    code, _, err = cli("evolve", "--resume", stopped, "-q")
+    assert code == 0, err
+    for process, name in zip((file_writer, export), left):
+        assert f"removed {name} left by a killed run (pid {process.pid})" in caplog.text
+    assert leftovers(stopped, "checkpoint.npz") + leftovers(stopped, "model") == []
+    assert_same_as_calm(stopped, runs["calm"])
+
+
+# --- 2. one process per output: a second evolve into a live run is refused ------------------------------------
+
+
+def test_a_second_evolve_into_a_live_run_is_refused(tmp_path, write_spec, cli):
+    hold = tmp_path / "hold"
+    spec = dense_spec(tmp_path)
+    spec["evaluate"] = {
+        "kind": "python",
+        "callable": "test_run_robustness:held_scores",
+        "kwargs": {"hold": str(hold)},
+    }
+    spec_path = write_spec(spec)
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_m2n2.cli", "evolve", str(spec_path), "--out", str(run), "-q"],
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hold.write_text(str(process.pid))  # its first evaluation waits until the test lets it go
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(process.pid)):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refusal = f"error: {run}: another evolve (pid {process.pid}) is running in it"
+        code, _, err = cli("evolve", "--resume", run, "-q")
+        assert (code, one_line(err)) == (2, refusal)
+        code, _, err = cli("evolve", spec_path, "--out", run, "--overwrite", "-q")
+        assert (code, one_line(err)) == (2, refusal)
+        assert (run / "run.json").is_file()  # the live run's directory is untouched
+    finally:
+        hold.unlink()
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    passes = [json.loads(line)["passes"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert passes == list(range(5, 41, 5))
+
+
+# --- 3. damaged run files: one line naming the file, exit 2 -------------------------------------------------
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10  # inside the first stored array: its CRC no longer matches
+    path.write_bytes(bytes(data))
+
+
+def _change_history(path: Path) -> None:
+    text = path.read_text()
+    changed = text.replace('"passes": 10', '"passes": 19', 1)
+    assert changed != text and len(changed) == len(text)
+    path.write_text(changed)
+
+
+def _other_default(path: Path) -> None:
+    """The checkpoint as an hf-m2n2 with another archive_size default would have written it."""
+    state = load_state(path)
+    state["strategy"]["config"]["archive_size"] = 5
+    save_state(path, state)
+
+
+DAMAGE = {
+    "checkpoint truncated": (
+        "checkpoint.npz",
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    ),
+    "checkpoint emptied": ("checkpoint.npz", lambda p: p.write_bytes(b"")),
+    "checkpoint bit-flipped": ("checkpoint.npz", _flip),
+    "checkpoint random bytes": (
+        "checkpoint.npz",
+        lambda p: p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size)),
+    ),
+    "checkpoint pickle": ("checkpoint.npz", lambda p: p.write_bytes(b"\x80\x04K\x01.")),
+    "history bytes changed": ("history.jsonl", _change_history),
+    "run.json garbled": ("run.json", lambda p: p.write_bytes(b'{"seed": 3, "ru')),
+    "settings changed": ("checkpoint.npz", _other_default),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_run_file_is_one_line_naming_it(stopped, cli, damage):
+    name, damage_it = DAMAGE[damage]
+    damage_it(stopped / name)
+    before = {p.name: p.read_bytes() for p in stopped.iterdir() if p.is_file()}
+    code, _, err = cli("evolve", "--resume", stopped, "-q")
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"error: {stopped / name}") and "allow_pickle" not in line
+    if damage == "settings changed":
+        assert "archive_size: 5 then, 6 now" in line
+    assert {p.name: p.read_bytes() for p in stopped.iterdir() if p.is_file()} == before  # nothing touched
+
+
+def test_a_deleted_checkpoint_restarts_the_run_saying_so(stopped, runs, cli, caplog):
+    (stopped / "checkpoint.npz").unlink()
+    code, _, err = cli("evolve", "--resume", stopped, "-q")
+    assert code == 0, err
+    assert f"{stopped / 'checkpoint.npz'} is missing: the run starts over" in caplog.text
+    assert_same_as_calm(stopped, runs["calm"])
+
+
+# --- 4. the finished marker is written last ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_run(seeds, tmp_path_factory) -> Path:
+    from hf_m2n2.evolve.runs import start_runs
+
+    root = tmp_path_factory.mktemp("robust_models")
+    spec_path = root / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(model_spec(seeds)))
+    start_runs(spec_path, root / "run", progress=False)
+    return root / "run"
+
+
+def test_a_run_killed_before_its_report_exports_again_on_resume(model_run, tmp_path, cli, caplog):
+    run = Path(shutil.copytree(model_run, tmp_path / "run"))
+    (run / "report.json").unlink()  # as left by a kill between the rename of model/ and the report
+    gram = run / "gram.npz"
+    gram.write_bytes(gram.read_bytes()[:100])  # and a cache truncated by a full disk
+    code, _, err = cli("evolve", "--resume", run, "-q")
+    assert code == 0, err
+    assert f"{gram} is damaged; recomputing it" in caplog.text
+    assert json.loads((run / "report.json").read_text()) == json.loads(
+        (model_run / "report.json").read_text()
+    )
+    assert load_dir(run / "model").keys() == load_dir(model_run / "model").keys()
+    assert (run / "model" / "model.safetensors").read_bytes() == (
+        model_run / "model" / "model.safetensors"
+    ).read_bytes()
+
+
+# --- 5. a full disk: one line, exit 2, what was safe stays safe ---------------------------------------------
+
+
+def test_a_full_disk_at_an_evolve_checkpoint_keeps_the_last_one(runs, tmp_path, write_spec):
+    (tmp_path / "state").mkdir()
+    spec = write_spec(dense_spec(tmp_path / "state", checkpoint_every_steps=1))
+    run = tmp_path / "run"
+    result = hf("evolve", spec, "--out", run, "-q", file_size_limit=4000)  # the first checkpoint is ~3.3 kB
+    assert result.returncode == 2, result.stderr
+    assert one_line(result.stderr) == (
+        f"error: {run}: cannot write: File too large; the last checkpoint is intact; "
+        f"free space and continue with: hf-m2n2 evolve --resume {run}"
+    )
+    assert load_state(run / "checkpoint.npz")["loop"]["passes"] >= 1
+    result = hf("evolve", "--resume", run, "-q")
+    assert result.returncode == 0, result.stderr
+    assert_same_as_calm(run, runs["calm"])
+
+
+def test_a_full_disk_before_the_first_checkpoint_leaves_nothing(tmp_path, write_spec):
+    spec = write_spec(dense_spec(tmp_path))
+    result = hf(
+        "evolve", spec, "--out", tmp_path / "run", "-q", file_size_limit=100
+    )  # spec.yaml's copy fails
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(f"error: {tmp_path / 'run'}: cannot write: File too large")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["weights", "tokenizer"])
+def test_a_full_disk_under_merge_keeps_the_previous_output(seeds, tmp_path, write_spec, where):
+    spec = merge_spec(seeds)
+    if where == "tokenizer":  # a tokenizer larger than the weights: the copy, not the weights, hits the limit
+        base = Path(shutil.copytree(seeds["a"], tmp_path / "big-tokenizer"))
+        tokenizer = base / "tokenizer.json"
+        tokenizer.write_text(tokenizer.read_text() + " " * 2_000_000)
+        spec["models"][0]["model"] = str(base)
+    spec_path = write_spec(spec)
+    out = tmp_path / "merged"
+    assert hf("merge", spec_path, out, "-q").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    limit = 100_000 if where == "weights" else 1_000_000
+    result = hf("merge", spec_path, out, "--overwrite", "-q", file_size_limit=limit)
+    assert result.returncode == 2, result.stderr
+    assert "File too large" in one_line(result.stderr) and str(out) in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert leftovers(tmp_path, "merged") == []
