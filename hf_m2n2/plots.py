@@ -75,12 +75,15 @@ def run_dirs(group: str | os.PathLike[str]) -> list[Path]:
 
 def _read_history(path: Path, metric: str) -> dict[int, float]:
     values = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
-        if record.get(metric) is not None:
-            values[int(record["passes"])] = float(record[metric])
+        try:
+            record = json.loads(line)
+            if record.get(metric) is not None:
+                values[int(record["passes"])] = float(record[metric])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise HfM2n2Error(f"{path}: line {number} is damaged (not a history record)") from None
     return values
 
 

@@ -152,6 +152,14 @@ def test_runs_and_plot(tmp_path, write_spec, cli):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pixels.shape[0] > 100
     assert pixels[..., :3].std() > 0.05  # lines, axes and text, not a blank canvas
 
+    history = tmp_path / "other" / "history.jsonl"
+    damaged = bytearray(history.read_bytes())
+    damaged[2] = ord("#")  # same length, one byte changed
+    history.write_bytes(bytes(damaged))
+    code, out, err = cli("plot", tmp_path / "other", "-o", tmp_path / "again.png")
+    assert code == 2 and not (tmp_path / "again.png").exists()
+    assert err.strip().splitlines() == [f"error: {history}: line 1 is damaged (not a history record)"]
+
 
 def test_spec_errors_name_the_yaml_path(tmp_path, write_spec, cli):
     def error(spec) -> str:
