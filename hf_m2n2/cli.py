@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a spec (and, unless --no-resolve, that its models fit)")
     validate.add_argument("config")
     validate.add_argument("--no-resolve", action="store_true", help="only check the YAML, do not open models")
+    validate.add_argument("--trust-remote-code", action="store_true", help="allow seeds with custom code")
     _verbosity(validate)
 
     evolve = sub.add_parser("evolve", help="evolve models with M2N2 (or a baseline) from an evolve spec")
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="N independent runs with seeds seed, seed+1, ... (one after another); with --resume, raise to N",
     )
     evolve.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    evolve.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow seeds with custom code (spec: trust_remote_code)",
+    )
     _push_flags(evolve)
     _verbosity(evolve)
 
@@ -244,6 +250,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         # what evolve checks before its first candidate: seeds open and fit (unless --no-resolve), callables
         # import, lm-eval task, metric and filter names (from the task YAMLs alone: no dataset, no network)
         spec_dir = Path(args.config).resolve().parent
+        if args.trust_remote_code:
+            spec = spec.model_copy(update={"trust_remote_code": True})
         spec.kind.preflight(spec, spec_dir, resolve=not args.no_resolve)
         check_offline(spec.evaluate, spec_dir)
         if not args.quiet:
@@ -251,7 +259,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 f"{args.config}: valid {spec.evolve.algorithm} evolve spec ({spec.evolve.budget} forward passes)"
             )
         return 0
-    spec = validate(args.config, resolve=not args.no_resolve)
+    spec = validate(args.config, resolve=not args.no_resolve, trust_remote_code=args.trust_remote_code)
     if not args.quiet:
         print(f"{args.config}: valid {spec.merge_method} spec over {len(spec.referenced_models())} models")
     return 0
@@ -300,7 +308,13 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     out = args.resume or args.out
     try:
         if args.resume:
-            resume_runs(args.resume, runs=args.runs, progress=not args.quiet, on_done=report)
+            resume_runs(
+                args.resume,
+                runs=args.runs,
+                progress=not args.quiet,
+                on_done=report,
+                trust_remote_code=args.trust_remote_code,
+            )
         else:
             start_runs(
                 args.config,
@@ -311,6 +325,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                 on_done=report,
                 push_to_hub=args.push,
                 private=args.private,
+                trust_remote_code=args.trust_remote_code,
             )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)

@@ -3,6 +3,12 @@ errors that say what to do, cards whose usage snippet loads, tokenizer files tha
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
 import yaml
 
 SEQUENCES = [[1, 40 + i, 41 + i, 42 + i, 2] for i in range(4)]
@@ -38,3 +44,175 @@ def test_evolve_card_usage_snippet_loads_the_output_directory(seeds, tmp_path, m
     assert 'from_pretrained("m2n2"' not in readme
     AutoTokenizer.from_pretrained("runs/first/model", trust_remote_code=False)  # the snippet works as written
     AutoModelForCausalLM.from_pretrained("runs/first/model", trust_remote_code=False)
+
+
+# ---------------------------------------------------------------------- custom code never runs unasked
+
+MARKER_CODE = """
+from pathlib import Path
+
+Path({marker!r}).write_text("the seed's code ran")
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+class MarkerConfig(LlamaConfig):
+    model_type = "m2n2_marker"
+
+
+class MarkerModel(LlamaForCausalLM):
+    config_class = MarkerConfig
+
+
+class MarkerTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+TOKENIZER_CODE = {
+    "tokenizer_class": "MarkerTokenizer",
+    "auto_map": {"AutoTokenizer": [None, "marker.MarkerTokenizer"]},
+}
+CONFIG_CODE = {
+    "model_type": "m2n2_marker",
+    "auto_map": {"AutoConfig": "marker.MarkerConfig", "AutoModelForCausalLM": "marker.MarkerModel"},
+}
+
+
+def _custom_code_seed(
+    src: Path, dst: Path, config: dict | None = None, tokenizer: dict | None = None
+) -> Path:
+    """A copy of a tiny seed whose files name `marker.py`, which writes `dst.ran` when executed."""
+    shutil.copytree(src, dst)
+    (dst / "marker.py").write_text(MARKER_CODE.format(marker=str(dst) + ".ran"))
+    for name, change in (("config.json", config), ("tokenizer_config.json", tokenizer)):
+        data = json.loads((dst / name).read_text())
+        (dst / name).write_text(json.dumps({**data, **(change or {})}))
+    return dst
+
+
+def _tiny_lm_eval_task(folder: Path) -> dict:
+    """An lm-eval generation task over four prompts (its YAML names the data by absolute path)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    (folder / "tiny_add.yaml").write_text(
+        "task: tiny_add\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 3\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    return {"kind": "lm_eval", "include_path": str(folder), "tasks": ["tiny_add"], "metric": "exact_match"}
+
+
+@pytest.fixture(scope="module")
+def custom_seeds(seeds, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("custom_code")
+    return {
+        "tokenizer": _custom_code_seed(seeds["a"], root / "tok-code", tokenizer=TOKENIZER_CODE),
+        "config": _custom_code_seed(
+            seeds["a"], root / "cfg-code", config=CONFIG_CODE, tokenizer=TOKENIZER_CODE
+        ),
+        "task": _tiny_lm_eval_task(root / "tasks"),
+    }
+
+
+@pytest.mark.parametrize("variant", ["tokenizer", "config"])
+@pytest.mark.parametrize("command", ["merge", "validate", "evolve"])
+def test_seed_code_never_runs_without_the_opt_in(
+    custom_seeds, seeds, variant, command, cli, tmp_path, monkeypatch
+):
+    """A "y" on stdin used to answer transformers' prompt and run the seed's marker.py."""
+    seed = custom_seeds[variant]
+    marker = Path(str(seed) + ".ran")
+    marker.unlink(missing_ok=True)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\ny\n"))
+    if command == "evolve":
+        spec = _evolve_spec(seed, seeds["b"], evaluate=custom_seeds["task"])
+        spec_path = tmp_path / "evolve.yaml"
+        spec_path.write_text(yaml.safe_dump(spec))
+        args = ["evolve", spec_path, "--out", tmp_path / "run"]
+    else:
+        merge_spec = {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(seed), "parameters": {"weight": 0.5}},
+                {"model": str(seeds["b"]), "parameters": {"weight": 0.5}},
+            ],
+        }
+        spec_path = tmp_path / "merge.yaml"
+        spec_path.write_text(yaml.safe_dump(merge_spec))
+        args = ["merge", spec_path, tmp_path / "merged"] if command == "merge" else ["validate", spec_path]
+    code, out, err = cli(*args)
+    file = "config.json" if variant == "config" else "tokenizer_config.json"
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        f"error: {seed.name}: its {file} needs custom code ({', '.join(_refs(variant))}) that transformers "
+        "would run; pass --trust-remote-code to allow it (only for code you trust)"
+    ]
+    assert "Do you wish to run the custom code" not in out + err
+    assert not marker.exists()
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "run").exists()
+
+
+def _refs(variant: str) -> list[str]:
+    return (
+        ["marker.MarkerConfig", "marker.MarkerModel"] if variant == "config" else ["marker.MarkerTokenizer"]
+    )
+
+
+def test_the_opt_in_lets_validate_accept_the_seed(custom_seeds, seeds, cli, tmp_path):
+    spec = {
+        "merge_method": "linear",
+        "models": [{"model": str(custom_seeds["tokenizer"])}, {"model": str(seeds["b"])}],
+        "parameters": {"weight": 0.5},
+    }
+    spec_path = tmp_path / "merge.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    code, _, err = cli("validate", spec_path, "--trust-remote-code")
+    assert code == 0, err
+
+
+def test_union_tokenizer_with_custom_code_is_one_line(custom_seeds, seeds):
+    """tokenizer_source: union loads every tokenizer: transformers' refusal used to span three lines."""
+    from hf_m2n2.errors import CheckpointError
+    from hf_m2n2.seeds import open_seeds
+    from hf_m2n2.vocab import load_tokenizer
+
+    [seed] = open_seeds([str(custom_seeds["tokenizer"])])
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(seed, trust_remote_code=False)
+    assert "\n" not in str(info.value)
+    assert "tokenizer_config.json needs custom code (marker.MarkerTokenizer)" in str(info.value)
+    assert "--trust-remote-code" in str(info.value)
+
+
+def test_the_space_offers_the_same_opt_in(custom_seeds, seeds, tmp_path):
+    """The Space's evolve spec carries the box's value; its merge job refuses the seed without it, allows it with."""
+    from hf_m2n2.app.forms import FIELD, evolve_spec
+    from hf_m2n2.app.jobs import Job, _merge_job
+    from hf_m2n2.custom_code import CustomCodeError
+    from hf_m2n2.evolve.spec import parse_evolve_spec
+
+    assert FIELD["trust_remote_code"].default is False
+    evaluate = {"kind": "lm_eval", "tasks": ["gsm8k"], "metric": "exact_match"}
+    assert not parse_evolve_spec(
+        evolve_spec("m2n2", ["org/a", "org/b"], evaluate, budget=4)
+    ).trust_remote_code
+    trusted = evolve_spec("m2n2", ["org/a", "org/b"], evaluate, budget=4, trust_remote_code=True)
+    assert parse_evolve_spec(trusted).trust_remote_code
+    refs = [str(custom_seeds["tokenizer"]), str(seeds["b"])]
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {"merge_method": "linear", "models": [{"model": r} for r in refs], "parameters": {"weight": 0.5}}
+        )
+    )
+    with pytest.raises(CustomCodeError, match="tok-code: its tokenizer_config.json needs custom code"):
+        _merge_job(spec_path, "merged", refs, None)(Job("merge", tmp_path, tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    _merge_job(spec_path, "merged", refs, None, trust_remote_code=True)(
+        Job("merge", tmp_path, tmp_path / "merged")
+    )
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

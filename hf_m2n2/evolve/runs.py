@@ -79,6 +79,7 @@ def start_runs(
     on_done: Reporter | None = None,
     push_to_hub: str | None = None,
     private: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """Start the run(s) of a spec in `out_dir`.
 
@@ -92,6 +93,7 @@ def start_runs(
         on_done: called with (run directory, summary) after each run.
         push_to_hub, private: publish the exported model there (overriding the spec's `output:` section);
             the summary then has `push` (repo_url, commit_oid, commit_url).
+        trust_remote_code: let the seeds' own code run (`--trust-remote-code`; or the spec's `trust_remote_code`).
 
     Returns:
         The summaries, one per run.
@@ -102,6 +104,7 @@ def start_runs(
         PushError: the upload failed (the run directory is complete; retry with `hf-m2n2 push`).
     """
     spec, text = load_evolve_spec(spec_path)
+    spec = _trusting(spec, trust_remote_code)
     spec_dir = str(Path(spec_path).resolve().parent)
     if runs is not None and runs < 1:
         raise HfM2n2Error(f"--runs must be at least 1, got {runs}")
@@ -143,6 +146,7 @@ def resume_runs(
     runs: int | None = None,
     progress: bool = True,
     on_done: Reporter | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """Continue the run(s) in `out_dir`: finished runs are kept, interrupted ones resume from their checkpoint,
     runs that never checkpointed start over.
@@ -152,6 +156,7 @@ def resume_runs(
         runs: for a directory of runs, raise the number of runs to this (the new ones get the next seeds).
         progress: show progress bars.
         on_done: called with (run directory, summary) after each run.
+        trust_remote_code: let the seeds' own code run (not recorded in the run: give it again to resume).
 
     Returns:
         The summaries, one per run.
@@ -174,12 +179,17 @@ def resume_runs(
                 spec, text = load_evolve_spec(out / SPEC_COPY)
                 info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), index_info.get("spec_dir"))
                 info.save(run_dir, text)
-        return [_resume_one(run_dir, progress, on_done) for run_dir in dirs]
+        return [_resume_one(run_dir, progress, on_done, trust_remote_code) for run_dir in dirs]
     if (out / RUN_INFO).is_file():
         if runs is not None:
             raise HfM2n2Error(f"{out} is a single run (started without --runs); --runs does not apply")
-        return [_resume_one(out, progress, on_done)]
+        return [_resume_one(out, progress, on_done, trust_remote_code)]
     raise HfM2n2Error(f"{out} is not an hf-m2n2 evolve run directory (no {RUN_INFO} or {RUNS_INFO})")
+
+
+def _trusting(spec: EvolveSpec, trust_remote_code: bool) -> EvolveSpec:
+    """The spec with `--trust-remote-code` applied (the flag only adds trust; the spec's own value stays)."""
+    return spec.model_copy(update={"trust_remote_code": True}) if trust_remote_code else spec
 
 
 def _refuse_busy(out: Path, overwrite: bool) -> None:
@@ -235,11 +245,14 @@ def _start_one(
     return _execute(run_dir, spec, info, progress, on_done, resume=False, target=target)
 
 
-def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict[str, Any]:
+def _resume_one(
+    run_dir: Path, progress: bool, on_done: Reporter | None, trust_remote_code: bool = False
+) -> dict[str, Any]:
     info = RunInfo.load(run_dir)
     spec, text = load_evolve_spec(run_dir / SPEC_COPY)
     if spec_hash(text) != info.spec_hash:
         raise HfM2n2Error(f"{run_dir / SPEC_COPY} was modified after the run started (spec hash differs)")
+    spec = _trusting(spec, trust_remote_code)
     exports = spec.kind.uses_models
     exported = not exports or (run_dir / MODEL_DIR).is_dir()
     if (run_dir / SUMMARY).is_file() and exported:
