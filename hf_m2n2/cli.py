@@ -172,6 +172,9 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    from hf_m2n2.hub_log import install
+
+    install(verbose=args.verbose)  # one copy of huggingface_hub's lines, the token masked, retries said once
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
 
@@ -286,6 +289,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_evolve(args: argparse.Namespace) -> int:
     from hf_m2n2.errors import HfM2n2Error, InfrastructureError
     from hf_m2n2.evolve.runs import resume_runs, start_runs
+    from hf_m2n2.hub_log import mask_secrets
 
     if args.resume and (args.config or args.out or args.overwrite or args.push or args.private):
         raise HfM2n2Error(
@@ -331,7 +335,10 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
         print(f"interrupted; continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
         return 130
     except InfrastructureError as exc:
-        print(f"error: {exc}; checkpointed, continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
+        print(
+            f"error: {mask_secrets(str(exc))}; checkpointed, continue with: hf-m2n2 evolve --resume {out}",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     return 0
 
@@ -371,11 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     signal.signal(signal.SIGTERM, _terminate)
     from hf_m2n2.errors import HfM2n2Error
+    from hf_m2n2.hub_log import mask_secrets
 
     try:
         return COMMANDS[args.command](args)
     except HfM2n2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,109 @@ def test_the_space_offers_the_same_opt_in(custom_seeds, seeds, tmp_path):
         Job("merge", tmp_path, tmp_path / "merged")
     )
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- the Hub client: tokens, offline, retries
+
+SECRET = "secret-token-123"  # not of the hf_... form the old scrub matched
+
+
+def _hf_m2n2(args: list, hub_url: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`hf-m2n2 ARGS` in a child process talking to `hub_url` (online), with a private HF cache."""
+    environment = {
+        **os.environ,
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        **env,
+    }
+    command = [sys.executable, "-m", "hf_m2n2.cli", *map(str, args)]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def test_a_token_echoed_by_the_endpoint_is_never_printed(seeds, tmp_path):
+    """A proxy repeating the Authorization header in X-Error-Message, at -v: the token appears nowhere."""
+    from hub_server import HubServer
+
+    with HubServer(tmp_path / "hub", {SECRET: "alice"}) as server:
+        server.echo_authorization = True
+        server.fail("POST", r"^/api/repos/create", 500)
+        result = _hf_m2n2(["push", seeds["a"], "alice/echoed", "-v"], server.url, tmp_path, HF_TOKEN=SECRET)
+    assert result.returncode == 2, result.stderr
+    assert "Authorization: Bearer <token>" in result.stderr  # the server's message, masked
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_the_log_filter_masks_the_token_in_any_form(caplog):
+    import logging
+
+    from hf_m2n2.hub_log import SecretFilter, add_secret, mask_secrets
+
+    add_secret(SECRET)
+    assert mask_secrets(f"Bearer {SECRET} and hf_abcdefghijklmnop") == "Bearer <token> and <token>"
+    record = logging.LogRecord(
+        "httpx", logging.DEBUG, __file__, 1, "headers: %s", (f"Bearer {SECRET}",), None
+    )
+    assert SecretFilter().filter(record) and record.getMessage() == "headers: Bearer <token>"
+
+
+def test_push_while_offline_names_the_variable(seeds, cli):
+    code, _, err = cli("push", seeds["a"], "alice/offline")  # the test session runs with HF_HUB_OFFLINE=1
+    assert code == 2
+    assert err.strip() == "error: alice/offline: HF_HUB_OFFLINE=1 is set: unset it to push (nothing was sent)"
+
+
+def test_hub_retries_are_said_once(seeds, tmp_path):
+    """huggingface_hub logs two warnings per retry, and its own handler plus ours printed each twice."""
+    from hub_server import TEST_TOKENS, HubServer
+
+    with HubServer(tmp_path / "hub", TEST_TOKENS) as server:
+        server.publish("alice/tiny", seeds["a"], next(iter(TEST_TOKENS)))
+        server.fail("GET", r"/tree/", 503, times=2)  # snapshot_download's listing: retried after 1 s, 2 s
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(
+            yaml.safe_dump(
+                {
+                    "merge_method": "linear",
+                    "models": [{"model": "alice/tiny"}, {"model": str(seeds["b"])}],
+                    "parameters": {"weight": 0.5},
+                }
+            )
+        )
+        result = _hf_m2n2(["validate", spec], server.url, tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "503" in line or "etry" in line]  # not the bars
+    host = server.url.removeprefix("http://")
+    assert lines == [
+        f"WARNING: {host} failed (HTTP 503); retrying for up to ~25 s (HF_HUB_OFFLINE=1 skips the Hub)"
+    ]
+
+
+def test_a_dead_endpoint_fails_fast_in_one_line(seeds, tmp_path):
+    """The safetensors probe used to back off ~23 s (list_repo_files) before the resolution error."""
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [{"model": "someorg/absent"}, {"model": str(seeds["b"])}],
+                "parameters": {"weight": 0.5},
+            }
+        )
+    )
+    started = time.perf_counter()
+    result = _hf_m2n2(["validate", spec], f"http://127.0.0.1:{port}", tmp_path)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 2 and lines[-1].startswith("error: someorg/absent: not found locally"), lines
+    assert len(set(lines)) == len(lines) and "Retrying in" not in result.stderr
+    assert elapsed < 20, elapsed
