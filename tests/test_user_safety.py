@@ -325,3 +325,33 @@ def test_a_dead_endpoint_fails_fast_in_one_line(seeds, tmp_path):
     assert len(lines) <= 2 and lines[-1].startswith("error: someorg/absent: not found locally"), lines
     assert len(set(lines)) == len(lines) and "Retrying in" not in result.stderr
     assert elapsed < 20, elapsed
+
+
+# ---------------------------------------------------------------------- tokenizer files that are really there
+
+
+@pytest.mark.parametrize("link", ["dangling", "looping"])
+def test_a_broken_tokenizer_symlink_is_an_error_naming_the_file(seeds, link, cli, tmp_path):
+    """It used to be skipped: exit 0 and a merged model whose tokenizer does not load."""
+    seed = shutil.copytree(seeds["a"], tmp_path / "seed")
+    (seed / "tokenizer.json").unlink()
+    target = tmp_path / "nowhere.json" if link == "dangling" else seed / "tokenizer.json"
+    (seed / "tokenizer.json").symlink_to(target)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": str(seed),
+                "models": [{"model": str(seed)}, {"model": str(seeds["b"])}],
+                "parameters": {"weight": 0.5},
+            }
+        )
+    )
+    code, _, err = cli("merge", spec, tmp_path / "merged", "--quiet")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: {seed / 'tokenizer.json'}: a broken symlink (its target is missing or loops); "
+        "the tokenizer cannot be copied"
+    ]
+    assert not (tmp_path / "merged").exists()
