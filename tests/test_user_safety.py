@@ -355,3 +355,23 @@ def test_a_broken_tokenizer_symlink_is_an_error_naming_the_file(seeds, link, cli
         "the tokenizer cannot be copied"
     ]
     assert not (tmp_path / "merged").exists()
+
+
+# ---------------------------------------------------------------------- lm-eval: only what the user can act on
+
+
+def test_evolve_with_lm_eval_prints_no_warning_about_handing_hflm_a_model(
+    custom_seeds, seeds, tmp_path, caplog
+):
+    """HFLM warned twice per run that it was handed a model object, which is how hf-m2n2 uses it."""
+    import logging
+
+    from hf_m2n2.evolve.runs import start_runs
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_evolve_spec(seeds["a"], seeds["b"], evaluate=custom_seeds["task"])))
+    with caplog.at_level(logging.WARNING):
+        start_runs(spec, tmp_path / "run", progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
+    assert not [m for m in messages if "`pretrained` model kwarg" in m or "already-initialized model" in m]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
