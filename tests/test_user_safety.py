@@ -375,3 +375,15 @@ def test_evolve_with_lm_eval_prints_no_warning_about_handing_hflm_a_model(
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
     assert not [m for m in messages if "`pretrained` model kwarg" in m or "already-initialized model" in m]
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_evolve_runs_the_seed_code_only_with_the_opt_in(custom_seeds, seeds, cli, tmp_path):
+    """--trust-remote-code is honoured: the lm-eval evaluator loads the seed's tokenizer class (its code runs)."""
+    seed = custom_seeds["tokenizer"]
+    marker = Path(str(seed) + ".ran")
+    marker.unlink(missing_ok=True)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_evolve_spec(seed, seeds["b"], evaluate=custom_seeds["task"])))
+    code, _, err = cli("evolve", spec, "--out", tmp_path / "run", "--quiet", "--trust-remote-code")
+    assert code == 0, err
+    assert marker.exists()
