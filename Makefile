@@ -10,8 +10,9 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: demo merge-demo test lint format clean browser example-smollm2
 
 $(STAMP):
+	@echo "installing the environment into $(VENV) (about 2 minutes on a fresh machine; pip's progress follows)..."
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,eval,evolve,app]"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e ".[dev,eval,evolve,app]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 # The main job: build the tiny specialists offline (cached), evolve a merge with M2N2, print the held-out report.
@@ -41,8 +42,8 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 	  || command -v google-chrome >/dev/null 2>&1 \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	       && { apt-get install -y -q chromium >/dev/null 2>&1 \
-	            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } \
+	       && echo "installing chromium with apt-get for the Space page test (about 35 s)..." \
+	       && { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }; } \
 	  || echo "note: no chromium (apt-get install chromium); the Space page test will be skipped"
 
 lint: $(STAMP)

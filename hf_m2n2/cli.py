@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     validate.add_argument("--no-resolve", action="store_true", help="only check the YAML, do not open models")
     _lenient_flag(validate)
+    validate.add_argument("--trust-remote-code", action="store_true", help="allow seeds with custom code")
     _verbosity(validate)
 
     evolve = sub.add_parser("evolve", help="evolve models with M2N2 (or a baseline) from an evolve spec")
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="N independent runs with seeds seed, seed+1, ... (one after another); with --resume, raise to N",
     )
     evolve.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    evolve.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow seeds with custom code (spec: trust_remote_code)",
+    )
     _push_flags(evolve)
     _verbosity(evolve)
 
@@ -176,6 +182,9 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    from hf_m2n2.hub_log import install
+
+    install(verbose=args.verbose)  # one copy of huggingface_hub's lines, the token masked, retries said once
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
 
@@ -255,6 +264,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         # what evolve checks before its first candidate: seeds open and fit (unless --no-resolve), callables
         # import, lm-eval task, metric and filter names (from the task YAMLs alone: no dataset, no network)
         spec_dir = Path(args.config).resolve().parent
+        if args.trust_remote_code:
+            spec = spec.model_copy(update={"trust_remote_code": True})
         spec.kind.preflight(spec, spec_dir, resolve=not args.no_resolve)
         check_offline(spec.evaluate, spec_dir)
         if not args.quiet:
@@ -262,7 +273,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 f"{args.config}: valid {spec.evolve.algorithm} evolve spec ({spec.evolve.budget} forward passes)"
             )
         return 0
-    spec = validate(args.config, resolve=not args.no_resolve, lenient_parameters=args.lenient_parameters)
+    spec = validate(
+        args.config,
+        resolve=not args.no_resolve,
+        lenient_parameters=args.lenient_parameters,
+        trust_remote_code=args.trust_remote_code,
+    )
     if not args.quiet:
         print(f"{args.config}: valid {spec.merge_method} spec over {len(spec.referenced_models())} models")
     return 0
@@ -289,6 +305,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_evolve(args: argparse.Namespace) -> int:
     from hf_m2n2.errors import HfM2n2Error, InfrastructureError
     from hf_m2n2.evolve.runs import resume_runs, start_runs
+    from hf_m2n2.hub_log import mask_secrets
 
     if args.resume and (args.config or args.out or args.overwrite or args.push or args.private):
         raise HfM2n2Error(
@@ -311,7 +328,13 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     out = args.resume or args.out
     try:
         if args.resume:
-            resume_runs(args.resume, runs=args.runs, progress=not args.quiet, on_done=report)
+            resume_runs(
+                args.resume,
+                runs=args.runs,
+                progress=not args.quiet,
+                on_done=report,
+                trust_remote_code=args.trust_remote_code,
+            )
         else:
             start_runs(
                 args.config,
@@ -322,12 +345,16 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                 on_done=report,
                 push_to_hub=args.push,
                 private=args.private,
+                trust_remote_code=args.trust_remote_code,
             )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
         return 130
     except InfrastructureError as exc:
-        print(f"error: {exc}; checkpointed, continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)
+        print(
+            f"error: {mask_secrets(str(exc))}; checkpointed, continue with: hf-m2n2 evolve --resume {out}",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except OSError as exc:
         from pathlib import Path
@@ -375,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args)
     signal.signal(signal.SIGTERM, _terminate)
     from hf_m2n2.errors import HfM2n2Error
+    from hf_m2n2.hub_log import mask_secrets
 
     try:
         return COMMANDS[args.command](args)
@@ -389,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except HfM2n2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -164,14 +164,16 @@ def _download(ref, repo_id, revision, *, token, cache_dir, allow_bin) -> Resolve
 
 def http_error_message(where: str, exc) -> str:
     """One line for a huggingface_hub HTTP error, from its status and the server's message (never the headers,
-    which carry the token)."""
+    which carry the token; the message itself with the token masked, since a proxy may echo the headers)."""
+    from hf_m2n2.hub_log import mask_secrets
+
     status = exc.response.status_code if getattr(exc, "response", None) is not None else None
     if status == 401:
         return f"{where}: authentication failed (HTTP 401): set HF_TOKEN or run `hf auth login`"
     if status == 403:
         return f"{where}: permission denied (HTTP 403): the token has no access to this repo or namespace"
     server = exc.server_message.splitlines()[0] if getattr(exc, "server_message", None) else ""
-    return f"{where}: Hub request failed (HTTP {status}){': ' + server if server else ''}"
+    return mask_secrets(f"{where}: Hub request failed (HTTP {status}){': ' + server if server else ''}")
 
 
 def _has_safetensors(repo_id: str, revision: str | None, token) -> bool:
@@ -181,10 +183,11 @@ def _has_safetensors(repo_id: str, revision: str | None, token) -> bool:
     if constants.HF_HUB_OFFLINE:
         return True
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+        # one request (repo_info is not retried, list_repo_files backs off ~23 s on a dead endpoint first)
+        info = HfApi().model_info(repo_id, revision=revision, token=token)
     except Exception:  # resolution errors are reported by snapshot_download with a precise class
         return True
-    return any(f.endswith(".safetensors") for f in files)
+    return any(s.rfilename.endswith(".safetensors") for s in info.siblings or [])
 
 
 def _cached_repo(repo_id: str, cache_dir) -> bool:

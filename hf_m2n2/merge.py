@@ -105,7 +105,7 @@ def merge(
     check_output_dir(out_dir, options.overwrite)
     target = PushTarget.resolve(spec.output, options.push_to_hub, options.private)
     refs = spec.referenced_models()
-    seeds = open_seeds(refs, base_dir=spec_dir)
+    seeds = open_seeds(refs, base_dir=spec_dir, trust_remote_code=options.trust_remote_code)
     try:
         result = _merge_seeds(spec, seeds, refs, out_dir, options, spec_text, target)
     finally:
@@ -346,7 +346,11 @@ def _write_card(
 
 
 def validate(
-    config_path: str | os.PathLike[str], *, resolve: bool = True, lenient_parameters: bool = False
+    config_path: str | os.PathLike[str],
+    *,
+    resolve: bool = True,
+    lenient_parameters: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeSpec:
     """`hf-m2n2 validate`: parse the spec and check its parameters; with `resolve`, also resolve the seeds and
     plan the merge (no writes), which checks every parameter value as the merge would."""
@@ -355,9 +359,10 @@ def validate(
         check_parameters(spec, lenient=lenient_parameters)
     else:
         refs = spec.referenced_models()
-        seeds = open_seeds(refs, base_dir=Path(config_path).resolve().parent)
+        base_dir = Path(config_path).resolve().parent
+        seeds = open_seeds(refs, base_dir=base_dir, trust_remote_code=trust_remote_code)
         seed_index = {ref: i for i, ref in enumerate(refs)}
-        vocab = _plan_vocab(spec, seeds, seed_index, MergeOptions())
+        vocab = _plan_vocab(spec, seeds, seed_index, MergeOptions(trust_remote_code=trust_remote_code))
         plan_merge(
             spec, seeds, seed_index, align_rows=vocab is not None, lenient_parameters=lenient_parameters
         )

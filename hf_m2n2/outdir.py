@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_m2n2.errors import OutputError
+from hf_m2n2.errors import CheckpointError, OutputError
 from hf_m2n2.locks import is_alive_temporary, own, owner_pid, sweep_dead, temporary_prefix
 
 if TYPE_CHECKING:
@@ -166,9 +166,27 @@ def copy_generation_config(src: Path, dst: Path) -> None:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files `src` has into `dst`.
+
+    Raises:
+        CheckpointError: one of them is a dangling or looping symlink, or unreadable (naming the file): skipping
+            it would write a model whose tokenizer does not load.
+    """
     for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
+        path = src / name
+        if (
+            path.is_symlink() and not path.exists()
+        ):  # exists() follows the link: False when dangling or looping
+            raise CheckpointError(
+                f"{path}: a broken symlink (its target is missing or loops); the tokenizer cannot be copied"
+            )
+        if path.exists():
+            try:
+                shutil.copyfile(path, dst / name)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{path}: cannot copy the tokenizer file ({exc.strerror or exc})"
+                ) from None
 
 
 def set_config_dtype(config: dict, dtype: torch.dtype) -> None:

@@ -1,7 +1,8 @@
 """Publishing a result directory (a merged or evolved model) to the Hub with huggingface_hub.
 
 Tokens come from huggingface_hub's standard lookup (`HF_TOKEN`, then the login cache) unless one is passed;
-they are never printed, logged or written: error messages are built from status codes and repo ids only.
+they are never printed, logged or written: error messages are built from status codes, repo ids and the server's
+message with the token masked (a proxy may echo the Authorization header; `hf_m2n2.hub_log`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,14 +19,12 @@ from pathlib import Path
 
 from hf_m2n2.errors import PushError
 from hf_m2n2.hub import http_error_message
+from hf_m2n2.hub_log import add_secret, mask_secrets
 
 log = logging.getLogger(__name__)
 
 # Never uploaded: temporary siblings and hidden files (e.g. editor backups, .cache of hf_hub_download).
 IGNORE_PATTERNS = [".*", "**/.*", "*.tmp"]
-
-
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9_]{8,}")  # scrubbed from messages we did not compose ourselves
 
 
 @dataclass(frozen=True)
@@ -104,8 +102,11 @@ def push_folder(
     Example:
         >>> push_folder("out/merged", "me/my-merge").commit_url
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
+    add_secret(token)
+    if constants.HF_HUB_OFFLINE:
+        raise PushError(f"{repo_id}: HF_HUB_OFFLINE=1 is set: unset it to push (nothing was sent)")
     out = Path(out_dir)
     if not out.is_dir() or not any(out.glob("*.safetensors")):
         raise PushError(f"{out}: not a model directory (no *.safetensors files)")
@@ -195,8 +196,15 @@ class _hub_errors:
 
 
 def _describe(repo_id: str, exc: Exception) -> str:
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    if isinstance(exc, OfflineModeIsEnabled):
+        return f"{repo_id}: HF_HUB_OFFLINE=1 is set: unset it to push"
     if isinstance(exc, RevisionNotFoundError):
         return f"{repo_id}: revision not found"
     if isinstance(exc, RepositoryNotFoundError):
@@ -205,7 +213,7 @@ def _describe(repo_id: str, exc: Exception) -> str:
         return http_error_message(repo_id, exc)
     if _is_network_error(exc):
         return f"{repo_id}: network error while pushing ({type(exc).__name__}); nothing was committed"
-    return f"{repo_id}: push failed: {_TOKEN_LIKE.sub('<token>', _first_line(exc))}"
+    return f"{repo_id}: push failed: {mask_secrets(_first_line(exc))}"
 
 
 def _is_network_error(exc: BaseException | None) -> bool:

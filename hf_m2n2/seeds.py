@@ -18,6 +18,18 @@ def open_seed(model: ResolvedModel) -> Seed:
     return kind_of_directory(Path(model.path)).open_seed(model)
 
 
-def open_seeds(refs: Sequence[str], *, base_dir: Path | None = None, token=None) -> list[Seed]:
-    """Resolve and open every reference (in order, each once)."""
-    return [open_seed(resolve_model(ref, base_dir=base_dir, token=token)) for ref in refs]
+def open_seeds(
+    refs: Sequence[str], *, base_dir: Path | None = None, token=None, trust_remote_code: bool | None = None
+) -> list[Seed]:
+    """Resolve and open every reference (in order, each once).
+
+    `trust_remote_code`: False refuses seeds that transformers can only load by running their own code
+    (`hf_m2n2.custom_code`); None skips the check, for callers that load no config or tokenizer with transformers.
+    """
+    seeds = [open_seed(resolve_model(ref, base_dir=base_dir, token=token)) for ref in refs]
+    if trust_remote_code is not None:
+        from hf_m2n2.custom_code import check_custom_code
+
+        for seed in seeds:
+            check_custom_code(seed.model.path, seed.name, trust_remote_code)
+    return seeds

@@ -69,13 +69,23 @@ def embedding_rows(seed: Seed) -> int | None:
 
 
 def load_tokenizer(seed: Seed, trust_remote_code: bool = False):
+    """The seed's tokenizer; its custom code (`auto_map`) runs only with `trust_remote_code` (never a prompt).
+
+    Raises:
+        CheckpointError: one line, naming the seed (and the opt-in when the tokenizer needs its own code).
+    """
     from transformers import AutoTokenizer
+
+    from hf_m2n2.custom_code import is_custom_code_error, refusal
 
     try:
         return AutoTokenizer.from_pretrained(str(seed.model.path), trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if is_custom_code_error(exc):
+            raise refusal(seed.model.path, seed.name) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
-            f"{seed.name}: cannot load its tokenizer ({type(exc).__name__}: {exc})"
+            f"{seed.name}: cannot load its tokenizer ({type(exc).__name__}: {first})"
         ) from exc
 
 

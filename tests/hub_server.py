@@ -186,6 +186,8 @@ class HubServer:
         self.url = ""
         self.cache_dir: Path | None = None
         self.requests: list[RecordedRequest] = []
+        # a careless proxy or mirror: error messages repeat the request's Authorization header
+        self.echo_authorization = False
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -407,12 +409,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
 
     def _error(self, exc: HubError, headers: dict[str, str] | None = None) -> None:
+        message = exc.message
+        if self.hub.echo_authorization:
+            message += f" (request had Authorization: {self.headers.get('Authorization')})"
         # Header values: one line, latin-1 (YAML errors span lines).
-        one_line = " ".join(exc.message.split()).encode("latin-1", "replace").decode("latin-1")
+        one_line = " ".join(message.split()).encode("latin-1", "replace").decode("latin-1")
         extra = {"X-Error-Message": one_line, **(headers or {})}
         if exc.code:
             extra["X-Error-Code"] = exc.code
-        self._json({"error": exc.message, **exc.body}, exc.status, extra)
+        self._json({"error": message, **exc.body}, exc.status, extra)
 
     def _payload(self) -> dict:
         try:

@@ -119,6 +119,16 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field("split", "", partial(gr.Textbox, label="Fitness split (optional)", elem_id="split")),
     Field("test_split", "", partial(gr.Textbox, label="Held-out split (optional)", elem_id="test-split")),
+    # last, so that positional calls of the /run endpoint written before it keep working
+    Field(
+        "trust_remote_code",
+        False,
+        partial(
+            gr.Checkbox,
+            label="Trust the seeds' custom code (auto_map: their Python files run)",
+            elem_id="trust-remote-code",
+        ),
+    ),
 )
 """The run form's fields, in the order of the `/run` endpoint's parameters (the page's order)."""
 FIELD = {f.name: f for f in FIELDS}
@@ -291,8 +301,10 @@ def evolve_spec(
     archive_size: int = 20,
     block_size: int = 65536,
     name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """An evolve spec for `hf-m2n2 evolve` (Blend genomes over the seeds, checkpointed every pass)."""
+    """An evolve spec for `hf-m2n2 evolve` (Blend genomes over the seeds, checkpointed every pass); with
+    `trust_remote_code`, the seeds' own code may run (the spec's `trust_remote_code: true`)."""
     if algorithm == "sweep" and len(models) != 2:
         raise gr.Error("the SLERP sweep needs exactly two seeds")
     evolve: dict[str, Any] = {
@@ -304,13 +316,14 @@ def evolve_spec(
     }
     if algorithm != "sweep":
         evolve["archive_size"] = int(archive_size)
-    return {
+    spec = {
         "name": name or f"{algorithm}-merge",
         "models": [{"model": ref} for ref in models],
         "genome": {"kind": "blend", "block_size": int(block_size), "slerp_scope": "global"},
         "evolve": evolve,
         "evaluate": evaluate,
     }
+    return {**spec, "trust_remote_code": True} if trust_remote_code else spec
 
 
 def _evaluate(values: dict[str, Any], built: Any) -> dict[str, Any]:

@@ -58,18 +58,26 @@ class Job:
 
 
 def _merge_job(
-    spec_path: Path, merged_name: str, seeds: Sequence[str], evaluate: dict[str, Any] | None
+    spec_path: Path,
+    merged_name: str,
+    seeds: Sequence[str],
+    evaluate: dict[str, Any] | None,
+    *,
+    trust_remote_code: bool = False,
 ) -> Callable[[Job], None]:
     def target(job: Job) -> None:
         from hf_m2n2.merge import MergeOptions, run_merge
 
         job.stage = "merging"
-        result = run_merge(spec_path, job.out_dir, MergeOptions(overwrite=True, workers=2, progress=False))
+        options = MergeOptions(overwrite=True, workers=2, progress=False, trust_remote_code=trust_remote_code)
+        result = run_merge(spec_path, job.out_dir, options)
         if evaluate is not None:
             models = {seed.name: seed.path for seed in result.seeds}
             job.roles = {m.name: "base" for m in result.seeds if m.ref not in seeds}  # e.g. TIES's base
             models[merged_name] = job.out_dir
-            job.report = score_models(models, evaluate, job, base_dir=spec_path.parent)
+            job.report = score_models(
+                models, evaluate, job, base_dir=spec_path.parent, trust_remote_code=trust_remote_code
+            )
 
     return target
 
@@ -94,7 +102,12 @@ def _remove_when_done(job: Job) -> None:
 
 
 def score_models(
-    models: dict[str, Path], evaluate: dict[str, Any], job: Job | None = None, *, base_dir: Path | None = None
+    models: dict[str, Path],
+    evaluate: dict[str, Any],
+    job: Job | None = None,
+    *,
+    base_dir: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Score each model directory with one lm-eval evaluator (held-out tasks when given, else the fitness tasks),
     as an evolve run's held-out report does. A relative `include_path` resolves against `base_dir`.
@@ -106,7 +119,8 @@ def score_models(
     from hf_m2n2.evolve.outcome import held_out_report
 
     rows = [(name, (name, path)) for name, path in models.items()]
-    report, _, _ = held_out_report(_SavedModels(LmEvalConfig(**evaluate), job, base_dir), rows)
+    saved = _SavedModels(LmEvalConfig(**evaluate), job, base_dir, trust_remote_code)
+    report, _, _ = held_out_report(saved, rows)
     return report
 
 
@@ -114,8 +128,9 @@ class _SavedModels:
     """The report's door for saved model directories: `report((name, path))` loads the model and scores it with the
     evaluator built (from the registry) on the first one, as a run's executor reports its genomes."""
 
-    def __init__(self, config: Any, job: Job | None, base_dir: Path | None):
+    def __init__(self, config: Any, job: Job | None, base_dir: Path | None, trust_remote_code: bool = False):
         self.config, self.job, self.base_dir = config, job, base_dir
+        self.trust_remote_code = trust_remote_code
         self.evaluator: Any = None
 
     def report(self, named: tuple[str, Path]) -> Any:
@@ -129,10 +144,14 @@ class _SavedModels:
             if self.job.stop.is_set():
                 raise Cancelled
             self.job.stage = f"scoring {name}"
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, trust_remote_code=self.trust_remote_code
+        )
         model.eval()
         if self.evaluator is None:
-            context = EvaluationContext(model, Path(path), self.base_dir)
+            context = EvaluationContext(
+                model, Path(path), self.base_dir, trust_remote_code=self.trust_remote_code
+            )
             self.evaluator = build_evaluator(self.config, context)
         return self.evaluator.report(model)
 

@@ -139,6 +139,7 @@ def build_demo(
                         place("metric", "limit")
                     with gr.Row():
                         place("split", "test_split")
+                place("trust_remote_code")
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
@@ -350,6 +351,7 @@ def _run(
         shutil.rmtree(directory, ignore_errors=True)
         raise
     spec_path = directory / "spec.yaml"
+    trust = bool(values.get("trust_remote_code"))
     if evolve:
         budget = int(values["budget"])
         spec = evolve_spec(
@@ -360,6 +362,7 @@ def _run(
             seed=int(values["seed"] or 0),
             archive_size=max(2, int(values["archive"] or 20)),
             block_size=1024 if built is not None else 65536,
+            trust_remote_code=trust,
         )
         job = Job("evolve", directory, directory / "run" / "model", budget=budget)
         target = _evolve_job(spec_path)
@@ -380,7 +383,7 @@ def _run(
         )
         merged_name = f"{method}-merge"
         job = Job("merge", directory, directory / merged_name)
-        target = _merge_job(spec_path, merged_name, refs, evaluate)
+        target = _merge_job(spec_path, merged_name, refs, evaluate, trust_remote_code=trust)
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     settings.jobs[session] = job
     job.start(target, settings.lock)

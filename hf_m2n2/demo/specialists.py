@@ -341,8 +341,8 @@ def _build_specialist(
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=False)
+    model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=False)
     torch.manual_seed(config.seed)
     batches = _training_batches([skill], excluded, config.batch_size, f"{skill}-{config.seed}")
     _train(
@@ -499,11 +499,16 @@ def specialists_report(
     from hf_m2n2.evaluate.lm_eval import LmEvalConfig, LmEvalEvaluator
 
     def state(path: Path) -> dict[str, Any]:
-        return {k: v.clone() for k, v in LlamaForCausalLM.from_pretrained(str(path)).state_dict().items()}
+        return {
+            k: v.clone()
+            for k, v in LlamaForCausalLM.from_pretrained(str(path), trust_remote_code=False)
+            .state_dict()
+            .items()
+        }
 
     weights = {"base": state(built.base), **{skill: state(path) for skill, path in built.models.items()}}
-    model = LlamaForCausalLM.from_pretrained(str(built.base), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(built.base))
+    model = LlamaForCausalLM.from_pretrained(str(built.base), dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(built.base), trust_remote_code=False)
     config = LmEvalConfig(
         kind="lm_eval",
         tasks=built.test_tasks,

@@ -88,7 +88,7 @@ def build_tiny_llama(
     tokenizer = byte_tokenizer(extra_tokens)
     torch.manual_seed(seed)
     if base is not None:
-        model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=False)
         with torch.no_grad():
             if len(tokenizer) != model.config.vocab_size:
                 model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

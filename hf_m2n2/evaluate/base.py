@@ -93,6 +93,7 @@ class EvaluationContext:
         spec_dir: the spec's folder (relative paths in the section resolve against it).
         device: where the target lives.
         prefix: the YAML path of the section being built (`evaluate`, or `evaluate[1]` in a list), for errors.
+        trust_remote_code: the seeds' custom code may run (the spec's `trust_remote_code`).
     """
 
     model: Any = None
@@ -100,14 +101,25 @@ class EvaluationContext:
     spec_dir: Path | None = None
     device: str = "cpu"
     prefix: str = "evaluate"
+    trust_remote_code: bool = False
 
     def tokenizer(self) -> Any:
-        """The reference seed's tokenizer (transformers' AutoTokenizer, local files only)."""
+        """The reference seed's tokenizer (transformers' AutoTokenizer, local files only; its custom code runs
+        only with the spec's `trust_remote_code`)."""
         from transformers import AutoTokenizer
+
+        from hf_m2n2.custom_code import is_custom_code_error, refusal
 
         if self.reference_dir is None:
             raise SpecError("evaluate", "this evaluator needs a model with a tokenizer (a spec with models:)")
-        return AutoTokenizer.from_pretrained(str(self.reference_dir))
+        try:
+            return AutoTokenizer.from_pretrained(
+                str(self.reference_dir), trust_remote_code=self.trust_remote_code
+            )
+        except ValueError as exc:
+            if is_custom_code_error(exc):
+                raise refusal(self.reference_dir, Path(self.reference_dir).name) from None
+            raise
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import sys
@@ -383,6 +384,7 @@ class LmEvalEvaluator:
             return
         from lm_eval.models.huggingface import HFLM
 
+        _silence_handed_model_warnings()
         model.eval()
         device = str(next(model.parameters()).device)
         self._lm = _quiet_call(
@@ -723,6 +725,20 @@ def _find_builtin_yaml(name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------- progress bars
+
+
+class _HandedModelFilter(logging.Filter):
+    """Drops HFLM's two warnings about being handed a model object (what we mean to do; the user cannot act)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _NOISE.search(record.getMessage())
+
+
+def _silence_handed_model_warnings() -> None:
+    """On lm-eval's HF model logger only (they reach the root handler, past `_quiet_call`'s stderr filter)."""
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _HandedModelFilter) for f in logger.filters):
+        logger.addFilter(_HandedModelFilter())
 
 
 def _quiet_call(fn: Any) -> Any:

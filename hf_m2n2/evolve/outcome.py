@@ -120,7 +120,10 @@ class RunOutcome:
             passes=self.summary["forward_passes"],
             run_seed=self.summary["seed"],
             plot=self.plot_name,
-            model_id=output.push_to_hub if output is not None else None,
+            # the usage snippet loads what exists: the pushed repo, else the model directory as given (--out)
+            model_id=output.push_to_hub
+            if output is not None and output.push_to_hub
+            else str(self.run_dir / MODEL_DIR),
             **card_fields,
         )
         write_card(out, info)

@@ -84,6 +84,7 @@ def start_runs(
     on_done: Reporter | None = None,
     push_to_hub: str | None = None,
     private: bool | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """Start the run(s) of a spec in `out_dir`.
 
@@ -97,6 +98,7 @@ def start_runs(
         on_done: called with (run directory, summary) after each run.
         push_to_hub, private: publish the exported model there (overriding the spec's `output:` section);
             the summary then has `push` (repo_url, commit_oid, commit_url).
+        trust_remote_code: let the seeds' own code run (`--trust-remote-code`; or the spec's `trust_remote_code`).
 
     Returns:
         The summaries, one per run.
@@ -107,6 +109,7 @@ def start_runs(
         PushError: the upload failed (the run directory is complete; retry with `hf-m2n2 push`).
     """
     spec, text = load_evolve_spec(spec_path)
+    spec = _trusting(spec, trust_remote_code)
     spec_dir = str(Path(spec_path).resolve().parent)
     if runs is not None and runs < 1:
         raise HfM2n2Error(f"--runs must be at least 1, got {runs}")
@@ -151,6 +154,7 @@ def resume_runs(
     runs: int | None = None,
     progress: bool = True,
     on_done: Reporter | None = None,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """Continue the run(s) in `out_dir`: finished runs are kept, interrupted ones resume from their checkpoint,
     runs that never checkpointed start over.
@@ -160,6 +164,7 @@ def resume_runs(
         runs: for a directory of runs, raise the number of runs to this (the new ones get the next seeds).
         progress: show progress bars.
         on_done: called with (run directory, summary) after each run.
+        trust_remote_code: let the seeds' own code run (not recorded in the run: give it again to resume).
 
     Returns:
         The summaries, one per run.
@@ -173,10 +178,12 @@ def resume_runs(
     if not (out / RUNS_INFO).is_file() and not (out / RUN_INFO).is_file():
         raise HfM2n2Error(f"{out} is not an hf-m2n2 evolve run directory (no {RUN_INFO} or {RUNS_INFO})")
     with locks.hold(out, RUN_OWNER):  # held until the runs end: a second evolve into `out` is refused
-        return _resume(out, runs, progress, on_done)
+        return _resume(out, runs, progress, on_done, trust_remote_code)
 
 
-def _resume(out: Path, runs: int | None, progress: bool, on_done: Reporter | None) -> list[dict[str, Any]]:
+def _resume(
+    out: Path, runs: int | None, progress: bool, on_done: Reporter | None, trust_remote_code: bool
+) -> list[dict[str, Any]]:
     if (out / RUNS_INFO).is_file():
         _sweep(out)
         index_info = _read_json(out / RUNS_INFO)
@@ -195,11 +202,16 @@ def _resume(out: Path, runs: int | None, progress: bool, on_done: Reporter | Non
         summaries = []
         for run_dir in dirs:
             with locks.hold(run_dir, RUN_OWNER):  # also refuses a --resume of this run alone meanwhile
-                summaries.append(_resume_one(run_dir, progress, on_done))
+                summaries.append(_resume_one(run_dir, progress, on_done, trust_remote_code))
         return summaries
     if runs is not None:
         raise HfM2n2Error(f"{out} is a single run (started without --runs); --runs does not apply")
-    return [_resume_one(out, progress, on_done)]
+    return [_resume_one(out, progress, on_done, trust_remote_code)]
+
+
+def _trusting(spec: EvolveSpec, trust_remote_code: bool) -> EvolveSpec:
+    """The spec with `--trust-remote-code` applied (the flag only adds trust; the spec's own value stays)."""
+    return spec.model_copy(update={"trust_remote_code": True}) if trust_remote_code else spec
 
 
 def _refuse_busy(out: Path, overwrite: bool, held: bool = False) -> None:
@@ -286,12 +298,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _resume_one(run_dir: Path, progress: bool, on_done: Reporter | None) -> dict[str, Any]:
+def _resume_one(
+    run_dir: Path, progress: bool, on_done: Reporter | None, trust_remote_code: bool = False
+) -> dict[str, Any]:
     _sweep(run_dir)
     info = RunInfo.load(run_dir)
     spec, text = load_evolve_spec(run_dir / SPEC_COPY)
     if spec_hash(text) != info.spec_hash:
         raise HfM2n2Error(f"{run_dir / SPEC_COPY} was modified after the run started (spec hash differs)")
+    spec = _trusting(spec, trust_remote_code)
     exports = spec.kind.uses_models
     if is_finished(run_dir, exports):
         summary = _read_json(run_dir / SUMMARY)

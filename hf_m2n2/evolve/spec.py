@@ -69,6 +69,7 @@ class EvolveSpec(StrictModel):
         evolve: the strategy and budget.
         evaluate: one evaluator section, or a list of parts whose score vectors concatenate.
         output: where the exported model is pushed.
+        trust_remote_code: let the seeds' own Python code (`auto_map`) run to load them (as `--trust-remote-code`).
     """
 
     name: str | None = None
@@ -77,6 +78,7 @@ class EvolveSpec(StrictModel):
     evolve: EvolveConfig
     evaluate: Any
     output: OutputConfig | None = None
+    trust_remote_code: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -91,7 +91,7 @@ class BlendKind(GenomeKind):
         from hf_m2n2.seeds import open_seeds
 
         refs = spec.seed_refs()
-        seeds = open_seeds(refs, base_dir=spec_dir)
+        seeds = open_seeds(refs, base_dir=spec_dir, trust_remote_code=spec.trust_remote_code)
         genome = spec.genome
         fixed = refs.index(genome.fixed_from) if genome.fixed_from else 0
         floating = [
@@ -124,13 +124,20 @@ class BlendKind(GenomeKind):
             device_map=genome.device_map,
             max_memory=genome.max_memory,
             offload_folder=offload,
+            trust_remote_code=spec.trust_remote_code,
         )
         tensors = SeedTensors(
             seeds, names, dtype, live.device if genome.device_map is None else "cpu", genome.resident
         )
         gram = seed_gram(layout, tensors, run_dir / "gram.npz")
         ops = BlendOps(layout, gram, len(seeds), genome.slerp_scope)
-        context = EvaluationContext(live.model, seeds[fixed].model.path, spec_dir, genome.device)
+        context = EvaluationContext(
+            live.model,
+            seeds[fixed].model.path,
+            spec_dir,
+            genome.device,
+            trust_remote_code=spec.trust_remote_code,
+        )
         return GenomeRun(
             ops,
             BlendTarget(layout, tensors, live),

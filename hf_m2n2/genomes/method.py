@@ -395,11 +395,20 @@ class MethodKind(GenomeKind):
         genome: MethodGenomeConfig = spec.genome
         seeds, template, reference = self._open(spec, spec_dir)
         live = model_kind(seeds[reference].kind).live_target(
-            seeds[reference], dtype=torch_dtype(genome.dtype), device=genome.device
+            seeds[reference],
+            dtype=torch_dtype(genome.dtype),
+            device=genome.device,
+            trust_remote_code=spec.trust_remote_code,
         )
         ops = MethodOps(template, len(seeds))
         target = MethodTarget(template, seeds, live, genome.device)
-        context = EvaluationContext(live.model, seeds[reference].model.path, spec_dir, genome.device)
+        context = EvaluationContext(
+            live.model,
+            seeds[reference].model.path,
+            spec_dir,
+            genome.device,
+            trust_remote_code=spec.trust_remote_code,
+        )
         return GenomeRun(
             ops,
             target,
@@ -421,7 +430,7 @@ class MethodKind(GenomeKind):
 
         genome: MethodGenomeConfig = spec.genome
         refs = spec.seed_refs() + ([genome.base_model] if genome.base_model is not None else [])
-        seeds = open_seeds(refs, base_dir=spec_dir)
+        seeds = open_seeds(refs, base_dir=spec_dir, trust_remote_code=spec.trust_remote_code)
         index = seed_positions(seeds)
         pinned = list(index)
         if len(index) != len(seeds):
@@ -474,7 +483,14 @@ class MethodKind(GenomeKind):
                 merge_device=None if genome.device == "cpu" else genome.device,
             )
 
-        merge_recipe(text, model_dir, overwrite=True, device=genome.device, extras=extras)
+        merge_recipe(
+            text,
+            model_dir,
+            overwrite=True,
+            device=genome.device,
+            extras=extras,
+            trust_remote_code=spec.trust_remote_code,
+        )
 
     def export_again(self, model_dir: Path, out_dir: Path, overwrite: bool) -> Path | None:
         """`hf-m2n2 export`: merge the run's merge_config.yaml again (on the device its card records), with its
@@ -516,6 +532,7 @@ def merge_recipe(
     overwrite: bool = False,
     device: str = "cpu",
     extras: Any = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """`hf-m2n2 merge` of a merge spec's text into `out_dir`, then `extras(dir)` (card, plot), all or nothing."""
     from hf_m2n2.merge import MergeOptions, merge
@@ -527,7 +544,8 @@ def merge_recipe(
     with atomic_output_dir(out, overwrite) as tmp:
         staging = Path(tempfile.mkdtemp(prefix=".merge-", dir=tmp))
         merged = staging / "model"
-        merge(spec, merged, MergeOptions(device=device, progress=False), spec_text=text)
+        options = MergeOptions(device=device, progress=False, trust_remote_code=trust_remote_code)
+        merge(spec, merged, options, spec_text=text)
         for item in merged.iterdir():
             os.replace(item, tmp / item.name)
         shutil.rmtree(staging)
