@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_m2n2.errors import CheckpointError, OutputError
+from hf_m2n2.errors import CheckpointError, OutputError, StorageError
 from hf_m2n2.locks import is_alive_temporary, own, owner_pid, sweep_dead, temporary_prefix
 
 if TYPE_CHECKING:
@@ -184,6 +184,8 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             try:
                 shutil.copyfile(path, dst / name)
             except OSError as exc:
+                if StorageError.of(exc) is not None:  # the output's disk refused: reported as a storage error
+                    raise
                 raise CheckpointError(
                     f"{path}: cannot copy the tokenizer file ({exc.strerror or exc})"
                 ) from None
