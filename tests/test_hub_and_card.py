@@ -45,6 +45,7 @@ def test_merge_of_hub_refs_pins_revisions_in_card(seeds, cached_repo, write_spec
     assert card.data.license == "apache-2.0"
     assert cached_repo["main"] in card.text and cached_repo["old"] in card.text
     assert "arxiv.org" in card.text  # the method's paper
+    assert f'model_id = "{out}"' in card.text  # the usage snippet loads the output directory as given
     assert yaml.safe_load(card.text.split("```yaml")[1].split("```")[0])["merge_method"] == "ties"
     # main is ft-a's weights and the old commit ft-b's: the merge must equal the local-directory merge
     local = write_spec(
