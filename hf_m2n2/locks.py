@@ -24,7 +24,7 @@ from hf_m2n2.errors import OutputError
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-_PID = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?")
+_PID = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old|push)-(?:(?P<pid>\d+)-)?")
 
 
 def temporary_prefix(name: str, kind: str = "tmp") -> str:

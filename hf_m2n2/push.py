@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from hf_m2n2 import locks
 from hf_m2n2.errors import PushError
 from hf_m2n2.hub import http_error_message
 from hf_m2n2.hub_log import add_secret, mask_secrets
@@ -153,16 +154,20 @@ def _hub_view(out: Path, repo_id: str) -> Iterator[Path]:
     if readme.is_file() and readme.read_text() == card:
         yield out
         return
+    parent = out.resolve().parent
     try:
-        view = Path(tempfile.mkdtemp(prefix=f".{out.name}.push-", dir=out.resolve().parent))
+        locks.sweep_dead(parent, f".{out.name}.push-*")  # left by a push that was killed
+        view = Path(tempfile.mkdtemp(prefix=locks.temporary_prefix(out.name, "push"), dir=parent))
     except OSError:  # a read-only parent: links from the system's temporary directory
         view = Path(tempfile.mkdtemp(prefix=f"{out.name}.push-"))
+    owner = locks.own(view)
     try:
         _link_tree(out, view, skip={"README.md"})
         (view / "README.md").write_text(card)
         yield view
     finally:
         shutil.rmtree(view, ignore_errors=True)
+        os.close(owner)
 
 
 def _link_tree(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:

@@ -121,6 +121,9 @@ def test_pushed_card_links_hub_seeds_only_and_names_the_repo(
     (out / "extras").mkdir()
     (out / "extras" / "notes.txt").write_text("a file in a subfolder\n")
     local_before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    killed = tmp_path / ".out.push-999999-abcd"  # the upload view of a push that was killed (no live owner)
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"")
     code, _, stderr = cli("push", out, ALICE_REPO)
     assert code == 0, stderr
     pushed = ModelCard(hub.files(ALICE_REPO)["README.md"].decode())
@@ -129,7 +132,7 @@ def test_pushed_card_links_hub_seeds_only_and_names_the_repo(
     assert f'model_id = "{ALICE_REPO}"' in pushed.text
     assert ModelCard.load(out / "README.md").data.base_model == ["base", "alice/tiny-ft"]  # local card as is
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == local_before
-    assert not [p for p in tmp_path.iterdir() if ".push-" in p.name]  # the upload view is gone
+    assert not [p for p in tmp_path.iterdir() if ".push-" in p.name]  # this upload view and the killed one's
     assert hub.files(ALICE_REPO)["extras/notes.txt"] == b"a file in a subfolder\n"
     assert hub.files(ALICE_REPO)["model.safetensors"] == local_before["model.safetensors"]
 
