@@ -272,3 +272,79 @@ def test_merged_in_row_blocks_by_the_engine_equals_the_method_on_whole_tensors(s
             [x[tensor] for x in inputs], None if base is None else base[tensor], resolved, model_params, None
         )
         assert torch.equal(out, expected.to(out.dtype)), tensor
+
+
+# --- a base_model given to a method that takes none (mergekit 0.1.5 merges it as one more model) --------------
+
+
+def _merge_spec(spec: dict[str, Any], out) -> dict[str, torch.Tensor]:
+    from helpers import load_dir
+
+    from hf_m2n2.merge import MergeOptions, merge
+    from hf_m2n2.spec import parse_spec
+
+    merge(parse_spec(spec), out, MergeOptions(progress=False))
+    return load_dir(out)
+
+
+def test_karcher_merges_an_unlisted_base_model_as_one_more_model(seeds, tmp_path) -> None:
+    from helpers import load_dir
+
+    spec = {
+        "merge_method": "karcher",
+        "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}],
+        "base_model": str(seeds["base"]),
+        "parameters": {"max_iter": 5},
+    }
+    merged = _merge_spec(spec, tmp_path / "out")
+    a, b, base = (load_dir(seeds[k]) for k in ("a", "b", "base"))
+    fn = get_method("karcher").fn
+    params = {"max_iter": 5, "tol": 1e-5}
+    name = "model.layers.0.self_attn.o_proj.weight"
+    three = fn([a[name], b[name], base[name]], None, params, [{}] * 3, None)
+    two = fn([a[name], b[name]], None, params, [{}] * 2, None)
+    assert not torch.equal(three, two)
+    for tensor, out in merged.items():
+        expected = fn([a[tensor], b[tensor], base[tensor]], None, params, [{}] * 3, None)
+        assert torch.equal(out, expected.to(out.dtype)), tensor
+
+
+def test_linear_with_an_unlisted_base_model_needs_its_weight(seeds, tmp_path) -> None:
+    from helpers import load_dir
+
+    from hf_m2n2.errors import SpecError
+
+    spec = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(seeds["a"]), "parameters": {"weight": 0.6}},
+            {"model": str(seeds["b"]), "parameters": {"weight": 0.4}},
+        ],
+        "base_model": str(seeds["base"]),
+    }
+    with pytest.raises(SpecError, match=r"^base_model: linear merges base_model as one more model .* weight"):
+        _merge_spec(spec, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    # a global weight applies to the base too: the plain mean of the three
+    spec = {
+        **spec,
+        "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}],
+        "parameters": {"weight": 1.0},
+    }
+    merged = _merge_spec(spec, tmp_path / "out")
+    a, b, base = (load_dir(seeds[k]) for k in ("a", "b", "base"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.allclose(merged[name], (a[name] + b[name] + base[name]) / 3, atol=1e-6)
+
+
+def test_passthrough_refuses_a_base_model_it_would_count_as_a_second_model(seeds, tmp_path) -> None:
+    from hf_m2n2.errors import SpecError
+
+    spec = {
+        "merge_method": "passthrough",
+        "models": [{"model": str(seeds["a"])}],
+        "base_model": str(seeds["base"]),
+    }
+    with pytest.raises(SpecError, match=r"^base_model: passthrough takes at most 1 model"):
+        _merge_spec(spec, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
