@@ -348,3 +348,21 @@ def test_passthrough_refuses_a_base_model_it_would_count_as_a_second_model(seeds
     with pytest.raises(SpecError, match=r"^base_model: passthrough takes at most 1 model"):
         _merge_spec(spec, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+# --- slerp's coefficients in float32, as mergekit computes them --------------------------------------------------
+
+
+def test_slerp_of_float32_tensors_uses_float32_coefficients_as_mergekit() -> None:
+    """cos = 24/25 exactly (norms 5 and 5, dot 24); at t = 0.35 the coefficients rounded from float64 arithmetic
+    differ from mergekit's float32 ones in the last bit, and so does the float32 output."""
+    v0, v1 = t(3.0, 4.0), t(4.0, 3.0)
+    cos, t32 = torch.tensor(24 / 25, dtype=torch.float32), torch.tensor(0.35, dtype=torch.float32)
+    theta = torch.acos(cos)
+    expected = (
+        torch.sin((1 - t32) * theta) / torch.sin(theta) * v0 + torch.sin(t32 * theta) / torch.sin(theta) * v1
+    )
+    theta64 = math.acos(24 / 25)
+    rounded_from_float64 = (math.sin(0.65 * theta64) * v0 + math.sin(0.35 * theta64) * v1) / math.sin(theta64)
+    assert not torch.equal(rounded_from_float64, expected)  # the case tells the two apart
+    assert torch.equal(run("slerp", [v1], v0, t=0.35), expected)
