@@ -366,3 +366,70 @@ def test_slerp_of_float32_tensors_uses_float32_coefficients_as_mergekit() -> Non
     rounded_from_float64 = (math.sin(0.65 * theta64) * v0 + math.sin(0.35 * theta64) * v1) / math.sin(theta64)
     assert not torch.equal(rounded_from_float64, expected)  # the case tells the two apart
     assert torch.equal(run("slerp", [v1], v0, t=0.35), expected)
+
+
+# --- the mergekit parity bench's classification of known differences ---------------------------------------------
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def test_bench_compares_mergekit_float32_output_cast_to_the_requested_dtype() -> None:
+    compare = _bench_module("compare_configs_mergekit")
+    ref = {"w": torch.linspace(-1, 1, 12).reshape(3, 4)}
+    ours = {"w": ref["w"].to(torch.bfloat16)}
+    same = compare.Comparison()
+    compare.compare_tensors(ref, ours, same, torch.bfloat16)
+    assert (same.cast_tensors, same.structure, same.values) == (["w"], [], [])
+    wrong = {"w": ours["w"].clone()}
+    wrong["w"][1, 2] += 0.25
+    differ = compare.Comparison()
+    compare.compare_tensors(ref, wrong, differ, torch.bfloat16)
+    assert differ.values and bool(differ.masks["w"][1, 2]) and int(differ.masks["w"].sum()) == 1
+    unrequested = compare.Comparison()  # a dtype the config did not ask for stays a structural difference
+    compare.compare_tensors(ref, ours, unrequested, torch.float16)
+    assert unrequested.structure and not unrequested.cast_tensors
+
+
+def test_bench_explains_sce_differences_by_tied_variances_only(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from hf_m2n2.methods.sce import merge_selected, select_by_variance
+
+    ties = _bench_module("mergekit_parity_ties")
+    name = "model.layers.0.mlp.w"
+    scale = t(1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 0.5, 1, 1, 1, 1, 1).reshape(4, 4)
+    tensors = {"base": torch.zeros(4, 4), "a": scale, "b": -0.5 * scale}  # variances tie: 12 of 16 equal
+    for key, value in tensors.items():
+        (tmp_path / key).mkdir()
+        save_file({name: value}, str(tmp_path / key / "model.safetensors"))
+        (tmp_path / key / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    config = {
+        "merge_method": "sce",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "b")}],
+        "dtype": "float32",
+        "parameters": {"select_topk": 0.4},  # k = 6: positions 1 and 4, then 4 of the 12 tied ones
+    }
+    deltas = torch.stack([tensors["a"], tensors["b"]])
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    theirs = torch.zeros(16)
+    theirs[torch.topk(variance.reshape(-1), 6).indices] = 1  # mergekit's selection
+    reference = merge_selected(tensors["base"], deltas * theirs.reshape(4, 4))
+    ours = merge_selected(tensors["base"], deltas * select_by_variance(deltas, 0.4))
+    assert not torch.equal(reference, ours)
+    (tmp_path / "mk").mkdir()
+    save_file({name: reference}, str(tmp_path / "mk" / "model.safetensors"))
+    assert ties.sce_differs_only_at_variance_ties(config, tmp_path / "mk", {name: reference != ours})
+    save_file({name: reference + 1e-3}, str(tmp_path / "mk" / "model.safetensors"))  # not explained by ties
+    assert not ties.sce_differs_only_at_variance_ties(config, tmp_path / "mk", {name: reference != ours})
