@@ -14,7 +14,10 @@ Run from the repo root (about 3 minutes on 2 cores):
     .venv/bin/python bench/compare_configs_mergekit.py [--mergekit-python .venv-mergekit/bin/python]
         [--repo DIR] [--only NAME,...] [--keep DIR] [--list]
 
-Prints one line per config (name, origin, verdict) and the total "N of M agree". Exit status 0 when all agree.
+Prints one line per config (name, origin, verdict) and the total "N of M agree". Known differences get their
+own verdicts, each checked rather than assumed: mergekit's float32 output for some methods (compared after
+casting it to the requested dtype), selections that differ only at cut-off ties (TIES magnitudes; SCE variances,
+where mergekit's tensor is reproduced from torch.topk's choice), randomized methods. Exit status 0 when all agree.
 """
 
 from __future__ import annotations
@@ -36,14 +39,19 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's hf_m2n2 (the SCE tie check)
 from mergekit_parity_models import build_models  # noqa: E402
-from mergekit_parity_ties import differs_only_at_ties  # noqa: E402
+from mergekit_parity_ties import differs_only_at_ties, sce_differs_only_at_variance_ties  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "mergekit_parity_configs.yaml"
 REPO = HERE.parent
 RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
 CONFIG_KEYS = ("num_hidden_layers", "vocab_size", "dtype")
+OTHER_LABELS = {
+    "cast": "agree once mergekit's float32 output is cast to the requested dtype",
+    "ties": "differ only at selection cut-off ties",
+}
 MERGEKIT_ENTRY = ("mergekit.scripts.run_yaml:main", ["mergekit.merge", "mergekit.tokenizer", "transformers"])
 OURS_ENTRY = ("hf_m2n2.cli:main", ["hf_m2n2.merge", "transformers", "safetensors.torch"])
 
@@ -73,6 +81,9 @@ class Comparison:
     values: list[tuple[float, str]] = field(default_factory=list)  # (max |diff|, description) per tensor
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # differing elements of those tensors
     ulp_tensors: list[str] = field(default_factory=list)  # differ by exactly one unit in a 16-bit dtype
+    cast_tensors: list[str] = field(
+        default_factory=list
+    )  # mergekit's float32, compared cast to the requested dtype
 
     def describe(self) -> str:
         parts = list(self.structure)
@@ -171,7 +182,14 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordered(a) - ordered(b)).abs()
 
 
-def compare_tensors(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], out: Comparison) -> None:
+def compare_tensors(
+    ref: dict[str, torch.Tensor],
+    ours: dict[str, torch.Tensor],
+    out: Comparison,
+    requested: torch.dtype | None = None,
+) -> None:
+    """Compare tensor by tensor into `out`. Where mergekit wrote float32 and ours is the `requested` dtype (its
+    documented float32 output for some methods), mergekit's tensor is cast to ours and the values compared."""
     if not ref or not ours:  # two empty outputs must not count as agreeing
         out.structure.append(f"no tensors in {'mergekit' if not ref else 'our'} output")
     missing, extra = sorted(set(ref) - set(ours)), sorted(set(ours) - set(ref))
@@ -181,6 +199,9 @@ def compare_tensors(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
         out.structure.append(f"{len(extra)} tensors only in ours (e.g. {extra[0]})")
     for name in sorted(set(ref) & set(ours)):
         a, b = ref[name], ours[name]
+        if a.shape == b.shape and a.dtype == torch.float32 and b.dtype == requested != a.dtype:
+            a = a.to(b.dtype)
+            out.cast_tensors.append(name)
         if a.shape != b.shape:
             out.structure.append(f"{name}: shape {tuple(b.shape)} vs mergekit {tuple(a.shape)}")
         elif a.dtype != b.dtype:
@@ -236,9 +257,14 @@ def render_chat(directory: Path) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def compare_outputs(ref_dir: Path, ours_dir: Path) -> Comparison:
+def requested_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    name = config.get("out_dtype") or config.get("dtype")
+    return getattr(torch, name) if name in ("float32", "float16", "bfloat16") else None
+
+
+def compare_outputs(ref_dir: Path, ours_dir: Path, requested: torch.dtype | None = None) -> Comparison:
     out = Comparison()
-    compare_tensors(load_tensors(ref_dir), load_tensors(ours_dir), out)
+    compare_tensors(load_tensors(ref_dir), load_tensors(ours_dir), out, requested)
     ref_config, ours_config = config_values(ref_dir), config_values(ours_dir)
     for key in CONFIG_KEYS:
         if ref_config[key] != ours_config[key]:
@@ -276,7 +302,7 @@ def _short(text: str | None) -> str:
 def verdict(
     entry: dict[str, Any], rendered: dict[str, Any], mergekit: Run, ours: Run, ref_dir: Path, ours_dir: Path
 ) -> tuple[str, str]:
-    """(kind, text): kind is agree | ulp | ties | random | differ | refused | crashed | mergekit-failed."""
+    """(kind, text): kind is agree | ulp | cast | ties | random | differ | refused | crashed | mergekit-failed."""
     if entry.get("expect_error"):
         if mergekit.returncode == 0:
             return "mergekit-failed", "mergekit accepted a config its test expects it to refuse"
@@ -290,9 +316,11 @@ def verdict(
         return "refused", f"ours refused: {ours.error_line()}"
     if ours.returncode != 0:
         return "crashed", f"ours crashed (exit {ours.returncode}): {ours.error_line()}"
-    result = compare_outputs(ref_dir, ours_dir)
+    result = compare_outputs(ref_dir, ours_dir, requested_dtype(rendered))
+    cast = f" (mergekit's float32 output cast to the requested dtype in {len(result.cast_tensors)} tensors)"
+    cast = cast if result.cast_tensors else ""
     if result.structure or result.values:
-        text = result.describe()
+        text = result.describe() + cast
         method = entry["config"].get("merge_method")
         if method in RANDOMIZED and not result.structure:
             return "random", f"differ: {text} [randomized method: each tool draws its masks from its own RNG]"
@@ -302,7 +330,19 @@ def verdict(
                 "ties",
                 f"differ only at TIES cut-off magnitude ties ({count} elements in {len(result.masks)} tensors)",
             )
+        if not result.structure and sce_differs_only_at_variance_ties(rendered, ref_dir, result.masks):
+            count = sum(int(mask.sum()) for mask in result.masks.values())
+            return "ties", (
+                f"differ only at SCE variance ties ({len(result.masks)} tensors, {count} elements: mergekit's "
+                "torch.topk keeps other tied positions, which moves the energy weights; reproduced bit for bit)"
+            )
         return "differ", f"differ: {text}"
+    if result.cast_tensors:
+        ulp = f", {len(result.ulp_tensors)} of them within one 16-bit ulp" if result.ulp_tensors else ""
+        return "cast", (
+            "agree after mergekit's float32 output is cast to the requested dtype (documented difference; "
+            f"{len(result.cast_tensors)} tensors{ulp})"
+        )
     if result.ulp_tensors:
         return "ulp", f"agree within one ulp ({len(result.ulp_tensors)} tensors differ by 1 ulp)"
     return "agree", "agree"
@@ -409,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         ours.close()
 
     agree = counts.get("agree", 0) + counts.get("ulp", 0)
-    others = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k not in ("agree", "ulp"))
+    others = ", ".join(
+        f"{OTHER_LABELS.get(k, k)} {v}" for k, v in sorted(counts.items()) if k not in ("agree", "ulp")
+    )
     print(
         f"{agree} of {len(entries)} agree ({counts.get('agree', 0)} bit for bit, {counts.get('ulp', 0)} within "
         f"one 16-bit ulp); {others or 'no others'}; {time.perf_counter() - start:.0f} s"

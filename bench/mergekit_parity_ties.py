@@ -5,6 +5,10 @@ elements share the magnitude at the cut-off (common with 16-bit checkpoints, who
 values), which of them are kept is an implementation detail: mergekit's full sort and hf-m2n2's partial
 selection may keep different ones. The README states this difference; this check confirms that a difference is
 of that kind and nothing else. Written for the bench (no library resolves mergekit parameters for us).
+
+SCE keeps the `select_topk` fraction of positions with the largest variance across the task vectors; ties at
+that cut-off are kept in index order here and by `torch.topk`'s choice in mergekit, and the choice moves SCE's
+whole-tensor energy weights: `sce_differs_only_at_variance_ties` reproduces mergekit's tensor from topk's choice.
 """
 
 from __future__ import annotations
@@ -91,5 +95,58 @@ def differs_only_at_ties(config: dict[str, Any], differing: dict[str, torch.Tens
             cut = magnitude.reshape(-1).kthvalue(magnitude.numel() - keep + 1).values
             tied |= magnitude == cut
         if bool((mask & ~tied).any()):
+            return False
+    return True
+
+
+def _global_setting(config: dict[str, Any], key: str, tensor: str, t: float, default: float) -> float:
+    found = _setting((config.get("parameters") or {}).get(key, default), tensor, t)
+    return default if found is None else found
+
+
+def _topk_selection(variance: torch.Tensor, k: int) -> torch.Tensor:
+    """The positions `torch.topk` returns for the k largest variances (what mergekit 0.1.5's sce keeps)."""
+    mask = torch.zeros(variance.numel(), dtype=variance.dtype)
+    mask[torch.topk(variance.reshape(-1), k=k, largest=True).indices] = 1
+    return mask.reshape(variance.shape)
+
+
+def sce_differs_only_at_variance_ties(
+    config: dict[str, Any], ref_dir: Path, differing: dict[str, torch.Tensor]
+) -> bool:
+    """Whether each differing tensor of an `sce` output is explained by which tied variances are kept.
+
+    Keeping another position among those whose variance equals the cut-off changes SCE's energy weights, hence
+    elements far from the tied ones: a per-element check (as for TIES) cannot tell. So, per differing tensor,
+    recompute the variances in the config's dtype and check that (1) our selection and torch.topk's (mergekit's)
+    keep the same count and differ only at positions whose variance equals the cut-off, and (2) SCE's remaining
+    steps (hf-m2n2's `merge_selected`) applied with torch.topk's selection give mergekit's tensor bit for bit."""
+    from hf_m2n2.methods.sce import merge_selected, select_by_variance
+
+    if config.get("merge_method") != "sce" or "models" not in config or not differing:
+        return False
+    base_dir = Path(config["base_model"])
+    models = [Path(m["model"]) for m in config["models"] if Path(m["model"]) != base_dir]
+    layers = _num_layers(base_dir)
+    dtype = getattr(torch, config.get("dtype") or "float32")
+    for name in differing:
+        match = LAYER.search(name)
+        t = int(match.group(1)) / max(1, layers - 1) if match else 0.0
+        fraction = _global_setting(config, "select_topk", name, t, 1.0)
+        if not 0 < fraction < 1:
+            return False
+        base = _load(base_dir, name).to(dtype)
+        deltas = torch.stack([_load(model, name).to(dtype) - base for model in models])
+        variance = torch.var(deltas, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * fraction)
+        if k < 1:
+            return False
+        ours, theirs = select_by_variance(deltas, fraction), _topk_selection(variance, k)
+        cut = variance.reshape(-1).kthvalue(variance.numel() - k + 1).values
+        moved = ours != theirs
+        if int(ours.sum()) != int(theirs.sum()) or not bool((variance[moved] == cut).all()):
+            return False
+        reference = _load(ref_dir, name)
+        if not torch.equal(merge_selected(base, deltas * theirs.unsqueeze(0)).to(reference.dtype), reference):
             return False
     return True

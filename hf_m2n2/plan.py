@@ -131,9 +131,8 @@ def _normalize(
         listed = {s.seed for s in sources}
         if base is not None and base not in listed:
             if method.uses_base == "never":
-                log.warning("base_model is not used by %s; merging only the listed models", method.name)
-            else:
-                sources.append(_Source(base, 0, None, "base_model"))
+                _check_base_as_model(spec, method, len(sources) + 1)
+            sources.append(_Source(base, 0, None, "base_model"))
         n_layers = {seeds[s.seed].num_layers for s in sources}
         if len(n_layers) > 1:
             detail = ", ".join(f"{seeds[s.seed].name}: {seeds[s.seed].num_layers}" for s in sources)
@@ -165,6 +164,25 @@ def _normalize(
     for sl in slices:
         _check_model_count(method, sl)
     return slices
+
+
+def _check_base_as_model(spec: MergeSpec, method: MergeMethod, count: int) -> None:
+    """mergekit 0.1.5 appends an unlisted base_model to `models:` for every method; one that takes no base merges
+    it as one more model (karcher averages it in), so it needs the per-model parameters and fits the model count."""
+    if method.max_models is not None and count > method.max_models:
+        raise SpecError(
+            "base_model",
+            f"{method.name} takes at most {method.max_models} model(s) and merges base_model as one of them "
+            "(as mergekit does): remove base_model",
+        )
+    for p in method.model_params:
+        if p.required and p.name not in (spec.parameters or {}):
+            raise SpecError(
+                "base_model",
+                f"{method.name} merges base_model as one more model (as mergekit does), which needs a {p.name}: "
+                f"list it under models: with its {p.name}, or remove base_model",
+            )
+    log.warning("%s takes no base: base_model is merged as one more model, as mergekit does", method.name)
 
 
 def _uses_base(method: MergeMethod, sl: _Slice) -> bool:

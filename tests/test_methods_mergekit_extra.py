@@ -272,3 +272,164 @@ def test_merged_in_row_blocks_by_the_engine_equals_the_method_on_whole_tensors(s
             [x[tensor] for x in inputs], None if base is None else base[tensor], resolved, model_params, None
         )
         assert torch.equal(out, expected.to(out.dtype)), tensor
+
+
+# --- a base_model given to a method that takes none (mergekit 0.1.5 merges it as one more model) --------------
+
+
+def _merge_spec(spec: dict[str, Any], out) -> dict[str, torch.Tensor]:
+    from helpers import load_dir
+
+    from hf_m2n2.merge import MergeOptions, merge
+    from hf_m2n2.spec import parse_spec
+
+    merge(parse_spec(spec), out, MergeOptions(progress=False))
+    return load_dir(out)
+
+
+def test_karcher_merges_an_unlisted_base_model_as_one_more_model(seeds, tmp_path) -> None:
+    from helpers import load_dir
+
+    spec = {
+        "merge_method": "karcher",
+        "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}],
+        "base_model": str(seeds["base"]),
+        "parameters": {"max_iter": 5},
+    }
+    merged = _merge_spec(spec, tmp_path / "out")
+    a, b, base = (load_dir(seeds[k]) for k in ("a", "b", "base"))
+    fn = get_method("karcher").fn
+    params = {"max_iter": 5, "tol": 1e-5}
+    name = "model.layers.0.self_attn.o_proj.weight"
+    three = fn([a[name], b[name], base[name]], None, params, [{}] * 3, None)
+    two = fn([a[name], b[name]], None, params, [{}] * 2, None)
+    assert not torch.equal(three, two)
+    for tensor, out in merged.items():
+        expected = fn([a[tensor], b[tensor], base[tensor]], None, params, [{}] * 3, None)
+        assert torch.equal(out, expected.to(out.dtype)), tensor
+
+
+def test_linear_with_an_unlisted_base_model_needs_its_weight(seeds, tmp_path) -> None:
+    from helpers import load_dir
+
+    from hf_m2n2.errors import SpecError
+
+    spec = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(seeds["a"]), "parameters": {"weight": 0.6}},
+            {"model": str(seeds["b"]), "parameters": {"weight": 0.4}},
+        ],
+        "base_model": str(seeds["base"]),
+    }
+    with pytest.raises(SpecError, match=r"^base_model: linear merges base_model as one more model .* weight"):
+        _merge_spec(spec, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    # a global weight applies to the base too: the plain mean of the three
+    spec = {
+        **spec,
+        "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}],
+        "parameters": {"weight": 1.0},
+    }
+    merged = _merge_spec(spec, tmp_path / "out")
+    a, b, base = (load_dir(seeds[k]) for k in ("a", "b", "base"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.allclose(merged[name], (a[name] + b[name] + base[name]) / 3, atol=1e-6)
+
+
+def test_passthrough_refuses_a_base_model_it_would_count_as_a_second_model(seeds, tmp_path) -> None:
+    from hf_m2n2.errors import SpecError
+
+    spec = {
+        "merge_method": "passthrough",
+        "models": [{"model": str(seeds["a"])}],
+        "base_model": str(seeds["base"]),
+    }
+    with pytest.raises(SpecError, match=r"^base_model: passthrough takes at most 1 model"):
+        _merge_spec(spec, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+# --- slerp's coefficients in float32, as mergekit computes them --------------------------------------------------
+
+
+def test_slerp_of_float32_tensors_uses_float32_coefficients_as_mergekit() -> None:
+    """cos = 24/25 exactly (norms 5 and 5, dot 24); at t = 0.35 the coefficients rounded from float64 arithmetic
+    differ from mergekit's float32 ones in the last bit, and so does the float32 output."""
+    v0, v1 = t(3.0, 4.0), t(4.0, 3.0)
+    cos, t32 = torch.tensor(24 / 25, dtype=torch.float32), torch.tensor(0.35, dtype=torch.float32)
+    theta = torch.acos(cos)
+    expected = (
+        torch.sin((1 - t32) * theta) / torch.sin(theta) * v0 + torch.sin(t32 * theta) / torch.sin(theta) * v1
+    )
+    theta64 = math.acos(24 / 25)
+    rounded_from_float64 = (math.sin(0.65 * theta64) * v0 + math.sin(0.35 * theta64) * v1) / math.sin(theta64)
+    assert not torch.equal(rounded_from_float64, expected)  # the case tells the two apart
+    assert torch.equal(run("slerp", [v1], v0, t=0.35), expected)
+
+
+# --- the mergekit parity bench's classification of known differences ---------------------------------------------
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def test_bench_compares_mergekit_float32_output_cast_to_the_requested_dtype() -> None:
+    compare = _bench_module("compare_configs_mergekit")
+    ref = {"w": torch.linspace(-1, 1, 12).reshape(3, 4)}
+    ours = {"w": ref["w"].to(torch.bfloat16)}
+    same = compare.Comparison()
+    compare.compare_tensors(ref, ours, same, torch.bfloat16)
+    assert (same.cast_tensors, same.structure, same.values) == (["w"], [], [])
+    wrong = {"w": ours["w"].clone()}
+    wrong["w"][1, 2] += 0.25
+    differ = compare.Comparison()
+    compare.compare_tensors(ref, wrong, differ, torch.bfloat16)
+    assert differ.values and bool(differ.masks["w"][1, 2]) and int(differ.masks["w"].sum()) == 1
+    unrequested = compare.Comparison()  # a dtype the config did not ask for stays a structural difference
+    compare.compare_tensors(ref, ours, unrequested, torch.float16)
+    assert unrequested.structure and not unrequested.cast_tensors
+
+
+def test_bench_explains_sce_differences_by_tied_variances_only(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from hf_m2n2.methods.sce import merge_selected, select_by_variance
+
+    ties = _bench_module("mergekit_parity_ties")
+    name = "model.layers.0.mlp.w"
+    scale = t(1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 0.5, 1, 1, 1, 1, 1).reshape(4, 4)
+    tensors = {"base": torch.zeros(4, 4), "a": scale, "b": -0.5 * scale}  # variances tie: 12 of 16 equal
+    for key, value in tensors.items():
+        (tmp_path / key).mkdir()
+        save_file({name: value}, str(tmp_path / key / "model.safetensors"))
+        (tmp_path / key / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    config = {
+        "merge_method": "sce",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "b")}],
+        "dtype": "float32",
+        "parameters": {"select_topk": 0.4},  # k = 6: positions 1 and 4, then 4 of the 12 tied ones
+    }
+    deltas = torch.stack([tensors["a"], tensors["b"]])
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    theirs = torch.zeros(16)
+    theirs[torch.topk(variance.reshape(-1), 6).indices] = 1  # mergekit's selection
+    reference = merge_selected(tensors["base"], deltas * theirs.reshape(4, 4))
+    ours = merge_selected(tensors["base"], deltas * select_by_variance(deltas, 0.4))
+    assert not torch.equal(reference, ours)
+    (tmp_path / "mk").mkdir()
+    save_file({name: reference}, str(tmp_path / "mk" / "model.safetensors"))
+    assert ties.sce_differs_only_at_variance_ties(config, tmp_path / "mk", {name: reference != ours})
+    save_file({name: reference + 1e-3}, str(tmp_path / "mk" / "model.safetensors"))  # not explained by ties
+    assert not ties.sce_differs_only_at_variance_ties(config, tmp_path / "mk", {name: reference != ours})

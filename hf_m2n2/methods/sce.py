@@ -50,8 +50,9 @@ def sce(
     """base + sum_i w_i m_i d_i / max(sum_i w_i m_i, 1e-6), d_i the variance-selected task vectors, w_i their
     energy weights, m_i whether d_i's sign agrees with the elected sign (sign of sum_i d_i, + on ties).
 
-    In the inputs' dtype, in mergekit's order of operations (bf16 inputs give mergekit's bf16 bytes except
-    where variances tie at the selection cut-off).
+    In the inputs' dtype, in mergekit's order of operations: bf16 inputs give mergekit's bf16 bytes unless
+    variances tie at the selection cut-off (which tied positions are kept moves the energy weights, so elements
+    far from the tied ones may differ too).
     """
     if base is None:
         raise ValueError("sce needs a base tensor")
@@ -60,6 +61,11 @@ def sce(
     deltas = torch.stack([x - base for x in tensors])
     if float(params["select_topk"]) < 1:
         deltas = deltas * select_by_variance(deltas, float(params["select_topk"])).unsqueeze(0)
+    return merge_selected(base, deltas)
+
+
+def merge_selected(base: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """SCE's calculate and erase steps on the selected task vectors `deltas` (models stacked on dim 0)."""
     elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
     agree = deltas.sign() == elected
     weights = energy_weights(deltas).reshape(-1, *([1] * (deltas.dim() - 1)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -22,14 +21,18 @@ _NORM_EPS = 1e-8
 _CHUNK = 1 << 20  # elements per chunk: bounds the float32 scratch for half-precision inputs
 
 
-def slerp_coefficients(t: float, cos: float) -> tuple[float, float]:
-    """(c0, c1) with slerp = c0 * v0 + c1 * v1 for the cosine `cos` of v0, v1; linear when (anti)parallel."""
-    cos = min(1.0, max(-1.0, cos))
-    if abs(cos) > DOT_THRESHOLD:
-        return 1.0 - t, t
-    theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+def slerp_coefficients(t: float, cos: float, work: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(c0, c1) with slerp = c0 * v0 + c1 * v1 for the cosine `cos` of v0, v1; linear when (anti)parallel.
+
+    Computed in `work` (float32, float64 for float64 inputs), as mergekit does: coefficients rounded from
+    float64 arithmetic differ from its float32 ones in the last bit, which float32 outputs show."""
+    cos_t = torch.tensor(cos, dtype=work).clamp(-1.0, 1.0)
+    t_t = torch.tensor(t, dtype=work)
+    if abs(float(cos_t)) > DOT_THRESHOLD:
+        return float(1 - t_t), float(t_t)
+    theta = torch.acos(cos_t)
+    sin_theta = torch.sin(theta)
+    return float(torch.sin((1 - t_t) * theta) / sin_theta), float(torch.sin(t_t * theta) / sin_theta)
 
 
 def _flat_chunks(blocks: Sequence[Lazy[Block]]) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -81,7 +84,8 @@ def _statistics(context: TensorContext, blocks: Sequence[Lazy[Block]]) -> tuple[
     norm_a = norm_a if norm_a > _NORM_EPS else 1.0
     norm_b = norm_b if norm_b > _NORM_EPS else 1.0
     dot = float(torch.stack(dots).sum()) if dots else 0.0
-    return slerp_coefficients(float(context.params["t"]), dot / norm_a / norm_b)
+    work = torch.float64 if squares_a and squares_a[0].dtype == torch.float64 else torch.float32
+    return slerp_coefficients(float(context.params["t"]), dot / norm_a / norm_b, work)
 
 
 def _apply(block: Block, coefficients: tuple[float, float]) -> torch.Tensor:
