@@ -152,7 +152,9 @@ def _merge_seeds(
         chat_template = _write_tokenizer(tmp, spec, seeds, seed_index, recipe, vocab, options)
         recipe_text = spec_text if spec_text is not None and spec.output is None else spec.to_yaml()
         (tmp / "merge_config.yaml").write_text(recipe_text)
-        model_id = target.repo_id if target else str(out_dir)  # the snippet loads what exists: the repo or OUT
+        model_id = (
+            target.repo_id if target else str(out_dir)
+        )  # the snippet loads what exists: the repo or OUT
         _write_card(tmp, out_dir.name, spec, seeds, seed_index, recipe, notes, chat_template, model_id)
     return MergeResult(out_dir, [s.model for s in seeds], len(planned), sum(p.nbytes for p in planned), notes)
 
