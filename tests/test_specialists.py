@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from hf_m2n2.demo.specialists import (
+    MARKER,
+    PORTABLE_KERNELS,
     SKILLS,
     SpecialistsConfig,
     build_specialists,
     heldout_examples,
+    kernels_in_effect,
     main,
+    pin_portable_kernels,
     specialists_report,
     task_name,
 )
@@ -115,6 +122,26 @@ def test_cli_builds_with_overrides(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "base: built" in out and (tmp_path / "rev" / "model.safetensors").is_file()
     assert _digests(tmp_path) == _digests(build_specialists(tmp_path / "api", TINY).root)
+
+
+def test_cli_build_uses_portable_kernels_and_other_kernels_rebuild(tmp_path):
+    # The command line pins torch's unvectorized kernels and MKL's SSE2-only branch before torch loads (when the
+    # environment names no others); its marker says so. A build made under other kernels is not reused.
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
+    params = [f"--param={name}={value}" for name, value in TINY.__dict__.items()]
+    cmd = [sys.executable, "-m", "hf_m2n2.demo.specialists", str(tmp_path), *params]
+    subprocess.run(cmd, check=True, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    kernels = json.loads((tmp_path / "base" / MARKER).read_text())["kernels"]
+    assert (kernels["cpu_capability"], kernels["mkl_cbwr"]) == ("DEFAULT", "COMPATIBLE")
+
+    before = dict(os.environ)
+    assert pin_portable_kernels() is False  # torch is loaded here: nothing changes, nothing leaks to children
+    assert dict(os.environ) == before
+    if kernels_in_effect() != kernels:
+        lines: list[str] = []
+        build_specialists(tmp_path, TINY, log=lines.append)
+        status = {line.split(":")[0]: line.split(":")[1].split()[0] for line in lines}
+        assert status == {"tasks": "cached", "base": "built", "add": "built", "rev": "built"}
 
 
 def test_cli_rejects_unknown_parameter(tmp_path):

@@ -21,6 +21,12 @@ ROOT/tasks/data/*.jsonl               {"prompt": ..., "answer": ...} per line
 ```
 
 Command line: `python -m hf_m2n2.demo.specialists ROOT [--report]` (or the old `python -m hf_m2n2.specialists`).
+
+Reproducibility: one torch thread and fixed seeds give the same bytes on one machine, but float rounding also
+depends on which CPU kernels run (torch's AVX2 / AVX-512 vectorized kernels, MKL's per-ISA GEMM branches), and
+training amplifies a last-bit difference into other specialists. The command line therefore selects, before torch
+loads, torch's unvectorized kernels (`ATEN_CPU_CAPABILITY=default`) and MKL's SSE2-only reproducible branch
+(`MKL_CBWR=COMPATIBLE`), the same code on every x86-64 CPU; the cache key records the kernels in effect.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import random
 import shutil
 import string
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +53,9 @@ MARKER = ".hf_m2n2_build.json"
 SKILLS = ("add", "rev")
 TASK_PREFIX = "specialists"
 _SEQ_LEN = 16  # longest example: "abcdef=FEDCBA\n" (14 tokens)
+ATTENTION = "sdpa"  # explicit, so that a change of transformers' default does not change the build
+# Kernels that run the same code on every x86-64 CPU (both env variables are read when torch first runs a kernel).
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 
 
 @dataclass(frozen=True)
@@ -244,7 +255,8 @@ def _part_keys(config: SpecialistsConfig, root: Path) -> dict[str, str]:
     params = dataclasses.asdict(config)
     data = {name: params[name] for name in ("seed", "fitness_size", "test_size")}
     base_names = ("hidden", "layers", "intermediate", "heads", "batch_size", "base_steps", "base_lr")
-    base = _digest({**env, **data, "part": "base", **{name: params[name] for name in base_names}})
+    trained = {name: params[name] for name in base_names}
+    base = _digest({**env, **data, "part": "base", "kernels": kernels_in_effect(), **trained})
     finetune = {name: params[name] for name in ("batch_size", "finetune_steps", "finetune_lr")}
     keys = {
         "base": base,
@@ -253,6 +265,32 @@ def _part_keys(config: SpecialistsConfig, root: Path) -> dict[str, str]:
     for skill in SKILLS:
         keys[skill] = _digest({"part": skill, "base": base, **finetune})
     return keys
+
+
+def pin_portable_kernels() -> bool:
+    """Select `PORTABLE_KERNELS` (where the environment does not already name others) if torch is not loaded yet.
+
+    Returns:
+        Whether it could: torch reads both variables once, so in a process that already imported torch this
+        changes nothing (and sets nothing, so that the process's children are not slowed down).
+    """
+    if "torch" in sys.modules:
+        return False
+    for name, value in PORTABLE_KERNELS.items():
+        os.environ.setdefault(name, value)
+    return True
+
+
+def kernels_in_effect() -> dict[str, str]:
+    """What decides the build's rounding besides the library versions: torch's CPU kernel set, MKL's branch."""
+    import torch
+
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
+        "machine": platform.machine(),
+        "attention": ATTENTION,
+    }
 
 
 def _is_built(path: Path, key: str) -> bool:
@@ -269,7 +307,8 @@ def _atomic_dir(path: Path, key: str, params: dict[str, Any]) -> Iterator[Path]:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     yield scratch
-    (scratch / MARKER).write_text(json.dumps({"key": key, "params": params}, sort_keys=True, indent=1) + "\n")
+    marker = {"key": key, "params": params, "kernels": kernels_in_effect()}
+    (scratch / MARKER).write_text(json.dumps(marker, sort_keys=True, indent=1) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(scratch, path)
 
@@ -310,7 +349,7 @@ def _save(model: Any, tokenizer: Any, out: Path, name: str, description: str) ->
 
 def _build_base(config: SpecialistsConfig, out: Path, excluded: set[str]) -> None:
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from hf_m2n2.demo.toy import byte_tokenizer, tiny_llama_config
 
@@ -323,7 +362,7 @@ def _build_base(config: SpecialistsConfig, out: Path, excluded: set[str]) -> Non
         intermediate=config.intermediate,
         heads=config.heads,
     )
-    model = LlamaForCausalLM(model_config)
+    model = AutoModelForCausalLM.from_config(model_config, attn_implementation=ATTENTION)
     batches = _training_batches(SKILLS, excluded, config.batch_size, f"base-{config.seed}")
     _train(model, batches, config.base_steps, config.base_lr, _char_ids(tokenizer), tokenizer.pad_token_id)
     _save(
@@ -342,7 +381,9 @@ def _build_specialist(
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=False)
-    model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=False)
+    model = LlamaForCausalLM.from_pretrained(
+        str(base), dtype=torch.float32, attn_implementation=ATTENTION, trust_remote_code=False
+    )
     torch.manual_seed(config.seed)
     batches = _training_batches([skill], excluded, config.batch_size, f"{skill}-{config.seed}")
     _train(
@@ -403,9 +444,11 @@ def build_specialists(
 ) -> Specialists:
     """Build (or reuse) the base, the two specialists and the lm-eval tasks under `root`.
 
-    Every part is keyed by a hash of its build parameters (and the torch/transformers versions); a part already
-    built with the same key is kept, anything else is rebuilt atomically. Training uses one torch thread and fixed
-    seeds: the same machine produces the same bytes every time.
+    Every part is keyed by a hash of its build parameters, the torch/transformers versions and `kernels_in_effect()`;
+    a part already built with the same key is kept, anything else is rebuilt atomically. Training uses one torch
+    thread and fixed seeds: the same machine produces the same bytes every time. Other machines produce the same
+    bytes only under `PORTABLE_KERNELS`, which the command line selects (`pin_portable_kernels`); a caller that has
+    already loaded torch gets its process's kernels.
 
     Args:
         root: the build folder (created if needed).
@@ -446,7 +489,7 @@ def build_specialists(
         else:
             todo.append((part, path, build))
     if todo:
-        with _one_thread():  # imports torch: only when something is left to build
+        with _one_thread():
             for part, path, build in todo:
                 start = time.perf_counter()
                 with _atomic_dir(path, keys[part], params) as scratch:
@@ -582,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = _config_from(args.param, parser)
+    pin_portable_kernels()
     start = time.perf_counter()
     built = build_specialists(args.root, config, log=print)
     print(f"built in {time.perf_counter() - start:.1f} s: {built.root}")
