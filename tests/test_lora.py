@@ -235,3 +235,25 @@ def test_bad_adapters_are_one_line_errors(seeds, adapters, write_spec, cli, tmp_
     assert needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert case == "two_plus" or str(adapter) in stderr  # names the adapter (its file)
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_server_references_merge_and_link_both_repos(seeds, adapters, hub, write_spec, cli, tmp_path):
+    """Both parts are downloaded through huggingface_hub (the adapter with its config and weights only); the card
+    links the base and the adapter by repo id."""
+    from hub_server import TEST_TOKENS
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=next(iter(TEST_TOKENS)))
+    for repo, folder in (("alice/tiny-base", seeds["base"]), ("alice/tiny-lora", adapters["plain"])):
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo, folder_path=folder, ignore_patterns=["README.md"]
+        )  # peft's names a path
+    merged = _merge(
+        cli, write_spec, tmp_path, [{"model": "alice/tiny-base+alice/tiny-lora", "parameters": {"weight": 1}}]
+    )
+    _assert_equal_state(merged, _peft_merged(seeds["base"], adapters["plain"]))
+    front = (tmp_path / "out" / "README.md").read_text().split("---")[1]
+    assert "- alice/tiny-base\n" in front and "- alice/tiny-lora\n" in front
+    adapter_files = {p.name for p in hub.cache_dir.glob("models--alice--tiny-lora/snapshots/*/*")}
+    assert adapter_files == {"adapter_config.json", "adapter_model.safetensors"}
