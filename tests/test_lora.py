@@ -28,8 +28,8 @@ def _adapter(base: Path, out: Path, seed: int, model_cls=None, **config) -> Path
         peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **config))
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
-                if "modules_to_save" in name:
-                    param.add_(torch.randn_like(param))  # a trained head, different from the base's
+                if "modules_to_save" in name or (name.endswith(".bias") and param.requires_grad):
+                    param.add_(torch.randn_like(param))  # a trained head or bias, different from the base's
         peft_model.save_pretrained(str(out))
     return out
 
@@ -180,6 +180,32 @@ def test_gpt2_conv1d_adapter_equals_peft(seeds, write_spec, cli, tmp_path, fan_i
     expected = _peft_merged(seeds["gpt2"], adapter)
     for name in merged:
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_trained_biases_and_lora_bias_equal_peft(seeds, tmp_path):
+    """`bias="all"` saves every bias (replacing the base's); `lora_bias` adds scale * lora_B.bias."""
+    from hf_m2n2.hub import resolve_model
+    from hf_m2n2.lora import open_checkpoint
+
+    adapter = _adapter(
+        seeds["gpt2"],
+        tmp_path / "bias",
+        14,
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn"],
+        bias="all",
+        lora_bias=True,
+    )
+    expected = _peft_merged(seeds["gpt2"], adapter)
+    base = load_dir(seeds["gpt2"])
+    with open_checkpoint(resolve_model(f"{seeds['gpt2']}+{adapter}")) as ckpt:
+        assert not torch.equal(
+            ckpt.get("transformer.h.0.attn.c_attn.bias"), base["transformer.h.0.attn.c_attn.bias"]
+        )
+        assert not torch.equal(ckpt.get("transformer.h.1.ln_2.bias"), base["transformer.h.1.ln_2.bias"])
+        for name in ckpt.names:
+            torch.testing.assert_close(ckpt.get(name), expected[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_seed_live_target_holds_the_adapted_weights(seeds, adapters):
