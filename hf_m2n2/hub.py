@@ -68,6 +68,13 @@ class ResolvedModel:
         )
         return f"{own}+{self.adapter.pinned}" if self.adapter else own
 
+    @property
+    def locator(self) -> str:
+        """How a spec or recipe finds this model again: `repo_id@commit` for Hub models, the absolute directory
+        otherwise (`BASE+ADAPTER` of those with a LoRA)."""
+        own = f"{self.repo_id}@{self.commit}" if self.repo_id and self.commit else str(self.path.resolve())
+        return f"{own}+{self.adapter.locator}" if self.adapter else own
+
 
 def split_reference(ref: str) -> tuple[str, str | None]:
     """`org/name@rev` -> (`org/name`, `rev`); no `@` -> (ref, None)."""

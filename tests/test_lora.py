@@ -283,3 +283,62 @@ def test_hub_server_references_merge_and_link_both_repos(seeds, adapters, hub, w
     assert "- alice/tiny-base\n" in front and "- alice/tiny-lora\n" in front
     adapter_files = {p.name for p in hub.cache_dir.glob("models--alice--tiny-lora/snapshots/*/*")}
     assert adapter_files == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_blend_evolution_over_a_lora_seed_rebuilds_from_its_recipe(seeds, adapters, cli, tmp_path):
+    """An evolve seed `base+adapter`: the run's recipe names both parts, so `rebuild` gives the same bytes."""
+    import yaml
+
+    from hf_m2n2.evolve.runs import start_runs
+
+    lora_ref = f"{seeds['base']}+{adapters['plain']}"
+    spec = {
+        "name": "lora-m2n2",
+        "models": [{"model": lora_ref}, {"model": f"{seeds['a']}+{adapters['head']}"}],
+        "genome": {"kind": "blend", "block_size": 2048},
+        "evolve": {"algorithm": "m2n2", "budget": 4, "seed": 3},
+        "evaluate": {
+            "kind": "python",
+            "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
+            "kwargs": {"sequences": [[1, 40 + i, 41 + i, 2] for i in range(4)]},
+        },
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    start_runs(tmp_path / "spec.yaml", tmp_path / "run", progress=False)
+    recipe = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
+    assert recipe["seeds"][0]["locator"] == f"{seeds['base'].resolve()}+{adapters['plain'].resolve()}"
+    code, _, err = cli("rebuild", tmp_path / "run" / "model" / "recipe.json", tmp_path / "rebuilt", "--quiet")
+    assert code == 0, err
+    original = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "rebuilt" / "model.safetensors").read_bytes() == original
+
+
+def test_method_evolution_over_lora_seeds_exports_a_spec_naming_the_adapters(seeds, adapters, tmp_path):
+    """A method genome's exported merge spec names each `base+adapter` seed with both parts."""
+    import yaml
+
+    from hf_m2n2.evolve.runs import start_runs
+
+    refs = [f"{seeds['a']}+{adapters['plain']}", f"{seeds['b']}+{adapters['head']}"]
+    spec = {
+        "name": "lora-ps",
+        "models": [{"model": r} for r in refs],
+        "genome": {
+            "kind": "method",
+            "method": "task_arithmetic",
+            "base_model": str(seeds["base"]),
+            "parameters": ["weight"],
+        },
+        "evolve": {"algorithm": "evomerge_ps", "budget": 4, "seed": 5},
+        "evaluate": {
+            "kind": "python",
+            "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
+            "kwargs": {"sequences": [[1, 40 + i, 41 + i, 2] for i in range(4)]},
+        },
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    start_runs(tmp_path / "spec.yaml", tmp_path / "run", progress=False)
+    config = yaml.safe_load((tmp_path / "run" / "model" / "merge_config.yaml").read_text())
+    named = {src["model"] for s in config["slices"] for src in s["sources"]}
+    lora_refs = {f"{seeds[m].resolve()}+{adapters[a].resolve()}" for m, a in (("a", "plain"), ("b", "head"))}
+    assert named == lora_refs | {str(seeds["base"].resolve())}
