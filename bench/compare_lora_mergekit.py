@@ -2,6 +2,7 @@
 
 Run from the repo root with the project's venv (mergekit runs as a separate command from its own venv):
     PYTHONPATH=. .venv/bin/python bench/compare_lora_mergekit.py [--mergekit PATH/TO/mergekit-yaml] [--work DIR]
+        [--hidden 64 --layers 2]   (a larger base, e.g. --hidden 1024 --layers 24, for memory figures)
 
 Builds a tiny Llama base and peft adapters (with peft itself, B not zero), merges each case with both tools from
 the same YAML, and prints per case the max |hf-m2n2 - mergekit| over all tensors and the tensor where it occurs.
@@ -69,14 +70,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", default=str(root_dir / ".venv-mergekit" / "bin" / "mergekit-yaml"))
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the Llama base")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the Llama base")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="lora_cmp_"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root_dir), "HF_HUB_OFFLINE": "1"}
 
-    base = build_tiny_llama(work / "base", seed=0)
+    size = {"hidden": args.hidden, "layers": args.layers}
+    base = build_tiny_llama(work / "base", seed=0, **size)
     other = build_tiny_llama(work / "other", seed=1, base=base)
-    base16 = build_tiny_llama(work / "base-bf16", seed=0, dtype="bfloat16")
+    base16 = build_tiny_llama(work / "base-bf16", seed=0, dtype="bfloat16", **size)
     plain = build_adapter(base, work / "plain", 10, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     rs = build_adapter(
         base,
