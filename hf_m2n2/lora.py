@@ -96,9 +96,16 @@ class LoraAdapter:
                 self._refuse(f"tensor {key!r} is not a plain LoRA weight (lora_A/lora_B/lora_embedding_A/B)")
             else:
                 self.replacements[self._target(base, _WRAPPERS.sub("", name), key)] = key
-        conv1d = self.config.fan_in_fan_out or any(
-            self._conv1d_shaped(base, m, k) for m, k in modules.items()
-        )
+        # peft merges (B @ A)^T into Conv1D weights, stored (in, out), whatever the config's fan_in_fan_out says
+        # (it picks by layer class): a non-square weight shows its layout; square ones follow the others'.
+        stored = {m: self._stored_transposed(base, m, k) for m, k in modules.items()}
+        seen = {v for v in stored.values() if v is not None}
+        conv1d = len(seen) == 1 and True in seen
+        square = [m for m, v in stored.items() if v is None and "A.weight" in modules[m]]
+        if not seen and square and self.config.fan_in_fan_out:
+            self._refuse(
+                "fan_in_fan_out with only square LoRA targets: cannot tell Conv1D from Linear weights"
+            )
         for module, keys in modules.items():
             embedding = "A.embedding" in keys or "B.embedding" in keys
             a, b = (
@@ -110,7 +117,8 @@ class LoraAdapter:
                 self._refuse(f"module {module!r} has only one of its LoRA A/B matrices")
             scale = self._scale(module, self.tensors.shape(a)[0])
             weight = self._target(base, f"{module}.weight", b)
-            self.updates[weight] = self._check(base, weight, LoraUpdate(a, b, scale, embedding or conv1d))
+            transposed = embedding or (conv1d if stored[module] is None else stored[module])
+            self.updates[weight] = self._check(base, weight, LoraUpdate(a, b, scale, transposed))
             if "B.bias" in keys:  # peft's lora_bias: the base bias moves by scale * lora_B.bias
                 bias = self._target(base, f"{module}.bias", keys["B.bias"])
                 self.updates[bias] = self._check(base, bias, LoraUpdate(None, keys["B.bias"], scale))
@@ -132,12 +140,14 @@ class LoraAdapter:
             self._refuse(f"module {module!r} has LoRA rank {rank} but its config says r={r}")
         return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
 
-    def _conv1d_shaped(self, base: Checkpoint, module: str, keys: dict[str, str]) -> bool:
-        """Whether a linear LoRA target is stored (in, out), as GPT-2's Conv1D (peft then merges `(B @ A)^T`)."""
+    def _stored_transposed(self, base: Checkpoint, module: str, keys: dict[str, str]) -> bool | None:
+        """Whether a linear LoRA target's weight is stored (in, out), as GPT-2's Conv1D; None if its shape cannot
+        tell (square, or not a linear target)."""
         if "A.weight" not in keys or "B.weight" not in keys or f"{module}.weight" not in base:
-            return False
+            return None
         rows, cols = self.tensors.shape(keys["B.weight"])[0], self.tensors.shape(keys["A.weight"])[-1]
-        return rows != cols and base.info(f"{module}.weight").shape == (cols, rows)
+        shape = base.info(f"{module}.weight").shape
+        return None if rows == cols else {(rows, cols): False, (cols, rows): True}.get(shape)
 
     def _check(self, base: Checkpoint, name: str, update: LoraUpdate) -> LoraUpdate:
         b_shape = tuple(self.tensors.shape(update.b))

@@ -182,6 +182,23 @@ def test_gpt2_conv1d_adapter_equals_peft(seeds, write_spec, cli, tmp_path, fan_i
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_linear_layers_ignore_a_fan_in_fan_out_flag_as_peft_does(seeds, adapters, tmp_path):
+    """peft merges nn.Linear targets as B @ A even when the config says fan_in_fan_out (it corrects the flag per
+    layer): the non-square gate_proj shows the layout, the square q_proj follows it."""
+    from hf_m2n2.hub import resolve_model
+    from hf_m2n2.lora import open_checkpoint
+
+    adapter = _adapter(
+        seeds["base"], tmp_path / "fifo", 15, r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"]
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    expected = _peft_merged(seeds["base"], adapter)
+    with open_checkpoint(resolve_model(f"{seeds['base']}+{adapter}")) as ckpt:
+        for name in (Q0, "model.layers.0.mlp.gate_proj.weight"):
+            torch.testing.assert_close(ckpt.get(name), expected[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_trained_biases_and_lora_bias_equal_peft(seeds, tmp_path):
     """`bias="all"` saves every bias (replacing the base's); `lora_bias` adds scale * lora_B.bias."""
     from hf_m2n2.hub import resolve_model
