@@ -148,6 +148,7 @@ def main() -> None:
             peak = max(peak, theirs[name].double().abs().max().item())
             if diff > worst:
                 worst, worst_name = diff, name
+        worst_name = worst_name if worst > 0 else "-"  # identical everywhere
         print(f"{title:44s} {worst:11.3g} {peak:11.3g}  {worst_name:27s} {ours_s:6.1f}  {theirs_s:10.1f}")
     if args.work is None:
         shutil.rmtree(work)
