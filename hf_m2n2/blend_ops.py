@@ -89,13 +89,20 @@ def seed_record(seed: Seed) -> dict[str, Any]:
     record = {"ref": m.ref, "name": m.name, "repo_id": m.repo_id, "commit": m.commit}
     if m.repo_id is None:
         record["path"] = str(m.path.resolve())  # local seeds: where a rebuild finds them
+    if m.adapter is not None:
+        record["locator"] = m.locator  # a `base+adapter` seed: both parts, pinned
     return record
 
 
 def recipe_refs(recipe: BlendRecipe) -> list[str]:
     """How to find each seed again: `repo_id@commit` for Hub seeds, the recorded directory for local ones."""
     return [
-        f"{s['repo_id']}@{s['commit']}" if s.get("repo_id") and s.get("commit") else s.get("path") or s["ref"]
+        s.get("locator")
+        or (
+            f"{s['repo_id']}@{s['commit']}"
+            if s.get("repo_id") and s.get("commit")
+            else s.get("path") or s["ref"]
+        )
         for s in recipe.seeds
     ]
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -197,12 +197,22 @@ def evolve_card_info(
 
 
 def _model_entry(model: ResolvedModel, role: str) -> dict[str, Any]:
-    return {
+    entry = {
         "name": model.name,
         "role": role,
         "revision": CardModel(model, role).revision,
         "hub": bool(model.repo_id),
     }
+    if (
+        model.adapter is not None
+    ):  # `base+adapter`: the base and its LoRA adapter are linked as two base models
+        parts = [
+            _model_entry(replace(model, adapter=None), role),
+            _model_entry(model.adapter, "LoRA adapter"),
+        ]
+        entry["revision"] = " + ".join(p["revision"] for p in parts)
+        entry["parts"] = parts
+    return entry
 
 
 def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None, *, for_hub: bool = False):
@@ -229,8 +239,9 @@ def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None, 
         )
         for e in info.eval_results
     ]
-    local = list(dict.fromkeys(m["name"] for m in info.models if not m.get("hub"))) if for_hub else []
-    base_models = [name for name in dict.fromkeys(m["name"] for m in info.models) if name not in local]
+    linked = [part for m in info.models for part in m.get("parts", [m])]
+    local = list(dict.fromkeys(m["name"] for m in linked if not m.get("hub"))) if for_hub else []
+    base_models = [name for name in dict.fromkeys(m["name"] for m in linked) if name not in local]
     data = ModelCardData(
         base_model=base_models or None,
         library_name="transformers",

@@ -1,10 +1,11 @@
-"""Model references (`org/name`, `org/name@revision`, a local directory) resolved to local files and a pinned sha."""
+"""Model references (`org/name`, `org/name@revision`, a local directory, `base+adapter`) resolved to local files
+and a pinned sha."""
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hf_m2n2.errors import ModelResolutionError
@@ -22,6 +23,9 @@ SUPPORT_PATTERNS = [
     "*.jinja",
     "README.md",
 ]
+# A PEFT adapter repo: its config, its weights (safetensors, else the pickle) and its card.
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+ADAPTER_BIN_PATTERNS = ["adapter_config.json", "adapter_model.bin", "README.md"]
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -36,6 +40,8 @@ class ResolvedModel:
         repo_id: Hub repo id, or None for a local directory.
         revision: the revision asked for (branch, tag or sha), if any.
         commit: the pinned commit sha the files come from (None for a local directory).
+        adapter: for a `base+adapter` reference, the resolved PEFT LoRA adapter applied to this base (the other
+            attributes describe the base).
     """
 
     ref: str
@@ -43,18 +49,31 @@ class ResolvedModel:
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    adapter: ResolvedModel | None = None
 
     @property
     def name(self) -> str:
-        """A readable name for cards and logs: the repo id, or the directory name for local models."""
-        return self.repo_id or self.path.name
+        """A readable name for cards and logs: the repo id, or the directory name for local models
+        (`base+adapter` for a LoRA reference)."""
+        own = self.repo_id or self.path.name
+        return f"{own}+{self.adapter.name}" if self.adapter else own
 
     @property
     def pinned(self) -> str:
-        """`org/name@sha` for Hub models, the directory name for local ones."""
-        if self.repo_id and self.commit:
-            return f"{self.repo_id}@{self.commit}"
-        return self.name
+        """`org/name@sha` for Hub models, the directory name for local ones (`base@sha+adapter@sha` with a LoRA)."""
+        own = (
+            f"{self.repo_id}@{self.commit}"
+            if self.repo_id and self.commit
+            else (self.repo_id or self.path.name)
+        )
+        return f"{own}+{self.adapter.pinned}" if self.adapter else own
+
+    @property
+    def locator(self) -> str:
+        """How a spec or recipe finds this model again: `repo_id@commit` for Hub models, the absolute directory
+        otherwise (`BASE+ADAPTER` of those with a LoRA)."""
+        own = f"{self.repo_id}@{self.commit}" if self.repo_id and self.commit else str(self.path.resolve())
+        return f"{own}+{self.adapter.locator}" if self.adapter else own
 
 
 def split_reference(ref: str) -> tuple[str, str | None]:
@@ -64,6 +83,21 @@ def split_reference(ref: str) -> tuple[str, str | None]:
         if name and revision:
             return name, revision
     return ref, None
+
+
+def split_lora_reference(ref: str) -> tuple[str, str | None]:
+    """`base+adapter` -> (`base`, `adapter`), as mergekit's ModelReference parses it (each part may carry its own
+    `@revision`); no `+` -> (ref, None).
+
+    Raises:
+        ModelResolutionError: more than one `+`, or an empty part.
+    """
+    if "+" not in ref:
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ModelResolutionError(f"invalid model reference {ref!r}: expected MODEL+LORA_ADAPTER (one '+')")
+    return parts[0], parts[1]
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -84,8 +118,12 @@ def resolve_model(
     in place. Anything else is a Hub repo id, fetched with `huggingface_hub.snapshot_download` (weights, configs
     and tokenizer files only), which honours `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT` and the cache.
 
+    A `base+adapter` reference (mergekit's LoRA form; each part `org/name[@revision]` or a directory) resolves
+    both parts: the result describes the base, with the PEFT adapter in `adapter` (fetched with its config and
+    weights only). A directory whose name contains `+` is still taken as a directory.
+
     Args:
-        ref: `org/name`, `org/name@revision`, or a directory.
+        ref: `org/name`, `org/name@revision`, a directory, or `BASE+ADAPTER` of those.
         base_dir: second place to look for relative directories (the spec file's folder).
         token: passed to huggingface_hub (None: its standard lookup).
         cache_dir: Hugging Face cache directory (None: the default).
@@ -101,13 +139,31 @@ def resolve_model(
     Example:
         >>> resolve_model("HuggingFaceTB/SmolLM2-135M@main").commit
     """
+    model_patterns = (
+        WEIGHT_PATTERNS + SUPPORT_PATTERNS,
+        BIN_PATTERNS + SUPPORT_PATTERNS if allow_bin else None,
+    )
+    if "+" in ref and not any(c.is_dir() for c in _local_candidates(ref, base_dir)):
+        base_ref, adapter_ref = split_lora_reference(ref)
+        base = _resolve(base_ref, base_dir, token, cache_dir, model_patterns, "model directory")
+        try:
+            adapter = _resolve(
+                adapter_ref, base_dir, token, cache_dir, (ADAPTER_PATTERNS, ADAPTER_BIN_PATTERNS), "directory"
+            )
+        except ModelResolutionError as exc:
+            raise ModelResolutionError(f"LoRA adapter of {ref!r}: {exc}") from exc
+        return replace(base, ref=ref, adapter=adapter)
+    return _resolve(ref, base_dir, token, cache_dir, model_patterns, "model directory")
+
+
+def _resolve(ref, base_dir, token, cache_dir, patterns, what) -> ResolvedModel:
     for candidate in _local_candidates(ref, base_dir):
         if candidate.is_dir():
             return ResolvedModel(ref=ref, path=candidate)
     repo_id, revision = split_reference(ref)
     if _looks_like_path(repo_id):
-        raise ModelResolutionError(f"model directory {ref!r} does not exist")
-    return _download(ref, repo_id, revision, token=token, cache_dir=cache_dir, allow_bin=allow_bin)
+        raise ModelResolutionError(f"{what} {ref!r} does not exist")
+    return _download(ref, repo_id, revision, token=token, cache_dir=cache_dir, patterns=patterns)
 
 
 def _local_candidates(ref: str, base_dir: Path | None) -> list[Path]:
@@ -117,7 +173,8 @@ def _local_candidates(ref: str, base_dir: Path | None) -> list[Path]:
     return [path, base_dir / path]
 
 
-def _download(ref, repo_id, revision, *, token, cache_dir, allow_bin) -> ResolvedModel:
+def _download(ref, repo_id, revision, *, token, cache_dir, patterns) -> ResolvedModel:
+    """Fetch a snapshot; `patterns` is (safetensors patterns, pickle patterns or None when a pickle is refused)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -128,9 +185,10 @@ def _download(ref, repo_id, revision, *, token, cache_dir, allow_bin) -> Resolve
         RevisionNotFoundError,
     )
 
-    patterns = WEIGHT_PATTERNS + SUPPORT_PATTERNS
-    if allow_bin and not _has_safetensors(repo_id, revision, token):
-        patterns = BIN_PATTERNS + SUPPORT_PATTERNS
+    safe_patterns, bin_patterns = patterns
+    patterns = safe_patterns
+    if bin_patterns is not None and not _has_safetensors(repo_id, revision, token):
+        patterns = bin_patterns
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
         path = snapshot_download(

@@ -56,17 +56,23 @@ def model_ref_string(value: Any) -> str:
 
 
 def _coerce_ref(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"model"} and isinstance(value["model"], dict):
-        value = value["model"]  # mergekit's {model: {path, revision}} form
+    if isinstance(value, dict) and "model" in value and set(value) <= {"model", "lora"}:
+        # mergekit's ModelReference mapping: {model: PATH | {path, revision}, lora: PATH | {path, revision}}
+        parts = [_coerce_ref(value[k]) for k in ("model", "lora") if value.get(k) is not None]
+        if len(parts) == 1:
+            return parts[0]
+        value = "+".join(model_ref_string(p) for p in parts)
     if isinstance(value, dict):
         return ModelRefDict(**value)
     if isinstance(value, str):
-        if "+" in value and not os.path.exists(value):
-            raise ValueError("LoRA references (model+lora) are not supported")
         if not value.strip():
             raise ValueError("empty model reference")
+        if "+" in value and not os.path.exists(value):  # a LoRA reference, as mergekit parses it
+            base, _, adapter = value.partition("+")
+            if not base.strip() or not adapter.strip() or "+" in adapter:
+                raise ValueError(f"invalid LoRA reference {value!r}: expected MODEL+LORA_ADAPTER (one '+')")
         return value
-    raise ValueError("expected a model reference (org/name, org/name@revision or a directory)")
+    raise ValueError("expected a model reference (org/name, org/name@revision, a directory, or MODEL+LORA)")
 
 
 ModelRef = str | ModelRefDict

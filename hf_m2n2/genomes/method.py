@@ -210,11 +210,9 @@ def layer_groups(num_layers: int, groups: int | None) -> tuple[tuple[int, int], 
 
 
 def pinned_ref(seed: Seed) -> str:
-    """How a merge spec names the seed again: `repo_id@commit` for Hub seeds, the absolute directory otherwise."""
-    m = seed.model
-    if m.repo_id and m.commit:
-        return f"{m.repo_id}@{m.commit}"
-    return str(Path(m.path).resolve())
+    """How a merge spec names the seed again: `repo_id@commit` for Hub seeds, the absolute directory otherwise
+    (`BASE+ADAPTER` of those for a LoRA seed)."""
+    return seed.model.locator
 
 
 def genome_hash(x: np.ndarray) -> str:

@@ -24,9 +24,9 @@ class CausalLMKind(ModelKind):
 
     def open_seed(self, model: Any) -> Any:
         from hf_m2n2.architectures import detect_architecture, num_layers
-        from hf_m2n2.checkpoint import Checkpoint
+        from hf_m2n2.lora import open_checkpoint
 
-        checkpoint = Checkpoint(model.path)
+        checkpoint = open_checkpoint(model)  # a `base+adapter` seed applies its LoRA as tensors are read
         config = load_config(model.path)
         arch = detect_architecture(config, checkpoint.names)
         return Seed(model, checkpoint, config, arch, num_layers(config, arch, checkpoint.names), self.name)
@@ -50,7 +50,11 @@ class CausalLMKind(ModelKind):
     def live_target(self, reference: Any, **options: Any) -> Any:
         from hf_m2n2.live import LiveModel
 
-        return LiveModel(reference.model.path, **options)
+        live = LiveModel(reference.model.path, **options)
+        adapter = getattr(reference.checkpoint, "adapter", None)
+        for name in adapter.changed if adapter is not None else ():  # the directory holds the base's weights
+            live.write(name, reference.checkpoint.get(name))
+        return live
 
     def save_configs(self, reference: Any, out_dir: Path, dtype: torch.dtype) -> None:
         from hf_m2n2.outdir import copy_generation_config, copy_tokenizer_files, set_config_dtype
