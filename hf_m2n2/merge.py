@@ -28,7 +28,7 @@ from hf_m2n2.push import PushResult, PushTarget
 from hf_m2n2.recipe import MethodRecipe
 from hf_m2n2.seeds import Seed, open_seeds
 from hf_m2n2.spec import MergeSpec, load_spec, model_ref_string, parse_spec, parse_yaml, read_spec_text
-from hf_m2n2.vocab import VocabPlan, load_tokenizer, plan_vocab
+from hf_m2n2.vocab import VocabPlan, check_token_sources, load_tokenizer, plan_vocab
 from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ def _merge_seeds(
         align_rows=vocab is not None,
         lenient_parameters=options.lenient_parameters,
     )
+    if vocab is not None:
+        check_token_sources(vocab, recipe.tasks)
     planned = [
         PlannedTensor(t.name, (vocab.rows, *t.shape[1:]) if t.align_rows and vocab else t.shape, t.out_dtype)
         for t in recipe.tasks
@@ -365,7 +367,9 @@ def validate(
         seeds = open_seeds(refs, base_dir=base_dir, trust_remote_code=trust_remote_code)
         seed_index = {ref: i for i, ref in enumerate(refs)}
         vocab = _plan_vocab(spec, seeds, seed_index, MergeOptions(trust_remote_code=trust_remote_code))
-        plan_merge(
+        recipe = plan_merge(
             spec, seeds, seed_index, align_rows=vocab is not None, lenient_parameters=lenient_parameters
         )
+        if vocab is not None:
+            check_token_sources(vocab, recipe.tasks)
     return spec

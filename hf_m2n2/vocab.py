@@ -15,13 +15,16 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hf_m2n2.errors import CheckpointError, SpecError
 from hf_m2n2.seeds import Seed
 from hf_m2n2.spec import ModelTokenEmbedding, TokenEmbeddingConfig, ZeroEmbedding, model_ref_string
+
+if TYPE_CHECKING:
+    from hf_m2n2.recipe import TensorTask
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,26 @@ def plan_vocab(
             token, cfg, seeds, seed_index, users, tokenizers, plan, vocab
         )
     return plan
+
+
+def check_token_sources(vocab: VocabPlan, tasks: Sequence[TensorTask]) -> None:
+    """A `tokenizer.tokens` row taken from a model must come from a model that every token-indexed tensor is
+    merged from (with slices, the embeddings come from the first slice, lm_head from the last): checked when the
+    merge is planned, so `validate` and `merge` refuse it before anything is written.
+
+    Raises:
+        SpecError: naming the entry and the tensor.
+    """
+    for task in tasks:
+        if not task.align_rows:
+            continue
+        merged_from = {source.seed for source in task.sources}
+        for cfg in vocab.token_rows.values():
+            if cfg.seed is not None and cfg.seed not in merged_from:
+                raise SpecError(
+                    f"tokenizer.tokens.{cfg.token}.source",
+                    f"its row comes from a model that is not merged into {task.name!r}",
+                )
 
 
 def _token_row(
@@ -318,7 +341,7 @@ def _default_rows(
             default[i] = 0
         if cfg.seed is None:
             continue
-        if cfg.seed not in seed_ids:
+        if cfg.seed not in seed_ids:  # refused by check_token_sources when the merge was planned
             raise CheckpointError(
                 f"tokenizer.tokens.{cfg.token}: its row comes from a model that is not merged into {name!r}"
             )

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from helpers import copy_seed, load_dir
 
 from hf_m2n2.errors import CheckpointError, SpecError
-from hf_m2n2.merge import MergeOptions, merge
+from hf_m2n2.merge import MergeOptions, merge, validate
 from hf_m2n2.spec import parse_spec
 
 
@@ -275,8 +276,11 @@ def test_a_token_source_missing_from_one_tensors_models_names_the_tensor(seeds, 
         ],
         "tokenizer": {"tokens": tokens},
     }
-    with pytest.raises(
-        CheckpointError, match=r"tokenizer\.tokens\.<\|im_start\|>: .* not merged into 'lm_head.weight'"
-    ):
+    message = r"tokenizer\.tokens\.<\|im_start\|>\.source: .* not merged into 'lm_head.weight'"
+    with pytest.raises(SpecError, match=message):  # refused when planned, before anything is written
         merge(parse_spec(spec), tmp_path / "out", MergeOptions(progress=False))
     assert not (tmp_path / "out").exists()
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match=message):  # validate refuses what merge refuses
+        validate(path)
