@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,3 +66,26 @@ def sigkill_evolve(spec: Path, out: Path, *, min_passes: int = 1, timeout: float
     assert process.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists()
     return checkpointed()
+
+
+def run_method(
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    seed: int | None = None,
+    **overrides: Any,
+) -> torch.Tensor:
+    """Call a merge method the way the engine does: defaults filled in, per-model values given as lists."""
+    from hf_m2n2.methods import REQUIRED, get_method
+    from hf_m2n2.methods._common import RandomStream
+
+    method = get_method(name)
+    params = {p.name: overrides.get(p.name, p.default) for p in method.global_params}
+    model_params = [
+        {p.name: overrides[p.name][i] if p.name in overrides else p.default for p in method.model_params}
+        for i in range(len(tensors))
+    ]
+    for values in (params, *model_params):
+        assert REQUIRED not in values.values(), f"missing required parameter in {values}"
+    stream = RandomStream(seed) if seed is not None else None
+    return method.fn(list(tensors), base, params, model_params, stream)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import run_method
 
 from hf_m2n2.methods import REQUIRED, MethodParameterError, UnknownMethodError, all_methods, get_method
 from hf_m2n2.methods import sparsify as sp
@@ -44,24 +45,7 @@ def t(*values: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype)
 
 
-def run(
-    name: str,
-    tensors: Sequence[torch.Tensor],
-    base: torch.Tensor | None = None,
-    seed: int | None = None,
-    **overrides: Any,
-) -> torch.Tensor:
-    """Call a method the way the engine does: defaults filled in, per-model values given as lists."""
-    method = get_method(name)
-    params = {p.name: overrides.get(p.name, p.default) for p in method.global_params}
-    model_params = [
-        {p.name: overrides[p.name][i] if p.name in overrides else p.default for p in method.model_params}
-        for i in range(len(tensors))
-    ]
-    for values in (params, *model_params):
-        assert REQUIRED not in values.values(), f"missing required parameter in {values}"
-    stream = RandomStream(seed) if seed is not None else None
-    return method.fn(list(tensors), base, params, model_params, stream)
+run = run_method
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor | Sequence[Any], tol: float = 1e-6) -> None:

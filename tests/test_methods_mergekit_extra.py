@@ -4,11 +4,11 @@ documented formulas on small hand-made tensors, with expected values worked out 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import torch
+from helpers import run_method
 
 from hf_m2n2.errors import MethodParameterError
 from hf_m2n2.methods import REQUIRED, get_method
@@ -21,16 +21,7 @@ def t(*values: Any) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def run(name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, **overrides: Any):
-    method = get_method(name)
-    params = {p.name: overrides.get(p.name, p.default) for p in method.global_params}
-    model_params = [
-        {p.name: overrides[p.name][i] if p.name in overrides else p.default for p in method.model_params}
-        for i in range(len(tensors))
-    ]
-    for values in (params, *model_params):
-        assert REQUIRED not in values.values()
-    return method.fn(list(tensors), base, params, model_params, None)
+run = run_method
 
 
 def close(actual: torch.Tensor, expected: Any, tol: float = 1e-5) -> None:
