@@ -427,3 +427,126 @@ def test_a_full_disk_under_merge_keeps_the_previous_output(seeds, tmp_path, writ
     assert "File too large" in one_line(result.stderr) and str(out) in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert leftovers(tmp_path, "merged") == []
+
+
+# --- 6. the gaps between two steps: a kill between renames, a sweep racing a new temporary, a live run's runs ---
+
+KILL_BETWEEN_RENAMES = """
+import os, sys, time
+from pathlib import Path
+import hf_m2n2.outdir
+target = Path(sys.argv[1])
+rename = os.rename
+def stop_before_the_last(src, dst, *args, **kwargs):
+    if Path(dst) == target and not os.path.lexists(target):  # the previous result is moved away: killed here
+        print("ready", flush=True)
+        time.sleep(600)
+    rename(src, dst, *args, **kwargs)
+hf_m2n2.outdir.os.rename = stop_before_the_last
+with hf_m2n2.outdir.atomic_output_dir(target, overwrite=True) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"new")
+"""
+
+
+def test_a_kill_between_the_renames_of_an_overwrite_keeps_a_result(seeds, tmp_path, write_spec, cli, caplog):
+    out = tmp_path / "merged"
+    spec = write_spec(merge_spec(seeds))
+    assert cli("merge", spec, out, "-q")[0] == 0
+    helper = start_helper(KILL_BETWEEN_RENAMES, out)
+    kill(helper)
+    assert not out.exists()  # killed with the previous result moved away and the new one not yet in place
+
+    code, _, err = cli("merge", spec, out, "-q")  # no --overwrite: the finished new result is put back first
+    assert (code, one_line(err)) == (2, f"error: {out} already exists (use --overwrite to replace it)")
+    assert f"{out}: restored its finished new result (a run killed while replacing it" in caplog.text
+    assert (out / "model.safetensors").read_bytes() == b"new"
+    assert leftovers(tmp_path, "merged") == []
+
+
+def test_a_swap_directory_holding_the_only_copy_of_the_previous_result_restores_it(
+    seeds, tmp_path, write_spec, cli, caplog
+):
+    out = tmp_path / "merged[1]"  # a name with glob characters
+    spec = write_spec(merge_spec(seeds))
+    assert cli("merge", spec, out, "-q")[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    swap = (
+        tmp_path / ".merged[1].old-999999-abcd"
+    )  # as a killed replace whose new result was unfinished leaves
+    swap.mkdir()
+    out.rename(swap / "previous")
+    unfinished = tmp_path / ".merged[1].tmp-999999-efgh"
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"half")
+
+    code, _, err = cli("merge", spec, out, "--overwrite", "-q")
+    assert code == 0, err
+    assert f"{out}: restored the previous result (a run killed while replacing it" in caplog.text
+    assert leftovers(tmp_path, "merged[1]") == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()}.keys() == before.keys()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_atomic_file_write_whose_temporary_a_sweep_removed_is_one_error(tmp_path, monkeypatch):
+    import tempfile
+
+    from hf_m2n2.errors import OutputError
+    from hf_m2n2.outdir import atomic_write_bytes
+
+    mkstemp = tempfile.mkstemp
+
+    def swept_at_once(*args, **kwargs):  # another run's sweep removes it before this one could lock it
+        fd, name = mkstemp(*args, **kwargs)
+        os.unlink(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", swept_at_once)
+    before = _open_fds()
+    with pytest.raises(
+        OutputError, match=r"^cannot create .*\.data\.bin\.tmp-.*: removed while being created$"
+    ):
+        atomic_write_bytes(tmp_path / "data.bin", lambda handle: handle.write(b"x"))
+    assert _open_fds() == before and sorted(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_never_loosen_the_process_umask(tmp_path, monkeypatch):
+    from hf_m2n2.outdir import atomic_output_dir, atomic_write_text
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    real_umask = os.umask
+    probes = []
+
+    def umask_then_another_thread_creates_a_file(mask):
+        previous = real_umask(mask)
+        probe = tmp_path / f"probe-{len(probes)}"  # what a file another thread creates right now gets
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))
+        probes.append(probe.stat().st_mode & 0o777)
+        return previous
+
+    monkeypatch.setattr(os, "umask", umask_then_another_thread_creates_a_file)
+    atomic_write_text(tmp_path / "a.txt", "a")
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert all(mode == 0o666 & ~umask for mode in probes), [oct(m) for m in probes]
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_killed_push_s_upload_view_of_an_output_with_glob_characters_is_swept(
+    seeds, tmp_path, write_spec, cli
+):
+    from hf_m2n2.push import _hub_view
+
+    out = tmp_path / "merged[1]"
+    assert cli("merge", write_spec(merge_spec(seeds)), out, "-q")[0] == 0
+    killed = tmp_path / ".merged[1].push-999999-abcd"  # the upload view of a push that was killed
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"")
+    with _hub_view(out, "alice/merged") as view:
+        assert view.parent == tmp_path and (view / "model.safetensors").is_file()
+        assert not killed.exists()
+    assert leftovers(tmp_path, "merged[1]") == []
