@@ -486,6 +486,71 @@ def test_a_swap_directory_holding_the_only_copy_of_the_previous_result_restores_
     assert {p.name: p.read_bytes() for p in out.iterdir()}.keys() == before.keys()
 
 
+def _finished_runs(tmp_path: Path, write_spec, cli) -> tuple[Path, Path, Path]:
+    """A directory of one finished run whose evaluation waits while the file `hold` names the evaluating pid."""
+    hold = tmp_path / "hold"
+    spec = dense_spec(tmp_path)
+    spec["evaluate"] = {
+        "kind": "python",
+        "callable": "test_run_robustness:held_scores",
+        "kwargs": {"hold": str(hold)},
+    }
+    spec_path = write_spec(spec)
+    out = tmp_path / "runs"
+    code, _, err = cli("evolve", spec_path, "--out", out, "--runs", "1", "-q")
+    assert code == 0, err
+    return spec_path, out, hold
+
+
+def test_overwrite_refuses_a_directory_whose_run_resumes_alone(tmp_path, write_spec, cli):
+    spec_path, out, hold = _finished_runs(tmp_path, write_spec, cli)
+    run = out / "run-0"
+    for name in ("summary.json", "checkpoint.npz"):
+        (run / name).unlink()  # the run starts over on resume
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_m2n2.cli", "evolve", "--resume", str(run), "-q"],
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hold.write_text(str(process.pid))  # its first evaluation waits until the test lets it go
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(process.pid)):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        code, _, err = cli("evolve", spec_path, "--out", out, "--overwrite", "-q")
+        assert (code, one_line(err)) == (
+            2,
+            f"error: {run}: another evolve (pid {process.pid}) is running in it",
+        )
+        assert (out / "runs.json").is_file() and (run / "run.json").is_file()  # nothing deleted
+    finally:
+        hold.unlink()
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert (run / "summary.json").is_file()
+
+
+def test_a_directory_filled_while_an_evolve_starts_is_refused_and_left_alone(
+    tmp_path, write_spec, cli, monkeypatch
+):
+    import hf_m2n2.evolve.runs as runs_module
+
+    out = tmp_path / "run"
+    out.mkdir()
+    check_offline = runs_module.check_offline
+
+    def another_writer_meanwhile(*args):  # between the emptiness check and the lock, someone writes into it
+        check_offline(*args)
+        (out / "notes.txt").write_text("someone else's\n")
+
+    monkeypatch.setattr(runs_module, "check_offline", another_writer_meanwhile)
+    code, _, err = cli("evolve", write_spec(dense_spec(tmp_path)), "--out", out, "-q")
+    assert code == 2 and "not empty" in one_line(err)
+    assert (out / "notes.txt").read_text() == "someone else's\n"
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
