@@ -601,6 +601,47 @@ def test_atomic_writes_never_loosen_the_process_umask(tmp_path, monkeypatch):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_an_io_error_reading_a_seed_names_the_seed_not_the_output(
+    seeds, tmp_path, write_spec, cli, monkeypatch
+):
+    import errno
+    import shutil as shutil_module
+
+    base = Path(shutil.copytree(seeds["a"], tmp_path / "seed"))
+    spec = merge_spec(seeds)
+    spec["models"][0]["model"] = str(base)
+    out = tmp_path / "merged"
+    copyfile = shutil_module.copyfile
+
+    def failing_disk_under_the_seed(src, dst, *args, **kwargs):
+        if Path(src) == base / "tokenizer.json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        return copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil_module, "copyfile", failing_disk_under_the_seed)
+    code, _, err = cli("merge", write_spec(spec), out, "-q")
+    assert code == 2
+    assert one_line(err) == f"error: {base / 'tokenizer.json'}: cannot read: Input/output error"
+    assert not out.exists() and leftovers(tmp_path, "merged") == []
+
+
+def test_io_errors_under_the_output_or_its_temporaries_name_the_output(tmp_path):
+    import errno
+
+    from hf_m2n2.cli import _storage_error
+
+    out = tmp_path / "merged"
+    for name in (out / "model.safetensors", tmp_path / ".merged.tmp-12-ab" / "model.safetensors", None):
+        error = _storage_error(OSError(errno.EIO, "Input/output error", name), str(out))
+        assert str(error) == f"{out}: cannot write: Input/output error"
+    seed = (
+        tmp_path / "seed" / "model.safetensors"
+    )  # a disk that refuses a write is the output's, whatever it names
+    assert str(_storage_error(OSError(errno.ENOSPC, "No space left on device", seed), str(out))) == (
+        f"{out}: cannot write: No space left on device"
+    )
+
+
 def test_a_killed_push_s_upload_view_of_an_output_with_glob_characters_is_swept(
     seeds, tmp_path, write_spec, cli
 ):
