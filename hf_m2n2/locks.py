@@ -94,20 +94,24 @@ def temporary(parent: Path, name: str, kind: str = "tmp", *, directory: bool = T
         OutputError: it cannot be created or locked (naming it).
     """
     prefix = temporary_prefix(name, kind)
+    # a full or read-only disk stays a StorageError (an evolve then points to its intact checkpoint)
     try:
         if directory:
             path, fd = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)), None
         else:
             fd, name_ = tempfile.mkstemp(prefix=prefix, dir=parent)
             path = Path(name_)
-    except (
-        OSError
-    ) as exc:  # a full or read-only disk stays a StorageError (an evolve then points to its checkpoint)
-        error = StorageError.of(exc) or OutputError(
-            f"cannot create a temporary in {parent}: {exc.strerror or exc}"
-        )
-        raise error from exc
-    held = Temporary(path, own(path, fd))
+    except OSError as exc:
+        error = StorageError.of(exc)
+        raise error or OutputError(f"cannot create a temporary in {parent}: {exc.strerror or exc}") from exc
+    try:
+        held = Temporary(path, own(path, fd))
+    except OutputError:  # not locked (a sweep removed it, or flock failed): its name is ours alone, remove it
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        raise
     try:
         yield held
     finally:

@@ -577,6 +577,23 @@ def test_an_atomic_file_write_whose_temporary_a_sweep_removed_is_one_error(tmp_p
     assert _open_fds() == before and sorted(tmp_path.iterdir()) == []
 
 
+def test_an_atomic_file_write_that_cannot_lock_leaves_no_temporary_and_no_descriptor(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from hf_m2n2.errors import OutputError
+    from hf_m2n2.outdir import atomic_write_bytes
+
+    def no_locks(fd, operation):  # a filesystem without flock support (some NFS mounts)
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = _open_fds()
+    with pytest.raises(OutputError, match=r"^cannot create .*\.data\.bin\.tmp-.*: No locks available$"):
+        atomic_write_bytes(tmp_path / "data.bin", lambda handle: handle.write(b"x"))
+    assert _open_fds() == before and sorted(tmp_path.iterdir()) == []
+
+
 def test_atomic_writes_never_loosen_the_process_umask(tmp_path, monkeypatch):
     from hf_m2n2.outdir import atomic_output_dir, atomic_write_text
 
