@@ -66,9 +66,11 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) 
     check_output_dir(target, overwrite)
     with temporary(parent, target.name) as tmp:
         # checked after our own temporary exists, so of two writers starting together at most one goes on
+        # (a live writer's swap directory counts: its temporary moves into it for the final renames)
+        stem = glob.escape(target.name)
         others = [
             p
-            for p in parent.glob(f".{glob.escape(target.name)}.tmp-*")
+            for p in (*parent.glob(f".{stem}.tmp-*"), *parent.glob(f".{stem}.old-*"))
             if p != tmp.path and is_alive_temporary(p)
         ]
         if others:

@@ -486,6 +486,19 @@ def test_a_swap_directory_holding_the_only_copy_of_the_previous_result_restores_
     assert {p.name: p.read_bytes() for p in out.iterdir()}.keys() == before.keys()
 
 
+def test_a_merge_is_refused_while_another_swaps_its_result_in(seeds, tmp_path, write_spec, cli):
+    out = tmp_path / "merged"
+    spec = write_spec(merge_spec(seeds))
+    assert cli("merge", spec, out, "-q")[0] == 0
+    helper = start_helper(KILL_IN_SWAP, out)  # alive, deleting the previous result after its renames
+    try:
+        code, _, err = cli("merge", spec, out, "--overwrite", "-q")
+        assert (code, one_line(err)) == (2, f"error: {out}: another hf-m2n2 (pid {helper.pid}) is writing it")
+        assert (out / "model.safetensors").read_bytes() == b"new"
+    finally:
+        kill(helper)
+
+
 def _finished_runs(tmp_path: Path, write_spec, cli) -> tuple[Path, Path, Path]:
     """A directory of one finished run whose evaluation waits while the file `hold` names the evaluating pid."""
     hold = tmp_path / "hold"
