@@ -426,15 +426,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _storage_error(exc: OSError, where: str | None):
     """The one-line StorageError for a disk that refused a write (None for other OSErrors), naming the output
-    being written (an OSError's own filename can be the source of a copy)."""
+    being written (an OSError's own filename can be the source of a copy). An EIO naming a file outside the
+    output and its temporaries was a read: it names that file (a seed, the HF cache)."""
     from hf_m2n2.errors import StorageError
 
     error = StorageError.of(exc)
     if error is None or not where:
         return error
-    if not isinstance(exc, StorageError):
-        return StorageError(f"{where}: cannot write: {exc.strerror or exc}", exc.errno, str(where))
-    return error if error.filename else StorageError(f"{where}: {error}", error.errno, str(where))
+    if isinstance(exc, StorageError):
+        return error if error.filename else StorageError(f"{where}: {error}", error.errno, str(where))
+    if exc.filename and not StorageError.is_write_side(exc) and not _in_output(str(exc.filename), str(where)):
+        return StorageError(
+            f"{exc.filename}: cannot read: {exc.strerror or exc}", exc.errno, str(exc.filename)
+        )
+    return StorageError(f"{where}: cannot write: {exc.strerror or exc}", exc.errno, str(where))
+
+
+def _in_output(filename: str, where: str) -> bool:
+    """Whether `filename` is under the output `where` or under one of its temporaries (`.OUT.tmp-PID-xxxx`)."""
+    from pathlib import Path
+
+    path, out = Path(filename).resolve(), Path(where).resolve()
+    for part in (path, *path.parents):
+        if part == out or (part.parent == out.parent and part.name.startswith(f".{out.name}.")):
+            return True
+    return False
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class StorageError(OutputError, OSError):
         filename: the file being written, when the system said.
     """
 
-    ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG"})
+    WRITE_ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EROFS", "EFBIG"})  # only ever a write's
+    ERRNOS = WRITE_ERRNOS | {"EIO"}  # EIO: a failing disk, under a read as well as a write
 
     def __init__(self, message: str, errno: int | None = None, filename: str | None = None):
         super().__init__(message)
@@ -75,6 +76,13 @@ class StorageError(OutputError, OSError):
             return None
         where = f"{exc.filename}: " if exc.filename else ""
         return cls(f"{where}cannot write: {exc.strerror or exc}", exc.errno, exc.filename)
+
+    @classmethod
+    def is_write_side(cls, exc: OSError) -> bool:
+        """Whether the errno can only come from a write (so it is the output's, whatever file it names)."""
+        import errno as errnos
+
+        return exc.errno is not None and errnos.errorcode.get(exc.errno) in cls.WRITE_ERRNOS
 
 
 class UnknownMethodError(HfM2n2Error, LookupError):

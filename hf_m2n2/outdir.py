@@ -4,20 +4,21 @@ the files besides the weights that an output takes from a seed (config dtype, ge
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
+import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_m2n2.errors import CheckpointError, OutputError, StorageError
-from hf_m2n2.locks import is_alive_temporary, own, owner_pid, sweep_dead, temporary_prefix
+from hf_m2n2.locks import is_alive_temporary, owner_pid, sweep_dead, temporary, temporary_target
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -51,70 +52,110 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) 
 
     A crash, Ctrl-C or full disk leaves `out_dir` as it was (absent, or the previous result). The temporary is
     locked by this process while it lives, so after a kill -9 the next write into `out_dir` removes it (and a
-    swap directory of a killed `--overwrite`), and a second write into `out_dir` while this one runs is refused.
+    swap directory of a killed `--overwrite`, after putting back a result it alone held), and a second write
+    into `out_dir` while this one runs is refused.
 
     Raises:
         OutputError: `out_dir` exists and `overwrite` is false, another live process is writing it, or the
             rename fails.
     """
     target = Path(out_dir)
-    check_output_dir(target, overwrite)
     parent = target.resolve().parent
-    sweep_dead(parent, f".{glob.escape(target.name)}.tmp-*")
-    sweep_dead(parent, f".{glob.escape(target.name)}.old-*")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(target.name), dir=parent))
-    except OSError as exc:
-        raise OutputError(f"cannot create a temporary directory in {parent}: {exc.strerror or exc}") from exc
-    fd = None
-    try:
-        fd = own(tmp)
+    if parent.is_dir():  # first: a replace killed halfway may put a result back at `target`
+        sweep_killed(parent, target.name)
+    check_output_dir(target, overwrite)
+    with temporary(parent, target.name) as tmp:
         # checked after our own temporary exists, so of two writers starting together at most one goes on
+        # (a live writer's swap directory counts: its temporary moves into it for the final renames)
+        stem = glob.escape(target.name)
         others = [
-            p for p in parent.glob(f".{glob.escape(target.name)}.tmp-*") if p != tmp and is_alive_temporary(p)
+            p
+            for p in (*parent.glob(f".{stem}.tmp-*"), *parent.glob(f".{stem}.old-*"))
+            if p != tmp.path and is_alive_temporary(p)
         ]
         if others:
             pid = owner_pid(others[0])
             raise OutputError(f"{target}: another hf-m2n2{f' (pid {pid})' if pid else ''} is writing it")
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a result directory is ordinary
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
+        yield tmp.path
+        os.chmod(tmp.path, 0o777 & ~_UMASK)  # mkdtemp makes it private; a result directory is ordinary
+        _replace(tmp.path, target)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def sweep_killed(parent: Path, name: str | None = None) -> None:
+    """Clean up after killed writes into `parent` (of `name`, or of any name): first a replace killed between
+    its renames is completed or undone (`_put_back`), then the dead temporaries and swap directories go."""
+    stem = "*" if name is None else glob.escape(name)
+    sweep_dead(parent, f".{stem}.old-*", salvage=_put_back)
+    sweep_dead(parent, f".{stem}.tmp-*")
+
+
+def _process_umask() -> int:
+    """The process umask, read once at import: setting it, the only portable way to read it, would briefly
+    change the mode of files that other threads create, so Linux's /proc is read where it exists."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # while it is set, a file created elsewhere is private rather than world-writable
     os.umask(mask)
     return mask
 
 
+_UMASK = _process_umask()
+
+# A replace goes through a locked swap directory `.OUT.old-PID-xxxx`: the new result moves in as NEW (so a
+# swap directory's NEW is always complete), the previous one follows as PREVIOUS, then NEW becomes OUT.
+NEW = "new"
+PREVIOUS = "previous"
+
+
 def _replace(tmp: Path, target: Path) -> None:
-    old = None
-    fd = None
+    """Move the finished `tmp` onto `target`. Whenever a kill falls, `target` or the swap directory holds a
+    complete result, and `_put_back` (the next write's sweep) moves it back if `target` is missing."""
     try:
-        if target.exists():
-            old = Path(
-                tempfile.mkdtemp(prefix=temporary_prefix(target.name, "old"), dir=target.resolve().parent)
-            )
-            fd = own(old)  # a kill while the previous result is deleted leaves it to the next run's sweep
-            os.rename(target, old / "previous")
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not os.path.lexists(target):
+            os.rename(tmp, target)
+            return
     except OSError as exc:
-        if old is not None and not target.exists() and (old / "previous").exists():
-            os.rename(old / "previous", target)
-        if old is not None and not (old / "previous").exists():
-            shutil.rmtree(old, ignore_errors=True)
         raise OutputError(f"cannot move the result into {target}: {exc.strerror or exc}") from exc
-    finally:
-        if fd is not None:
-            os.close(fd)
+    with temporary(target.resolve().parent, target.name, "old") as swap:
+        new, previous = swap.path / NEW, swap.path / PREVIOUS
+        try:
+            os.rename(tmp, new)
+            os.rename(target, previous)
+            os.rename(new, target)
+        except OSError as exc:
+            if not os.path.lexists(target) and os.path.lexists(previous):
+                try:
+                    os.rename(previous, target)
+                except OSError:
+                    swap.keep = (
+                        True  # it holds the only copy of the previous result: the next write restores it
+                    )
+            raise OutputError(f"cannot move the result into {target}: {exc.strerror or exc}") from exc
+
+
+def _put_back(swap: Path) -> bool:
+    """If a replace was killed between its renames (its target is missing), move the swap directory's finished
+    new result, else the previous one, back onto the target, saying so. Returns whether `swap` may be removed:
+    not when it still holds the only copy of a result."""
+    target = temporary_target(swap)
+    if os.path.lexists(target):
+        return True  # the replace had not started or had finished: the swap directory holds nothing needed
+    for kept, what in ((swap / NEW, "its finished new result"), (swap / PREVIOUS, "the previous result")):
+        if not os.path.lexists(kept):
+            continue
+        try:
+            os.rename(kept, target)
+        except OSError as exc:
+            logger.warning("%s is missing; %s stays in %s (%s)", target, what, swap, exc.strerror or exc)
+            return False
+        logger.warning("%s: restored %s (a run killed while replacing it left it missing)", target, what)
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -133,25 +174,21 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
     """Write a file atomically: `write(file)` fills a temporary sibling, which is fsynced and renamed onto path.
 
+    The temporary is unique per process (two writers never share one) and locked (`locks.temporary`), so a
+    sweep removes it once its writer dies, and never while it lives.
+
     Args:
         path: the destination.
         write: a function taking the open binary file.
     """
     path = Path(path)
-    # unique per process (two writers never share a temporary) and locked, so a sweep removes it once we die
-    fd, name = tempfile.mkstemp(prefix=temporary_prefix(path.name), dir=path.parent)
-    tmp = Path(name)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with open(fd, "wb") as handle:
+    with temporary(path.parent, path.name, directory=False) as tmp:
+        with open(tmp.fd, "wb", closefd=False) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        os.fchmod(tmp.fd, 0o666 & ~_UMASK)  # mkstemp makes it private
+        os.replace(tmp.path, path)
     _fsync_dir(path.parent)
 
 

@@ -8,17 +8,17 @@ message with the token masked (a proxy may echo the Authorization header; `hf_m2
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from hf_m2n2 import locks
-from hf_m2n2.errors import PushError
+from hf_m2n2.errors import OutputError, PushError
 from hf_m2n2.hub import http_error_message
 from hf_m2n2.hub_log import add_secret, mask_secrets
 
@@ -155,19 +155,16 @@ def _hub_view(out: Path, repo_id: str) -> Iterator[Path]:
         yield out
         return
     parent = out.resolve().parent
-    try:
-        locks.sweep_dead(parent, f".{out.name}.push-*")  # left by a push that was killed
-        view = Path(tempfile.mkdtemp(prefix=locks.temporary_prefix(out.name, "push"), dir=parent))
-    except OSError:  # a read-only parent: links from the system's temporary directory
-        view = Path(tempfile.mkdtemp(prefix=f"{out.name}.push-"))
-    owner = locks.own(view)
-    try:
-        _link_tree(out, view, skip={"README.md"})
-        (view / "README.md").write_text(card)
-        yield view
-    finally:
-        shutil.rmtree(view, ignore_errors=True)
-        os.close(owner)
+    with contextlib.suppress(OSError):  # a read-only parent has nothing of ours to remove
+        locks.sweep_dead(parent, f".{glob.escape(out.name)}.push-*")  # left by a push that was killed
+    with contextlib.ExitStack() as stack:
+        try:
+            view = stack.enter_context(locks.temporary(parent, out.name, "push"))
+        except OutputError:  # a read-only parent: links from the system's temporary directory
+            view = stack.enter_context(locks.temporary(Path(tempfile.gettempdir()), out.name, "push"))
+        _link_tree(out, view.path, skip={"README.md"})
+        (view.path / "README.md").write_text(card)
+        yield view.path
 
 
 def _link_tree(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:

@@ -427,3 +427,262 @@ def test_a_full_disk_under_merge_keeps_the_previous_output(seeds, tmp_path, writ
     assert "File too large" in one_line(result.stderr) and str(out) in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert leftovers(tmp_path, "merged") == []
+
+
+# --- 6. the gaps between two steps: a kill between renames, a sweep racing a new temporary, a live run's runs ---
+
+KILL_BETWEEN_RENAMES = """
+import os, sys, time
+from pathlib import Path
+import hf_m2n2.outdir
+target = Path(sys.argv[1])
+rename = os.rename
+def stop_before_the_last(src, dst, *args, **kwargs):
+    if Path(dst) == target and not os.path.lexists(target):  # the previous result is moved away: killed here
+        print("ready", flush=True)
+        time.sleep(600)
+    rename(src, dst, *args, **kwargs)
+hf_m2n2.outdir.os.rename = stop_before_the_last
+with hf_m2n2.outdir.atomic_output_dir(target, overwrite=True) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"new")
+"""
+
+
+def test_a_kill_between_the_renames_of_an_overwrite_keeps_a_result(seeds, tmp_path, write_spec, cli, caplog):
+    out = tmp_path / "merged"
+    spec = write_spec(merge_spec(seeds))
+    assert cli("merge", spec, out, "-q")[0] == 0
+    helper = start_helper(KILL_BETWEEN_RENAMES, out)
+    kill(helper)
+    assert not out.exists()  # killed with the previous result moved away and the new one not yet in place
+
+    code, _, err = cli("merge", spec, out, "-q")  # no --overwrite: the finished new result is put back first
+    assert (code, one_line(err)) == (2, f"error: {out} already exists (use --overwrite to replace it)")
+    assert f"{out}: restored its finished new result (a run killed while replacing it" in caplog.text
+    assert (out / "model.safetensors").read_bytes() == b"new"
+    assert leftovers(tmp_path, "merged") == []
+
+
+def test_a_swap_directory_holding_the_only_copy_of_the_previous_result_restores_it(
+    seeds, tmp_path, write_spec, cli, caplog
+):
+    out = tmp_path / "merged[1]"  # a name with glob characters
+    spec = write_spec(merge_spec(seeds))
+    assert cli("merge", spec, out, "-q")[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    swap = (
+        tmp_path / ".merged[1].old-999999-abcd"
+    )  # as a killed replace whose new result was unfinished leaves
+    swap.mkdir()
+    out.rename(swap / "previous")
+    unfinished = tmp_path / ".merged[1].tmp-999999-efgh"
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"half")
+
+    code, _, err = cli("merge", spec, out, "--overwrite", "-q")
+    assert code == 0, err
+    assert f"{out}: restored the previous result (a run killed while replacing it" in caplog.text
+    assert leftovers(tmp_path, "merged[1]") == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()}.keys() == before.keys()
+
+
+def test_a_merge_is_refused_while_another_swaps_its_result_in(seeds, tmp_path, write_spec, cli):
+    out = tmp_path / "merged"
+    spec = write_spec(merge_spec(seeds))
+    assert cli("merge", spec, out, "-q")[0] == 0
+    helper = start_helper(KILL_IN_SWAP, out)  # alive, deleting the previous result after its renames
+    try:
+        code, _, err = cli("merge", spec, out, "--overwrite", "-q")
+        assert (code, one_line(err)) == (2, f"error: {out}: another hf-m2n2 (pid {helper.pid}) is writing it")
+        assert (out / "model.safetensors").read_bytes() == b"new"
+    finally:
+        kill(helper)
+
+
+def _finished_runs(tmp_path: Path, write_spec, cli) -> tuple[Path, Path, Path]:
+    """A directory of one finished run whose evaluation waits while the file `hold` names the evaluating pid."""
+    hold = tmp_path / "hold"
+    spec = dense_spec(tmp_path)
+    spec["evaluate"] = {
+        "kind": "python",
+        "callable": "test_run_robustness:held_scores",
+        "kwargs": {"hold": str(hold)},
+    }
+    spec_path = write_spec(spec)
+    out = tmp_path / "runs"
+    code, _, err = cli("evolve", spec_path, "--out", out, "--runs", "1", "-q")
+    assert code == 0, err
+    return spec_path, out, hold
+
+
+def test_overwrite_refuses_a_directory_whose_run_resumes_alone(tmp_path, write_spec, cli):
+    spec_path, out, hold = _finished_runs(tmp_path, write_spec, cli)
+    run = out / "run-0"
+    for name in ("summary.json", "checkpoint.npz"):
+        (run / name).unlink()  # the run starts over on resume
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_m2n2.cli", "evolve", "--resume", str(run), "-q"],
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hold.write_text(str(process.pid))  # its first evaluation waits until the test lets it go
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(process.pid)):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        code, _, err = cli("evolve", spec_path, "--out", out, "--overwrite", "-q")
+        assert (code, one_line(err)) == (
+            2,
+            f"error: {run}: another evolve (pid {process.pid}) is running in it",
+        )
+        assert (out / "runs.json").is_file() and (run / "run.json").is_file()  # nothing deleted
+    finally:
+        hold.unlink()
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert (run / "summary.json").is_file()
+
+
+def test_a_directory_filled_while_an_evolve_starts_is_refused_and_left_alone(
+    tmp_path, write_spec, cli, monkeypatch
+):
+    import hf_m2n2.evolve.runs as runs_module
+
+    out = tmp_path / "run"
+    out.mkdir()
+    check_offline = runs_module.check_offline
+
+    def another_writer_meanwhile(*args):  # between the emptiness check and the lock, someone writes into it
+        check_offline(*args)
+        (out / "notes.txt").write_text("someone else's\n")
+
+    monkeypatch.setattr(runs_module, "check_offline", another_writer_meanwhile)
+    code, _, err = cli("evolve", write_spec(dense_spec(tmp_path)), "--out", out, "-q")
+    assert code == 2 and "not empty" in one_line(err)
+    assert (out / "notes.txt").read_text() == "someone else's\n"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_atomic_file_write_whose_temporary_a_sweep_removed_is_one_error(tmp_path, monkeypatch):
+    import tempfile
+
+    from hf_m2n2.errors import OutputError
+    from hf_m2n2.outdir import atomic_write_bytes
+
+    mkstemp = tempfile.mkstemp
+
+    def swept_at_once(*args, **kwargs):  # another run's sweep removes it before this one could lock it
+        fd, name = mkstemp(*args, **kwargs)
+        os.unlink(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", swept_at_once)
+    before = _open_fds()
+    with pytest.raises(
+        OutputError, match=r"^cannot create .*\.data\.bin\.tmp-.*: removed while being created$"
+    ):
+        atomic_write_bytes(tmp_path / "data.bin", lambda handle: handle.write(b"x"))
+    assert _open_fds() == before and sorted(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_file_write_that_cannot_lock_leaves_no_temporary_and_no_descriptor(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from hf_m2n2.errors import OutputError
+    from hf_m2n2.outdir import atomic_write_bytes
+
+    def no_locks(fd, operation):  # a filesystem without flock support (some NFS mounts)
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = _open_fds()
+    with pytest.raises(OutputError, match=r"^cannot create .*\.data\.bin\.tmp-.*: No locks available$"):
+        atomic_write_bytes(tmp_path / "data.bin", lambda handle: handle.write(b"x"))
+    assert _open_fds() == before and sorted(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_never_loosen_the_process_umask(tmp_path, monkeypatch):
+    from hf_m2n2.outdir import atomic_output_dir, atomic_write_text
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    real_umask = os.umask
+    probes = []
+
+    def umask_then_another_thread_creates_a_file(mask):
+        previous = real_umask(mask)
+        probe = tmp_path / f"probe-{len(probes)}"  # what a file another thread creates right now gets
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))
+        probes.append(probe.stat().st_mode & 0o777)
+        return previous
+
+    monkeypatch.setattr(os, "umask", umask_then_another_thread_creates_a_file)
+    atomic_write_text(tmp_path / "a.txt", "a")
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert all(mode == 0o666 & ~umask for mode in probes), [oct(m) for m in probes]
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_an_io_error_reading_a_seed_names_the_seed_not_the_output(
+    seeds, tmp_path, write_spec, cli, monkeypatch
+):
+    import errno
+    import shutil as shutil_module
+
+    base = Path(shutil.copytree(seeds["a"], tmp_path / "seed"))
+    spec = merge_spec(seeds)
+    spec["models"][0]["model"] = str(base)
+    out = tmp_path / "merged"
+    copyfile = shutil_module.copyfile
+
+    def failing_disk_under_the_seed(src, dst, *args, **kwargs):
+        if Path(src) == base / "tokenizer.json":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        return copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil_module, "copyfile", failing_disk_under_the_seed)
+    code, _, err = cli("merge", write_spec(spec), out, "-q")
+    assert code == 2
+    assert one_line(err) == f"error: {base / 'tokenizer.json'}: cannot read: Input/output error"
+    assert not out.exists() and leftovers(tmp_path, "merged") == []
+
+
+def test_io_errors_under_the_output_or_its_temporaries_name_the_output(tmp_path):
+    import errno
+
+    from hf_m2n2.cli import _storage_error
+
+    out = tmp_path / "merged"
+    for name in (out / "model.safetensors", tmp_path / ".merged.tmp-12-ab" / "model.safetensors", None):
+        error = _storage_error(OSError(errno.EIO, "Input/output error", name), str(out))
+        assert str(error) == f"{out}: cannot write: Input/output error"
+    seed = (
+        tmp_path / "seed" / "model.safetensors"
+    )  # a disk that refuses a write is the output's, whatever it names
+    assert str(_storage_error(OSError(errno.ENOSPC, "No space left on device", seed), str(out))) == (
+        f"{out}: cannot write: No space left on device"
+    )
+
+
+def test_a_killed_push_s_upload_view_of_an_output_with_glob_characters_is_swept(
+    seeds, tmp_path, write_spec, cli
+):
+    from hf_m2n2.push import _hub_view
+
+    out = tmp_path / "merged[1]"
+    assert cli("merge", write_spec(merge_spec(seeds)), out, "-q")[0] == 0
+    killed = tmp_path / ".merged[1].push-999999-abcd"  # the upload view of a push that was killed
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"")
+    with _hub_view(out, "alice/merged") as view:
+        assert view.parent == tmp_path and (view / "model.safetensors").is_file()
+        assert not killed.exists()
+    assert leftovers(tmp_path, "merged[1]") == []

@@ -24,7 +24,7 @@ from hf_m2n2.evaluate import check_offline
 from hf_m2n2.evolve.loop import CHECKPOINT, HISTORY, LINEAGE, SUMMARY, LoopSettings, run_loop
 from hf_m2n2.evolve.outcome import MODEL_DIR, is_finished
 from hf_m2n2.evolve.spec import EvolveSpec, load_evolve_spec
-from hf_m2n2.outdir import atomic_write_text
+from hf_m2n2.outdir import atomic_write_text, sweep_killed
 from hf_m2n2.spec import spec_hash
 
 SPEC_COPY = "spec.yaml"
@@ -121,8 +121,8 @@ def start_runs(
     check_offline(spec.evaluate, Path(spec_dir))
     _make_dir(out)
     with locks.hold(out, RUN_OWNER):  # held until the run ends: a second evolve into `out` is refused
+        _clear(out, overwrite)  # outside the `try`: what it refuses to empty is not ours to delete below
         try:
-            _clear(out, overwrite)
             return _start(out, spec, text, spec_dir, runs, progress, on_done, target)
         except Exception:
             if not any(out.glob(f"**/{CHECKPOINT}")):  # failed before its first checkpoint: nothing to resume
@@ -237,21 +237,32 @@ def _make_dir(out: Path) -> None:
 
 
 def _clear(out: Path, overwrite: bool) -> None:
-    """Empty `out` for a new run (its lock, which this process holds, stays)."""
+    """Empty `out` for a new run (its lock, which this process holds, stays).
+
+    Raises:
+        OutputError: `out` filled up since it was checked (without `overwrite`), or a run directory in it is
+            held by a live `evolve --resume` of that run alone.
+    """
     _refuse_busy(out, overwrite, held=True)
-    for path in out.iterdir():
-        if path.name == locks.LOCK_FILE:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    with contextlib.ExitStack() as held:
+        paths = list(out.iterdir())
+        # every run directory's lock is taken before anything is deleted, and held meanwhile: no resume starts
+        for path in paths:
+            if path.is_dir() and not path.is_symlink():
+                held.enter_context(locks.hold(path, RUN_OWNER))
+        for path in paths:
+            if path.name == locks.LOCK_FILE:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _sweep(run_dir: Path) -> None:
-    """Remove what a killed process left in a run directory: temporary files and an export's directories."""
-    for pattern in (".*.tmp-*", ".*.old-*"):
-        locks.sweep_dead(run_dir, pattern)
+    """Remove what a killed process left in a run directory: temporary files and an export's directories (after
+    putting back an exported model that a kill between two renames left only in a swap directory)."""
+    sweep_killed(run_dir)
 
 
 def _push_target(spec: EvolveSpec, repo_id: str | None, private: bool | None, runs: int | None):
