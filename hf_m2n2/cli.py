@@ -359,10 +359,12 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     except OSError as exc:
         from pathlib import Path
 
-        if _storage_error(exc, out) is None or not any(Path(out).glob("**/checkpoint.npz")):
+        error = _storage_error(exc, out)
+        if error is None or not any(Path(out).glob("**/checkpoint.npz")):
             raise
-        hint = f"the last checkpoint is intact; free space and continue with: hf-m2n2 evolve --resume {out}"
-        print(f"error: {_storage_error(exc, out)}; {hint}", file=sys.stderr)
+        fix = "free space and continue" if " cannot write: " in str(error) else "fix the disk and continue"
+        hint = f"the last checkpoint is intact; {fix} with: hf-m2n2 evolve --resume {out}"
+        print(f"error: {error}; {hint}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
