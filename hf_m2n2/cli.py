@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in seed tensors")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     merge.add_argument("--workers", type=int, default=2, help="tensors computed concurrently (default 2)")
-    merge.add_argument("--trust-remote-code", action="store_true", help="allow tokenizers with custom code")
+    merge.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the seeds' custom code run (auto_map in config.json or tokenizer_config.json)",
+    )
     _lenient_flag(merge)
     merge.add_argument(
         "--lazy-unpickle", action="store_true", help=argparse.SUPPRESS
@@ -75,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a spec (and, unless --no-resolve, that its models fit)")
     validate.add_argument("config")
     validate.add_argument("--no-resolve", action="store_true", help="only check the YAML, do not open models")
-    _lenient_flag(validate)
-    validate.add_argument("--trust-remote-code", action="store_true", help="allow seeds with custom code")
+    _lenient_flag(validate, "; merge specs only (ignored for an evolve spec)")
+    validate.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the seeds' custom code run (auto_map in config.json or tokenizer_config.json)",
+    )
     _verbosity(validate)
 
     evolve = sub.add_parser("evolve", help="evolve models with M2N2 (or a baseline) from an evolve spec")
@@ -133,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a model evolution run directory")
     export.add_argument("out_dir")
     export.add_argument("--overwrite", action="store_true")
+    export.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the seeds' custom code (auto_map in config.json or tokenizer_config.json) run, for runs started "
+        "with --trust-remote-code (a spec's trust_remote_code: true is honoured without it)",
+    )
     _verbosity(export)
 
     plot = sub.add_parser("plot", help="plot test score vs forward passes (mean +- stderr over runs) as PNG")
@@ -154,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lenient_flag(parser: argparse.ArgumentParser) -> None:
+def _lenient_flag(parser: argparse.ArgumentParser, note: str = "") -> None:
     parser.add_argument(
         "--lenient-parameters",
         action="store_true",
-        help="warn about and ignore parameter names the merge method does not declare (mergekit's behaviour)",
+        help="warn about and ignore parameter names the merge method does not declare (mergekit's behaviour)"
+        + note,
     )
 
 
@@ -296,7 +311,9 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from hf_m2n2.evolve.outcome import export_run
 
-    out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    out = export_run(
+        args.run_dir, args.out_dir, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code
+    )
     if not args.quiet:
         print(f"exported the best model of {args.run_dir} to {out}")
     return 0

@@ -20,8 +20,9 @@ OPT_IN = "pass --trust-remote-code to allow it (only for code you trust)"
 CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
-class CustomCodeError(CheckpointError, PermissionError):
-    """A seed needs its own Python code to load and the user did not allow it.
+class CustomCodeError(CheckpointError):
+    """A seed needs its own Python code to load and the user did not allow it. Not an OSError (no PermissionError
+    base): handlers of disk errors must not take it for one.
 
     Attributes:
         seed: the seed's name.

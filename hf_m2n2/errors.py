@@ -14,6 +14,18 @@ not a one-line user error.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name when the message is empty (for
+    one-line errors that quote a library's multi-line message).
+
+    Example:
+        >>> first_line(ValueError("bad value\\nmore detail"))
+        'bad value'
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 class HfM2n2Error(Exception):
     """Base class for errors caused by input the user can fix (spec, files, models)."""
 

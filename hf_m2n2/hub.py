@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hf_m2n2.errors import ModelResolutionError
+from hf_m2n2.errors import ModelResolutionError, first_line
 
 # What a merge needs from a repo: weights, configs, tokenizer files and the card (for its license).
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -127,7 +127,8 @@ def resolve_model(
         base_dir: second place to look for relative directories (the spec file's folder).
         token: passed to huggingface_hub (None: its standard lookup).
         cache_dir: Hugging Face cache directory (None: the default).
-        allow_bin: also fetch `pytorch_model*.bin` when the repo has no safetensors.
+        allow_bin: also fetch `pytorch_model*.bin` (a LoRA adapter's `adapter_model.bin`) when the repo has no
+            safetensors.
 
     Returns:
         The resolved model, with the pinned commit sha for Hub models.
@@ -147,9 +148,8 @@ def resolve_model(
         base_ref, adapter_ref = split_lora_reference(ref)
         base = _resolve(base_ref, base_dir, token, cache_dir, model_patterns, "model directory")
         try:
-            adapter = _resolve(
-                adapter_ref, base_dir, token, cache_dir, (ADAPTER_PATTERNS, ADAPTER_BIN_PATTERNS), "directory"
-            )
+            adapter_patterns = (ADAPTER_PATTERNS, ADAPTER_BIN_PATTERNS if allow_bin else None)
+            adapter = _resolve(adapter_ref, base_dir, token, cache_dir, adapter_patterns, "directory")
         except ModelResolutionError as exc:
             raise ModelResolutionError(f"LoRA adapter of {ref!r}: {exc}") from exc
         return replace(base, ref=ref, adapter=adapter)
@@ -195,7 +195,7 @@ def _download(ref, repo_id, revision, *, token, cache_dir, patterns) -> Resolved
             repo_id, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir
         )
     except HFValidationError as exc:
-        raise ModelResolutionError(f"invalid model reference {ref!r}: {_first_line(exc)}") from exc
+        raise ModelResolutionError(f"invalid model reference {ref!r}: {first_line(exc)}") from exc
     except GatedRepoError as exc:
         raise ModelResolutionError(f"{repo_id}: gated repo, access not granted for this token") from exc
     except RevisionNotFoundError as exc:
@@ -253,8 +253,3 @@ def _cached_repo(repo_id: str, cache_dir) -> bool:
 
     root = Path(cache_dir or constants.HF_HUB_CACHE)
     return (root / f"models--{repo_id.replace('/', '--')}").is_dir()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

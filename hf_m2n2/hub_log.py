@@ -3,7 +3,9 @@
 A proxy, a mirror or a wrong `HF_ENDPOINT` may echo the `Authorization` header in an error message, and
 huggingface_hub passes the server's message on verbatim; at `-v`, HTTP libraries log what they send. The token
 is whatever huggingface_hub would send (`huggingface_hub.get_token()`: `HF_TOKEN`, the login cache, ...), in any
-form, so that exact string is masked, plus anything shaped like a Hub token (`hf_...`).
+form, so that exact string is masked, plus anything shaped like a Hub token (`hf_` and 30 or more letters and digits:
+user tokens are `hf_` + 34). A token passed to one call (a Space visitor's) is masked during that call only
+(`masking`): nothing of it stays in the process afterwards.
 
 huggingface_hub's backoff logs two warnings per retry (five retries: ~23 s) through its own handler, which the
 root handler repeats when the library's logger propagates. The CLI keeps one handler (the root's) and says once
@@ -12,20 +14,51 @@ which host is being retried and how to skip it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 MASK = "<token>"
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9_]{8,}")
+# Hub tokens are `hf_` + 34 letters and digits; shorter `hf_...` words are this project's own names (hf_m2n2_runs)
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
+_MIN_SECRET = 4  # masking a 1-3 character string would garble every message
 _secrets: set[str] = set()
+_in_use: Counter[str] = Counter()  # tokens masked for the calls running now (several pushes may share one)
+_lock = threading.Lock()
 _looked_up = False
 
 
 def add_secret(token: str | None) -> None:
-    """Mask `token` too (a token passed explicitly rather than found by huggingface_hub)."""
-    if token and len(token) >= 4:  # masking a 1-3 character string would garble every message
+    """Mask `token` for the life of the process (the token huggingface_hub itself finds)."""
+    if token and len(token) >= _MIN_SECRET:
         _secrets.add(token)
+
+
+@contextlib.contextmanager
+def masking(token: str | None) -> Iterator[None]:
+    """Mask `token` in what is logged or raised while the block runs, and forget it afterwards (a token passed to
+    one call, e.g. a Space visitor's, is not kept for the life of the process).
+
+    Example:
+        >>> with masking(token):
+        ...     api.upload_folder(...)  # doctest: +SKIP
+    """
+    if not token or len(token) < _MIN_SECRET:
+        yield
+        return
+    with _lock:
+        _in_use[token] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _in_use[token] -= 1
+            if _in_use[token] <= 0:
+                del _in_use[token]
 
 
 def _known_secrets() -> set[str]:
@@ -41,9 +74,20 @@ def _known_secrets() -> set[str]:
     return _secrets
 
 
-def mask_secrets(text: str) -> str:
-    """`text` with the Hub token (exact value) and `hf_...`-shaped strings replaced by `<token>`."""
-    for secret in sorted(_known_secrets(), key=len, reverse=True):
+def mask_secrets(text: str, token: str | None = None) -> str:
+    """`text` with the Hub token (exact value), `token` if given, the tokens of running `masking` blocks and
+    Hub-token-shaped strings replaced by `<token>`.
+
+    Example:
+        >>> mask_secrets("401 for hf_" + "a" * 34 + " in /tmp/hf_m2n2_runs")
+        '401 for <token> in /tmp/hf_m2n2_runs'
+    """
+    secrets = set(_known_secrets())  # outside the lock: the lookup may log, and logging masks
+    with _lock:
+        secrets |= set(_in_use)
+    if token and len(token) >= _MIN_SECRET:
+        secrets.add(token)
+    for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return _TOKEN_LIKE.sub(MASK, text)
 

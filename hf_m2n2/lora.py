@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from hf_m2n2.checkpoint import Checkpoint, TensorInfo
-from hf_m2n2.errors import CheckpointError
+from hf_m2n2.checkpoint import Checkpoint, TensorInfo, _open_file
+from hf_m2n2.errors import CheckpointError, first_line
 from hf_m2n2.hub import ResolvedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,7 +76,11 @@ class LoraAdapter:
         self.tensors = _AdapterTensors.open(adapter)
         self.updates: dict[str, LoraUpdate] = {}
         self.replacements: dict[str, str] = {}  # base tensor name -> adapter key of its replacement
-        self._plan(base)
+        try:
+            self._plan(base)
+        except BaseException:
+            self.tensors.close()
+            raise
 
     @property
     def changed(self) -> list[str]:
@@ -266,8 +270,7 @@ def _load_config(adapter: ResolvedModel) -> Any:
             warnings.simplefilter("ignore")  # peft warns about version differences; errors are reported below
             config = PeftConfig.from_pretrained(str(adapter.path))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file}: not a valid PEFT adapter config ({first})") from exc
+        raise CheckpointError(f"{file}: not a valid PEFT adapter config ({first_line(exc)})") from exc
     if not isinstance(config, LoraConfig):
         raise CheckpointError(f"{file}: peft_type {config.peft_type} is not supported (only LORA)")
     for key, what in _UNSUPPORTED.items():
@@ -300,15 +303,10 @@ class _AdapterTensors:
             return cls(file, handle, shapes)
         file = directory / ADAPTER_BIN
         if file.is_file():
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"{file}: refused or unreadable ({str(exc).strip().splitlines()[0]})"
-                ) from exc
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{file}: expected a state dict, found {type(state).__name__}")
-            return cls(file, state, {k: tuple(v.shape) for k, v in state.items()})
+            state = _open_file(file)  # the checkpoint reader's: torch.load(weights_only=True), same messages
+            return cls(
+                file, state, {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+            )
         raise CheckpointError(f"{directory}: no {ADAPTER_SAFETENSORS} or {ADAPTER_BIN} ({adapter.ref!r})")
 
     @property

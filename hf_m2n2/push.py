@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hf_m2n2 import locks
-from hf_m2n2.errors import OutputError, PushError
+from hf_m2n2.errors import OutputError, PushError, first_line
 from hf_m2n2.hub import http_error_message
-from hf_m2n2.hub_log import add_secret, mask_secrets
+from hf_m2n2.hub_log import mask_secrets, masking
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except Exception as exc:  # HFValidationError
-        raise PushError(f"invalid repo id {repo_id!r}: {_first_line(exc)}") from exc
+        raise PushError(f"invalid repo id {repo_id!r}: {first_line(exc)}") from exc
 
 
 def default_commit_message(out_dir: str | os.PathLike[str]) -> str:
@@ -105,7 +105,6 @@ def push_folder(
     """
     from huggingface_hub import HfApi, constants
 
-    add_secret(token)
     if constants.HF_HUB_OFFLINE:
         raise PushError(f"{repo_id}: HF_HUB_OFFLINE=1 is set: unset it to push (nothing was sent)")
     out = Path(out_dir)
@@ -114,7 +113,8 @@ def push_folder(
     check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or default_commit_message(out)
-    with _hub_errors(repo_id), _hub_view(out, repo_id) as folder:
+    # the explicit token is masked for this call only (a Space visitor's must not stay in the process)
+    with masking(token), _hub_errors(repo_id), _hub_view(out, repo_id) as folder:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         repo_id = url.repo_id
         if revision and revision != "main" and not create_pr:
@@ -215,7 +215,7 @@ def _describe(repo_id: str, exc: Exception) -> str:
         return http_error_message(repo_id, exc)
     if _is_network_error(exc):
         return f"{repo_id}: network error while pushing ({type(exc).__name__}); nothing was committed"
-    return f"{repo_id}: push failed: {mask_secrets(_first_line(exc))}"
+    return f"{repo_id}: push failed: {mask_secrets(first_line(exc))}"
 
 
 def _is_network_error(exc: BaseException | None) -> bool:
@@ -228,11 +228,6 @@ def _is_network_error(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass(frozen=True)

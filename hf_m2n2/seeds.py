@@ -10,7 +10,7 @@ from hf_m2n2.hub import ResolvedModel, resolve_model
 from hf_m2n2.models import kind_of_directory
 from hf_m2n2.models.base import Seed, load_config
 
-__all__ = ["Seed", "load_config", "open_seed", "open_seeds"]
+__all__ = ["Seed", "close_seeds", "load_config", "open_seed", "open_seeds"]
 
 
 def open_seed(model: ResolvedModel) -> Seed:
@@ -26,10 +26,22 @@ def open_seeds(
     `trust_remote_code`: False refuses seeds that transformers can only load by running their own code
     (`hf_m2n2.custom_code`); None skips the check, for callers that load no config or tokenizer with transformers.
     """
-    seeds = [open_seed(resolve_model(ref, base_dir=base_dir, token=token)) for ref in refs]
-    if trust_remote_code is not None:
-        from hf_m2n2.custom_code import check_custom_code
+    seeds: list[Seed] = []
+    try:
+        for ref in refs:
+            seeds.append(open_seed(resolve_model(ref, base_dir=base_dir, token=token)))
+        if trust_remote_code is not None:
+            from hf_m2n2.custom_code import check_custom_code
 
-        for seed in seeds:
-            check_custom_code(seed.model.path, seed.name, trust_remote_code)
+            for seed in seeds:
+                check_custom_code(seed.model.path, seed.name, trust_remote_code)
+    except BaseException:  # a refused seed or a later ref that fails: close what was opened
+        close_seeds(seeds)
+        raise
     return seeds
+
+
+def close_seeds(seeds: Sequence[Seed]) -> None:
+    """Close the seeds' checkpoints (and LoRA adapters)."""
+    for seed in seeds:
+        seed.checkpoint.close()

@@ -67,10 +67,13 @@ def _coerce_ref(value: Any) -> Any:
     if isinstance(value, str):
         if not value.strip():
             raise ValueError("empty model reference")
-        if "+" in value and not os.path.exists(value):  # a LoRA reference, as mergekit parses it
-            base, _, adapter = value.partition("+")
-            if not base.strip() or not adapter.strip() or "+" in adapter:
-                raise ValueError(f"invalid LoRA reference {value!r}: expected MODEL+LORA_ADAPTER (one '+')")
+        from hf_m2n2.errors import ModelResolutionError
+        from hf_m2n2.hub import split_lora_reference
+
+        try:  # resolution's own rule (a directory whose name has a `+` is a resolution matter, not the YAML's)
+            split_lora_reference(value)
+        except ModelResolutionError as exc:
+            raise ValueError(str(exc)) from None
         return value
     raise ValueError("expected a model reference (org/name, org/name@revision, a directory, or MODEL+LORA)")
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hf_m2n2.errors import CheckpointError, SpecError
+from hf_m2n2.errors import CheckpointError, SpecError, first_line
 from hf_m2n2.seeds import Seed
 from hf_m2n2.spec import ModelTokenEmbedding, TokenEmbeddingConfig, ZeroEmbedding, model_ref_string
 
@@ -86,9 +86,8 @@ def load_tokenizer(seed: Seed, trust_remote_code: bool = False):
     except Exception as exc:
         if is_custom_code_error(exc):
             raise refusal(seed.model.path, seed.name) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
-            f"{seed.name}: cannot load its tokenizer ({type(exc).__name__}: {first})"
+            f"{seed.name}: cannot load its tokenizer ({type(exc).__name__}: {first_line(exc)})"
         ) from exc
 
 

@@ -359,3 +359,112 @@ def test_method_evolution_over_lora_seeds_exports_a_spec_naming_the_adapters(see
     named = {src["model"] for s in config["slices"] for src in s["sources"]}
     lora_refs = {f"{seeds[m].resolve()}+{adapters[a].resolve()}" for m, a in (("a", "plain"), ("b", "head"))}
     assert named == lora_refs | {str(seeds["base"].resolve())}
+
+
+def _mapped(file: Path) -> bool:
+    """Whether this process still maps `file` (safetensors keeps an open file mapped until its handle goes)."""
+    return str(file.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("failure", ["custom_code", "unresolved"])
+def test_seeds_opened_before_a_failure_are_closed(seeds, adapters, tmp_path, failure):
+    """open_seeds opened every seed (LoRA adapters included) before refusing one for its custom code or failing on
+    a later reference, and closed none: the error's traceback kept the adapter file mapped."""
+    from test_user_safety import TOKENIZER_CODE, _custom_code_seed
+
+    from hf_m2n2.errors import HfM2n2Error
+    from hf_m2n2.seeds import open_seeds
+
+    later = (
+        _custom_code_seed(seeds["b"], tmp_path / "tok-code", tokenizer=TOKENIZER_CODE)
+        if failure == "custom_code"
+        else tmp_path / "absent"
+    )
+    adapter = tmp_path / "lora"
+    shutil.copytree(adapters["plain"], adapter)
+    with pytest.raises(HfM2n2Error) as info:
+        open_seeds([f"{seeds['base']}+{adapter}", str(later)], trust_remote_code=False)
+    assert ("custom code" if failure == "custom_code" else "does not exist") in str(info.value)
+    assert not _mapped(adapter / "adapter_model.safetensors")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_an_adapter_refused_for_its_base_is_closed(seeds, adapters, tmp_path):
+    """A LoRA adapter that does not fit its base (here a Llama adapter on GPT-2) left its file open."""
+    from hf_m2n2.errors import CheckpointError
+    from hf_m2n2.hub import resolve_model
+    from hf_m2n2.lora import open_checkpoint
+
+    adapter = tmp_path / "lora"
+    shutil.copytree(adapters["plain"], adapter)
+    with pytest.raises(CheckpointError, match="which the base checkpoint .* does not have") as info:
+        open_checkpoint(resolve_model(f"{seeds['gpt2']}+{adapter}"))
+    assert str(adapter / "adapter_model.safetensors") in str(info.value)
+    assert not _mapped(adapter / "adapter_model.safetensors")
+
+
+def _bin_adapter(adapter: Path, out: Path) -> Path:
+    """The adapter with its weights as `adapter_model.bin` (peft's `safe_serialization=False` form)."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("adapter_model.safetensors"))
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")), out / "adapter_model.bin")
+    return out
+
+
+def test_bin_adapters_merge_and_unsafe_ones_are_refused_as_checkpoints_are(
+    seeds, adapters, write_spec, cli, tmp_path
+):
+    """An `adapter_model.bin` goes through the checkpoint reader (torch.load weights_only): the same result as
+    peft, and a pickle holding more than tensors is refused with the checkpoint reader's message."""
+    adapter = _bin_adapter(adapters["plain"], tmp_path / "bin-lora")
+    expected = _peft_merged(
+        seeds["base"], adapters["plain"]
+    )  # (before the merges: its progress bar is not theirs)
+    merged = _merge(
+        cli, write_spec, tmp_path, [{"model": f"{seeds['base']}+{adapter}", "parameters": {"weight": 1}}]
+    )
+    _assert_equal_state(merged, expected)
+
+    torch.save({"x": torch.zeros(2), "hook": Path("/")}, adapter / "adapter_model.bin")
+    spec = write_spec(
+        {"merge_method": "linear", "models": [{"model": f"{seeds['base']}+{adapter}"}]}, "bad.yaml"
+    )
+    code, _, err = cli("merge", spec, tmp_path / "refused", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (
+        f"{adapter / 'adapter_model.bin'}: refused to load: it contains a pickled object that is not a tensor"
+        in err
+    )
+
+
+def test_adapter_bin_is_downloaded_only_where_base_bin_would_be(seeds, adapters, hub, tmp_path):
+    """`allow_bin=False` kept base `.bin` files out but still fetched an adapter's `adapter_model.bin`."""
+    from hf_m2n2.hub import resolve_model
+
+    token = hub.token_of("alice")
+    no_card = {"ignore_patterns": ["README.md"]}  # the cards name local paths as base_model
+    hub.publish("alice/tiny-base", seeds["base"], token, **no_card)
+    hub.publish("alice/bin-lora", _bin_adapter(adapters["plain"], tmp_path / "bin-lora"), token, **no_card)
+    refused = resolve_model("alice/tiny-base+alice/bin-lora", allow_bin=False, token=token)
+    assert not (refused.adapter.path / "adapter_model.bin").exists()
+    allowed = resolve_model("alice/tiny-base+alice/bin-lora", token=token)
+    assert (allowed.adapter.path / "adapter_model.bin").is_file()
+
+
+def test_a_lora_reference_has_one_syntax_rule(tmp_path, monkeypatch):
+    """The spec parser and resolution parsed `base+adapter` with two rules (the parser let anything that exists
+    relative to the working directory through, even a file); now the parser applies resolution's rule."""
+    from hf_m2n2.errors import ModelResolutionError, SpecError
+    from hf_m2n2.hub import resolve_model
+    from hf_m2n2.spec import parse_spec
+
+    monkeypatch.chdir(tmp_path)
+    Path("a+b+c").write_text("a file, not a model")
+    with pytest.raises(ModelResolutionError) as resolution:
+        resolve_model("a+b+c")
+    with pytest.raises(SpecError) as parsing:
+        parse_spec({"merge_method": "linear", "models": [{"model": "a+b+c"}]}, source="spec.yaml")
+    assert str(resolution.value) in str(parsing.value) and "models[0].model" in str(parsing.value)
+    parse_spec({"merge_method": "linear", "models": [{"model": "not/here+org/lora"}]}, source="spec.yaml")

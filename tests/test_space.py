@@ -173,10 +173,39 @@ def test_progress_frame_and_card_preview(tmp_path):
     (tmp_path / "README.md").write_text("---\nbase_model:\n- a\n---\n# merged\n![curve](fitness.png)\ntext\n")
     preview = app_module.card_preview(tmp_path)
     assert preview.startswith("```yaml\nbase_model:\n- a\n```") and "fitness.png" not in preview
-    assert app_module._scrub(f"bad token {FAKE_TOKEN}!", None) == "bad token hf_***!"
+    from hf_m2n2.hub_log import mask_secrets  # the app's one masking helper
+
+    assert mask_secrets(f"bad token {FAKE_TOKEN}!") == "bad token <token>!"
 
 
 # ---------------------------------------------------------------------- served app, driven by gradio_client
+
+
+def _box_visible(demo) -> bool:
+    [box] = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "trust-remote-code"]
+    return box["props"]["visible"]
+
+
+def test_custom_code_needs_the_operators_flag(tmp_path):
+    """Any visitor could tick "trust the seeds' custom code" and run a seed's Python on the host. Without the
+    operator's `allow_remote_code` the box is hidden and a crafted /run call setting it is refused."""
+    work = tmp_path / "work"
+    assert _box_visible(app_module.build_demo(work_dir=work, allow_remote_code=True))
+    demo = app_module.build_demo(specialists_dir=tmp_path / "never-built", work_dir=work)
+    assert not _box_visible(demo)
+    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        with pytest.raises(AppError, match="does not run the seeds' custom code"):
+            Client(url, verbose=False).predict(
+                source=app_module.HUB,
+                hub_ids="org/a\norg/b",
+                method="linear",
+                trust_remote_code=True,
+                api_name="/run",
+            )
+    finally:
+        demo.close()
+    assert not list(work.iterdir()) and not (tmp_path / "never-built").exists()  # refused before any work
 
 
 def test_static_merge_end_to_end(client, specialists):

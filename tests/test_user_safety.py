@@ -260,11 +260,103 @@ def test_the_log_filter_masks_the_token_in_any_form(caplog):
     from hf_m2n2.hub_log import SecretFilter, add_secret, mask_secrets
 
     add_secret(SECRET)
-    assert mask_secrets(f"Bearer {SECRET} and hf_abcdefghijklmnop") == "Bearer <token> and <token>"
+    assert mask_secrets(f"Bearer {SECRET} and {HUB_SHAPED}") == "Bearer <token> and <token>"
     record = logging.LogRecord(
         "httpx", logging.DEBUG, __file__, 1, "headers: %s", (f"Bearer {SECRET}",), None
     )
     assert SecretFilter().filter(record) and record.getMessage() == "headers: Bearer <token>"
+
+
+HUB_SHAPED = "hf_" + "aB3" * 11 + "x"  # a user token's shape: hf_ and 34 letters and digits
+
+
+def test_the_mask_spares_the_projects_own_names():
+    """`hf_[A-Za-z0-9_]{8,}` also matched hf_m2n2_build and .../hf_m2n2_runs/...: errors showed `<token>` there."""
+    from hf_m2n2.hub_log import mask_secrets
+
+    text = "/tmp/hf_m2n2_runs/run-0/model: cannot write (hf_m2n2_build, hf_m2n2_app)"
+    assert mask_secrets(text) == text
+    assert mask_secrets(f"401 for {HUB_SHAPED}.") == "401 for <token>."
+    assert mask_secrets("Bearer hf_test_alice_0000", "hf_test_alice_0000") == "Bearer <token>"
+
+
+def test_an_explicit_token_is_masked_during_its_call_only(seeds, hub):
+    """push_folder(token=...) kept every token it was given (a Space visitor's) in a module-global set for the life
+    of the process; it is masked while its call runs and forgotten afterwards."""
+    from hf_m2n2.hub_log import mask_secrets, masking
+    from hf_m2n2.push import push_folder
+
+    token = hub.token_of("alice")  # not Hub-shaped: only the exact value masks it
+    with masking(token):
+        with masking(token):  # two pushes with one token: the first to finish does not unmask the other
+            pass
+        assert mask_secrets(f"Bearer {token}") == "Bearer <token>"
+    push_folder(seeds["a"], "alice/forgotten", token=token, endpoint=hub.url)
+    assert mask_secrets(f"Bearer {token}") == f"Bearer {token}"
+
+
+def test_a_refused_seed_is_not_taken_for_a_disk_error(custom_seeds, seeds):
+    """CustomCodeError was also a PermissionError, hence an OSError: `except OSError` (the CLI's disk-error
+    branch, which does not mask tokens) caught it before the user-error branch."""
+    from hf_m2n2.custom_code import CustomCodeError
+    from hf_m2n2.seeds import open_seeds
+
+    with pytest.raises(CustomCodeError) as info:
+        open_seeds([str(custom_seeds["tokenizer"])], trust_remote_code=False)
+    assert not isinstance(info.value, OSError)
+
+
+def test_the_refused_tokenizer_of_an_evaluator_names_the_seed_by_its_reference(custom_seeds):
+    """A Hub seed's directory is its snapshot sha: the refusal named `0123abc...`, not `org/name`."""
+    from hf_m2n2.custom_code import CustomCodeError
+    from hf_m2n2.evaluate.base import EvaluationContext
+
+    context = EvaluationContext(reference_dir=custom_seeds["tokenizer"], reference_name="org/tok-code")
+    with pytest.raises(CustomCodeError, match=r"^org/tok-code: its tokenizer_config.json needs custom code"):
+        context.tokenizer()
+
+
+def _method_run(seed, seeds, tmp_path, name, cli_flag: bool, **extra) -> Path:
+    """A finished evomerge_ps run (method genome) over `seed` and ft-b, started with `--trust-remote-code` or
+    with the spec's `trust_remote_code: true`."""
+    from hf_m2n2.evolve.runs import start_runs
+
+    spec = {
+        "name": name,
+        "models": [{"model": str(seed)}, {"model": str(seeds["b"])}],
+        "genome": {
+            "kind": "method",
+            "method": "task_arithmetic",
+            "base_model": str(seeds["base"]),
+            "parameters": ["weight"],
+        },
+        "evolve": {"algorithm": "evomerge_ps", "budget": 2, "seed": 5},
+        "evaluate": LIKELIHOOD,
+        **extra,
+    }
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    start_runs(tmp_path / f"{name}.yaml", tmp_path / name, progress=False, trust_remote_code=cli_flag)
+    return tmp_path / name
+
+
+def test_export_of_a_run_over_custom_code_seeds(custom_seeds, seeds, cli, tmp_path):
+    """`hf-m2n2 export` merged again without trust_remote_code: runs over such seeds could not be exported. It
+    honours the spec's `trust_remote_code: true`, and `--trust-remote-code` for runs started with the flag."""
+    seed = custom_seeds["tokenizer"]
+    by_spec = _method_run(seed, seeds, tmp_path, "by-spec", False, trust_remote_code=True)
+    code, _, err = cli("export", by_spec, tmp_path / "exported-spec", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "exported-spec" / "model.safetensors").read_bytes() == (
+        by_spec / "model" / "model.safetensors"
+    ).read_bytes()
+
+    by_flag = _method_run(seed, seeds, tmp_path, "by-flag", True)
+    code, _, err = cli("export", by_flag, tmp_path / "refused", "--quiet")
+    assert code == 2 and "needs custom code" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused").exists()
+    code, _, err = cli("export", by_flag, tmp_path / "exported-flag", "--quiet", "--trust-remote-code")
+    assert code == 0, err
+    assert (tmp_path / "exported-flag" / "model.safetensors").is_file()
 
 
 def test_push_while_offline_names_the_variable(seeds, cli):

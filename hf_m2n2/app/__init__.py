@@ -22,7 +22,7 @@ Example:
     >>> demo = build_demo()  # doctest: +SKIP
     >>> demo.launch(server_name="127.0.0.1")  # doctest: +SKIP
 
-Command line: `python -m hf_m2n2.app [--host 127.0.0.1] [--port 7860] [--allow-local-models]`.
+Command line: `python -m hf_m2n2.app [--host 127.0.0.1] [--port 7860] [--allow-local-models] [--allow-remote-code]`.
 """
 
 from hf_m2n2.app.forms import (
@@ -50,9 +50,6 @@ from hf_m2n2.app.jobs import (
     score_models,
     score_table,
     zip_model,
-)
-from hf_m2n2.app.jobs import (
-    _scrub as _scrub,  # re-exported for tests/test_space.py, which checks the token scrubbing
 )
 from hf_m2n2.app.ui import POLL_S, build_demo, default_specialists_dir, main
 

@@ -48,9 +48,9 @@ class Field:
     default: Any
     make: Callable[..., Any]
 
-    def build(self) -> Any:
-        """The Gradio component, holding the default value."""
-        return self.make(value=self.default)
+    def build(self, **overrides: Any) -> Any:
+        """The Gradio component, holding the default value (`overrides`: more component arguments)."""
+        return self.make(value=self.default, **overrides)
 
 
 def _method_dropdown(**kwargs: Any) -> Any:

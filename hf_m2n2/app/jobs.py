@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_SECRET_PATTERN = re.compile(r"hf_[A-Za-z0-9]{10,}")
 PLOT_SERIES = ("best candidate (fitness)", "archive mean", "held-out score of the best")
 
 
@@ -237,9 +236,3 @@ def card_preview(model_dir: Path) -> str:
 def zip_model(model_dir: Path, dest: Path) -> Path:
     """A zip of the model directory (files at the root of the archive)."""
     return Path(shutil.make_archive(str(dest), "zip", root_dir=model_dir))
-
-
-def _scrub(message: str, secret: str | None) -> str:
-    if secret:
-        message = message.replace(secret, "***")
-    return _SECRET_PATTERN.sub("hf_***", message)

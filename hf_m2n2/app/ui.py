@@ -36,7 +36,6 @@ from hf_m2n2.app.jobs import (
     _evolve_job,
     _merge_job,
     _remove_when_done,
-    _scrub,
     card_preview,
     passes_done,
     progress_frame,
@@ -58,6 +57,7 @@ class _Settings:
     specialists_config: Any
     work_dir: Path
     allow_local_models: bool
+    allow_remote_code: bool = False
     jobs: dict[str, Job] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     build_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,6 +82,7 @@ def build_demo(
     specialists_config: Any = None,
     work_dir: str | os.PathLike[str] | None = None,
     allow_local_models: bool = False,
+    allow_remote_code: bool = False,
     prebuild_specialists: bool = False,
 ) -> gr.Blocks:
     """The Gradio app, with its queue set up (one run at a time).
@@ -91,6 +92,8 @@ def build_demo(
         specialists_config: a `hf_m2n2.demo.specialists.SpecialistsConfig` (default: the demo's).
         work_dir: where runs are written (default: a folder under the system temp dir, which Gradio serves).
         allow_local_models: accept local directories as seeds (never on a public Space).
+        allow_remote_code: offer the "trust the seeds' custom code" box; without it the box is hidden and a run
+            asking for it is refused (the seeds' Python would run on this host: never on a public Space).
         prebuild_specialists: build the tiny specialists now, in the background (a Space's first visitor then
             does not wait for them).
 
@@ -104,6 +107,7 @@ def build_demo(
         specialists_config,
         work,
         allow_local_models,
+        allow_remote_code,
     )
     on_space = _on_space()
     if prebuild_specialists:
@@ -118,9 +122,9 @@ def build_demo(
         )
         form: dict[str, Any] = {}  # field name -> its component, in the page's order
 
-        def place(*names: str) -> None:
+        def place(*names: str, **overrides: Any) -> None:
             for name in names:
-                form[name] = FIELD[name].build()
+                form[name] = FIELD[name].build(**overrides)
 
         with gr.Row():
             with gr.Column(scale=4):
@@ -139,7 +143,7 @@ def build_demo(
                         place("metric", "limit")
                     with gr.Row():
                         place("split", "test_split")
-                place("trust_remote_code")
+                place("trust_remote_code", visible=allow_remote_code)  # an operator's choice, not a visitor's
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
@@ -325,12 +329,21 @@ def _outputs(
 def _run(
     settings: _Settings, request: Any, progress: Any, values: dict[str, Any]
 ) -> Iterator[tuple[Any, ...]]:
-    from hf_m2n2.errors import HfM2n2Error
+    from hf_m2n2.errors import HfM2n2Error, first_line
+    from hf_m2n2.hub_log import mask_secrets
 
     method = values["method"]
     evolve = method in EVOLVE_ALGORITHMS
     if not evolve and method not in static_methods():
         raise gr.Error(f"unknown method {method!r}")
+    trust = bool(values.get("trust_remote_code"))
+    if (
+        trust and not settings.allow_remote_code
+    ):  # checked here too: a crafted /run call can set the hidden box
+        raise gr.Error(
+            "trust_remote_code: this server does not run the seeds' custom code "
+            "(its operator did not start it with --allow-remote-code)"
+        )
     session = _session(request)
     previous = settings.jobs.pop(session, None)
     if previous is not None:  # one run directory per session: the last one goes (once its job has stopped)
@@ -351,7 +364,6 @@ def _run(
         shutil.rmtree(directory, ignore_errors=True)
         raise
     spec_path = directory / "spec.yaml"
-    trust = bool(values.get("trust_remote_code"))
     if evolve:
         budget = int(values["budget"])
         spec = evolve_spec(
@@ -426,12 +438,10 @@ def _run(
         )
         return
     if isinstance(job.error, HfM2n2Error):
-        raise gr.Error(str(job.error).splitlines()[0] if str(job.error) else type(job.error).__name__)
+        raise gr.Error(mask_secrets(first_line(job.error)))
     if job.error is not None:
         log.error("run failed", exc_info=job.error)
-        raise gr.Error(
-            f"{type(job.error).__name__}: {str(job.error).splitlines()[0] if str(job.error) else ''}"
-        )
+        raise gr.Error(mask_secrets(f"{type(job.error).__name__}: {first_line(job.error)}"))
     progress(None, desc="packing the model")
     archive = zip_model(job.out_dir, directory / merged_name)
     table = score_table(job.report or {}, merged_name, job.roles)
@@ -460,7 +470,8 @@ def _push(
     profile: Any,
 ) -> str:
     """Push the last merged model; the token (typed or OAuth) appears in no output, log or file."""
-    from hf_m2n2.errors import HfM2n2Error
+    from hf_m2n2.errors import HfM2n2Error, first_line
+    from hf_m2n2.hub_log import mask_secrets
 
     secret = (token_text or "").strip() or (oauth_token.token if oauth_token is not None else None)
     if not model_dir or not Path(model_dir).is_dir():
@@ -477,9 +488,9 @@ def _push(
 
         result = push_folder(model_dir, repo_id, token=secret, private=bool(private))
     except HfM2n2Error as exc:
-        raise gr.Error(_scrub(str(exc), secret)) from None
-    except Exception as exc:  # network or Hub errors: one line, the token scrubbed
-        raise gr.Error(_scrub(f"{type(exc).__name__}: {exc}".splitlines()[0], secret)) from None
+        raise gr.Error(mask_secrets(str(exc), secret)) from None
+    except Exception as exc:  # network or Hub errors: one line, the token masked
+        raise gr.Error(mask_secrets(f"{type(exc).__name__}: {first_line(exc)}", secret)) from None
     commit = f"[{result.commit_oid[:8]}]({result.commit_url})"
     return f"Pushed to [{result.repo_url}]({result.repo_url}) (commit {commit})."
 
@@ -497,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--allow-local-models", action="store_true", help="accept local directories as seeds (not on a Space)"
     )
     parser.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        help="offer the box that lets the seeds' custom Python code run on this host (not on a public Space)",
+    )
+    parser.add_argument(
         "--prebuild", action="store_true", help="build the tiny specialists at start-up, in the background"
     )
     args = parser.parse_args(argv)
@@ -504,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         specialists_dir=args.specialists_dir,
         work_dir=args.work_dir,
         allow_local_models=args.allow_local_models,
+        allow_remote_code=args.allow_remote_code,
         prebuild_specialists=args.prebuild,
     )
     allowed = [args.work_dir] if args.work_dir else None

@@ -94,6 +94,7 @@ class EvaluationContext:
         device: where the target lives.
         prefix: the YAML path of the section being built (`evaluate`, or `evaluate[1]` in a list), for errors.
         trust_remote_code: the seeds' custom code may run (the spec's `trust_remote_code`).
+        reference_name: the reference seed's name in errors (its repo id: a Hub seed's directory is a sha).
     """
 
     model: Any = None
@@ -102,6 +103,7 @@ class EvaluationContext:
     device: str = "cpu"
     prefix: str = "evaluate"
     trust_remote_code: bool = False
+    reference_name: str | None = None
 
     def tokenizer(self) -> Any:
         """The reference seed's tokenizer (transformers' AutoTokenizer, local files only; its custom code runs
@@ -118,7 +120,8 @@ class EvaluationContext:
             )
         except ValueError as exc:
             if is_custom_code_error(exc):
-                raise refusal(self.reference_dir, Path(self.reference_dir).name) from None
+                name = self.reference_name or Path(self.reference_dir).name
+                raise refusal(self.reference_dir, name) from None
             raise
 
 

@@ -178,10 +178,15 @@ def _fitness_plot(run_dir: Path) -> str | None:
 
 
 def export_run(
-    run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """`hf-m2n2 export`: write the best model of a finished run again, with its card and plot, into `out_dir`
-    (the genome kind whose recipe the run's `model/` holds does it).
+    (the genome kind whose recipe the run's `model/` holds does it; `trust_remote_code`: the seeds' custom code
+    may run, for runs started with `--trust-remote-code`).
 
     Raises:
         HfM2n2Error: `run_dir` is not a finished model evolution run.
@@ -190,7 +195,7 @@ def export_run(
 
     model = Path(run_dir) / MODEL_DIR
     for kind in genome_kinds().values():
-        out = kind.export_again(model, Path(out_dir), overwrite)
+        out = kind.export_again(model, Path(out_dir), overwrite, trust_remote_code=trust_remote_code)
         if out is not None:
             return out
     raise HfM2n2Error(f"{run_dir} has no exported model ({MODEL_DIR}/recipe.json): is the run finished?")

@@ -130,8 +130,11 @@ class GenomeKind:
     def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:
         """Write the best genome's model to `model_dir` (all or nothing), with `outcome.write_card`."""
 
-    def export_again(self, model_dir: Path, out_dir: Path, overwrite: bool) -> Path | None:
-        """`hf-m2n2 export`: write a finished run's model again from its recipe, if `model_dir` is this kind's."""
+    def export_again(
+        self, model_dir: Path, out_dir: Path, overwrite: bool, *, trust_remote_code: bool = False
+    ) -> Path | None:
+        """`hf-m2n2 export`: write a finished run's model again from its recipe, if `model_dir` is this kind's
+        (`trust_remote_code`: the seeds' custom code may run, as `--trust-remote-code`)."""
         return None
 
 

@@ -137,6 +137,7 @@ class BlendKind(GenomeKind):
             spec_dir,
             genome.device,
             trust_remote_code=spec.trust_remote_code,
+            reference_name=seeds[fixed].name,
         )
         return GenomeRun(
             ops,
@@ -171,7 +172,9 @@ class BlendKind(GenomeKind):
             write_card=lambda tmp: outcome.write_card(tmp, recipe_file=RECIPE),
         )
 
-    def export_again(self, model_dir: Path, out_dir: Path, overwrite: bool) -> Path | None:
+    def export_again(
+        self, model_dir: Path, out_dir: Path, overwrite: bool, *, trust_remote_code: bool = False
+    ) -> Path | None:  # a rebuild reads tensors only: no seed code to trust
         from hf_m2n2.blend_ops import BlendRecipe, rebuild
 
         if not (model_dir / RECIPE).is_file():

@@ -406,6 +406,7 @@ class MethodKind(GenomeKind):
             spec_dir,
             genome.device,
             trust_remote_code=spec.trust_remote_code,
+            reference_name=seeds[reference].name,
         )
         return GenomeRun(
             ops,
@@ -490,20 +491,36 @@ class MethodKind(GenomeKind):
             trust_remote_code=spec.trust_remote_code,
         )
 
-    def export_again(self, model_dir: Path, out_dir: Path, overwrite: bool) -> Path | None:
+    def export_again(
+        self, model_dir: Path, out_dir: Path, overwrite: bool, *, trust_remote_code: bool = False
+    ) -> Path | None:
         """`hf-m2n2 export`: merge the run's merge_config.yaml again (on the device its card records), with its
-        card and plot."""
+        card and plot. The seeds' custom code may run if the run's spec says `trust_remote_code: true` or
+        `trust_remote_code` is given (a run started with `--trust-remote-code`, which the run does not record)."""
+        from hf_m2n2.evolve.runs import SPEC_COPY
+        from hf_m2n2.evolve.spec import load_evolve_spec
+
         if not (model_dir / MERGE_CONFIG).is_file():
             return None
         text = (model_dir / MERGE_CONFIG).read_text()
         device = merge_device(model_dir)
+        run_spec = model_dir.parent / SPEC_COPY
+        if not trust_remote_code and run_spec.is_file():
+            trust_remote_code = load_evolve_spec(run_spec)[0].trust_remote_code
 
         def extras(out: Path) -> None:
             for name in ("README.md", "card.json", "fitness.png"):
                 if (model_dir / name).is_file():
                     shutil.copyfile(model_dir / name, out / name)
 
-        return merge_recipe(text, out_dir, overwrite=overwrite, device=device, extras=extras)
+        return merge_recipe(
+            text,
+            out_dir,
+            overwrite=overwrite,
+            device=device,
+            extras=extras,
+            trust_remote_code=trust_remote_code,
+        )
 
 
 def merge_device(model_dir: Path) -> str:
