@@ -27,7 +27,11 @@ def select_by_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
         return torch.ones_like(deltas[0])
     variance = torch.var(deltas, dim=0, unbiased=False)
     k = int(torch.count_nonzero(variance) * fraction)
-    keep = top_k_mask(variance.reshape(-1), k) if k > 0 else torch.zeros(variance.numel(), dtype=torch.bool, device=variance.device)
+    keep = (
+        top_k_mask(variance.reshape(-1), k)
+        if k > 0
+        else torch.zeros(variance.numel(), dtype=torch.bool, device=variance.device)
+    )
     return keep.reshape(variance.shape).to(deltas.dtype)
 
 
