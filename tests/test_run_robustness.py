@@ -43,6 +43,24 @@ def _limit_file_size(limit: int):
     return apply
 
 
+def _held_evolve(args: list[str], run: Path, hold: Path) -> subprocess.Popen:
+    """An evolve subprocess that holds `run`'s lock, stopped at its first evaluation until the test lets it go."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_m2n2.cli", *args, "-q"], env=_env(), stderr=subprocess.PIPE, text=True
+    )
+    hold.write_text(str(process.pid))
+    deadline = time.monotonic() + 120
+    try:
+        while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(process.pid)):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    except BaseException:
+        process.kill()
+        raise
+    return process
+
+
 def hf(*args, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
     """`hf-m2n2 ARGS` in a child process; with `file_size_limit`, no file it writes can grow past that."""
     return subprocess.run(
@@ -260,19 +278,8 @@ def test_a_second_evolve_into_a_live_run_is_refused(tmp_path, write_spec, cli):
     }
     spec_path = write_spec(spec)
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hf_m2n2.cli", "evolve", str(spec_path), "--out", str(run), "-q"],
-        env=_env(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    hold.write_text(str(process.pid))  # its first evaluation waits until the test lets it go
+    process = _held_evolve(["evolve", str(spec_path), "--out", str(run)], run, hold)
     try:
-        deadline = time.monotonic() + 120
-        while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(process.pid)):
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
         refusal = f"error: {run}: another evolve (pid {process.pid}) is running in it"
         code, _, err = cli("evolve", "--resume", run, "-q")
         assert (code, one_line(err)) == (2, refusal)
@@ -520,19 +527,8 @@ def test_overwrite_refuses_a_directory_whose_run_resumes_alone(tmp_path, write_s
     run = out / "run-0"
     for name in ("summary.json", "checkpoint.npz"):
         (run / name).unlink()  # the run starts over on resume
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hf_m2n2.cli", "evolve", "--resume", str(run), "-q"],
-        env=_env(),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    hold.write_text(str(process.pid))  # its first evaluation waits until the test lets it go
+    process = _held_evolve(["evolve", "--resume", str(run)], run, hold)
     try:
-        deadline = time.monotonic() + 120
-        while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(process.pid)):
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
         code, _, err = cli("evolve", spec_path, "--out", out, "--overwrite", "-q")
         assert (code, one_line(err)) == (
             2,
