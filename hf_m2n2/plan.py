@@ -489,7 +489,7 @@ class _Planner:
         for setting in places:
             value = evaluate_setting(setting, tensor, t)
             if value is not None:
-                return _coerce(p, value, src.path if src else "parameters")
+                return _coerce(p, value, src.path if src else "")
         if p.required:
             where = f"{src.path}.parameters.{p.name}" if src else f"parameters.{p.name}"
             raise SpecError(where, f"required by {self.method.name}, but no filter matches tensor {tensor!r}")
@@ -505,12 +505,16 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
                 return value.lower() == "true"
             return bool(value)
         if p.kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)  # 2.5 is not truncated to 2 (mergekit refuses it too)
             return int(value)
         if p.kind == "float":
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise SpecError(f"{where}.parameters.{p.name}", f"expected a {p.kind}, got {value!r}") from None
+        path = f"{where}.parameters.{p.name}" if where else f"parameters.{p.name}"
+        expected = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(p.kind, "a string")
+        raise SpecError(path, f"expected {expected}, got {value!r}") from None
 
 
 def _tensor_seed(random_seed: int, name: str) -> int:

@@ -270,5 +270,5 @@ def test_validate_reports_without_writing(seeds, write_spec, cli, tmp_path):
     spec = _ties(seeds)
     spec["models"][0]["parameters"]["density"] = "dense"
     code, _, stderr = cli("validate", write_spec(spec))
-    assert code == 2 and "models[0].parameters.density: expected a float, got 'dense'" in stderr
+    assert code == 2 and "models[0].parameters.density: expected a number, got 'dense'" in stderr
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == json.dumps(["spec.yaml"])

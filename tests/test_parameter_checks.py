@@ -57,6 +57,20 @@ def test_value_from_a_gradient_is_checked_per_tensor_when_planned(seeds, write_s
     )
 
 
+def test_a_fractional_integer_parameter_is_refused_not_truncated(seeds, write_spec, cli, tmp_path):
+    spec = write_spec(
+        {
+            "merge_method": "karcher",
+            "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}],
+            "parameters": {"max_iter": 2.5},
+        }
+    )
+    message = "error: parameters.max_iter: expected an integer, got 2.5\n"
+    assert _errors(cli, "validate", spec) == message
+    assert _errors(cli, "merge", spec, tmp_path / "out") == message
+    assert not (tmp_path / "out").exists()
+
+
 def test_misspelled_parameter_is_an_error_with_the_nearest_name(seeds, write_spec, cli, tmp_path):
     spec = {
         "merge_method": "ties",
