@@ -26,7 +26,7 @@ from hf_m2n2.errors import CheckpointError, SpecError
 from hf_m2n2.methods import MergeMethod, Param, all_methods, get_method
 from hf_m2n2.recipe import MethodRecipe, SourceTensor, TensorTask
 from hf_m2n2.seeds import Seed
-from hf_m2n2.spec import MergeSpec, evaluate_setting, model_ref_string
+from hf_m2n2.spec import MergeSpec, evaluate_setting, model_ref_string, parameter_places
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def check_parameters(spec: MergeSpec, *, lenient: bool = False) -> None:
     method = get_method(spec.merge_method)
     known = [p.name for p in method.params]
     anywhere = sorted({p.name for m in all_methods() for p in m.params})
-    for place, params in _all_parameter_places(spec):
+    for place, params in parameter_places(spec):
         for name in params or {}:
             if name in known:
                 continue
@@ -241,17 +241,9 @@ def check_parameters(spec: MergeSpec, *, lenient: bool = False) -> None:
                 found = next(((path, params[p.name]) for path, params in places if p.name in params), None)
                 if found is not None and not isinstance(found[1], (int, float, str, bool)):
                     break  # a gradient or filters: checked per tensor when planned
-                values[p.name] = p.default if found is None else _coerce_at(p, *found)
+                values[p.name] = p.default if found is None else _coerce(p, found[1], found[0])
             else:
                 _raise_problem(method, values, layers, src_path)
-
-
-def _coerce_at(p: Param, path: str, value: Any) -> Any:
-    """`value` coerced for `p`, found in the parameters mapping at `path` (a SpecError names `path.<name>`)."""
-    try:
-        return _coerce(p, value, "")
-    except SpecError as exc:
-        raise SpecError(f"{path}.{p.name}", exc.message) from None
 
 
 def _suggestion(name: str, known: list[str]) -> str:
@@ -266,14 +258,22 @@ def _suggestion(name: str, known: list[str]) -> str:
 _Layers = list[tuple[str, dict[str, Any]]]
 
 
+def _layers(spec: MergeSpec, *places: tuple[str, dict[str, Any] | None]) -> _Layers:
+    """Where a parameter's value is looked up, most specific first: the given (path, mapping) places (a source's,
+    its slice's), then the global `parameters`; the first that names the parameter wins."""
+    return [
+        *((f"{path}.parameters", params or {}) for path, params in places),
+        ("parameters", spec.parameters or {}),
+    ]
+
+
 def _static_inputs(spec: MergeSpec, method: MergeMethod):
     """(source path, parameter layers) of every input model the method merges (the base excluded when used)."""
-    top = ("parameters", spec.parameters or {})
     if spec.models is not None:
         for i, m in enumerate(spec.models):
             if method.uses_base != "never" and model_ref_string(m.model) == spec.base_ref():
                 continue
-            yield f"models[{i}]", [(f"models[{i}].parameters", m.parameters or {}), top]
+            yield f"models[{i}]", _layers(spec, (f"models[{i}]", m.parameters))
         return
     for i, sl in enumerate(spec.slices or []):
         base = model_ref_string(sl.base_model) if sl.base_model is not None else spec.base_ref()
@@ -281,14 +281,7 @@ def _static_inputs(spec: MergeSpec, method: MergeMethod):
             if method.uses_base != "never" and model_ref_string(src.model) == base:
                 continue
             path = f"slices[{i}].sources[{j}]"
-            yield (
-                path,
-                [
-                    (f"{path}.parameters", src.parameters or {}),
-                    (f"slices[{i}].parameters", sl.parameters or {}),
-                    top,
-                ],
-            )
+            yield path, _layers(spec, (path, src.parameters), (f"slices[{i}]", sl.parameters))
 
 
 def _raise_problem(method: MergeMethod, values: dict[str, Any], layers: _Layers, src_path: str) -> None:
@@ -322,16 +315,6 @@ def _check_declared(spec: MergeSpec, method: MergeMethod, slices: list[_Slice], 
                 given = p.name in (src.params or {}) or p.name in (sl.params or {}) or p.name in global_given
                 if p.required and not given:
                     raise SpecError(f"{src.path}.parameters.{p.name}", f"required by {method.name}")
-
-
-def _all_parameter_places(spec: MergeSpec):
-    yield "parameters", spec.parameters
-    for i, m in enumerate(spec.models or []):
-        yield f"models[{i}].parameters", m.parameters
-    for i, sl in enumerate(spec.slices or []):
-        yield f"slices[{i}].parameters", sl.parameters
-        for j, src in enumerate(sl.sources):
-            yield f"slices[{i}].sources[{j}].parameters", src.parameters
 
 
 def _non_layer_names(seeds: list[Seed], seed_ids: list[int]) -> list[str]:
@@ -448,13 +431,8 @@ class _Planner:
             for src, st in inputs
         )
         if self.method.check is not None:  # values from gradients and filters, as this tensor resolves them
-            top = ("parameters", self.spec.parameters or {})
             for (src, _), values in zip(inputs, model_params):
-                layers = [
-                    (f"{src.path}.parameters", src.params or {}),
-                    (f"{sl.path}.parameters", sl.params or {}),
-                    top,
-                ]
+                layers = _layers(self.spec, (src.path, src.params), (sl.path, sl.params))
                 _raise_problem(self.method, {**params, **values}, layers, src.path)
         return TensorTask(
             name=out_name,
@@ -479,24 +457,20 @@ class _Planner:
         raise CheckpointError(f"tensor {name!r} is missing in seed {seed.name}")
 
     def _param(self, p: Param, src: _Source | None, sl: _Slice, tensor: str, t: float) -> Any:
-        places = []
-        if src is not None and src.params and p.name in src.params:
-            places.append(src.params[p.name])
-        if sl.params and p.name in sl.params:
-            places.append(sl.params[p.name])
-        if self.spec.parameters and p.name in self.spec.parameters:
-            places.append(self.spec.parameters[p.name])
-        for setting in places:
-            value = evaluate_setting(setting, tensor, t)
-            if value is not None:
-                return _coerce(p, value, src.path if src else "")
+        places = [(src.path, src.params)] if src is not None else []
+        for path, params in _layers(self.spec, *places, (sl.path, sl.params)):
+            if p.name in params:
+                value = evaluate_setting(params[p.name], tensor, t)
+                if value is not None:
+                    return _coerce(p, value, path)
         if p.required:
             where = f"{src.path}.parameters.{p.name}" if src else f"parameters.{p.name}"
             raise SpecError(where, f"required by {self.method.name}, but no filter matches tensor {tensor!r}")
         return p.default
 
 
-def _coerce(p: Param, value: Any, where: str) -> Any:
+def _coerce(p: Param, value: Any, path: str) -> Any:
+    """`value` coerced for `p`, found in the parameters mapping at `path` (a SpecError names `path.<name>`)."""
     try:
         if p.kind == "bool":
             if isinstance(value, str):
@@ -512,9 +486,8 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        path = f"{where}.parameters.{p.name}" if where else f"parameters.{p.name}"
         expected = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(p.kind, "a string")
-        raise SpecError(path, f"expected {expected}, got {value!r}") from None
+        raise SpecError(f"{path}.{p.name}", f"expected {expected}, got {value!r}") from None
 
 
 def _tensor_seed(random_seed: int, name: str) -> int:

@@ -392,8 +392,8 @@ def spec_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _check_parameter_values(spec: MergeSpec) -> None:
-    """Check each parameter is a scalar, a gradient list, or a list of {filter, value}."""
+def parameter_places(spec: MergeSpec) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every `parameters` mapping of a spec with its YAML path: global, per model, per slice, per slice source."""
     places: list[tuple[str, dict[str, Any] | None]] = [("parameters", spec.parameters)]
     for i, m in enumerate(spec.models or []):
         places.append((f"models[{i}].parameters", m.parameters))
@@ -401,7 +401,12 @@ def _check_parameter_values(spec: MergeSpec) -> None:
         places.append((f"slices[{i}].parameters", s.parameters))
         for j, src in enumerate(s.sources):
             places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
-    for prefix, params in places:
+    return places
+
+
+def _check_parameter_values(spec: MergeSpec) -> None:
+    """Check each parameter is a scalar, a gradient list, or a list of {filter, value}."""
+    for prefix, params in parameter_places(spec):
         for name, value in (params or {}).items():
             check_setting(f"{prefix}.{name}", value)
 
