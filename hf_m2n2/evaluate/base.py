@@ -105,6 +105,18 @@ class EvaluationContext:
     trust_remote_code: bool = False
     reference_name: str | None = None
 
+    @classmethod
+    def of_seed(cls, model: Any, seed: Any, spec_dir: Path | None, device: str, trust_remote_code: bool):
+        """The context of a live model built from `seed` (its directory and name are the reference's)."""
+        return cls(
+            model,
+            seed.model.path,
+            spec_dir,
+            device,
+            trust_remote_code=trust_remote_code,
+            reference_name=seed.name,
+        )
+
     def tokenizer(self) -> Any:
         """The reference seed's tokenizer (transformers' AutoTokenizer, local files only; its custom code runs
         only with the spec's `trust_remote_code`)."""

@@ -131,13 +131,8 @@ class BlendKind(GenomeKind):
         )
         gram = seed_gram(layout, tensors, run_dir / "gram.npz")
         ops = BlendOps(layout, gram, len(seeds), genome.slerp_scope)
-        context = EvaluationContext(
-            live.model,
-            seeds[fixed].model.path,
-            spec_dir,
-            genome.device,
-            trust_remote_code=spec.trust_remote_code,
-            reference_name=seeds[fixed].name,
+        context = EvaluationContext.of_seed(
+            live.model, seeds[fixed], spec_dir, genome.device, spec.trust_remote_code
         )
         return GenomeRun(
             ops,

@@ -400,13 +400,8 @@ class MethodKind(GenomeKind):
         )
         ops = MethodOps(template, len(seeds))
         target = MethodTarget(template, seeds, live, genome.device)
-        context = EvaluationContext(
-            live.model,
-            seeds[reference].model.path,
-            spec_dir,
-            genome.device,
-            trust_remote_code=spec.trust_remote_code,
-            reference_name=seeds[reference].name,
+        context = EvaluationContext.of_seed(
+            live.model, seeds[reference], spec_dir, genome.device, spec.trust_remote_code
         )
         return GenomeRun(
             ops,
