@@ -132,9 +132,8 @@ def _replace(tmp: Path, target: Path) -> None:
                 try:
                     os.rename(previous, target)
                 except OSError:
-                    swap.keep = (
-                        True  # it holds the only copy of the previous result: the next write restores it
-                    )
+                    # the swap directory holds the only copy of the previous result: the next write restores it
+                    swap.keep = True
             raise OutputError(f"cannot move the result into {target}: {exc.strerror or exc}") from exc
 
 

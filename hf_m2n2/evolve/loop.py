@@ -81,9 +81,8 @@ class LoopState:
     failure_records: list[dict[str, Any]] = field(default_factory=list)
     history_bytes: int = 0
     lineage_bytes: int = 0
-    history_sha256: str | None = (
-        None  # of the first history_bytes (None: a checkpoint from before it was kept)
-    )
+    # sha256 of the first history_bytes (None: a checkpoint from before it was kept)
+    history_sha256: str | None = None
     lineage_sha256: str | None = None
     elapsed_s: float = 0.0
     sessions: int = 0
