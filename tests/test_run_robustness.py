@@ -43,6 +43,17 @@ def _limit_file_size(limit: int):
     return apply
 
 
+def _held_spec(tmp_path: Path, hold: Path) -> dict:
+    """A dense spec whose evaluation waits while the file `hold` names the evaluating pid (`held_scores`)."""
+    spec = dense_spec(tmp_path)
+    spec["evaluate"] = {
+        "kind": "python",
+        "callable": "test_run_robustness:held_scores",
+        "kwargs": {"hold": str(hold)},
+    }
+    return spec
+
+
 def _held_evolve(args: list[str], run: Path, hold: Path) -> subprocess.Popen:
     """An evolve subprocess that holds `run`'s lock, stopped at its first evaluation until the test lets it go."""
     process = subprocess.Popen(
@@ -270,13 +281,7 @@ def test_writes_killed_in_a_run_directory_are_removed_on_resume(stopped, runs, c
 
 def test_a_second_evolve_into_a_live_run_is_refused(tmp_path, write_spec, cli):
     hold = tmp_path / "hold"
-    spec = dense_spec(tmp_path)
-    spec["evaluate"] = {
-        "kind": "python",
-        "callable": "test_run_robustness:held_scores",
-        "kwargs": {"hold": str(hold)},
-    }
-    spec_path = write_spec(spec)
+    spec_path = write_spec(_held_spec(tmp_path, hold))
     run = tmp_path / "run"
     process = _held_evolve(["evolve", str(spec_path), "--out", str(run)], run, hold)
     try:
@@ -509,13 +514,7 @@ def test_a_merge_is_refused_while_another_swaps_its_result_in(seeds, tmp_path, w
 def _finished_runs(tmp_path: Path, write_spec, cli) -> tuple[Path, Path, Path]:
     """A directory of one finished run whose evaluation waits while the file `hold` names the evaluating pid."""
     hold = tmp_path / "hold"
-    spec = dense_spec(tmp_path)
-    spec["evaluate"] = {
-        "kind": "python",
-        "callable": "test_run_robustness:held_scores",
-        "kwargs": {"hold": str(hold)},
-    }
-    spec_path = write_spec(spec)
+    spec_path = write_spec(_held_spec(tmp_path, hold))
     out = tmp_path / "runs"
     code, _, err = cli("evolve", spec_path, "--out", out, "--runs", "1", "-q")
     assert code == 0, err
