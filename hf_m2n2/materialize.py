@@ -185,7 +185,7 @@ def compute_item(
 def _align(task: TensorTask, tensors: list[torch.Tensor], vocab: VocabPlan) -> list[torch.Tensor]:
     """Re-order token rows to the output vocabulary and fill the rows a seed lacks (see `hf_m2n2.vocab`)."""
     base = task.base.seed if task.base is not None else vocab.base
-    return align_embeddings([s.seed for s in task.sources], tensors, vocab, base, task.name)
+    return align_embeddings([s.seed for s in task.sources], tensors, vocab, base)
 
 
 @dataclass(frozen=True)

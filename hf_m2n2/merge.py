@@ -26,7 +26,7 @@ from hf_m2n2.outdir import (
 from hf_m2n2.plan import check_parameters, plan_merge
 from hf_m2n2.push import PushResult, PushTarget
 from hf_m2n2.recipe import MethodRecipe
-from hf_m2n2.seeds import Seed, open_seeds
+from hf_m2n2.seeds import Seed, close_seeds, open_seeds
 from hf_m2n2.spec import MergeSpec, load_spec, model_ref_string, parse_spec, parse_yaml, read_spec_text
 from hf_m2n2.vocab import VocabPlan, check_token_sources, load_tokenizer, plan_vocab
 from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
@@ -126,18 +126,7 @@ def _merge_seeds(
     target: PushTarget | None,
 ) -> MergeResult:
     seed_index = {ref: i for i, ref in enumerate(refs)}
-    vocab = _plan_vocab(spec, seeds, seed_index, options)
-    recipe = plan_merge(
-        spec,
-        seeds,
-        seed_index,
-        random_seed=options.random_seed,
-        allow_crimes=options.allow_crimes,
-        align_rows=vocab is not None,
-        lenient_parameters=options.lenient_parameters,
-    )
-    if vocab is not None:
-        check_token_sources(vocab, recipe.tasks)
+    vocab, recipe = _plan(spec, seeds, seed_index, options)
     planned = [
         PlannedTensor(t.name, (vocab.rows, *t.shape[1:]) if t.align_rows and vocab else t.shape, t.out_dtype)
         for t in recipe.tasks
@@ -159,6 +148,25 @@ def _merge_seeds(
         )  # the snippet loads what exists: the repo or OUT
         _write_card(tmp, out_dir.name, spec, seeds, seed_index, recipe, notes, chat_template, model_id)
     return MergeResult(out_dir, [s.model for s in seeds], len(planned), sum(p.nbytes for p in planned), notes)
+
+
+def _plan(
+    spec: MergeSpec, seeds: list[Seed], seed_index: dict[str, int], options: MergeOptions
+) -> tuple[VocabPlan | None, MethodRecipe]:
+    """The output vocabulary and the recipe, every check done (`validate` and `merge` plan alike, writing nothing)."""
+    vocab = _plan_vocab(spec, seeds, seed_index, options)
+    recipe = plan_merge(
+        spec,
+        seeds,
+        seed_index,
+        random_seed=options.random_seed,
+        allow_crimes=options.allow_crimes,
+        align_rows=vocab is not None,
+        lenient_parameters=options.lenient_parameters,
+    )
+    if vocab is not None:
+        check_token_sources(vocab, recipe.tasks)
+    return vocab, recipe
 
 
 def _plan_vocab(
@@ -365,11 +373,9 @@ def validate(
         refs = spec.referenced_models()
         base_dir = Path(config_path).resolve().parent
         seeds = open_seeds(refs, base_dir=base_dir, trust_remote_code=trust_remote_code)
-        seed_index = {ref: i for i, ref in enumerate(refs)}
-        vocab = _plan_vocab(spec, seeds, seed_index, MergeOptions(trust_remote_code=trust_remote_code))
-        recipe = plan_merge(
-            spec, seeds, seed_index, align_rows=vocab is not None, lenient_parameters=lenient_parameters
-        )
-        if vocab is not None:
-            check_token_sources(vocab, recipe.tasks)
+        options = MergeOptions(trust_remote_code=trust_remote_code, lenient_parameters=lenient_parameters)
+        try:
+            _plan(spec, seeds, {ref: i for i, ref in enumerate(refs)}, options)
+        finally:
+            close_seeds(seeds)
     return spec

@@ -267,7 +267,6 @@ def align_embeddings(
     tensors: Sequence[torch.Tensor],
     vocab: VocabPlan,
     base: int | None,
-    name: str = "",
 ) -> list[torch.Tensor]:
     """Each seed's token-indexed tensor re-ordered to the output vocabulary, the rows it lacks filled as mergekit
     0.1.5 fills them (see the module docstring), padding rows set to its mean embedding.
@@ -277,10 +276,6 @@ def align_embeddings(
     Args:
         seed_ids: the seed of each tensor (the sources of one output tensor).
         base: the base seed of this tensor, if any (its row is the default where it has the token).
-        name: the tensor's name, for messages.
-
-    Raises:
-        CheckpointError: a `tokenizer.tokens` entry takes its row from a model this tensor is not merged from.
     """
     n, total = vocab.tokens, vocab.rows
     aligned, has = [], []
@@ -295,7 +290,7 @@ def align_embeddings(
         forced[out_row] = cfg.force
     need = (~torch.stack(has).all(0) | forced).nonzero().squeeze(1)
     if need.numel():
-        default = _default_rows(need, list(seed_ids), tensors, aligned, has, vocab, base, name)
+        default = _default_rows(need, list(seed_ids), tensors, aligned, has, vocab, base)
         for rows, present in zip(aligned, has):
             fill = ~present[need] | forced[need]
             rows[need[fill]] = default[fill]
@@ -313,7 +308,6 @@ def _default_rows(
     has: list[torch.Tensor],
     vocab: VocabPlan,
     base: int | None,
-    name: str,
 ) -> torch.Tensor:
     """The default row of each output token in `need`: its configured source, else the one seed's that has it,
     else the base's, else the mean of the seeds that have it (zeros when none has it)."""
@@ -340,10 +334,6 @@ def _default_rows(
             default[i] = 0
         if cfg.seed is None:
             continue
-        if cfg.seed not in seed_ids:  # refused by check_token_sources when the merge was planned
-            raise CheckpointError(
-                f"tokenizer.tokens.{cfg.token}: its row comes from a model that is not merged into {name!r}"
-            )
-        at = seed_ids.index(cfg.seed)
+        at = seed_ids.index(cfg.seed)  # one of them: check_token_sources refused the plan otherwise
         default[i] = aligned[at][out_row] if cfg.row is None else tensors[at][cfg.row]
     return default
