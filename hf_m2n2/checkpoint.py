@@ -59,6 +59,7 @@ class Checkpoint:
     Args:
         path: a directory holding `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
             any `*.safetensors`, or (only if there are none) `pytorch_model*.bin`.
+        files: the weight files to read instead (a diffusers component's files of one variant).
 
     Raises:
         CheckpointError: no weights found, a corrupted header, or an unsafe `.bin`.
@@ -68,12 +69,12 @@ class Checkpoint:
         >>> ckpt.info("model.norm.weight").shape
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], files: list[Path] | None = None):
         self.path = Path(path)
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         self._lock = threading.Lock()
-        files = _weight_files(self.path)
+        files = _weight_files(self.path) if files is None else files
         if not files:
             raise CheckpointError(f"{self.path}: no *.safetensors or pytorch_model*.bin weights found")
         for file in files:

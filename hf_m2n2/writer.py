@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hf_m2n2.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, tensor_nbytes
+from hf_m2n2.checkpoint import SAFETENSORS_DTYPES, tensor_nbytes
 from hf_m2n2.errors import OutputError, StorageError
 
 _ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -193,6 +193,8 @@ class ShardedSafetensorsWriter:
         planned: every tensor to be written, in output order.
         max_shard_bytes: a new shard starts when adding a tensor would exceed this (a tensor larger than the
             limit gets a shard of its own).
+        stem: the file names' stem: `model` (transformers) or `diffusion_pytorch_model` (diffusers), giving
+            `STEM.safetensors`, or `STEM-00001-of-0000N.safetensors` shards with `STEM.safetensors.index.json`.
     """
 
     def __init__(
@@ -201,8 +203,10 @@ class ShardedSafetensorsWriter:
         planned: Sequence[PlannedTensor],
         max_shard_bytes: int,
         flush_bytes: int = 256 << 20,
+        stem: str = "model",
     ):
         self.directory = Path(directory)
+        self.index_name = f"{stem}.safetensors.index.json"
         self.flush_bytes = flush_bytes
         self._lock = threading.Lock()
         # Page-cache writes are flushed to disk in the background while later tensors compute, not all at the end.
@@ -210,9 +214,9 @@ class ShardedSafetensorsWriter:
         groups = _group_shards(planned, max_shard_bytes)
         self.total_size = sum(t.nbytes for t in planned)
         if len(groups) == 1:
-            names = ["model.safetensors"]
+            names = [f"{stem}.safetensors"]
         else:
-            names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+            names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         self._slots: dict[str, _Slot] = {}
         self._files: dict[Path, _BufferedFile | _DirectFile] = {}
         self.weight_map: dict[str, str] = {}
@@ -275,7 +279,7 @@ class ShardedSafetensorsWriter:
             self._files.clear()
             if len({s.file for s in self._slots.values()}) > 1:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-                (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+                (self.directory / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
         except OSError as exc:
             raise _write_error(exc, f"finishing {self.directory.name}") from exc
 
