@@ -48,6 +48,10 @@ class Architecture:
     def is_pre(self, tensor_name: str) -> bool:
         return tensor_name in self.pre_names
 
+    def aliases(self, tensor_name: str) -> tuple[str, ...]:
+        """Names a filter may give for this tensor besides substrings of its name (a UNet's block: `IN04`)."""
+        return ()
+
 
 _DECODER = dict(
     layer_pattern=r"^model\.layers\.(\d+)\.",

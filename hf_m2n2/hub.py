@@ -111,6 +111,7 @@ def resolve_model(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     allow_bin: bool = True,
+    variant: str | None = None,
 ) -> ResolvedModel:
     """Resolve a model reference to a local directory.
 
@@ -158,8 +159,8 @@ def resolve_model(
 
 def _resolve(ref, base_dir, token, cache_dir, patterns, what) -> ResolvedModel:
     for candidate in _local_candidates(ref, base_dir):
-        if candidate.is_dir():
-            return ResolvedModel(ref=ref, path=candidate)
+        if candidate.is_dir() or (candidate.is_file() and candidate.suffix == ".safetensors"):
+            return ResolvedModel(ref=ref, path=candidate)  # a single-file pipeline checkpoint is a file
     repo_id, revision = split_reference(ref)
     if _looks_like_path(repo_id):
         raise ModelResolutionError(f"{what} {ref!r} does not exist")

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from hf_m2n2.card import CardModel, merge_card_info, write_card
-from hf_m2n2.errors import SpecError
+from hf_m2n2.errors import CheckpointError, SpecError
 from hf_m2n2.hub import ResolvedModel
 from hf_m2n2.materialize import CHUNK_ELEMENTS, WorkItem, compute_item, materialize, work_items
 from hf_m2n2.methods import get_method
+from hf_m2n2.models import ModelKind, model_kind
 from hf_m2n2.outdir import (
     atomic_output_dir,
     check_output_dir,
@@ -105,9 +106,10 @@ def merge(
     check_output_dir(out_dir, options.overwrite)
     target = PushTarget.resolve(spec.output, options.push_to_hub, options.private)
     refs = spec.referenced_models()
-    seeds = open_seeds(refs, base_dir=spec_dir, trust_remote_code=options.trust_remote_code)
+    seeds = _open_seeds(spec, refs, spec_dir, options.trust_remote_code)
     try:
-        result = _merge_seeds(spec, seeds, refs, out_dir, options, spec_text, target)
+        kind = seeds_kind(spec, seeds)
+        result = kind.merge(spec, seeds, refs, out_dir, options, spec_text, target)
     finally:
         for seed in seeds:
             seed.checkpoint.close()
@@ -116,7 +118,41 @@ def merge(
     return result
 
 
-def _merge_seeds(
+def _open_seeds(
+    spec: MergeSpec, refs: list[str], spec_dir: Path | None, trust_remote_code: bool
+) -> list[Seed]:
+    single_file_config = (
+        None if spec.single_file_config is None else model_ref_string(spec.single_file_config)
+    )
+    return open_seeds(
+        refs,
+        base_dir=spec_dir,
+        trust_remote_code=trust_remote_code,
+        variant=spec.variant,
+        single_file_config=single_file_config,
+    )
+
+
+def seeds_kind(spec: MergeSpec, seeds: list[Seed]) -> ModelKind:
+    """The one model kind of the seeds (which plans and writes the merge).
+
+    Raises:
+        CheckpointError: seeds of different kinds (a causal LM and a pipeline).
+        SpecError: a pipeline-only key (`components`, `variant`, `single_file_config`) for causal LMs.
+    """
+    kinds = {s.kind for s in seeds}
+    if len(kinds) > 1:
+        detail = ", ".join(f"{s.name}: {s.kind}" for s in seeds)
+        raise CheckpointError(f"seeds of different kinds cannot be merged ({detail})")
+    kind = model_kind(kinds.pop())
+    if kind.name == "causal_lm":
+        for key in ("components", "variant", "single_file_config"):
+            if getattr(spec, key) is not None:
+                raise SpecError(key, "only for text-to-image pipeline seeds (model_index.json)")
+    return kind
+
+
+def merge_causal_lm(
     spec: MergeSpec,
     seeds: list[Seed],
     refs: list[str],
@@ -372,10 +408,10 @@ def validate(
     else:
         refs = spec.referenced_models()
         base_dir = Path(config_path).resolve().parent
-        seeds = open_seeds(refs, base_dir=base_dir, trust_remote_code=trust_remote_code)
+        seeds = _open_seeds(spec, refs, base_dir, trust_remote_code)
         options = MergeOptions(trust_remote_code=trust_remote_code, lenient_parameters=lenient_parameters)
         try:
-            _plan(spec, seeds, {ref: i for i, ref in enumerate(refs)}, options)
+            seeds_kind(spec, seeds).plan(spec, seeds, refs, options)
         finally:
             close_seeds(seeds)
     return spec

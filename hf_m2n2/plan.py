@@ -458,9 +458,10 @@ class _Planner:
 
     def _param(self, p: Param, src: _Source | None, sl: _Slice, tensor: str, t: float) -> Any:
         places = [(src.path, src.params)] if src is not None else []
+        aliases = self.seeds[sl.sources[0].seed].arch.aliases(tensor)
         for path, params in _layers(self.spec, *places, (sl.path, sl.params)):
             if p.name in params:
-                value = evaluate_setting(params[p.name], tensor, t)
+                value = evaluate_setting(params[p.name], tensor, t, aliases)
                 if value is not None:
                     return _coerce(p, value, path)
         if p.required:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -196,6 +197,25 @@ class OutputConfig(StrictModel):
     revision: str | None = None
 
 
+class ComponentFrom(StrictModel):
+    """`{from: MODEL}`: a pipeline component taken whole from one seed (a donor) instead of merged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+
+    from_: ModelRef = Field(alias="from")
+
+    _ref = field_validator("from_", mode="before")(_coerce_ref)
+
+
+def _coerce_component(value: Any) -> Any:
+    if value == "merge" or isinstance(value, (dict, ComponentFrom)):
+        return value
+    raise ValueError("expected `merge` or {from: MODEL}")
+
+
+ComponentChoice = Annotated[Literal["merge"] | ComponentFrom, BeforeValidator(_coerce_component)]
+
+
 class MergeSpec(StrictModel):
     """A merge recipe, in mergekit's YAML schema.
 
@@ -218,9 +238,14 @@ class MergeSpec(StrictModel):
     tokenizer_source: str | ModelRefDict | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
+    components: dict[str, ComponentChoice] | None = None  # pipelines: per component, merged or from a donor
+    variant: str | None = None  # pipelines: read `*.VARIANT.safetensors` weights (fp16), nothing else
+    single_file_config: ModelRef | None = (
+        None  # pipelines: the diffusers folder single-file seeds take configs from
+    )
     output: OutputConfig | None = None
 
-    _ref = field_validator("base_model", "tokenizer_source", mode="before")(
+    _ref = field_validator("base_model", "tokenizer_source", "single_file_config", mode="before")(
         lambda v: None if v is None else _coerce_ref(v)
     )
 
@@ -302,7 +327,7 @@ def _field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[s
     seen.add(model)
     names: set[str] = set()
     for name, field in model.model_fields.items():
-        names.add(name)
+        names.add(field.alias or name)
         stack = [field.annotation]
         while stack:
             annotation = stack.pop()
@@ -431,12 +456,12 @@ def check_setting(path: str, value: Any) -> None:
     raise SpecError(path, "expected a number, a gradient list or a list of {filter, value}")
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+def evaluate_setting(setting: Any, tensor_name: str, t: float, aliases: tuple[str, ...] = ()) -> Any:
     """The value of a parameter setting for one tensor at gradient position t in [0, 1] (None: no filter matched).
 
     Gradients interpolate linearly between their anchor points spread evenly over [0, 1]; non-numeric lists pick
     the anchor at or below t; filter lists take the first entry whose filter is a substring of the tensor name
-    (a missing filter or `*` matches everything).
+    or equals one of its `aliases` (a UNet block name) (a missing filter or `*` matches everything).
     """
     if _is_scalar(setting):
         return setting
@@ -450,6 +475,6 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         return setting[int(t * (len(setting) - 1))]
     for cond in setting:
         flt = cond.get("filter")
-        if flt is None or flt == "*" or flt in tensor_name:
-            return evaluate_setting(cond["value"], tensor_name, t)
+        if flt is None or flt == "*" or flt in tensor_name or flt in aliases:
+            return evaluate_setting(cond["value"], tensor_name, t, aliases)
     return None

@@ -106,3 +106,25 @@ def cached_repo(seeds, hf_home) -> dict[str, str]:
     main_sha, old_sha = "a" * 40, "b" * 40
     populate_hf_cache(hf_home, repo_id, {main_sha: seeds["a"], old_sha: seeds["b"]}, {"main": main_sha})
     return {"repo_id": repo_id, "main": main_sha, "old": old_sha}
+
+
+@pytest.fixture(scope="session")
+def pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny diffusers pipelines (hf_m2n2.demo.tiny_pipelines): per family a base and two UNet fine-tunes of it
+    (`sd1`, `sd1-a`, `sd1-b`, `sdxl`, `sdxl-a`, `sdxl-b`, `sd2`); `sd1-a` also has an fp16 variant of its weights,
+    `sd1-te` a fine-tuned text encoder too."""
+    from hf_m2n2.demo.tiny_pipelines import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    out = {}
+    for family in ("sd1", "sdxl"):
+        out[family] = build_tiny_pipeline(root / family, family, seed=0)
+        out[f"{family}-a"] = build_tiny_pipeline(
+            root / f"{family}-a", family, seed=1, base_seed=0, variants=("fp16",) if family == "sd1" else ()
+        )
+        out[f"{family}-b"] = build_tiny_pipeline(root / f"{family}-b", family, seed=2, base_seed=0)
+    out["sd1-te"] = build_tiny_pipeline(
+        root / "sd1-te", "sd1", seed=3, base_seed=0, components=("unet", "text_encoder")
+    )
+    out["sd2"] = build_tiny_pipeline(root / "sd2", "sd2", seed=0)
+    return out

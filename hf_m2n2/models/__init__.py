@@ -1,6 +1,7 @@
 """Model kinds, one registry: what a seed is and what a live target is (see `hf_m2n2.models.base`).
 
-Registered here, one line each: `causal_lm` (a Hugging Face causal LM directory, one resident model).
+Registered here, one line each: `pipeline` (a diffusers text-to-image pipeline folder or single file) and
+`causal_lm` (a Hugging Face causal LM directory, one resident model).
 """
 
 from hf_m2n2.models.base import (
@@ -12,13 +13,16 @@ from hf_m2n2.models.base import (
     register_model_kind,
 )
 from hf_m2n2.models.causal_lm import CausalLMKind
+from hf_m2n2.models.pipeline import PipelineKind
 
+register_model_kind(PipelineKind())  # before causal_lm, which takes any directory that is not a pipeline
 register_model_kind(CausalLMKind())
 
 __all__ = [
     "CausalLMKind",
     "LiveTarget",
     "ModelKind",
+    "PipelineKind",
     "kind_of_directory",
     "model_kind",
     "model_kinds",

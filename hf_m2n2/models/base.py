@@ -107,6 +107,23 @@ class ModelKind:
         """Write what makes `out_dir`'s weights loadable (configs, tokenizer), taken from `reference`."""
         raise NotImplementedError
 
+    def plan(self, spec: Any, seeds: Sequence[Any], refs: Sequence[str], options: Any) -> Any:
+        """Every check of a static merge of `seeds` (`hf-m2n2 validate`), reading no tensor and writing nothing."""
+        raise NotImplementedError
+
+    def merge(
+        self,
+        spec: Any,
+        seeds: Sequence[Any],
+        refs: Sequence[str],
+        out_dir: Path,
+        options: Any,
+        spec_text,
+        target,
+    ) -> Any:
+        """`hf-m2n2 merge`: plan and write the merged model to `out_dir` atomically; returns a `MergeResult`."""
+        raise NotImplementedError
+
 
 MODEL_KINDS = Registry[ModelKind]("model kind", "kind")
 

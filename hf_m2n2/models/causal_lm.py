@@ -64,3 +64,13 @@ class CausalLMKind(ModelKind):
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_generation_config(reference.model.path, out_dir)
         copy_tokenizer_files(reference.model.path, out_dir)
+
+    def plan(self, spec: Any, seeds: Sequence[Any], refs: Sequence[str], options: Any) -> Any:
+        from hf_m2n2.merge import _plan
+
+        return _plan(spec, list(seeds), {ref: i for i, ref in enumerate(refs)}, options)
+
+    def merge(self, spec, seeds, refs, out_dir, options, spec_text, target):
+        from hf_m2n2.merge import merge_causal_lm
+
+        return merge_causal_lm(spec, list(seeds), list(refs), out_dir, options, spec_text, target)

@@ -1,0 +1,309 @@
+"""`hf-m2n2 merge` for text-to-image pipelines: which components are merged and which come from one seed, the
+plan (the LLM plan over the merged components' `COMPONENT/KEY` tensors) and the output folder.
+
+The output is a diffusers folder `DiffusionPipeline.from_pretrained` loads: model_index.json and the components
+that are not merged (tokenizers, scheduler, VAE, text encoders by default) from the donor seed (the base, else the
+first model, unless `components:` names another), merged components streamed through the sharded writer with the
+reference seed's configs, all in a temporary sibling renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_m2n2.errors import CheckpointError, SpecError
+from hf_m2n2.outdir import set_config_dtype
+from hf_m2n2.pipeline_seeds import WEIGHT_STEMS, PipelineSeed, check_families, listed_components
+from hf_m2n2.recipe import MethodRecipe
+from hf_m2n2.spec import MergeSpec, model_ref_string
+from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
+
+MERGED_BY_DEFAULT = ("unet",)
+
+
+@dataclass
+class PipelinePlan:
+    """Everything decided before a tensor is read.
+
+    Attributes:
+        merged: the merged components, in model_index order.
+        donors: every other component listed in model_index.json -> the seed it is taken from.
+        reference: the seed whose model_index.json and merged components' configs the output takes.
+        seeds: the seeds narrowed to the merged components (what the recipe reads).
+        recipe: the tensor plan.
+    """
+
+    merged: list[str]
+    donors: dict[str, int]
+    reference: int
+    seeds: list[PipelineSeed]
+    recipe: MethodRecipe
+
+
+def _check_spec(spec: MergeSpec) -> None:
+    if spec.slices is not None:
+        raise SpecError("slices", "pipelines are merged with models: (a UNet's blocks cannot be restacked)")
+    for key in ("tokenizer", "tokenizer_source", "chat_template"):
+        if getattr(spec, key) is not None:
+            raise SpecError(
+                key,
+                "not for pipelines: take tokenizers from a seed with components: {tokenizer: {from: MODEL}}",
+            )
+
+
+def plan_components(
+    spec: MergeSpec, seeds: list[PipelineSeed], seed_index: dict[str, int]
+) -> tuple[list[str], dict[str, int], int]:
+    """(merged components, donor seed per other component, reference seed) from `components:` and the defaults.
+
+    Raises:
+        SpecError: an unknown component, a donor that is not one of the spec's models, `merge` on a component
+            without weights, or text encoders of different architectures to merge.
+    """
+    merged_refs = [model_ref_string(m.model) for m in spec.models or []]
+    reference = seed_index[spec.base_ref()] if spec.base_model is not None else seed_index[merged_refs[0]]
+    listed = listed_components(seeds[reference].config)
+    choices: dict[str, Any] = {name: "merge" for name in MERGED_BY_DEFAULT if name in listed}
+    for name, choice in (spec.components or {}).items():
+        if name not in listed:
+            raise SpecError(
+                f"components.{name}",
+                f"not a component of {seeds[reference].name} (its components: {', '.join(listed)})",
+            )
+        choices[name] = choice
+    merged, donors = [], {}
+    for name in listed:
+        choice = choices.get(name)
+        if choice == "merge":
+            if name not in seeds[reference].components:
+                raise SpecError(f"components.{name}", "has no weights to merge: take it {from: MODEL}")
+            merged.append(name)
+        elif choice is None:
+            donors[name] = reference
+        else:
+            ref = model_ref_string(choice.from_)
+            if ref not in seed_index:
+                known = ", ".join(seed_index)
+                raise SpecError(
+                    f"components.{name}.from", f"{ref!r} is not one of the spec's models ({known})"
+                )
+            donors[name] = seed_index[ref]
+    if not merged:
+        raise SpecError("components", "no component is merged")
+    used = [
+        seed_index[r] for r in dict.fromkeys(merged_refs + ([spec.base_ref()] if spec.base_model else []))
+    ]
+    for name in merged:
+        _check_same_component(name, [seeds[i] for i in used])
+    return merged, donors, reference
+
+
+def _check_same_component(name: str, seeds: list[PipelineSeed]) -> None:
+    """A merged component must be the same architecture in every seed (JSDXL's Japanese text encoder is not
+    SDXL's CLIP)."""
+    signatures = {}
+    for seed in seeds:
+        component = seed.components.get(name)
+        if component is None:
+            raise CheckpointError(f"{seed.name} has no {name} weights to merge")
+        config = component.config
+        signatures[seed.name] = (
+            component.class_name,
+            config.get("model_type") or config.get("_class_name"),
+            *(config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")),
+        )
+    if len(set(signatures.values())) > 1:
+        detail = "; ".join(f"{n}: {sig[0]}/{sig[1]}" for n, sig in signatures.items())
+        shapes = len({sig[1:] for sig in signatures.values()}) > 1
+        raise SpecError(
+            f"components.{name}",
+            f"the seeds' {name}s differ ({detail}{', other sizes' if shapes else ''}): take it from one seed "
+            "with {from: MODEL}",
+        )
+
+
+def plan_pipeline_merge(
+    spec: MergeSpec, seeds: list[PipelineSeed], seed_index: dict[str, int], options
+) -> PipelinePlan:
+    """Check the seeds and the spec, decide the components, plan every merged tensor (nothing is written)."""
+    from hf_m2n2.plan import plan_merge
+
+    check_families(seeds)
+    _check_spec(spec)
+    merged, donors, reference = plan_components(spec, seeds, seed_index)
+    narrowed = [replace(s, checkpoint=s.checkpoint.only(merged)) for s in seeds]
+    recipe = plan_merge(
+        spec,
+        narrowed,
+        seed_index,
+        random_seed=options.random_seed,
+        allow_crimes=options.allow_crimes,
+        align_rows=False,
+        lenient_parameters=options.lenient_parameters,
+    )
+    return PipelinePlan(merged, donors, reference, narrowed, recipe)
+
+
+class ComponentSink:
+    """A materialize sink that routes `COMPONENT/KEY` tensors to one sharded writer per merged component."""
+
+    def __init__(self, writers: dict[str, ShardedSafetensorsWriter]):
+        self.writers = writers
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        component, _, key = name.partition("/")
+        self.writers[component].write(key, tensor, row_start)
+
+
+def write_merged_components(out: Path, plan: PipelinePlan, options, shard_size: int) -> list[PlannedTensor]:
+    """Materialize the merged components into `out/COMPONENT/` (weights and configs); returns what was planned."""
+    from hf_m2n2.merge import _run_tasks
+
+    reference = plan.seeds[plan.reference]
+    planned = [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.recipe.tasks]
+    writers = {}
+    try:
+        for name in plan.merged:
+            component = reference.components[name]
+            (out / name).mkdir()
+            mine = [
+                replace(p, name=p.name.split("/", 1)[1]) for p in planned if p.name.startswith(f"{name}/")
+            ]
+            writers[name] = ShardedSafetensorsWriter(out / name, mine, shard_size, stem=component.stem)
+        _run_tasks(plan.recipe, plan.seeds, ComponentSink(writers), None, options)
+        for writer in writers.values():
+            writer.finish()
+    finally:
+        for writer in writers.values():
+            writer.abort()
+    for name in plan.merged:
+        component = reference.components[name]
+        config = dict(component.config)
+        dtypes = {p.dtype for p in planned if p.name.startswith(f"{name}/") and p.dtype.is_floating_point}
+        if component.library == "transformers" and len(dtypes) == 1:
+            set_config_dtype(config, dtypes.pop())
+        (out / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return planned
+
+
+def copy_component(seed: PipelineSeed, name: str, dst: Path, shard_size: int) -> None:
+    """Copy one component whole from a donor seed into `dst/NAME/` (hard-linked where the file system allows),
+    its variant's weights under the plain names; a single-file donor's tensors are streamed out instead."""
+    target = dst / name
+    component = seed.components.get(name)
+    source = (seed.folder or seed.model.path) / name
+    if component is None:  # tokenizer, scheduler, ...: the folder as it is
+        if not source.is_dir():
+            raise CheckpointError(f"{seed.name}: component {name} is missing ({source})")
+        shutil.copytree(source, target, copy_function=_link_or_copy)
+        return
+    target.mkdir()
+    for file in source.iterdir():
+        if file.is_file() and file.suffix not in (".safetensors", ".bin") and ".index" not in file.name:
+            _link_or_copy(file, target / file.name)
+    if seed.single_file is not None:
+        _stream_component(seed, name, target, shard_size)
+        return
+    renames = {f.name: _plain_name(f.name, seed.variant) for f in component.files}
+    for file in component.files:
+        _link_or_copy(file, target / renames[file.name])
+    if len(component.files) > 1:
+        stem = component.stem if component.files[0].name.startswith(component.stem) else "model"
+        infix = f".{seed.variant}" if seed.variant else ""
+        index = json.loads((source / f"{stem}.safetensors.index{infix}.json").read_text())
+        index["weight_map"] = {k: renames[v] for k, v in index["weight_map"].items()}
+        (target / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _plain_name(file_name: str, variant: str | None) -> str:
+    """`model.fp16.safetensors` -> `model.safetensors`; `x.fp16-00001-of-00002.safetensors` -> `x-00001-...`."""
+    return file_name.replace(f".{variant}.", ".").replace(f".{variant}-", "-") if variant else file_name
+
+
+def _stream_component(seed: PipelineSeed, name: str, target: Path, shard_size: int) -> None:
+    part = seed.checkpoint.parts[name]
+    planned = [PlannedTensor(k, part.info(k).shape, part.info(k).dtype) for k in part.names]
+    writer = ShardedSafetensorsWriter(target, planned, shard_size, stem=seed.components[name].stem)
+    try:
+        for p in planned:
+            writer.write(p.name, part.get(p.name))
+        writer.finish()
+    finally:
+        writer.abort()
+
+
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    try:
+        os.link(os.path.realpath(src), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_pipeline(
+    out: Path, plan: PipelinePlan, seeds: list[PipelineSeed], options, shard_size: int
+) -> list[PlannedTensor]:
+    """The whole output folder in `out` (a fresh temporary): merged components, donors, model_index.json."""
+    planned = write_merged_components(out, plan, options, shard_size)
+    for name, donor in plan.donors.items():
+        copy_component(seeds[donor], name, out, shard_size)
+    reference = seeds[plan.reference]
+    shutil.copyfile((reference.folder or reference.model.path) / "model_index.json", out / "model_index.json")
+    return planned
+
+
+def merge_pipelines(spec, seeds, refs, out_dir: Path, options, spec_text, target):
+    """`hf-m2n2 merge` of pipeline seeds into a diffusers folder at `out_dir` (atomic)."""
+    from hf_m2n2.merge import MergeResult
+    from hf_m2n2.outdir import atomic_output_dir
+
+    seed_index = {ref: i for i, ref in enumerate(refs)}
+    plan = plan_pipeline_merge(spec, seeds, seed_index, options)
+    with atomic_output_dir(out_dir, options.overwrite) as tmp:
+        planned = write_pipeline(tmp, plan, seeds, options, options.out_shard_size)
+        recipe_text = spec_text if spec_text is not None and spec.output is None else spec.to_yaml()
+        (tmp / "merge_config.yaml").write_text(recipe_text)
+        model_id = target.repo_id if target else str(out_dir)
+        _write_card(tmp, out_dir.name, spec, seeds, seed_index, plan, model_id)
+    return MergeResult(
+        out_dir, [s.model for s in seeds], len(planned), sum(p.nbytes for p in planned), plan.recipe.notes
+    )
+
+
+def _write_card(
+    tmp: Path, model_name: str, spec, seeds, seed_index, plan: PipelinePlan, model_id: str
+) -> None:
+    from hf_m2n2.card import CardModel, merge_card_info, write_card
+    from hf_m2n2.methods import get_method
+
+    base = spec.base_ref()
+    models = [CardModel(seeds[i].model, "base" if ref == base else "merged") for ref, i in seed_index.items()]
+    info = merge_card_info(
+        model_name=model_name,
+        method=plan.recipe.method,
+        paper=get_method(plan.recipe.method).paper,
+        models=models,
+        config_yaml=(tmp / "merge_config.yaml").read_text(),
+        notes=plan.recipe.notes,
+        model_id=model_id,
+    )
+    write_card(tmp, info)
+
+
+__all__ = [
+    "WEIGHT_STEMS",
+    "ComponentSink",
+    "PipelinePlan",
+    "check_families",
+    "copy_component",
+    "merge_pipelines",
+    "plan_components",
+    "plan_pipeline_merge",
+    "write_pipeline",
+]

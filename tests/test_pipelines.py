@@ -1,0 +1,260 @@
+"""Text-to-image pipelines as seeds of `hf-m2n2 merge`: merged values equal their formulas per component, donor
+components are copied whole, block names work as filters and gradient positions, the output loads and generates
+with diffusers, and every bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("diffusers")
+
+
+def _unet(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _merge(cli, write_spec, spec: dict, out: Path) -> tuple[int, str]:
+    code, _, err = cli("merge", write_spec(spec), out, "-q")
+    return code, err
+
+
+def _linear_spec(a: Path, b: Path, wa: float = 0.3, wb: float = 0.7, **extra) -> dict:
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": wa}},
+            {"model": str(b), "parameters": {"weight": wb}},
+        ],
+        "dtype": "float32",
+        **extra,
+    }
+
+
+def test_linear_unet_merge_equals_formula_and_donors_are_copied(cli, write_spec, pipelines, tmp_path):
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    out = tmp_path / "out"
+    spec = _linear_spec(a, b, components={"text_encoder": {"from": str(b)}})
+    code, err = _merge(cli, write_spec, spec, out)
+    assert code == 0, err
+    merged, ua, ub = _unet(out), _unet(a), _unet(b)
+    assert set(merged) == set(ua)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, 0.3 * ua[name] + 0.7 * ub[name], rtol=0, atol=1e-6)
+    # the text encoder comes whole from b, the VAE and the rest from the first model
+    te = "text_encoder/model.safetensors"
+    assert (out / te).read_bytes() == (b / te).read_bytes()
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (out / vae).read_bytes() == (a / vae).read_bytes()
+    assert json.loads((out / "model_index.json").read_text()) == json.loads(
+        (a / "model_index.json").read_text()
+    )
+    assert json.loads((out / "unet/config.json").read_text()) == json.loads(
+        (a / "unet/config.json").read_text()
+    )
+
+
+def test_merged_sdxl_pipeline_loads_and_generates(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    a, b = pipelines["sdxl-a"], pipelines["sdxl-b"]
+    out = tmp_path / "xl"
+    spec = {
+        "merge_method": "slerp",
+        "base_model": str(a),
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "parameters": {"t": 0.4},
+        "dtype": "float32",
+    }
+    code, err = _merge(cli, write_spec, spec, out)
+    assert code == 0, err
+    merged, ua, ub = _unet(out), _unet(a), _unet(b)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    x, y = ua[name].double().flatten(), ub[name].double().flatten()
+    omega = math.acos(float(torch.dot(x / x.norm(), y / y.norm()).clamp(-1, 1)))
+    expected = (math.sin(0.6 * omega) * x + math.sin(0.4 * omega) * y) / math.sin(omega)
+    torch.testing.assert_close(merged[name].double().flatten(), expected, rtol=0, atol=1e-5)
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    image = pipe(
+        "a red square",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_block_names_are_filters_and_blocks_are_gradient_layers(cli, write_spec, pipelines, tmp_path):
+    from hf_m2n2.unet_blocks import unet_block_map, unet_block_names
+
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    config = json.loads((a / "unet/config.json").read_text())
+    ua, ub = _unet(a), _unet(b)
+    blocks = unet_block_map(config, ua)
+    order = [b for b in unet_block_names(config) if b != "BASE"]  # the layers a gradient runs over
+    # per-block values (an MBW recipe): BASE 0.1, IN01 0.9, everything else by a gradient over the blocks
+    spec = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1.0}},
+            {"model": str(b), "parameters": {"weight": 1.0}},
+        ],
+        "parameters": {
+            "weight": [
+                {"filter": "BASE", "value": 0.1},
+                {"filter": "IN01", "value": 0.9},
+                {"value": [0.0, 1.0]},
+            ],
+            "normalize": False,
+        },
+        "dtype": "float32",
+    }
+    spec["models"][0]["parameters"] = {"weight": 1.0}
+    spec["models"][1]["parameters"] = {}
+    out = tmp_path / "mbw"
+    code, err = _merge(cli, write_spec, spec, out)
+    assert code == 0, err
+    merged = _unet(out)
+    checked = set()
+    for name, tensor in merged.items():
+        block = blocks[name]
+        wb = {"BASE": 0.1, "IN01": 0.9}.get(block)
+        if wb is None:
+            wb = order.index(block) / (len(order) - 1)
+        torch.testing.assert_close(tensor, ua[name] + wb * ub[name], rtol=0, atol=1e-6)
+        checked.add(block)
+    assert {"BASE", "IN00", "IN01", "M00", order[-1]} <= checked
+
+
+def test_fp16_variant_reads_only_that_variant(cli, write_spec, pipelines, tmp_path):
+    a = pipelines["sd1-a"]
+    half = tmp_path / "half-b"
+    shutil.copytree(a, half)  # a copy of a with its plain files gone: only the fp16 variant is left
+    for file in half.rglob("*.safetensors"):
+        if ".fp16." not in file.name:
+            file.unlink()
+    out = tmp_path / "out"
+    spec = _linear_spec(a, half, 0.5, 0.5, variant="fp16")
+    code, err = _merge(cli, write_spec, spec, out)
+    assert code == 0, err
+    fp16 = load_file(a / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    merged = _unet(out)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, fp16[name].float(), rtol=0, atol=0)
+    # donor weights of the variant are copied under the plain names diffusers loads by default
+    te = load_file(out / "text_encoder" / "model.safetensors")
+    assert all(t.dtype == torch.float16 for t in te.values())
+    assert not list(out.rglob("*.fp16.*"))
+
+
+def test_merged_text_encoders_when_asked(cli, write_spec, pipelines, tmp_path):
+    a, te = pipelines["sd1-a"], pipelines["sd1-te"]
+    out = tmp_path / "te"
+    code, err = _merge(cli, write_spec, _linear_spec(a, te, components={"text_encoder": "merge"}), out)
+    assert code == 0, err
+    merged = load_file(out / "text_encoder/model.safetensors")
+    ta, tb = load_file(a / "text_encoder/model.safetensors"), load_file(te / "text_encoder/model.safetensors")
+    assert any(not torch.equal(ta[n], tb[n]) for n in ta)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, 0.3 * ta[name] + 0.7 * tb[name], rtol=0, atol=1e-6)
+
+
+def _bert_text_encoder(src: Path, dst: Path) -> Path:
+    """A copy of a pipeline whose text encoder is another architecture (as JSDXL's Japanese encoder is)."""
+    from transformers import BertConfig, BertModel
+
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "text_encoder")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    BertModel(config).save_pretrained(str(dst / "text_encoder"))
+    index = json.loads((dst / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "BertModel"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "mixed_families",
+        "no_unet",
+        "unknown_component",
+        "donor_not_a_seed",
+        "text_encoders_differ",
+        "missing_variant",
+        "merge_a_tokenizer",
+        "llm_and_pipeline",
+        "components_for_llm",
+        "slices",
+    ],
+)
+def test_bad_pipeline_input_is_one_line_exit_2_nothing_written(
+    cli, write_spec, pipelines, seeds, tmp_path, case
+):
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    spec = _linear_spec(a, b)
+    expected = {
+        "mixed_families": "different families",
+        "no_unet": "without unet/",
+        "unknown_component": "components.unett",
+        "donor_not_a_seed": "components.vae.from",
+        "text_encoders_differ": "components.text_encoder",
+        "missing_variant": "variant 'fp16' not found for component",
+        "merge_a_tokenizer": "components.tokenizer",
+        "llm_and_pipeline": "different kinds",
+        "components_for_llm": "components",
+        "slices": "slices",
+    }[case]
+    if case == "mixed_families":
+        spec = _linear_spec(a, pipelines["sdxl-a"])
+    elif case == "no_unet":
+        broken = tmp_path / "no-unet"
+        shutil.copytree(b, broken)
+        shutil.rmtree(broken / "unet")
+        spec = _linear_spec(a, broken)
+    elif case == "unknown_component":
+        spec["components"] = {"unett": "merge"}
+    elif case == "donor_not_a_seed":
+        spec["components"] = {"vae": {"from": str(pipelines["sd1"])}}
+    elif case == "text_encoders_differ":
+        spec = _linear_spec(a, _bert_text_encoder(b, tmp_path / "bert"), components={"text_encoder": "merge"})
+    elif case == "missing_variant":
+        spec["variant"] = "fp16"  # b has no fp16 files
+    elif case == "merge_a_tokenizer":
+        spec["components"] = {"tokenizer": "merge"}
+    elif case == "llm_and_pipeline":
+        spec = _linear_spec(a, seeds["a"])
+    elif case == "components_for_llm":
+        spec = _linear_spec(seeds["a"], seeds["b"], components={"unet": "merge"})
+    elif case == "slices":
+        spec = {
+            "merge_method": "linear",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(a), "layer_range": [0, 2]},
+                        {"model": str(b), "layer_range": [0, 2]},
+                    ]
+                }
+            ],
+            "parameters": {"weight": 0.5},
+        }
+    out = tmp_path / "out"
+    code, err = _merge(cli, write_spec, spec, out)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
