@@ -91,6 +91,8 @@ def seed_record(seed: Seed) -> dict[str, Any]:
         record["path"] = str(m.path.resolve())  # local seeds: where a rebuild finds them
     if m.adapter is not None:
         record["locator"] = m.locator  # a `base+adapter` seed: both parts, pinned
+    if getattr(seed, "variant", None):
+        record["variant"] = seed.variant  # a pipeline's weights variant (`fp16`): the files that were read
     return record
 
 
@@ -118,7 +120,14 @@ def rebuild(
     from hf_m2n2.seeds import open_seeds
 
     recipe = BlendRecipe.load(recipe_path)
-    seeds = open_seeds(recipe_refs(recipe), base_dir=Path(recipe_path).resolve().parent)
+    variants = {s.get("variant") for s in recipe.seeds}
+    if len(variants) > 1:
+        raise SpecError("seeds", f"the recipe's seeds were read in different weight variants ({variants})")
+    seeds = open_seeds(
+        recipe_refs(recipe),
+        base_dir=Path(recipe_path).resolve().parent,
+        variant=variants.pop() if variants else None,
+    )
     try:
         return export_blend(recipe, seeds, out_dir, overwrite=overwrite, shard_size=shard_size)
     finally:
@@ -299,14 +308,15 @@ def export_blend(
     """
     from hf_m2n2.materialize import materialize
     from hf_m2n2.outdir import atomic_output_dir
-    from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
+    from hf_m2n2.writer import PlannedTensor
 
     dtype = torch_dtype(recipe.dtype)
     layout = evolved_layout(seeds, recipe.tensors, recipe.block_size)
     by_name = {t.name: t for t in layout.tensors}
     reference = seeds[recipe.fixed_from]
+    kind = model_kind(reference.kind)
     tasks = []
-    for name in reference.checkpoint.names:
+    for name in kind.output_names(reference, by_name):
         info = reference.checkpoint.info(name)
         out_dtype = dtype if info.dtype.is_floating_point else info.dtype
         tasks.append(_ExportTask(name, info.shape, out_dtype, name in by_name))
@@ -321,15 +331,15 @@ def export_blend(
         return blend_tensor(recipe.blend, by_name[task.name], layout, parts)
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(
-            tmp, [PlannedTensor(t.name, t.shape, t.dtype) for t in tasks], shard_size
+        writer = kind.open_output(
+            reference, tmp, [PlannedTensor(t.name, t.shape, t.dtype) for t in tasks], shard_size
         )
         try:
             materialize(tasks, compute, writer, workers=workers)
             writer.finish()
         finally:
             writer.abort()
-        model_kind(reference.kind).save_configs(reference, tmp, dtype)
+        kind.save_configs(reference, tmp, dtype)
         recipe.save(tmp / "recipe.json")
         if write_card is not None:
             write_card(tmp)

@@ -10,7 +10,7 @@ weights. The causal LM is the first kind; a diffusers pipeline or a routed model
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -104,8 +104,23 @@ class ModelKind:
         raise NotImplementedError
 
     def save_configs(self, reference: Any, out_dir: Path, dtype: torch.dtype) -> None:
-        """Write what makes `out_dir`'s weights loadable (configs, tokenizer), taken from `reference`."""
+        """Write what makes `out_dir`'s weights loadable (configs, tokenizer), taken from `reference`; called after
+        `open_output`'s sink finished (what it left out is completed here)."""
         raise NotImplementedError
+
+    def output_names(self, reference: Any, evolved: Collection[str]) -> list[str]:
+        """The tensors an export writes through `open_output`, named as `reference` names them: by default all of
+        them; a kind may leave out what `save_configs` copies whole (a pipeline's components without any tensor
+        in `evolved`)."""
+        return list(reference.checkpoint.names)
+
+    def open_output(self, reference: Any, out_dir: Path, planned: Sequence[Any], shard_size: int) -> Any:
+        """The sink an export's tensors (`planned`, `hf_m2n2.writer.PlannedTensor`s) are streamed into under
+        `out_dir`: `write(name, tensor, row_start)`, then `finish()`; `abort()` in any case (a no-op once
+        finished). By default one sharded safetensors directory."""
+        from hf_m2n2.writer import ShardedSafetensorsWriter
+
+        return ShardedSafetensorsWriter(out_dir, list(planned), shard_size)
 
     def plan(self, spec: Any, seeds: Sequence[Any], refs: Sequence[str], options: Any) -> Any:
         """Every check of a static merge of `seeds` (`hf-m2n2 validate`), reading no tensor and writing nothing."""

@@ -3,9 +3,13 @@ checkpoint in the original layout) as a seed; merges write a diffusers folder (`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import shutil
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from hf_m2n2.errors import CheckpointError
 from hf_m2n2.models.base import ModelKind
@@ -38,6 +42,64 @@ class PipelineKind(ModelKind):
             shapes.append((name, shape))
         return shapes
 
+    def live_target(self, reference: Any, **options: Any) -> Any:
+        """A `LivePipeline` of the reference seed (options: dtype, device, device_map, max_memory,
+        offload_folder, trust_remote_code)."""
+        from hf_m2n2.live_pipeline import LivePipeline
+
+        return LivePipeline(reference, **options)
+
+    def output_names(self, reference: Any, evolved: Collection[str]) -> list[str]:
+        """The tensors of the components holding an evolved tensor; the others are copied whole by `save_configs`."""
+        written = {name.split("/", 1)[0] for name in evolved}
+        return [n for n in reference.checkpoint.names if n.split("/", 1)[0] in written]
+
+    def open_output(self, reference: Any, out_dir: Path, planned: Sequence[Any], shard_size: int) -> Any:
+        """One sharded writer per written component, in `out_dir/COMPONENT/` with its library's file stem."""
+        from dataclasses import replace
+
+        from hf_m2n2.writer import ShardedSafetensorsWriter
+
+        writers = {}
+        try:
+            for component in dict.fromkeys(p.name.split("/", 1)[0] for p in planned):
+                mine = [
+                    replace(p, name=p.name.split("/", 1)[1])
+                    for p in planned
+                    if p.name.startswith(f"{component}/")
+                ]
+                (Path(out_dir) / component).mkdir()
+                stem = reference.components[component].stem
+                writers[component] = ShardedSafetensorsWriter(
+                    Path(out_dir) / component, mine, shard_size, stem=stem
+                )
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        return _ComponentOutput(writers)
+
+    def save_configs(self, reference: Any, out_dir: Path, dtype: torch.dtype) -> None:
+        """model_index.json, the written components' configs (a transformers one's `dtype` set to `dtype`), and
+        every other component (tokenizers, scheduler, components nothing was evolved in) copied whole from
+        `reference`: a folder `DiffusionPipeline.from_pretrained` loads."""
+        from hf_m2n2.outdir import set_config_dtype
+        from hf_m2n2.pipeline_merge import copy_component
+        from hf_m2n2.pipeline_seeds import listed_components
+
+        out_dir = Path(out_dir)
+        for name in listed_components(reference.config):
+            component = reference.components.get(name)
+            if component is not None and (out_dir / name).is_dir():
+                config = dict(component.config)
+                if component.library == "transformers":
+                    set_config_dtype(config, dtype)
+                (out_dir / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            elif not (out_dir / name).exists():
+                copy_component(reference, name, out_dir, _COPY_SHARD_SIZE)
+        folder = Path(reference.folder or reference.model.path)
+        shutil.copyfile(folder / "model_index.json", out_dir / "model_index.json")
+
     def merge(self, spec, seeds, refs, out_dir, options, spec_text, target):
         from hf_m2n2.pipeline_merge import merge_pipelines
 
@@ -47,3 +109,29 @@ class PipelineKind(ModelKind):
         from hf_m2n2.pipeline_merge import plan_pipeline_merge
 
         return plan_pipeline_merge(spec, seeds, {r: i for i, r in enumerate(refs)}, options)
+
+
+_COPY_SHARD_SIZE = (
+    5_000_000_000  # shards of a single-file donor's component streamed out (diffusers' default)
+)
+
+
+class _ComponentOutput:
+    """An export's sink over one writer per component: routes `COMPONENT/KEY`, finishes or aborts them all."""
+
+    def __init__(self, writers: dict[str, Any]):
+        from hf_m2n2.pipeline_merge import ComponentSink
+
+        self.writers = writers
+        self._sink = ComponentSink(writers)
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        self._sink.write(name, tensor, row_start)
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()

@@ -1,0 +1,296 @@
+"""LivePipeline: one resident diffusers pipeline whose weights are overwritten in place for every candidate.
+
+The pipeline-kind counterpart of `hf_m2n2.live.LiveModel`, and a `LiveTarget` like it: tensors are named as the
+seeds name them, `COMPONENT/KEY` (`unet/conv_in.weight`), so `materialize()` and the genome kinds write a
+candidate into it exactly as into an LLM. Weight-bearing components are built empty from the reference seed's
+configs (accelerate's `init_empty_weights`: no random init) and filled from its lazy checkpoint (a folder, or a
+single file whose components the config folder completes); tokenizers, scheduler and model_index.json come from
+the seed's diffusers folder through `DiffusionPipeline.from_pretrained`, which receives the filled components.
+
+Offload, for pipelines bigger than the device:
+- `device_map="model_cpu_offload"` / `"sequential_cpu_offload"`: diffusers' own hooks (an accelerator device);
+- `device_map="auto"` or `max_memory`: an accelerate device map per component (the UNet first) within one shared
+  budget, the rest on CPU or disk (`offload_folder/COMPONENT/`); this works on CPU-only machines too;
+- `device_map={COMPONENT: device or accelerate device map}`: given per component.
+Writes reach offloaded weights (accelerate's CPU state dict or its `.dat` memmaps), so the next generation
+uses them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_m2n2.checkpoint import Checkpoint
+from hf_m2n2.errors import CheckpointError
+from hf_m2n2.live import _write_offloaded
+from hf_m2n2.pipeline_seeds import PipelineSeed, component_weight_files, listed_components
+
+DIFFUSERS_OFFLOAD = ("model_cpu_offload", "sequential_cpu_offload")
+_LIBRARIES = ("diffusers", "transformers")
+_FIRST = ("unet", "transformer")  # the denoiser runs every step: it gets the device budget first
+
+
+class LivePipeline:
+    """A diffusers pipeline resident in memory (or dispatched), whose weights are replaced tensor by tensor.
+
+    Args:
+        seed: the reference pipeline seed (`hf_m2n2.pipeline_seeds.PipelineSeed`): its configs build the
+            pipeline and its weights fill it first.
+        dtype: dtype of the weight-bearing components.
+        device: where the pipeline runs (the execution device under offload).
+        device_map: None (all on `device`), `model_cpu_offload`, `sequential_cpu_offload`, `auto`, or a dict
+            component -> device or accelerate device map.
+        max_memory: accelerate's budget shared by all components, e.g. `{"cpu": "300KB"}` forces disk offload.
+        offload_folder: where disk-offloaded weights go (required when something lands on `disk`).
+        trust_remote_code: let diffusers run a custom pipeline's code.
+
+    Raises:
+        CheckpointError: a component of an unsupported library, weights missing for a parameter, an offload
+            that needs an accelerator on a CPU, or a budget that puts everything on disk.
+
+    Example:
+        >>> live = LivePipeline(open_seeds(["pipes/sd1-a"])[0])  # doctest: +SKIP
+        >>> live.write("unet/conv_in.bias", torch.zeros(16))  # doctest: +SKIP
+        >>> image = live.model("a cat", num_inference_steps=2).images[0]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        seed: PipelineSeed,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        device_map: str | Mapping[str, Any] | None = None,
+        max_memory: Mapping[str, Any] | None = None,
+        offload_folder: str | os.PathLike[str] | None = None,
+        trust_remote_code: bool = False,
+    ):
+        self.seed = seed
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.device_maps: dict[str, dict[str, Any]] = {}
+        self.offloaded = False
+        if isinstance(device_map, str) and device_map in DIFFUSERS_OFFLOAD and self.device.type == "cpu":
+            raise CheckpointError(f"device_map {device_map!r} needs an accelerator device, not {self.device}")
+        modules: dict[str, torch.nn.Module] = {}
+        self._keys: dict[str, tuple[str, str]] = {}  # COMPONENT/KEY -> (component, key in its module)
+        for name, (library, class_name) in weight_components(seed).items():
+            module, keys = _filled_component(seed, name, library, class_name, dtype, trust_remote_code)
+            modules[name] = module
+            self._keys.update({f"{name}/{k}": (name, m) for k, m in keys.items()})
+        self.model = _assemble(seed, modules, dtype, trust_remote_code)
+        self.components = modules
+        self._place(device_map, max_memory, offload_folder)
+        self._targets = {
+            name: dict(module.state_dict(keep_vars=True)) for name, module in self.components.items()
+        }
+
+    def _place(self, device_map, max_memory, offload_folder) -> None:
+        if device_map is None and max_memory is None:
+            self.model.to(self.device)
+            return
+        if device_map == "model_cpu_offload":
+            self.model.enable_model_cpu_offload(device=self.device)
+            self.offloaded = True
+            return
+        if device_map == "sequential_cpu_offload":
+            self.model.enable_sequential_cpu_offload(device=self.device)
+            self.offloaded = True
+            return
+        if isinstance(device_map, Mapping):
+            unknown = sorted(set(device_map) - set(self.components))
+            if unknown:
+                known = ", ".join(self.components)
+                raise CheckpointError(f"device_map names {unknown[0]!r}, not a component ({known})")
+            maps = {name: (dict(m) if isinstance(m, Mapping) else {"": m}) for name, m in device_map.items()}
+        elif device_map in (None, "auto"):
+            maps = _shared_budget_maps(self.components, dict(max_memory or {}), self.dtype)
+        else:
+            raise CheckpointError(
+                f"device_map {device_map!r}: use auto, {', '.join(DIFFUSERS_OFFLOAD)} or a dict"
+            )
+        for name, module in self.components.items():
+            self._dispatch(name, module, maps.get(name, {"": self.device}), offload_folder)
+
+    def _dispatch(
+        self, name: str, module: torch.nn.Module, device_map: dict[str, Any], offload_folder
+    ) -> None:
+        from accelerate import dispatch_model
+
+        devices = set(device_map.values())
+        if "disk" in devices and offload_folder is None:
+            raise CheckpointError(f"the device map offloads {name} to disk: give offload_folder")
+        if device_map == {"": "disk"}:  # accelerate offloads submodules, not the root: name its children
+            device_map = {child: "disk" for child, _ in module.named_children()}
+        self.device_maps[name] = device_map
+        if len(devices) == 1 and "disk" not in devices:
+            module.to(next(iter(devices)))
+            return
+        folder = None
+        if offload_folder is not None:
+            folder = Path(offload_folder) / name  # one folder per component: their keys collide
+            # accelerate reuses a folder that has an index.json: stale weights of an earlier run, not this seed's
+            (folder / "index.json").unlink(missing_ok=True)
+            folder = str(folder)
+        main = self.device if self.device.type != "cpu" else None
+        dispatch_model(module, device_map=device_map, main_device=main, offload_dir=folder)
+        self.offloaded = True
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor a candidate can write, `COMPONENT/KEY` as the seeds name them."""
+        return list(self._keys)
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """The live parameter or buffer called `name` (on `meta` when offloaded), None if the pipeline has none."""
+        where = self._keys.get(name)
+        return None if where is None else self._targets[where[0]].get(where[1])
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Overwrite one weight (or its rows from `row_start`) in place: resident, CPU- or disk-offloaded.
+
+        Raises:
+            CheckpointError: the pipeline has no such tensor, or rows of an offloaded one.
+        """
+        where = self._keys.get(name)
+        if where is None:
+            raise CheckpointError(f"live pipeline has no tensor {name!r}")
+        component, key = where
+        target = self._targets[component][key]
+        with torch.no_grad():
+            if target.device.type != "meta":
+                whole = tensor.shape == target.shape
+                (target if whole else target[row_start : row_start + tensor.shape[0]]).copy_(tensor)
+            elif row_start:
+                raise CheckpointError(f"{name!r} is offloaded: write it whole")
+            else:
+                _write_offloaded(self.components[component], key, tensor)
+
+
+def weight_components(seed: PipelineSeed) -> dict[str, tuple[str, str]]:
+    """(library, class) of every weight-bearing component of the seed's pipeline: those listed in its
+    model_index.json with a config.json in its folder (tokenizers and schedulers have none)."""
+    folder = Path(seed.folder or seed.model.path)
+    listed = listed_components(seed.config)
+    return {
+        n: lc for n, lc in listed.items() if n in seed.components or (folder / n / "config.json").is_file()
+    }
+
+
+def _source(seed: PipelineSeed, name: str, library: str) -> Any:
+    """The lazy tensors of one component: the seed's own, else (a single file without it) the config folder's."""
+    parts = getattr(seed.checkpoint, "parts", {})
+    if name in parts:
+        return parts[name]
+    folder = Path(seed.folder or seed.model.path) / name
+    files = component_weight_files(folder, name, library, None)
+    if not files:
+        raise CheckpointError(f"{seed.name}: no weights for component {name} (in the seed or in {folder})")
+    return Checkpoint(folder, files=files)
+
+
+def _empty_component(folder: Path, library: str, class_name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A component built from its config.json on the meta device (buffers made at init stay real)."""
+    from accelerate import init_empty_weights
+
+    if library not in _LIBRARIES:
+        raise CheckpointError(
+            f"{folder}: component of library {library!r} is not supported (diffusers, transformers)"
+        )
+    package = __import__(library)
+    cls = getattr(package, class_name, None)
+    if cls is None:
+        raise CheckpointError(f"{folder}: {library} has no class {class_name!r}")
+    with init_empty_weights():
+        if library == "diffusers":
+            module = cls.from_config(cls.load_config(str(folder)))
+        else:
+            config = cls.config_class.from_pretrained(str(folder))
+            module = cls._from_config(config, dtype=dtype)
+    return module.eval()
+
+
+def _filled_component(
+    seed: PipelineSeed, name: str, library: str, class_name: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[torch.nn.Module, dict[str, str]]:
+    """One component built empty and filled from the seed; returns it and checkpoint key -> module key."""
+    component = seed.components.get(name)
+    folder = component.path if component is not None else Path(seed.folder or seed.model.path) / name
+    module = _empty_component(Path(folder), library, class_name, dtype)
+    source = _source(seed, name, library)
+    wanted = module.state_dict()
+    keys = _key_map(source.names, wanted, getattr(module, "base_model_prefix", ""))
+    state = {}
+    for key, module_key in keys.items():
+        tensor = source.get(key)
+        state[module_key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if source is not getattr(seed.checkpoint, "parts", {}).get(name):
+        source.close()
+    module.load_state_dict(state, strict=False, assign=True)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    empty = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise CheckpointError(
+            f"{seed.name}: no weights for {len(empty)} parameters of {name} (first: {empty[0]})"
+        )
+    return module, keys
+
+
+def _key_map(names: list[str], wanted: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    """Checkpoint key -> module key: the same, or with the model's base prefix added or removed (transformers 4
+    saved `CLIPTextModel` as `text_model.*`, transformers 5 builds it without). Keys matching nothing (an old
+    `position_ids` buffer) are left out, as `from_pretrained` leaves them."""
+    out = {}
+    for key in names:
+        head, _, rest = key.partition(".")
+        for candidate in (key, rest if head and rest else None, f"{prefix}.{key}" if prefix else None):
+            if candidate is not None and candidate in wanted:
+                out[key] = candidate
+                break
+    return out
+
+
+def _assemble(
+    seed: PipelineSeed, modules: dict[str, torch.nn.Module], dtype: torch.dtype, trust_remote_code: bool
+) -> Any:
+    """The pipeline from the seed's folder (tokenizers, scheduler, model_index.json), given the filled modules."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(seed.folder or seed.model.path)
+    return DiffusionPipeline.from_pretrained(
+        str(folder), torch_dtype=dtype, trust_remote_code=trust_remote_code, **modules
+    )
+
+
+def _shared_budget_maps(
+    components: Mapping[str, torch.nn.Module], max_memory: dict[str, Any], dtype: torch.dtype
+) -> dict[str, dict[str, Any]]:
+    """One accelerate device map per component, the denoiser first, all within one `max_memory` budget: what a
+    component puts on a device is taken off the budget the next ones get."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, convert_file_size_to_int, get_max_memory
+
+    budget = get_max_memory(max_memory or None)
+    budget = {k: convert_file_size_to_int(v) if isinstance(v, str) else int(v) for k, v in budget.items()}
+    order = sorted(components, key=lambda n: (n not in _FIRST, list(components).index(n)))
+    maps = {}
+    for name in order:
+        module = components[name]
+        no_split = list(getattr(module, "_no_split_modules", None) or [])
+        device_map = infer_auto_device_map(
+            module, max_memory=dict(budget), dtype=dtype, no_split_module_classes=no_split
+        )
+        sizes = compute_module_sizes(module, dtype=dtype)
+        for submodule, device in device_map.items():
+            if device in budget:
+                budget[device] = max(0, budget[device] - sizes[submodule])
+        maps[name] = dict(device_map)
+    if all(set(m.values()) == {"disk"} for m in maps.values()):
+        raise CheckpointError("max_memory is too small: every component would be offloaded to disk")
+    return maps
