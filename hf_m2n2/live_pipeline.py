@@ -138,7 +138,10 @@ class LivePipeline:
             (folder / "index.json").unlink(missing_ok=True)
             folder = str(folder)
         main = self.device if self.device.type != "cpu" else None
-        dispatch_model(module, device_map=device_map, main_device=main, offload_dir=folder)
+        try:
+            dispatch_model(module, device_map=device_map, main_device=main, offload_dir=folder)
+        except ValueError as exc:  # a map that leaves parameters out, an unknown device
+            raise CheckpointError(f"device_map of {name}: {exc}") from None
         self.offloaded = True
 
     @property
@@ -264,7 +267,7 @@ def _assemble(
 
     folder = Path(seed.folder or seed.model.path)
     return DiffusionPipeline.from_pretrained(
-        str(folder), torch_dtype=dtype, trust_remote_code=trust_remote_code, **modules
+        str(folder), dtype=dtype, trust_remote_code=trust_remote_code, **modules
     )
 
 
