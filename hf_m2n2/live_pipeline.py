@@ -77,69 +77,77 @@ class LivePipeline:
         self.offloaded = False
         if isinstance(device_map, str) and device_map in DIFFUSERS_OFFLOAD and self.device.type == "cpu":
             raise CheckpointError(f"device_map {device_map!r} needs an accelerator device, not {self.device}")
-        modules: dict[str, torch.nn.Module] = {}
+        components = weight_components(seed)
+        empty = {
+            name: _empty_component(_config_folder(seed, name), library, class_name, dtype)
+            for name, (library, class_name) in components.items()
+        }
+        maps = self._device_maps(empty, device_map, max_memory)
         self._keys: dict[str, tuple[str, str]] = {}  # COMPONENT/KEY -> (component, key in its module)
-        for name, (library, class_name) in weight_components(seed).items():
-            module, keys = _filled_component(seed, name, library, class_name, dtype, trust_remote_code)
-            modules[name] = module
+        for name, module in empty.items():  # one component at a time: filled, then placed or offloaded
+            component_map = maps.get(name)
+            folder = None
+            if component_map is not None and "disk" in component_map.values():
+                if offload_folder is None:
+                    raise CheckpointError(f"the device map offloads {name} to disk: give offload_folder")
+                folder = Path(offload_folder) / name  # one folder per component: their keys collide
+            keys = _fill(seed, name, components[name][0], module, dtype, component_map, folder)
             self._keys.update({f"{name}/{k}": (name, m) for k, m in keys.items()})
-        self.model = _assemble(seed, modules, dtype, trust_remote_code)
-        self.components = modules
-        self._place(device_map, max_memory, offload_folder)
+            if component_map is not None:
+                self._dispatch(name, module, component_map, folder)
+            elif device_map is None:
+                module.to(self.device)
+        self.components = empty
+        self.model = _assemble(seed, empty, dtype, trust_remote_code)
+        if device_map in DIFFUSERS_OFFLOAD:
+            getattr(self.model, f"enable_{device_map}")(device=self.device)
+            self.offloaded = True
         self._targets = {
             name: dict(module.state_dict(keep_vars=True)) for name, module in self.components.items()
         }
 
-    def _place(self, device_map, max_memory, offload_folder) -> None:
-        if device_map is None and max_memory is None:
-            self.model.to(self.device)
-            return
-        if device_map == "model_cpu_offload":
-            self.model.enable_model_cpu_offload(device=self.device)
-            self.offloaded = True
-            return
-        if device_map == "sequential_cpu_offload":
-            self.model.enable_sequential_cpu_offload(device=self.device)
-            self.offloaded = True
-            return
+    def _device_maps(
+        self, empty: dict[str, torch.nn.Module], device_map: Any, max_memory: Mapping[str, Any] | None
+    ) -> dict[str, dict[str, Any]]:
+        """The accelerate device map of each dispatched component (none: resident on `device`, or diffusers'
+        offload), decided on the empty components before any weight is read."""
+        if (device_map is None and max_memory is None) or device_map in DIFFUSERS_OFFLOAD:
+            return {}
         if isinstance(device_map, Mapping):
-            unknown = sorted(set(device_map) - set(self.components))
+            unknown = sorted(set(device_map) - set(empty))
             if unknown:
-                known = ", ".join(self.components)
-                raise CheckpointError(f"device_map names {unknown[0]!r}, not a component ({known})")
+                raise CheckpointError(
+                    f"device_map names {unknown[0]!r}, not a component ({', '.join(empty)})"
+                )
             maps = {name: (dict(m) if isinstance(m, Mapping) else {"": m}) for name, m in device_map.items()}
-        elif device_map in (None, "auto"):
-            maps = _shared_budget_maps(self.components, dict(max_memory or {}), self.dtype)
-        else:
-            raise CheckpointError(
-                f"device_map {device_map!r}: use auto, {', '.join(DIFFUSERS_OFFLOAD)} or a dict"
-            )
-        for name, module in self.components.items():
-            self._dispatch(name, module, maps.get(name, {"": self.device}), offload_folder)
+            return {name: maps.get(name, {"": self.device}) for name in empty}
+        if device_map in (None, "auto"):
+            return _shared_budget_maps(empty, dict(max_memory or {}), self.dtype)
+        raise CheckpointError(
+            f"device_map {device_map!r}: use auto, {', '.join(DIFFUSERS_OFFLOAD)} or a dict"
+        )
 
     def _dispatch(
-        self, name: str, module: torch.nn.Module, device_map: dict[str, Any], offload_folder
+        self, name: str, module: torch.nn.Module, device_map: dict[str, Any], folder: Path | None
     ) -> None:
+        """Place a filled component by its device map; its disk part is already in `folder` (`_fill`)."""
         from accelerate import dispatch_model
 
         devices = set(device_map.values())
-        if "disk" in devices and offload_folder is None:
-            raise CheckpointError(f"the device map offloads {name} to disk: give offload_folder")
-        if device_map == {"": "disk"}:  # accelerate offloads submodules, not the root: name its children
+        if device_map == {"": "disk"}:  # accelerate hooks submodules, not the root: name its children
             device_map = {child: "disk" for child, _ in module.named_children()}
         self.device_maps[name] = device_map
         if len(devices) == 1 and "disk" not in devices:
             module.to(next(iter(devices)))
             return
-        folder = None
-        if offload_folder is not None:
-            folder = Path(offload_folder) / name  # one folder per component: their keys collide
-            # accelerate reuses a folder that has an index.json: stale weights of an earlier run, not this seed's
-            (folder / "index.json").unlink(missing_ok=True)
-            folder = str(folder)
         main = self.device if self.device.type != "cpu" else None
         try:
-            dispatch_model(module, device_map=device_map, main_device=main, offload_dir=folder)
+            dispatch_model(
+                module,
+                device_map=device_map,
+                main_device=main,
+                offload_dir=None if folder is None else str(folder),
+            )
         except ValueError as exc:  # a map that leaves parameters out, an unknown device
             raise CheckpointError(f"device_map of {name}: {exc}") from None
         self.offloaded = True
@@ -218,31 +226,77 @@ def _empty_component(folder: Path, library: str, class_name: str, dtype: torch.d
     return module.eval()
 
 
-def _filled_component(
-    seed: PipelineSeed, name: str, library: str, class_name: str, dtype: torch.dtype, trust_remote_code: bool
-) -> tuple[torch.nn.Module, dict[str, str]]:
-    """One component built empty and filled from the seed; returns it and checkpoint key -> module key."""
+def _config_folder(seed: PipelineSeed, name: str) -> Path:
     component = seed.components.get(name)
-    folder = component.path if component is not None else Path(seed.folder or seed.model.path) / name
-    module = _empty_component(Path(folder), library, class_name, dtype)
+    return Path(component.path) if component is not None else Path(seed.folder or seed.model.path) / name
+
+
+def _fill(
+    seed: PipelineSeed,
+    name: str,
+    library: str,
+    module: torch.nn.Module,
+    dtype: torch.dtype,
+    device_map: Mapping[str, Any] | None,
+    folder: Path | None,
+) -> dict[str, str]:
+    """Fill an empty component from the seed, tensor by tensor: parameters its device map puts on disk go
+    straight to accelerate's memmaps in `folder` (never all in memory), the rest into the module. Returns
+    checkpoint key -> module key.
+
+    Raises:
+        CheckpointError: a parameter has no weights in the seed.
+    """
+    from accelerate.utils import offload_weight, save_offload_index
+
     source = _source(seed, name, library)
-    wanted = module.state_dict()
-    keys = _key_map(source.names, wanted, getattr(module, "base_model_prefix", ""))
-    state = {}
-    for key, module_key in keys.items():
-        tensor = source.get(key)
-        state[module_key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    if source is not getattr(seed.checkpoint, "parts", {}).get(name):
-        source.close()
+    parameters = dict(module.named_parameters())
+    keys = _key_map(source.names, module.state_dict(), getattr(module, "base_model_prefix", ""))
+    state, index, filled = {}, {}, set()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        # accelerate reuses a folder's index.json: an earlier run's entries must not survive
+        (folder / "index.json").unlink(missing_ok=True)
+    try:
+        for key, module_key in keys.items():
+            tensor = source.get(key)
+            tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            if (
+                folder is not None
+                and module_key in parameters
+                and _device_of(module_key, device_map) == "disk"
+            ):
+                offload_weight(tensor, module_key, str(folder), index=index)
+            else:
+                state[module_key] = tensor
+            filled.add(module_key)
+    finally:
+        if source is not getattr(seed.checkpoint, "parts", {}).get(name):
+            source.close()
+    if index:
+        save_offload_index(index, str(folder))
     module.load_state_dict(state, strict=False, assign=True)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
-    empty = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    empty = [n for n, p in module.named_parameters() if p.device.type == "meta" and n not in filled]
     if empty:
         raise CheckpointError(
             f"{seed.name}: no weights for {len(empty)} parameters of {name} (first: {empty[0]})"
         )
-    return module, keys
+    return keys
+
+
+def _device_of(key: str, device_map: Mapping[str, Any] | None) -> Any:
+    """The device an accelerate device map gives a tensor: that of its longest listed module prefix."""
+    if device_map is None:
+        return None
+    best = None
+    for prefix, device in device_map.items():
+        if (prefix == "" or key == prefix or key.startswith(prefix + ".")) and (
+            best is None or len(prefix) > best[0]
+        ):
+            best = (len(prefix), device)
+    return None if best is None else best[1]
 
 
 def _key_map(names: list[str], wanted: Mapping[str, Any], prefix: str) -> dict[str, str]:
