@@ -162,5 +162,5 @@ def _write_offloaded(model, name: str, tensor: torch.Tensor) -> None:
         shape=tuple(info["shape"]) or (1,),
     )
     mm[...] = array.reshape(mm.shape)
-    mm.flush()
+    # no flush: readers map the same page cache; msync per tensor cost most of an offloaded write
     del mm
