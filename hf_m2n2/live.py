@@ -145,7 +145,8 @@ def _write_offloaded(model, name: str, tensor: torch.Tensor) -> None:
         raise CheckpointError(f"tensor {name!r} is on the meta device without an offload hook")
     key = getattr(weights_map, "prefix", "") + attr
     dataset = getattr(weights_map, "dataset", weights_map)
-    state = getattr(dataset, "state_dict", {})
+    # a CPU state dict: accelerate's loader's, or the plain dict diffusers' sequential CPU offload hooks read
+    state = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", {})
     if key in state:
         state[key].copy_(tensor)
         return

@@ -8,7 +8,8 @@ single file whose components the config folder completes); tokenizers, scheduler
 the seed's diffusers folder through `DiffusionPipeline.from_pretrained`, which receives the filled components.
 
 Offload, for pipelines bigger than the device:
-- `device_map="model_cpu_offload"` / `"sequential_cpu_offload"`: diffusers' own hooks (an accelerator device);
+- `device_map="model_cpu_offload"` / `"sequential_cpu_offload"`: diffusers' own hooks, moving components (or
+  submodules) to `device` when they run (sequential needs an accelerator; model offload also runs on a CPU);
 - `device_map="auto"` or `max_memory`: an accelerate device map per component (the UNet first) within one shared
   budget, the rest on CPU or disk (`offload_folder/COMPONENT/`); this works on CPU-only machines too;
 - `device_map={COMPONENT: device or accelerate device map}`: given per component.
@@ -75,7 +76,7 @@ class LivePipeline:
         self.device = torch.device(device)
         self.device_maps: dict[str, dict[str, Any]] = {}
         self.offloaded = False
-        if isinstance(device_map, str) and device_map in DIFFUSERS_OFFLOAD and self.device.type == "cpu":
+        if device_map == "sequential_cpu_offload" and self.device.type == "cpu":
             raise CheckpointError(f"device_map {device_map!r} needs an accelerator device, not {self.device}")
         components = weight_components(seed)
         empty = {

@@ -107,6 +107,14 @@ def test_offloaded_pipeline_generates_what_diffusers_loads(opened, image_b, tmp_
     assert torch.equal(_image(live.model), image_b)
 
 
+def test_diffusers_model_cpu_offload_sees_the_writes(opened, image_b):
+    """diffusers' hooks move each component to `device` when it runs (on a CPU a no-op, the same mechanism)."""
+    live = LivePipeline(opened[0], device_map="model_cpu_offload")
+    assert live.offloaded and live.model.unet._hf_hook is not None
+    _write_seed(live, opened[1])
+    assert torch.equal(_image(live.model), image_b)
+
+
 def test_stale_offload_folder_is_not_reused(opened, pipelines, tmp_path):
     folder = tmp_path / "offload"
     _write_seed(LivePipeline(opened[0], device_map={"unet": "disk"}, offload_folder=folder), opened[1])
@@ -158,7 +166,7 @@ def test_variant_weights_and_transformers4_text_encoder_keys(pipelines, tmp_path
 def test_bad_options_are_one_line_errors(opened, tmp_path):
     seed = opened[0]
     with pytest.raises(CheckpointError, match="needs an accelerator device"):
-        LivePipeline(seed, device_map="model_cpu_offload")
+        LivePipeline(seed, device_map="sequential_cpu_offload")
     with pytest.raises(CheckpointError, match="'unet2', not a component"):
         LivePipeline(seed, device_map={"unet2": "cpu"})
     with pytest.raises(CheckpointError, match="offloads unet to disk: give offload_folder"):
