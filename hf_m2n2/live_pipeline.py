@@ -32,7 +32,6 @@ from hf_m2n2.live import _write_offloaded
 from hf_m2n2.pipeline_seeds import PipelineSeed, component_weight_files, listed_components
 
 DIFFUSERS_OFFLOAD = ("model_cpu_offload", "sequential_cpu_offload")
-_LIBRARIES = ("diffusers", "transformers")
 _FIRST = ("unet", "transformer")  # the denoiser runs every step: it gets the device budget first
 
 
@@ -206,24 +205,37 @@ def _source(seed: PipelineSeed, name: str, library: str) -> Any:
     return Checkpoint(folder, files=files)
 
 
+def _component_class(folder: Path, library: str, class_name: str) -> type:
+    """The class model_index.json names: from diffusers or transformers, or from a diffusers pipeline module
+    (SD 1.x's `["stable_diffusion", "StableDiffusionSafetyChecker"]`), as diffusers' own loader finds it."""
+    import importlib
+
+    modules = {"diffusers": "diffusers", "transformers": "transformers"}
+    name = modules.get(library, f"diffusers.pipelines.{library}")
+    try:
+        cls = getattr(importlib.import_module(name), class_name, None)
+    except ImportError:
+        cls = None
+    if cls is None:
+        raise CheckpointError(
+            f"{folder}: component class {library}.{class_name} not found (diffusers, transformers)"
+        )
+    return cls
+
+
 def _empty_component(folder: Path, library: str, class_name: str, dtype: torch.dtype) -> torch.nn.Module:
     """A component built from its config.json on the meta device (buffers made at init stay real)."""
     from accelerate import init_empty_weights
+    from transformers import PreTrainedModel
 
-    if library not in _LIBRARIES:
-        raise CheckpointError(
-            f"{folder}: component of library {library!r} is not supported (diffusers, transformers)"
-        )
-    package = __import__(library)
-    cls = getattr(package, class_name, None)
-    if cls is None:
-        raise CheckpointError(f"{folder}: {library} has no class {class_name!r}")
+    cls = _component_class(folder, library, class_name)
     with init_empty_weights():
-        if library == "diffusers":
+        if issubclass(cls, PreTrainedModel):
+            module = cls._from_config(cls.config_class.from_pretrained(str(folder)), dtype=dtype)
+        elif hasattr(cls, "load_config"):
             module = cls.from_config(cls.load_config(str(folder)))
         else:
-            config = cls.config_class.from_pretrained(str(folder))
-            module = cls._from_config(config, dtype=dtype)
+            raise CheckpointError(f"{folder}: {class_name} is neither a diffusers nor a transformers model")
     return module.eval()
 
 

@@ -76,6 +76,37 @@ def test_sdxl_pipeline_with_two_text_encoders(pipelines):
         close_seeds([seed])
 
 
+def test_sd1_safety_checker_of_a_pipeline_module_is_built_and_filled(tmp_path):
+    """SD 1.x lists `["stable_diffusion", "StableDiffusionSafetyChecker"]`: a class of a diffusers pipeline module."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from hf_m2n2.demo.tiny_pipelines import build_pipeline, save_pipeline
+
+    tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(tiny, vocab_size=100, bos_token_id=98, eos_token_id=99, pad_token_id=99),
+        vision_config=dict(tiny, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    base = build_pipeline("sd1", seed=0)
+    parts = {k: getattr(base, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    checked = StableDiffusionPipeline(
+        **parts,
+        safety_checker=StableDiffusionSafetyChecker(config),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+    )
+    folder = save_pipeline(checked, tmp_path / "checked")
+    (seed,) = open_seeds([str(folder)])
+    try:
+        live = LivePipeline(seed)
+        assert any(n.startswith("safety_checker/vision_model.") for n in live.names)
+        assert torch.equal(_image(live.model), _image(_loaded(folder)))
+    finally:
+        close_seeds([seed])
+
+
 def test_in_place_writes_replace_the_pipeline(opened, image_b):
     live = LivePipeline(opened[0])
     pointers = {n: live.tensor(n).data_ptr() for n in live.names}
