@@ -111,9 +111,8 @@ class PipelineKind(ModelKind):
         return plan_pipeline_merge(spec, seeds, {r: i for i, r in enumerate(refs)}, options)
 
 
-_COPY_SHARD_SIZE = (
-    5_000_000_000  # shards of a single-file donor's component streamed out (diffusers' default)
-)
+# the shard size of a single-file donor's component streamed out whole (diffusers' default)
+_COPY_SHARD_SIZE = 5_000_000_000
 
 
 class _ComponentOutput:
