@@ -258,3 +258,11 @@ def test_bad_pipeline_input_is_one_line_exit_2_nothing_written(
     assert len(lines) == 1 and expected in lines[0], err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_validate_plans_a_pipeline_merge_without_writing(cli, write_spec, pipelines, tmp_path):
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    code, out, err = cli("validate", write_spec(_linear_spec(a, b, components={"vae": {"from": str(b)}})))
+    assert code == 0, err
+    code, out, err = cli("validate", write_spec(_linear_spec(a, pipelines["sdxl-b"])))
+    assert code == 2 and "different families" in err
