@@ -266,3 +266,37 @@ def test_validate_plans_a_pipeline_merge_without_writing(cli, write_spec, pipeli
     assert code == 0, err
     code, out, err = cli("validate", write_spec(_linear_spec(a, pipelines["sdxl-b"])))
     assert code == 2 and "different families" in err
+
+
+def _method_spec(method, pipelines) -> dict:
+    from hf_m2n2.methods import get_method
+
+    m = get_method(method)
+    base, a, b = (str(pipelines[k]) for k in ("sd1", "sd1-a", "sd1-b"))
+    per_model = {p.name: 0.5 for p in m.model_params if p.name in ("weight", "density")}
+    spec = {
+        "merge_method": method,
+        "models": [{"model": ref, "parameters": per_model} for ref in ([a] if m.max_models == 1 else [a, b])],
+        "parameters": {"t": 0.5} if any(p.name == "t" for p in m.params) else {},
+        "dtype": "float32",
+    }
+    if m.uses_base == "required":
+        spec["base_model"] = base
+    return spec
+
+
+@pytest.mark.parametrize(
+    "method", sorted(m.name for m in __import__("hf_m2n2.methods", fromlist=["all_methods"]).all_methods())
+)
+def test_every_merge_method_merges_unets(cli, write_spec, pipelines, tmp_path, method):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "out"
+    code, err = _merge(cli, write_spec, _method_spec(method, pipelines), out)
+    assert code == 0, err
+    merged, ua = _unet(out), _unet(pipelines["sd1-a"])
+    assert {n: t.shape for n, t in merged.items()} == {n: t.shape for n, t in ua.items()}
+    assert all(torch.isfinite(t).all() for t in merged.values())
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    sample = unet(torch.zeros(1, 4, 8, 8), 10, encoder_hidden_states=torch.zeros(1, 4, 32)).sample
+    assert torch.isfinite(sample).all()
