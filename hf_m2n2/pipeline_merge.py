@@ -258,6 +258,21 @@ def write_pipeline(
     return planned
 
 
+def export_single_file(folder: Path, out_file: Path) -> None:
+    """Write a diffusers folder's weights as one `.safetensors` in the original layout (A1111 / ComfyUI /
+    `from_single_file`), tensor by tensor."""
+    from hf_m2n2.hub import ResolvedModel
+    from hf_m2n2.pipeline_seeds import open_pipeline_folder
+    from hf_m2n2.single_file import write_single_file
+
+    seed = open_pipeline_folder(ResolvedModel(ref=str(folder), path=folder))
+    try:
+        configs = {name: c.config for name, c in seed.components.items()}
+        write_single_file(out_file, seed.checkpoint.names, seed.checkpoint.get, configs)
+    finally:
+        seed.checkpoint.close()
+
+
 def merge_pipelines(spec, seeds, refs, out_dir: Path, options, spec_text, target):
     """`hf-m2n2 merge` of pipeline seeds into a diffusers folder at `out_dir` (atomic)."""
     from hf_m2n2.merge import MergeResult
@@ -265,8 +280,14 @@ def merge_pipelines(spec, seeds, refs, out_dir: Path, options, spec_text, target
 
     seed_index = {ref: i for i, ref in enumerate(refs)}
     plan = plan_pipeline_merge(spec, seeds, seed_index, options)
+    single_file = options.output_format == "single_file"
     with atomic_output_dir(out_dir, options.overwrite) as tmp:
-        planned = write_pipeline(tmp, plan, seeds, options, options.out_shard_size)
+        folder = tmp / ".pipeline" if single_file else tmp
+        folder.mkdir(exist_ok=True)
+        planned = write_pipeline(folder, plan, seeds, options, options.out_shard_size)
+        if single_file:  # the whole pipeline, merged and donated parts, in the original layout
+            export_single_file(folder, tmp / f"{out_dir.name}.safetensors")
+            shutil.rmtree(folder)
         recipe_text = spec_text if spec_text is not None and spec.output is None else spec.to_yaml()
         (tmp / "merge_config.yaml").write_text(recipe_text)
         model_id = target.repo_id if target else str(out_dir)
