@@ -300,3 +300,21 @@ def test_every_merge_method_merges_unets(cli, write_spec, pipelines, tmp_path, m
     unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
     sample = unet(torch.zeros(1, 4, 8, 8), 10, encoder_hidden_states=torch.zeros(1, 4, 32)).sample
     assert torch.isfinite(sample).all()
+
+
+def test_sharded_components_in_and_out(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    a, b, sharded = pipelines["sd1-a"], pipelines["sd1-b"], pipelines["sd1-b-sharded"]
+    assert (sharded / "unet/diffusion_pytorch_model.safetensors.index.json").is_file()
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _merge(cli, write_spec, _linear_spec(a, b), whole)[0] == 0
+    code, _, err = cli(
+        "merge", write_spec(_linear_spec(a, sharded)), split, "-q", "--out-shard-size", "200KB"
+    )
+    assert code == 0, err
+    index = json.loads((split / "unet/diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = DiffusionPipeline.from_pretrained(str(split)).unet.state_dict()
+    for name, tensor in _unet(whole).items():
+        assert torch.equal(loaded[name], tensor), name
