@@ -224,3 +224,98 @@ def test_reading_one_tensor_reads_only_its_bytes(exported, monkeypatch):
         read.clear()
         assert torch.equal(ckpt.get(k_proj), expected)
         assert sum(read) == ckpt.info(k_proj).nbytes < file.stat().st_size // 100
+
+
+def _clip(hidden: int, inter: int, heads: int, layers: int, act: str, arch: str) -> dict:
+    return {
+        "architectures": [arch],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": act,
+        "projection_dim": hidden,
+    }
+
+
+_SD_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+}
+# the public SD 1.5 and SDXL base configs' structural entries (two layers per block, four / three levels)
+_REAL_CONFIGS = {
+    "sd1": {
+        "unet": {
+            "attention_head_dim": 8,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "cross_attention_dim": 768,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "layers_per_block": 2,
+        },
+        "vae": _SD_VAE,
+        "text_encoder": _clip(768, 3072, 12, 12, "quick_gelu", "CLIPTextModel"),
+    },
+    "sdxl": {
+        "unet": {
+            "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280],
+            "cross_attention_dim": 2048,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "transformer_layers_per_block": [1, 2, 10],
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+            "layers_per_block": 2,
+        },
+        "vae": _SD_VAE,
+        "text_encoder": _clip(768, 3072, 12, 12, "quick_gelu", "CLIPTextModel"),
+        "text_encoder_2": _clip(1280, 5120, 20, 32, "gelu", "CLIPTextModelWithProjection"),
+    },
+}
+# keys (and shapes) of the released SD 1.5 and SDXL base single files
+_REAL_KEYS = {
+    "sd1": {
+        "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        "model.diffusion_model.middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
+        "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+        "first_stage_model.decoder.up.1.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+        "first_stage_model.encoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
+        "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": (1, 77),
+    },
+    "sdxl": {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+    },
+}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_key_map_at_real_model_structure_gives_the_released_files_keys(family):
+    from hf_m2n2.single_file import expected_shapes
+
+    configs = _REAL_CONFIGS[family]
+    names = [f"{c}/{k}" for c, config in configs.items() for k in expected_shapes(c, config)]
+    layout = single_file_key_map(configs, names)  # built on the meta device: no memory
+    for key, shape in _REAL_KEYS[family].items():
+        assert layout[key].shape == shape, key
+    blocks = {int(k.split(".")[3]) for k in layout if k.startswith("model.diffusion_model.input_blocks.")}
+    assert blocks == set(range(12 if family == "sd1" else 9))
