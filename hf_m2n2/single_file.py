@@ -102,6 +102,7 @@ def detect_single_file_family(
       (`cond_stage_model.transformer.*`).
     - a UNet without a text encoder: SD 2.x when its transformer `proj_in` weights are linear (2-D, SD 2.x's
       `use_linear_projection`), SD 1.x when they are 1x1 convolutions (4-D); this needs `shapes`.
+    An SDXL refiner (its only text encoder, OpenCLIP, at `conditioner.embedders.0.model.*`) is refused.
     SD 2.x-derived models with another text encoder, SD 1.x inpainting/upscaling variants and other families
     are not told apart from these: they are classed by the rules above.
 
@@ -122,6 +123,8 @@ def detect_single_file_family(
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
+    if has("conditioner.embedders.0.model."):
+        raise CheckpointError(f"{file}: an SDXL refiner (OpenCLIP as conditioner.embedders.0): not supported")
     if has("conditioner.embedders.") or f"{_UNET}label_emb.0.0.weight" in keys:
         return "sdxl"
     if has(_OPEN_CLIP_SD2):
@@ -252,23 +255,22 @@ def expected_shapes(component: str, config: Mapping) -> dict[str, tuple[int, ...
 
 @lru_cache(maxsize=16)
 def _model_shapes_cached(kind: str, config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     config = json.loads(config_json)
+    if kind == "text":
+        arch = (config.get("architectures") or ["CLIPTextModel"])[0]
+        cls = getattr(transformers, arch, None)
+        if cls is None or not arch.startswith("CLIPTextModel"):
+            raise CheckpointError(f"text encoder architecture {arch!r} has no single-file layout")
+    # imported above, outside: tensors made at import time must not land on the meta device
     with torch.device("meta"):
         if kind == "unet":
-            from diffusers import UNet2DConditionModel
-
             model = UNet2DConditionModel.from_config(config)
         elif kind == "vae":
-            from diffusers import AutoencoderKL
-
             model = AutoencoderKL.from_config(config)
         else:
-            import transformers
-
-            arch = (config.get("architectures") or ["CLIPTextModel"])[0]
-            cls = getattr(transformers, arch, None)
-            if cls is None or not arch.startswith("CLIPTextModel"):
-                raise CheckpointError(f"text encoder architecture {arch!r} has no single-file layout")
             model = cls(transformers.CLIPTextConfig.from_dict(config))
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
@@ -299,18 +301,23 @@ class SingleFileCheckpoint:
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such file")
         self._reader = Checkpoint(self.path, files=[self.path])
-        shapes = {n: self._reader.info(n).shape for n in self._reader.names}
-        self.family = detect_single_file_family(shapes, self.path, shapes)
         self._sources: dict[str, tuple[str, Ops]] = {}
         self._infos: dict[str, TensorInfo] = {}
-        for component, (kind, prefix) in _LAYOUTS[self.family].items():
-            if not any(k.startswith(prefix) for k in shapes):
-                continue
-            if component not in configs:
-                raise CheckpointError(f"{self.path}: holds a {component} but no {component} config was given")
-            self._add_component(
-                component, _convert(kind, prefix, shapes, configs[component]), configs[component]
-            )
+        shapes = {n: self._reader.info(n).shape for n in self._reader.names}
+        try:
+            self.family = detect_single_file_family(shapes, self.path, shapes)
+            for component, (kind, prefix) in _LAYOUTS[self.family].items():
+                if not any(k.startswith(prefix) for k in shapes):
+                    continue
+                if component not in configs:
+                    raise CheckpointError(
+                        f"{self.path}: holds a {component} but no {component} config was given"
+                    )
+                converted = _convert(kind, prefix, shapes, configs[component])
+                self._add_component(component, converted, configs[component])
+        except BaseException:
+            self._reader.close()
+            raise
         used = {key for key, _ in self._sources.values()}
         self.dropped: list[str] = [k for k in shapes if k not in used]
         """The file's keys that no presented tensor comes from (EMA weights, buffers, ignored layers)."""

@@ -194,6 +194,9 @@ def test_unknown_layout_is_one_line_naming_the_file(tmp_path):
     save_file({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)}, vae_only)
     with pytest.raises(CheckpointError, match="holds only a VAE"):
         SingleFileCheckpoint(vae_only, {})
+    refiner = ["conditioner.embedders.0.model.ln_final.weight", "model.diffusion_model.out.2.weight"]
+    with pytest.raises(CheckpointError, match="an SDXL refiner .*: not supported"):
+        detect_single_file_family(refiner, "refiner.safetensors")
 
 
 def test_configs_of_another_family_are_refused_in_one_line(exported):
