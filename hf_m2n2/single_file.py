@@ -371,9 +371,13 @@ class SingleFileCheckpoint:
         block = _row_range(ops, self._reader.info(key).shape[0])
         if block is not None:  # a q/k/v block of a fused tensor: read only its rows
             start, stop = block
+            if rows is not None and not 0 <= rows[0] <= rows[1] <= stop - start:
+                raise CheckpointError(
+                    f"{self.path}: rows {rows} out of range for {name!r} ({stop - start} rows)"
+                )
             first, last = (start, stop) if rows is None else (start + rows[0], start + rows[1])
             return self._reader.get(key, (first, last))
-        tensor = _apply(self._reader.get(key), ops).contiguous().clone()
+        tensor = _apply(self._reader.get(key), ops).clone(memory_format=torch.contiguous_format)
         return tensor if rows is None else tensor[rows[0] : rows[1]].clone()
 
     def close(self) -> None:
