@@ -306,6 +306,11 @@ class SingleFileCheckpoint:
         shapes = {n: self._reader.info(n).shape for n in self._reader.names}
         try:
             self.family = detect_single_file_family(shapes, self.path, shapes)
+            configured = family_from_configs(configs)
+            if configured != self.family:
+                raise CheckpointError(
+                    f"{self.path}: a {self.family} single file, but the configs given are {configured}'s"
+                )
             for component, (kind, prefix) in _LAYOUTS[self.family].items():
                 if not any(k.startswith(prefix) for k in shapes):
                     continue

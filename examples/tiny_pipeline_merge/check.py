@@ -15,7 +15,9 @@ def main(out_dir: str) -> None:
     image = pipe("a red square", num_inference_steps=2, height=32, width=32, generator=generator).images[0]
     image.save(Path(out_dir) / "sample.png")
     n_params = sum(p.numel() for p in pipe.unet.parameters())
-    print(f"loaded {out_dir}: {type(pipe).__name__}, UNet {n_params:,} parameters; wrote {out_dir}/sample.png")
+    print(
+        f"loaded {out_dir}: {type(pipe).__name__}, UNet {n_params:,} parameters; wrote {out_dir}/sample.png"
+    )
     card = ModelCard.load(Path(out_dir) / "README.md")
     print("card front matter:")
     print(card.data.to_yaml())
