@@ -61,7 +61,7 @@ from types import SimpleNamespace
 
 import torch
 
-from hf_m2n2.checkpoint import Checkpoint, TensorInfo
+from hf_m2n2.checkpoint import Checkpoint, TensorIndex, TensorInfo
 from hf_m2n2.errors import CheckpointError, ContractError, OutputError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -275,7 +275,7 @@ def _model_shapes_cached(kind: str, config_json: str) -> tuple[tuple[str, tuple[
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
-class SingleFileCheckpoint:
+class SingleFileCheckpoint(TensorIndex):
     """Read-only, lazy view of an original-layout single file under the pipeline seed's names
     (`unet/...`, `vae/...`, `text_encoder/...`, `text_encoder_2/...`): the interface of `Checkpoint`.
 
@@ -348,19 +348,6 @@ class SingleFileCheckpoint:
             offset = original.offset if not ref.ops else None
             self._infos[name] = TensorInfo(self.path, original.dtype, shape, offset)
 
-    @property
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name!r} not found") from None
-
     def source(self, name: str) -> str:
         """The original key tensor `name` is read from."""
         self.info(name)
@@ -405,7 +392,7 @@ class OriginalTensor:
     constant: torch.Tensor | None = None
 
 
-_RESNET_BACK = {  # diffusers' update_unet_resnet_ldm_to_diffusers renames, reversed
+RESNET_TO_LDM = {  # diffusers' update_unet_resnet_ldm_to_diffusers renames, reversed
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "norm2": "out_layers.0",
@@ -443,7 +430,7 @@ def _original_key(
             )
             if what == "resnets":
                 return (
-                    f"{side}.{first + int(parts[3])}.0.{_RESNET_BACK.get(parts[4], parts[4])}.{parts[-1]}",
+                    f"{side}.{first + int(parts[3])}.0.{RESNET_TO_LDM.get(parts[4], parts[4])}.{parts[-1]}",
                     shape,
                 )
             if what == "attentions":
@@ -457,7 +444,7 @@ def _original_key(
             index = 2 * int(parts[2]) if parts[1] == "resnets" else 1
             rest = ".".join(parts[3:])
             if parts[1] == "resnets":
-                rest = f"{_RESNET_BACK.get(parts[3], parts[3])}.{parts[-1]}"
+                rest = f"{RESNET_TO_LDM.get(parts[3], parts[3])}.{parts[-1]}"
             return f"middle_block.{index}.{rest}", shape
     elif kind == "vae":
         if key in MAP["vae"]:
