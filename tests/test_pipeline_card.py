@@ -208,16 +208,6 @@ def test_pipeline_card_info_refuses_a_source_that_is_not_a_model():
         )
 
 
-def _single_file_seeds_open() -> bool:
-    import hf_m2n2.single_file
-
-    # pipeline_seeds.open_single_file imports it; single_file.py does not have it yet on every branch
-    return hasattr(hf_m2n2.single_file, "read_single_file_keys")
-
-
-@pytest.mark.skipif(
-    not _single_file_seeds_open(), reason="single-file seeds cannot be opened on this branch yet"
-)
 def test_single_file_seed_rows_name_the_file_and_its_config_folder(pipelines, tmp_path):
     from hf_m2n2.pipeline_merge import export_single_file
 
@@ -226,7 +216,10 @@ def test_single_file_seed_rows_name_the_file_and_its_config_folder(pipelines, tm
     a = pipelines["sd1-a"]
     spec = {
         "merge_method": "linear",
-        "models": [{"model": str(a)}, {"model": str(single)}],
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.5}},
+            {"model": str(single), "parameters": {"weight": 0.5}},
+        ],
         "dtype": "float32",
         "components": {"text_encoder": {"from": str(single)}, "tokenizer": {"from": str(single)}},
     }
