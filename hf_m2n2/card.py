@@ -1,5 +1,8 @@
 """Lineage cards: README.md with Hub front matter (base_model, base_model_relation: merge, model-index, ...).
 
+Causal LMs are cards of the `transformers` library; merged text-to-image pipelines (`pipeline_merge`) are cards of
+the `diffusers` library with `pipeline_tag: text-to-image`, a component table and a diffusers usage snippet.
+
 A card is rendered from a `CardInfo` (plain data, saved next to the weights as `card.json`), so that
 `hf-m2n2 card OUT_DIR` can render it again after the template changes or evaluation results are added,
 without touching the weights.
@@ -50,14 +53,18 @@ class EvalScore:
 
 @dataclass
 class CardInfo:
-    """Everything a card shows. `kind` picks the template: `merge` (static recipe) or `evolve` (evolved model).
+    """Everything a card shows. `kind` picks the template: `merge` (static recipe), `evolve` (evolved model) or
+    `pipeline_merge` (static merge of text-to-image pipelines).
 
     Attributes:
         model_id: the name used in the usage snippet (the Hub repo id once known).
         models: `{name, role, revision}` per seed, in order.
         details: the template's kind-specific fields (merge: method, config_yaml, notes, chat_template;
-            evolve: tasks, score_rows, lineage, passes, run_seed, recipe_file, plot).
+            evolve: tasks, score_rows, lineage, passes, run_seed, recipe_file, plot; pipeline_merge: config_yaml,
+            notes, pipeline_class, family, components, variant, single_file).
         eval_results: the merged model's scores, published as the card's `model-index`.
+        library_name: the library that loads the model (`transformers`, `diffusers`), the card's `library_name`.
+        pipeline_tag: the Hub task (`text-to-image`); None leaves it to the Hub (LLM cards).
     """
 
     kind: str
@@ -72,6 +79,8 @@ class CardInfo:
     details: dict[str, Any] = field(default_factory=dict)
     eval_results: list[EvalScore] = field(default_factory=list)
     template: str | None = None  # a custom template's text (`hf-m2n2 card --template`), kept for re-rendering
+    library_name: str = "transformers"
+    pipeline_tag: str | None = None
 
     def save(self, directory: Path) -> None:
         (directory / CARD_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -144,6 +153,98 @@ def merge_card_info(
         tags=["merge", "hf-m2n2", method],
         details={"config_yaml": config_yaml.rstrip(), "notes": list(notes), "chat_template": chat_template},
     )
+
+
+@dataclass(frozen=True)
+class CardComponent:
+    """One row of a pipeline card's component table.
+
+    Attributes:
+        name: the component's folder (`unet`, `text_encoder`, `tokenizer`, ...).
+        class_name: its class in model_index.json (`UNet2DConditionModel`, `CLIPTokenizer`, ...).
+        source: the index in the card's models of the seed it is taken from whole; None when it is merged.
+        via: the folder its files came from when not the seed's own (a single-file seed's config folder).
+    """
+
+    name: str
+    class_name: str
+    source: int | None = None
+    via: str | None = None
+
+
+def pipeline_merge_card_info(
+    *,
+    model_name: str,
+    method: str,
+    paper: str,
+    models: Sequence[CardModel],
+    pipeline_class: str,
+    family: str,
+    components: Sequence[CardComponent],
+    config_yaml: str,
+    notes: Sequence[str] = (),
+    variant: str | None = None,
+    single_file: str | None = None,
+    tags: Sequence[str] = (),
+    model_id: str | None = None,
+) -> CardInfo:
+    """The card of a static merge of text-to-image pipelines: a `diffusers` card whose component table says which
+    components were merged and which seed each other one comes from.
+
+    Args:
+        models: every seed (merged ones and donors) with its role; all of them are the card's `base_model`.
+        pipeline_class: the diffusers pipeline class of the output (model_index.json's `_class_name`).
+        family: the seeds' family, for the text (`SD 1.x`, `SDXL`).
+        components: model_index.json's components, in its order.
+        variant: the weights variant the seeds were read in (`fp16`), if any.
+        single_file: the output's file name when the pipeline was written as one original-layout file
+            (`--output-format single_file`); the snippet then loads it with `from_single_file`.
+        tags: extra tags (the family's, e.g. `stable-diffusion-xl`).
+
+    Raises:
+        ValueError: a component's source is not an index into `models` (a bug in the caller).
+    """
+    license_, license_note = merged_license([m.model for m in models])
+    labels = _seed_labels([m.model for m in models])
+    rows = []
+    for c in components:
+        if c.source is not None and not 0 <= c.source < len(models):
+            raise ValueError(f"component {c.name}: source {c.source} is not one of the {len(models)} models")
+        source = "merged" if c.source is None else labels[c.source]
+        if c.via:
+            source += f" (its config folder {c.via})"
+        rows.append(
+            {"name": c.name, "class_name": c.class_name, "merged": c.source is None, "source": source}
+        )
+    return CardInfo(
+        kind="pipeline_merge",
+        model_name=model_name,
+        model_id=model_id or model_name,
+        method=method,
+        paper=paper,
+        models=[_model_entry(m.model, m.role) for m in models],
+        license=license_,
+        license_note=license_note,
+        tags=["merge", "hf-m2n2", method, *tags],
+        details={
+            "config_yaml": config_yaml.rstrip(),
+            "notes": list(notes),
+            "pipeline_class": pipeline_class,
+            "family": family,
+            "components": rows,
+            "variant": variant,
+            "single_file": single_file,
+        },
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+    )
+
+
+def _seed_labels(models: Sequence[ResolvedModel]) -> list[str]:
+    """How the component table names each seed: its name, or its pinned reference (`org/name@sha`) where two
+    seeds share a name (one repo at two revisions)."""
+    names = [m.name for m in models]
+    return [m.name if names.count(m.name) == 1 else m.pinned if m.commit else m.ref for m in models]
 
 
 def evolve_card_info(
@@ -231,7 +332,7 @@ def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None, 
 
     results = [
         EvalResult(
-            task_type="text-generation",
+            task_type=info.pipeline_tag or "text-generation",
             dataset_type=e.dataset or e.task,
             dataset_name=e.dataset or e.task,
             metric_type=e.metric,
@@ -244,7 +345,8 @@ def render_card(info: CardInfo, template: str | os.PathLike[str] | None = None, 
     base_models = [name for name in dict.fromkeys(m["name"] for m in linked) if name not in local]
     data = ModelCardData(
         base_model=base_models or None,
-        library_name="transformers",
+        library_name=info.library_name,
+        pipeline_tag=info.pipeline_tag,
         license=info.license,
         tags=list(dict.fromkeys(info.tags)),
         model_name=info.model_name,

@@ -51,7 +51,27 @@ class TensorInfo:
         return tensor_nbytes(self.shape, self.dtype)
 
 
-class Checkpoint:
+class TensorIndex:
+    """Names, shapes and dtypes of a lazy checkpoint's tensors (`_infos`), looked up with one error for a miss."""
+
+    path: Path
+    _infos: dict[str, TensorInfo]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found") from None
+
+
+class Checkpoint(TensorIndex):
     """Read-only, lazy view of the tensors of one model directory.
 
     Tensors are read one at a time on request; nothing is loaded at construction beyond the file headers.
@@ -80,19 +100,6 @@ class Checkpoint:
         for file in files:
             for name, info in self._read_header(file).items():
                 self._infos.setdefault(name, info)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name!r} not found") from None
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor (or its rows [start, stop) along dim 0) into a new CPU tensor of its stored dtype."""

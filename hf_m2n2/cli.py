@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _lenient_flag(merge)
     merge.add_argument(
+        "--output-format",
+        choices=("diffusers", "single_file"),
+        default="diffusers",
+        help="pipelines: a diffusers folder (default), or one .safetensors in the original (A1111/ComfyUI) layout",
+    )
+    merge.add_argument(
         "--lazy-unpickle", action="store_true", help=argparse.SUPPRESS
     )  # mergekit compatibility
     _push_flags(merge)
@@ -223,6 +229,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         push_to_hub=args.push,
         private=args.private,
         lenient_parameters=args.lenient_parameters,
+        output_format=args.output_format,
     )
     result = run_merge(args.config, args.out_dir, options)
     if not args.quiet:

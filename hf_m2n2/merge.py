@@ -60,6 +60,9 @@ class MergeOptions:
     push_to_hub: str | None = None  # overrides the spec's output.push_to_hub
     private: bool | None = None  # overrides output.private
     lenient_parameters: bool = False  # warn about and ignore parameter names the method does not declare
+    output_format: str = (
+        "diffusers"  # pipelines: `diffusers` (a folder) or `single_file` (the original layout)
+    )
 
 
 @dataclass
@@ -108,7 +111,7 @@ def merge(
     refs = spec.referenced_models()
     seeds = _open_seeds(spec, refs, spec_dir, options.trust_remote_code)
     try:
-        kind = seeds_kind(spec, seeds)
+        kind = seeds_kind(spec, seeds, options)
         result = kind.merge(spec, seeds, refs, out_dir, options, spec_text, target)
     finally:
         for seed in seeds:
@@ -133,7 +136,7 @@ def _open_seeds(
     )
 
 
-def seeds_kind(spec: MergeSpec, seeds: list[Seed]) -> ModelKind:
+def seeds_kind(spec: MergeSpec, seeds: list[Seed], options: MergeOptions | None = None) -> ModelKind:
     """The one model kind of the seeds (which plans and writes the merge).
 
     Raises:
@@ -145,6 +148,8 @@ def seeds_kind(spec: MergeSpec, seeds: list[Seed]) -> ModelKind:
         detail = ", ".join(f"{s.name}: {s.kind}" for s in seeds)
         raise CheckpointError(f"seeds of different kinds cannot be merged ({detail})")
     kind = model_kind(kinds.pop())
+    if kind.name == "causal_lm" and options is not None and options.output_format != "diffusers":
+        raise SpecError("--output-format", f"{options.output_format}: only for text-to-image pipeline seeds")
     if kind.name == "causal_lm":
         for key in ("components", "variant", "single_file_config"):
             if getattr(spec, key) is not None:

@@ -258,6 +258,21 @@ def write_pipeline(
     return planned
 
 
+def export_single_file(folder: Path, out_file: Path) -> None:
+    """Write a diffusers folder's weights as one `.safetensors` in the original layout (A1111 / ComfyUI /
+    `from_single_file`), tensor by tensor."""
+    from hf_m2n2.hub import ResolvedModel
+    from hf_m2n2.pipeline_seeds import open_pipeline_folder
+    from hf_m2n2.single_file import write_single_file
+
+    seed = open_pipeline_folder(ResolvedModel(ref=str(folder), path=folder))
+    try:
+        configs = {name: c.config for name, c in seed.components.items()}
+        write_single_file(out_file, seed.checkpoint.names, seed.checkpoint.get, configs)
+    finally:
+        seed.checkpoint.close()
+
+
 def merge_pipelines(spec, seeds, refs, out_dir: Path, options, spec_text, target):
     """`hf-m2n2 merge` of pipeline seeds into a diffusers folder at `out_dir` (atomic)."""
     from hf_m2n2.merge import MergeResult
@@ -265,32 +280,74 @@ def merge_pipelines(spec, seeds, refs, out_dir: Path, options, spec_text, target
 
     seed_index = {ref: i for i, ref in enumerate(refs)}
     plan = plan_pipeline_merge(spec, seeds, seed_index, options)
+    single_file = options.output_format == "single_file"
     with atomic_output_dir(out_dir, options.overwrite) as tmp:
-        planned = write_pipeline(tmp, plan, seeds, options, options.out_shard_size)
+        folder = tmp / ".pipeline" if single_file else tmp
+        folder.mkdir(exist_ok=True)
+        planned = write_pipeline(folder, plan, seeds, options, options.out_shard_size)
+        if single_file:  # the whole pipeline, merged and donated parts, in the original layout
+            export_single_file(folder, tmp / f"{out_dir.name}.safetensors")
+            shutil.rmtree(folder)
         recipe_text = spec_text if spec_text is not None and spec.output is None else spec.to_yaml()
         (tmp / "merge_config.yaml").write_text(recipe_text)
         model_id = target.repo_id if target else str(out_dir)
-        _write_card(tmp, out_dir.name, spec, seeds, seed_index, plan, model_id)
+        file = f"{out_dir.name}.safetensors" if single_file else None
+        _write_card(tmp, out_dir.name, spec, seeds, seed_index, plan, model_id, file)
     return MergeResult(
         out_dir, [s.model for s in seeds], len(planned), sum(p.nbytes for p in planned), plan.recipe.notes
     )
 
 
 def _write_card(
-    tmp: Path, model_name: str, spec, seeds, seed_index, plan: PipelinePlan, model_id: str
+    tmp: Path,
+    model_name: str,
+    spec,
+    seeds,
+    seed_index,
+    plan: PipelinePlan,
+    model_id: str,
+    single_file: str | None = None,
 ) -> None:
-    from hf_m2n2.card import CardModel, merge_card_info, write_card
+    """README.md and card.json of a merged pipeline: a diffusers text-to-image card whose base models are every
+    seed (role: base, merged, donor), with each component merged or taken from which seed, the recipe and a
+    diffusers usage snippet (`from_single_file` when the output is the one file `single_file`)."""
+    from hf_m2n2.card import CardComponent, CardModel, pipeline_merge_card_info, write_card
     from hf_m2n2.methods import get_method
 
-    base = spec.base_ref()
-    models = [CardModel(seeds[i].model, "base" if ref == base else "merged") for ref, i in seed_index.items()]
-    info = merge_card_info(
+    base, merged_refs = spec.base_ref(), {model_ref_string(m.model) for m in spec.models or []}
+    position = {i: n for n, i in enumerate(seed_index.values())}  # seed index -> its row in the card's models
+    models = []
+    for ref, i in seed_index.items():
+        role = "base" if ref == base else "merged" if ref in merged_refs else "donor"
+        if role != "donor" and i in plan.donors.values():
+            role += ", donor"
+        models.append(CardModel(seeds[i].model, role))
+    reference = seeds[plan.reference]
+    components = []
+    for name, (_, class_name) in listed_components(reference.config).items():
+        donor = plan.donors.get(name)
+        via = None
+        if donor is not None and seeds[donor].single_file is not None and name not in seeds[donor].components:
+            # a single file holds weights only: its tokenizers and scheduler come from its config folder
+            folder = seeds[donor].folder
+            owner = next((s for s in seeds if Path(s.model.path) == folder), None)
+            config_ref = spec.single_file_config and model_ref_string(spec.single_file_config)
+            via = owner.name if owner else config_ref or folder.name
+        components.append(CardComponent(name, class_name, None if donor is None else position[donor], via))
+    family = reference.family
+    info = pipeline_merge_card_info(
         model_name=model_name,
         method=plan.recipe.method,
         paper=get_method(plan.recipe.method).paper,
         models=models,
+        pipeline_class=reference.config.get("_class_name") or family.pipeline_class,
+        family=family.label,
+        components=components,
         config_yaml=(tmp / "merge_config.yaml").read_text(),
         notes=plan.recipe.notes,
+        variant=spec.variant,
+        single_file=single_file,
+        tags=["stable-diffusion-xl" if family.name == "sdxl" else "stable-diffusion"],
         model_id=model_id,
     )
     write_card(tmp, info)

@@ -263,22 +263,22 @@ def open_single_file(model: Any, config_seed: PipelineSeed | None) -> PipelineSe
     Raises:
         CheckpointError: the keys match no known layout, no config folder, or a folder of another family.
     """
-    from hf_m2n2.single_file import SingleFileCheckpoint, detect_single_file_family, read_single_file_keys
+    from hf_m2n2.single_file import SingleFileCheckpoint
 
     file = Path(model.path)
-    family_name = detect_single_file_family(read_single_file_keys(file), file)
     if config_seed is None:
         raise CheckpointError(
             f"{file}: a single-file seed takes its configs from a diffusers folder of its family: give "
             "single_file_config (a diffusers folder or repo), or list such a pipeline among the models"
         )
-    if config_seed.family.name != family_name:
+    configs = {name: c.config for name, c in config_seed.components.items()}
+    single = SingleFileCheckpoint(file, configs)  # refuses a file of another family than the configs'
+    if single.family != config_seed.family.name:
+        single.close()
         raise CheckpointError(
-            f"{file}: a {family_name} single file, but its config folder {config_seed.name} is "
+            f"{file}: a {single.family} single file, but its config folder {config_seed.name} is "
             f"{config_seed.family.label}"
         )
-    configs = {name: c.config for name, c in config_seed.components.items()}
-    single = SingleFileCheckpoint(file, configs)
     present = {n.split("/", 1)[0] for n in single.names}
     components = {name: replace(c, files=[]) for name, c in config_seed.components.items() if name in present}
     checkpoint = PipelineCheckpoint(file, {name: _ComponentOfFile(single, name) for name in components})

@@ -108,8 +108,10 @@ def push_folder(
     if constants.HF_HUB_OFFLINE:
         raise PushError(f"{repo_id}: HF_HUB_OFFLINE=1 is set: unset it to push (nothing was sent)")
     out = Path(out_dir)
-    if not out.is_dir() or not any(out.glob("*.safetensors")):
-        raise PushError(f"{out}: not a model directory (no *.safetensors files)")
+    # a diffusers pipeline keeps its weights in component folders (unet/, vae/, ...)
+    weights = "*/*.safetensors" if (out / "model_index.json").is_file() else "*.safetensors"
+    if not out.is_dir() or not any(out.glob(weights)):
+        raise PushError(f"{out}: not a model directory (no {weights} files)")
     check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or default_commit_message(out)

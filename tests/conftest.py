@@ -112,7 +112,7 @@ def cached_repo(seeds, hf_home) -> dict[str, str]:
 def pipelines(tmp_path_factory) -> dict[str, Path]:
     """Tiny diffusers pipelines (hf_m2n2.demo.tiny_pipelines): per family a base and two UNet fine-tunes of it
     (`sd1`, `sd1-a`, `sd1-b`, `sdxl`, `sdxl-a`, `sdxl-b`, `sd2`); `sd1-a` also has an fp16 variant of its weights,
-    `sd1-te` a fine-tuned text encoder too."""
+    `sd1-te` a fine-tuned text encoder too, `sd1-b-sharded` is `sd1-b` saved in shards."""
     from hf_m2n2.demo.tiny_pipelines import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipelines")
@@ -125,6 +125,9 @@ def pipelines(tmp_path_factory) -> dict[str, Path]:
         out[f"{family}-b"] = build_tiny_pipeline(root / f"{family}-b", family, seed=2, base_seed=0)
     out["sd1-te"] = build_tiny_pipeline(
         root / "sd1-te", "sd1", seed=3, base_seed=0, components=("unet", "text_encoder")
+    )
+    out["sd1-b-sharded"] = build_tiny_pipeline(
+        root / "sd1-b-sharded", "sd1", seed=2, base_seed=0, max_shard_size="300KB"
     )
     out["sd2"] = build_tiny_pipeline(root / "sd2", "sd2", seed=0)
     return out

@@ -258,3 +258,149 @@ def test_bad_pipeline_input_is_one_line_exit_2_nothing_written(
     assert len(lines) == 1 and expected in lines[0], err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_validate_plans_a_pipeline_merge_without_writing(cli, write_spec, pipelines, tmp_path):
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    code, out, err = cli("validate", write_spec(_linear_spec(a, b, components={"vae": {"from": str(b)}})))
+    assert code == 0, err
+    code, out, err = cli("validate", write_spec(_linear_spec(a, pipelines["sdxl-b"])))
+    assert code == 2 and "different families" in err
+
+
+def _method_spec(method, pipelines) -> dict:
+    from hf_m2n2.methods import get_method
+
+    m = get_method(method)
+    base, a, b = (str(pipelines[k]) for k in ("sd1", "sd1-a", "sd1-b"))
+    per_model = {p.name: 0.5 for p in m.model_params if p.name in ("weight", "density")}
+    spec = {
+        "merge_method": method,
+        "models": [{"model": ref, "parameters": per_model} for ref in ([a] if m.max_models == 1 else [a, b])],
+        "parameters": {"t": 0.5} if any(p.name == "t" for p in m.params) else {},
+        "dtype": "float32",
+    }
+    if m.uses_base == "required":
+        spec["base_model"] = base
+    return spec
+
+
+@pytest.mark.parametrize(
+    "method", sorted(m.name for m in __import__("hf_m2n2.methods", fromlist=["all_methods"]).all_methods())
+)
+def test_every_merge_method_merges_unets(cli, write_spec, pipelines, tmp_path, method):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "out"
+    code, err = _merge(cli, write_spec, _method_spec(method, pipelines), out)
+    assert code == 0, err
+    merged, ua = _unet(out), _unet(pipelines["sd1-a"])
+    assert {n: t.shape for n, t in merged.items()} == {n: t.shape for n, t in ua.items()}
+    assert all(torch.isfinite(t).all() for t in merged.values())
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    sample = unet(torch.zeros(1, 4, 8, 8), 10, encoder_hidden_states=torch.zeros(1, 4, 32)).sample
+    assert torch.isfinite(sample).all()
+
+
+def test_sharded_components_in_and_out(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    a, b, sharded = pipelines["sd1-a"], pipelines["sd1-b"], pipelines["sd1-b-sharded"]
+    assert (sharded / "unet/diffusion_pytorch_model.safetensors.index.json").is_file()
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _merge(cli, write_spec, _linear_spec(a, b), whole)[0] == 0
+    code, _, err = cli(
+        "merge", write_spec(_linear_spec(a, sharded)), split, "-q", "--out-shard-size", "200KB"
+    )
+    assert code == 0, err
+    index = json.loads((split / "unet/diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = DiffusionPipeline.from_pretrained(str(split)).unet.state_dict()
+    for name, tensor in _unet(whole).items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def single_b(pipelines, tmp_path_factory) -> Path:
+    """`sd1-b` as one original-layout single file (what A1111 / ComfyUI / Civitai users have)."""
+    from hf_m2n2.pipeline_merge import export_single_file
+
+    file = tmp_path_factory.mktemp("single") / "sd1-b.safetensors"
+    export_single_file(pipelines["sd1-b"], file)
+    return file
+
+
+def test_single_file_seed_merges_as_its_folder_does(cli, write_spec, pipelines, single_b, tmp_path):
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    from_folder, from_file = tmp_path / "folder", tmp_path / "file"
+    assert _merge(cli, write_spec, _linear_spec(a, b), from_folder)[0] == 0
+    # the single file takes its configs from the folder seed a; its text encoder is taken whole from it
+    spec = _linear_spec(a, single_b, components={"text_encoder": {"from": str(single_b)}})
+    code, err = _merge(cli, write_spec, spec, from_file)
+    assert code == 0, err
+    assert _unet(from_file).keys() == _unet(from_folder).keys()
+    for name, tensor in _unet(from_folder).items():
+        assert torch.equal(_unet(from_file)[name], tensor), name
+    te = load_file(from_file / "text_encoder/model.safetensors")
+    expected = load_file(b / "text_encoder/model.safetensors")
+    assert te.keys() == expected.keys() and all(torch.equal(te[k], expected[k]) for k in te)
+
+
+def test_single_file_output_round_trips_and_loads(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    from hf_m2n2.single_file import SingleFileCheckpoint
+
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    folder_out, file_out = tmp_path / "folder", tmp_path / "merged"
+    assert _merge(cli, write_spec, _linear_spec(a, b), folder_out)[0] == 0
+    code, _, err = cli(
+        "merge", write_spec(_linear_spec(a, b)), file_out, "-q", "--output-format", "single_file"
+    )
+    assert code == 0, err
+    file = file_out / "merged.safetensors"
+    assert sorted(p.name for p in file_out.iterdir() if p.suffix == ".safetensors") == ["merged.safetensors"]
+    assert not (file_out / "unet").exists()
+    reference = DiffusionPipeline.from_pretrained(str(folder_out))
+    configs = {c: getattr(reference, c).config for c in ("unet", "vae")}
+    configs["text_encoder"] = reference.text_encoder.config.to_dict()
+    with SingleFileCheckpoint(file, configs) as ckpt:  # folder -> single file -> folder: the same tensors
+        for component in ("unet", "vae", "text_encoder"):
+            for key, value in getattr(reference, component).state_dict().items():
+                name = f"{component}/{key}"
+                if name in ckpt:
+                    assert torch.equal(ckpt.get(name), value), name
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(file),
+        config=str(folder_out),
+        local_files_only=True,
+        tokenizer=reference.tokenizer,
+        scheduler=reference.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for key, value in reference.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[key], value), key
+
+
+def test_bad_single_file_inputs_are_one_line(cli, write_spec, pipelines, single_b, tmp_path):
+    from safetensors.torch import save_file
+
+    a = pipelines["sd1-a"]
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"foo.weight": torch.zeros(2), "bar.bias": torch.zeros(2)}, unknown)
+    for spec, expected in [
+        (_linear_spec(a, unknown), "keys match no known single-file layout"),
+        (_linear_spec(single_b, single_b.with_name("x.safetensors")), "does not exist"),
+        (
+            {"merge_method": "linear", "models": [{"model": str(single_b), "parameters": {"weight": 1.0}}]},
+            "give single_file_config",
+        ),
+        (_linear_spec(pipelines["sdxl-a"], single_b), "single file"),
+    ]:
+        out = tmp_path / "out"
+        code, err = _merge(cli, write_spec, spec, out)
+        lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], err
+        assert not out.exists()

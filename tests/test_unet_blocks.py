@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from hf_m2n2.single_file import RESNET_TO_LDM  # diffusers resnet renames, read backwards
 from hf_m2n2.unet_blocks import unet_block_map, unet_block_names, unet_block_of
 
 # The UNet config.json of stable-diffusion-v1-5 (block layout and everything the model needs to be built).
@@ -107,16 +108,6 @@ TINY_UNET = {
 
 CONFIGS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET}
 
-# diffusers' resnet renames (update_unet_resnet_ldm_to_diffusers), read backwards.
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-
 
 def _keys(config: dict) -> list[str]:
     """The state-dict keys of a UNet2DConditionModel built on the meta device (no memory, no weights)."""
@@ -166,7 +157,7 @@ def _ldm_key(key: str, config: dict) -> str:
 def _renamed(rest: list[str], kind: str) -> list[str]:
     if kind != "resnets":
         return rest
-    head = _RESNET_TO_LDM.get(rest[0], rest[0])
+    head = RESNET_TO_LDM.get(rest[0], rest[0])
     return [*head.split("."), *rest[1:]]
 
 

@@ -17,6 +17,7 @@ import torch
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 _TEXT_HIDDEN = 32
+_TEXT_HIDDEN_2 = 48  # SDXL's second text encoder is wider than its first (1280 vs 768), as diffusers expects
 _TIME_DIM = 8  # SDXL's addition_time_embed_dim (256 in the real model)
 
 
@@ -36,18 +37,18 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
 
 
-def _text_config(vocab_size: int, family: str, projection_dim: int | None = None):
+def _text_config(vocab_size: int, family: str, projection_dim: int | None = None, hidden: int = _TEXT_HIDDEN):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=_TEXT_HIDDEN,
+        hidden_size=hidden,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
         hidden_act="gelu" if family != "sd1" else "quick_gelu",
-        projection_dim=projection_dim or _TEXT_HIDDEN,
+        projection_dim=projection_dim or hidden,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
@@ -72,11 +73,11 @@ def _unet(family: str):
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 1, 2),
             attention_head_dim=(2, 4, 4),
-            cross_attention_dim=2 * _TEXT_HIDDEN,
+            cross_attention_dim=_TEXT_HIDDEN + _TEXT_HIDDEN_2,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=_TIME_DIM,
-            projection_class_embeddings_input_dim=_TEXT_HIDDEN + 6 * _TIME_DIM,
+            projection_class_embeddings_input_dim=_TEXT_HIDDEN_2 + 6 * _TIME_DIM,
         )
     return UNet2DConditionModel(  # SD 1.x / 2.x: cross-attention down blocks then a plain one
         **common,
@@ -122,7 +123,9 @@ def build_pipeline(family: str = "sd1", *, seed: int = 0):
     text_config = _text_config(len(tokenizer), family)
     unet, vae, text_encoder = _unet(family), _vae(), CLIPTextModel(text_config)
     if family == "sdxl":
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer), family, _TEXT_HIDDEN))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _text_config(len(tokenizer), family, _TEXT_HIDDEN_2, hidden=_TEXT_HIDDEN_2)
+        )
         scheduler = EulerDiscreteScheduler(
             beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
         )

@@ -13,7 +13,6 @@ import torch
 
 from hf_m2n2.errors import CheckpointError
 from hf_m2n2.models.base import ModelKind
-from hf_m2n2.pipeline_seeds import check_families, is_pipeline, open_pipeline_folder, open_single_file
 
 
 class PipelineKind(ModelKind):
@@ -22,14 +21,20 @@ class PipelineKind(ModelKind):
     name = "pipeline"
 
     def recognizes(self, directory: Path) -> bool:
+        from hf_m2n2.pipeline_seeds import is_pipeline  # imported here: pipeline_seeds imports models.base
+
         return is_pipeline(directory)
 
     def open_seed(self, model: Any, *, variant: str | None = None, config_seed: Any = None) -> Any:
+        from hf_m2n2.pipeline_seeds import open_pipeline_folder, open_single_file
+
         if Path(model.path).is_file():
             return open_single_file(model, config_seed)
         return open_pipeline_folder(model, variant)
 
     def check_fit(self, seeds: Sequence[Any], names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
+        from hf_m2n2.pipeline_seeds import check_families
+
         check_families(seeds)
         shapes = []
         for name in names:
