@@ -153,20 +153,34 @@ def test_stale_offload_folder_is_not_reused(opened, pipelines, tmp_path):
     assert torch.equal(_image(live.model), _image(_loaded(pipelines["sd1-a"])))
 
 
-def test_seed_without_a_component_takes_it_from_its_config_folder(opened, pipelines):
-    """As a UNet-only single file does: the UNet from the seed, the rest from the folder its configs come from."""
+@pytest.mark.parametrize(
+    "components", [("unet", "vae", "text_encoder"), ("unet",)], ids=["whole", "unet-only"]
+)
+def test_single_file_seed_fills_from_the_file_and_its_config_folder(opened, pipelines, tmp_path, components):
+    """An original-layout file of b: its components from the file, the others (a UNet-only file's VAE and text
+    encoder) and the tokenizer, scheduler and model_index.json from its config folder (the base sd1)."""
     from diffusers import UNet2DConditionModel
 
+    from hf_m2n2.single_file import write_single_file
+
     b = opened[1]
-    unet_only = replace(
-        b,
-        checkpoint=b.checkpoint.only(["unet"]),
-        components={"unet": b.components["unet"]},
-        folder=pipelines["sd1"],
-    )
-    live = LivePipeline(unet_only)
-    unet_b = UNet2DConditionModel.from_pretrained(str(pipelines["sd1-b"] / "unet"))
-    assert torch.equal(_image(live.model), _image(_loaded(pipelines["sd1"], unet=unet_b)))
+    names = [n for n in b.checkpoint.names if n.split("/")[0] in components]
+    configs = {c: b.components[c].config for c in components}
+    file = write_single_file(tmp_path / "b.safetensors", names, b.checkpoint.get, configs)
+    seeds = open_seeds([str(pipelines["sd1"]), str(file)])
+    try:
+        assert seeds[1].single_file is not None
+        live = LivePipeline(seeds[1])
+        assert set(live.names) == set(opened[0].checkpoint.names)
+        if len(components) == 3:
+            expected = _loaded(pipelines["sd1-b"])
+        else:
+            expected = _loaded(
+                pipelines["sd1"], unet=UNet2DConditionModel.from_pretrained(str(pipelines["sd1-b"] / "unet"))
+            )
+        assert torch.equal(_image(live.model), _image(expected))
+    finally:
+        close_seeds(seeds)
 
 
 def test_variant_weights_and_transformers4_text_encoder_keys(pipelines, tmp_path):
@@ -316,3 +330,30 @@ def test_export_of_a_method_genome_run_over_pipelines(pipelines, tmp_path):
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, 0.25 * ua[name] + 0.75 * ub[name], rtol=0, atol=1e-6)
     _image(_loaded(out))
+
+
+def test_rebuild_with_a_single_file_seed_fixed(recipe, rebuilt, opened, pipelines, tmp_path):
+    """b as an original-layout file, and the fixed seed: its VAE and text encoder streamed out of the file."""
+    from hf_m2n2.blend_ops import rebuild
+    from hf_m2n2.single_file import write_single_file
+
+    b = opened[1]
+    configs = {c: comp.config for c, comp in b.components.items()}
+    file = write_single_file(tmp_path / "b.safetensors", b.checkpoint.names, b.checkpoint.get, configs)
+    seeds = open_seeds([str(pipelines["sd1-a"]), str(file)])
+    try:
+        original = BlendRecipe.load(recipe[0])
+        again = replace(original, seeds=[seed_record(s) for s in seeds], fixed_from=1)
+        again.save(tmp_path / "recipe.json")
+    finally:
+        close_seeds(seeds)
+    out = rebuild(tmp_path / "recipe.json", tmp_path / "out")
+    unet, expected = (
+        load_file(out / UNET),
+        load_file(rebuilt / UNET),
+    )  # the file's tensors are b's, bit for bit
+    assert set(unet) == set(expected) and all(torch.equal(t, expected[k]) for k, t in unet.items())
+    vae = load_file(out / "vae/diffusion_pytorch_model.safetensors")
+    assert set(vae) == {n.split("/", 1)[1] for n in b.checkpoint.names if n.startswith("vae/")}
+    assert all(torch.equal(t, b.checkpoint.get(f"vae/{k}")) for k, t in vae.items())
+    assert torch.equal(_image(_loaded(out)), _image(_loaded(pipelines["sd1-b"], unet=_loaded(out).unet)))
