@@ -143,7 +143,7 @@ def test_usage_snippet_loads_the_output_and_generates(
     text = (out / "README.md").read_text()
     code = _snippet(text)
     assert f'model_id = "{out}"' in code
-    assert "DiffusionPipeline.from_pretrained(model_id, torch_dtype=" in code
+    assert "DiffusionPipeline.from_pretrained(model_id, dtype=" in code
     namespace = _run_snippet(code, tmp_path, monkeypatch)
     pipe = namespace["pipe"]
     assert type(pipe).__name__ == pipeline_class and f"# a {pipeline_class}" in code
