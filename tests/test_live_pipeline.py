@@ -357,3 +357,21 @@ def test_rebuild_with_a_single_file_seed_fixed(recipe, rebuilt, opened, pipeline
     assert set(vae) == {n.split("/", 1)[1] for n in b.checkpoint.names if n.startswith("vae/")}
     assert all(torch.equal(t, b.checkpoint.get(f"vae/{k}")) for k, t in vae.items())
     assert torch.equal(_image(_loaded(out)), _image(_loaded(pipelines["sd1-b"], unet=_loaded(out).unet)))
+
+
+def test_recipe_records_the_weights_variant_and_rebuild_reads_it(pipelines, tmp_path):
+    from hf_m2n2.blend_ops import rebuild
+
+    (seed,) = open_seeds([str(pipelines["sd1-a"])], variant="fp16")
+    try:
+        names = [n for n in seed.checkpoint.names if n.startswith("unet/")]
+        layout = evolved_layout([seed], names, 4096)
+        record = seed_record(seed)
+        recipe = BlendRecipe([record], names, 4096, 0, "float32", Blend.seed(0, 1, layout.num_blocks))
+        recipe.save(tmp_path / "recipe.json")
+    finally:
+        close_seeds([seed])
+    assert record["variant"] == "fp16"
+    unet = load_file(rebuild(tmp_path / "recipe.json", tmp_path / "out") / UNET)
+    fp16 = load_file(pipelines["sd1-a"] / "unet/diffusion_pytorch_model.fp16.safetensors")
+    assert set(unet) == set(fp16) and all(torch.equal(t, fp16[k].float()) for k, t in unet.items())
