@@ -204,11 +204,11 @@ def _apply(tensor: torch.Tensor, ops: Ops) -> torch.Tensor:
     return tensor
 
 
-def _row_range(ops: Ops, rows: int) -> tuple[int, int] | None:
-    """(start, stop) when `ops` only take a contiguous block of rows (dim 0) of a tensor with `rows` rows."""
-    if len(ops) != 1 or ops[0][0] != "index":
+def _row_range(steps: Ops, rows: int) -> tuple[int, int] | None:
+    """(start, stop) when `steps` only take a contiguous block of rows (dim 0) of a tensor with `rows` rows."""
+    if len(steps) != 1 or steps[0][0] != "index":
         return None
-    idx = ops[0][1] if isinstance(ops[0][1], tuple) else (ops[0][1],)
+    idx = steps[0][1] if isinstance(steps[0][1], tuple) else (steps[0][1],)
     if not isinstance(idx[0], slice) or idx[0].step not in (None, 1):
         return None
     if any(i != slice(None) for i in idx[1:]):
