@@ -315,6 +315,11 @@ def _resolve(ref, base_dir, token, cache_dir, patterns, what, seed: _Seed | None
         if candidate.is_dir() or (candidate.is_file() and candidate.suffix == ".safetensors"):
             # a single-file pipeline checkpoint is a file
             return ResolvedModel(ref=ref, path=candidate, variant=variant)
+        if candidate.is_file():
+            raise ModelResolutionError(
+                f"{ref}: a {candidate.suffix or 'plain'} file: only .safetensors single files are read "
+                "(a pickled .ckpt can run code when loaded): convert it to .safetensors first"
+            )
     repo_id, revision = split_reference(ref)
     if _looks_like_path(repo_id):
         raise ModelResolutionError(f"{what} {ref!r} does not exist")

@@ -198,8 +198,11 @@ def _source(seed: PipelineSeed, name: str, library: str) -> Any:
     parts = getattr(seed.checkpoint, "parts", {})
     if name in parts:
         return parts[name]
+    component = seed.components.get(name)
+    if component is not None and component.files:  # a single file's seed: the config folder's weights
+        return Checkpoint(component.path, files=component.files)
     folder = Path(seed.folder or seed.model.path) / name
-    files = component_weight_files(folder, name, library, None)
+    files = component_weight_files(folder, name, library, seed.variant)
     if not files:
         raise CheckpointError(f"{seed.name}: no weights for component {name} (in the seed or in {folder})")
     return Checkpoint(folder, files=files)

@@ -26,6 +26,8 @@ from hf_m2n2.spec import MergeSpec, model_ref_string
 from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
 MERGED_BY_DEFAULT = ("unet",)
+# what an original-layout single file holds (a safety checker or image encoder has no place in it)
+SINGLE_FILE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -95,6 +97,8 @@ def plan_components(
                     f"components.{name}.from", f"{ref!r} is not one of the spec's models ({known})"
                 )
             donors[name] = seed_index[ref]
+    for name, donor in donors.items():
+        _check_donor(seeds[donor], name)
     if not merged:
         raise SpecError("components", "no component is merged")
     used = [
@@ -105,13 +109,24 @@ def plan_components(
     return merged, donors, reference
 
 
+def _check_donor(seed: PipelineSeed, name: str) -> None:
+    """The donor has the component to copy (checked before anything is written)."""
+    folder = seed.folder or Path(seed.model.path)
+    if name not in seed.components and not (folder / name).is_dir():
+        raise CheckpointError(
+            f"{seed.name}: component {name} is missing ({folder / name}): nothing to take it from"
+        )
+    if name not in seed.components and (folder / name / "config.json").is_file():
+        raise CheckpointError(f"{seed.name}: component {name} has a config but no weights ({folder / name})")
+
+
 def _check_same_component(name: str, seeds: list[PipelineSeed]) -> None:
     """A merged component must be the same architecture in every seed (JSDXL's Japanese text encoder is not
     SDXL's CLIP)."""
     signatures = {}
     for seed in seeds:
         component = seed.components.get(name)
-        if component is None:
+        if component is None or name not in seed.checkpoint.parts:
             raise CheckpointError(f"{seed.name} has no {name} weights to merge")
         config = component.config
         signatures[seed.name] = (
@@ -208,18 +223,17 @@ def copy_component(seed: PipelineSeed, name: str, dst: Path, shard_size: int) ->
     for file in source.iterdir():
         if file.is_file() and file.suffix not in (".safetensors", ".bin") and ".index" not in file.name:
             _link_or_copy(file, target / file.name)
-    if seed.single_file is not None:
+    if not component.files:  # the weights are the single file's
         _stream_component(seed, name, target, shard_size)
         return
     renames = {f.name: _plain_name(f.name, seed.variant) for f in component.files}
     for file in component.files:
         _link_or_copy(file, target / renames[file.name])
-    if len(component.files) > 1:
-        stem = component.stem if component.files[0].name.startswith(component.stem) else "model"
-        infix = f".{seed.variant}" if seed.variant else ""
-        index = json.loads((source / f"{stem}.safetensors.index{infix}.json").read_text())
+    if component.index is not None:  # its shards' index, under the plain name, naming the renamed shards
+        index = json.loads(component.index.read_text())
         index["weight_map"] = {k: renames[v] for k, v in index["weight_map"].items()}
-        (target / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        plain = _plain_name(component.index.name, seed.variant)
+        (target / plain).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _plain_name(file_name: str, variant: str | None) -> str:
@@ -253,9 +267,16 @@ def write_pipeline(
     planned = write_merged_components(out, plan, options, shard_size)
     for name, donor in plan.donors.items():
         copy_component(seeds[donor], name, out, shard_size)
-    reference = seeds[plan.reference]
-    shutil.copyfile((reference.folder or reference.model.path) / "model_index.json", out / "model_index.json")
+    (out / "model_index.json").write_text(json.dumps(output_model_index(plan, seeds), indent=2) + "\n")
     return planned
+
+
+def output_model_index(plan: PipelinePlan, seeds: list[PipelineSeed]) -> dict[str, Any]:
+    """The reference's model_index.json, each donated component's [library, class] the donor's."""
+    index = dict(seeds[plan.reference].config)
+    for name, donor in plan.donors.items():
+        index[name] = list(listed_components(seeds[donor].config).get(name, index[name]))
+    return index
 
 
 def export_single_file(folder: Path, out_file: Path) -> None:
@@ -267,8 +288,13 @@ def export_single_file(folder: Path, out_file: Path) -> None:
 
     seed = open_pipeline_folder(ResolvedModel(ref=str(folder), path=folder))
     try:
-        configs = {name: c.config for name, c in seed.components.items()}
-        write_single_file(out_file, seed.checkpoint.names, seed.checkpoint.get, configs)
+        kept = [c for c in seed.components if c in SINGLE_FILE_COMPONENTS]  # no safety checker in the layout
+        configs = {name: seed.components[name].config for name in kept}
+        names = [n for n in seed.checkpoint.names if n.split("/", 1)[0] in kept]
+        dtype = seed.checkpoint.info(
+            next(n for n in names if n.startswith("unet/"))
+        ).dtype  # the merged UNet's
+        write_single_file(out_file, names, seed.checkpoint.get, configs, dtype=dtype)
     finally:
         seed.checkpoint.close()
 
@@ -324,11 +350,15 @@ def _write_card(
         models.append(CardModel(seeds[i].model, role))
     reference = seeds[plan.reference]
     components = []
-    for name, (_, class_name) in listed_components(reference.config).items():
+    for name, (_, class_name) in listed_components(output_model_index(plan, seeds)).items():
         donor = plan.donors.get(name)
         via = None
-        if donor is not None and seeds[donor].single_file is not None and name not in seeds[donor].components:
-            # a single file holds weights only: its tokenizers and scheduler come from its config folder
+        if (
+            donor is not None
+            and seeds[donor].single_file is not None
+            and name not in seeds[donor].checkpoint.parts
+        ):
+            # a single file holds weights only: what it lacks comes from its config folder
             folder = seeds[donor].folder
             owner = next((s for s in seeds if Path(s.model.path) == folder), None)
             config_ref = spec.single_file_config and model_ref_string(spec.single_file_config)

@@ -43,7 +43,8 @@ class Component:
         class_name: its class (`UNet2DConditionModel`, `CLIPTextModel`, ...).
         config: its config.json.
         path: its folder (for a single-file seed: the config folder's).
-        files: the weight files read (one variant's); empty for a single-file seed.
+        files: the weight files read (one variant's); empty when the weights are a single-file seed's.
+        index: the sharded index `files` were listed by, if any.
     """
 
     name: str
@@ -52,6 +53,7 @@ class Component:
     config: dict[str, Any]
     path: Path
     files: list[Path] = field(default_factory=list)
+    index: Path | None = None
 
     @property
     def stem(self) -> str:
@@ -172,37 +174,33 @@ def listed_components(model_index: Mapping[str, Any]) -> dict[str, tuple[str, st
     return out
 
 
-def component_weight_files(folder: Path, component: str, library: str, variant: str | None) -> list[Path]:
-    """The weight files of one component, of `variant` only (diffusers' and transformers' naming:
-    `STEM[.VARIANT].safetensors`, or shards listed by `STEM.safetensors.index[.VARIANT].json`; `.bin` only when
-    there are no safetensors of that variant). Empty when the folder holds no weights at all.
+def component_weights(
+    folder: Path, component: str, library: str, variant: str | None
+) -> tuple[list[Path], Path | None]:
+    """The weight files of one component, of `variant` only, and the sharded index that lists them (if any):
+    diffusers' and transformers' naming, `STEM[.VARIANT].safetensors` or shards listed by
+    `STEM.safetensors.index[.VARIANT].json`; `.bin` (single or sharded) only when there are no safetensors of that
+    variant. Empty when the folder holds no weights at all.
 
     Raises:
         CheckpointError: the variant is not there (naming the files that are), or an index lists missing shards.
     """
     infix = f".{variant}" if variant else ""
-    stems = dict.fromkeys([WEIGHT_STEMS.get(library, "model"), *WEIGHT_STEMS.values()])
-    for stem in stems:
-        index = folder / f"{stem}.safetensors.index{infix}.json"
-        if index.is_file():
-            try:
-                shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: invalid index json ({exc})") from exc
-            missing = [s.name for s in shards if not s.is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
-            return shards
-        single = folder / f"{stem}{infix}.safetensors"
-        if single.is_file():
-            return [single]
-    for stem in dict.fromkeys([_BIN_STEMS.get(library, "pytorch_model"), *_BIN_STEMS.values()]):
-        binary = folder / f"{stem}{infix}.bin"
-        if binary.is_file():
-            return [binary]
+    kinds = (
+        ("safetensors", dict.fromkeys([WEIGHT_STEMS.get(library, "model"), *WEIGHT_STEMS.values()])),
+        ("bin", dict.fromkeys([_BIN_STEMS.get(library, "pytorch_model"), *_BIN_STEMS.values()])),
+    )
+    for suffix, stems in kinds:
+        for stem in stems:
+            index = folder / f"{stem}.{suffix}.index{infix}.json"
+            if index.is_file():
+                return _shards(folder, index), index
+            single = folder / f"{stem}{infix}.{suffix}"
+            if single.is_file():
+                return [single], None
     found = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
     if not found:
-        return []
+        return [], None
     if variant:
         raise CheckpointError(
             f"{folder}: variant {variant!r} not found for component {component} (found: {', '.join(found)})"
@@ -212,20 +210,36 @@ def component_weight_files(folder: Path, component: str, library: str, variant: 
     )
 
 
+def component_weight_files(folder: Path, component: str, library: str, variant: str | None) -> list[Path]:
+    """The weight files of one component, of `variant` only (see `component_weights`)."""
+    return component_weights(folder, component, library, variant)[0]
+
+
+def _shards(folder: Path, index: Path) -> list[Path]:
+    try:
+        shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: invalid index json ({exc})") from exc
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
+    return shards
+
+
 def _folder_components(folder: Path, variant: str | None) -> dict[str, Component]:
     components = {}
     for name, (library, class_name) in listed_components(read_model_index(folder)).items():
         config_file = folder / name / "config.json"
         if not config_file.is_file():
             continue  # tokenizers, schedulers, feature extractors: copied, never merged
-        files = component_weight_files(folder / name, name, library, variant)
+        files, index = component_weights(folder / name, name, library, variant)
         if not files:
             continue
         try:
             config = json.loads(config_file.read_text())
         except ValueError as exc:
             raise CheckpointError(f"{config_file}: invalid JSON ({exc})") from exc
-        components[name] = Component(name, library, class_name, config, folder / name, files)
+        components[name] = Component(name, library, class_name, config, folder / name, files, index)
     return components
 
 
@@ -280,20 +294,37 @@ def open_single_file(model: Any, config_seed: PipelineSeed | None) -> PipelineSe
             f"{config_seed.family.label}"
         )
     present = {n.split("/", 1)[0] for n in single.names}
-    components = {name: replace(c, files=[]) for name, c in config_seed.components.items() if name in present}
-    checkpoint = PipelineCheckpoint(file, {name: _ComponentOfFile(single, name) for name in components})
+    # the file's components are read from it (no files); those it lacks stay the config folder's, of its variant
+    components = {
+        name: replace(c, files=[], index=None) if name in present else c
+        for name, c in config_seed.components.items()
+    }
+    checkpoint = PipelineCheckpoint(file, {name: _ComponentOfFile(single, name) for name in present})
     model_index = read_model_index(config_seed.folder)
     return _seed(
-        model, checkpoint, model_index, config_seed.family, components, config_seed.folder, None, file
+        model,
+        checkpoint,
+        model_index,
+        config_seed.family,
+        components,
+        config_seed.folder,
+        config_seed.variant,
+        file,
     )
 
 
 def _seed(model, checkpoint, model_index, family, components, folder, variant, single_file) -> PipelineSeed:
     unet = components.get("unet")
-    if unet is None:
+    try:
+        if unet is None or "unet" not in checkpoint.parts:
+            raise CheckpointError(f"{model.path}: no UNet weights: nothing to merge")
+        arch = block_architecture(family, unet.config, checkpoint.names)
+    except ValueError as exc:  # a tensor that is not a key of the UNet its config describes
         checkpoint.close()
-        raise CheckpointError(f"{model.path}: no UNet weights: nothing to merge")
-    arch = block_architecture(family, unet.config, checkpoint.names)
+        raise CheckpointError(f"{model.path}: {exc}") from None
+    except BaseException:
+        checkpoint.close()
+        raise
     return PipelineSeed(
         model=model,
         checkpoint=checkpoint,

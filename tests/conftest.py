@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Before anything imports huggingface_hub (it reads these once): offline, and a private HF cache for the session.
 _HF_HOME = tempfile.mkdtemp(prefix="hf_m2n2_test_hf_home_")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -112,7 +114,7 @@ def cached_repo(seeds, hf_home) -> dict[str, str]:
 def pipelines(tmp_path_factory) -> dict[str, Path]:
     """Tiny diffusers pipelines (hf_m2n2.demo.tiny_pipelines): per family a base and two UNet fine-tunes of it
     (`sd1`, `sd1-a`, `sd1-b`, `sdxl`, `sdxl-a`, `sdxl-b`, `sd2`); `sd1-a` also has an fp16 variant of its weights,
-    `sd1-te` a fine-tuned text encoder too, `sd1-b-sharded` is `sd1-b` saved in shards."""
+    `sd1-te` a fine-tuned text encoder too, `sd1-b-sharded` is `sd1-b` saved in shards (and an fp16 variant, in shards too)."""
     from hf_m2n2.demo.tiny_pipelines import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipelines")
@@ -127,7 +129,7 @@ def pipelines(tmp_path_factory) -> dict[str, Path]:
         root / "sd1-te", "sd1", seed=3, base_seed=0, components=("unet", "text_encoder")
     )
     out["sd1-b-sharded"] = build_tiny_pipeline(
-        root / "sd1-b-sharded", "sd1", seed=2, base_seed=0, max_shard_size="300KB"
+        root / "sd1-b-sharded", "sd1", seed=2, base_seed=0, max_shard_size="300KB", variants=("fp16",)
     )
     out["sd2"] = build_tiny_pipeline(root / "sd2", "sd2", seed=0)
     return out

@@ -404,3 +404,181 @@ def test_bad_single_file_inputs_are_one_line(cli, write_spec, pipelines, single_
         lines = [line for line in err.strip().splitlines() if line.startswith("error")]
         assert code == 2 and len(lines) == 1 and expected in lines[0], err
         assert not out.exists()
+
+
+# --- layouts real repos have (found in review): each merges right or is refused before anything is written ---
+
+
+def _with_safety_checker(src: Path, dst: Path) -> Path:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    shutil.copytree(src, dst)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(small, vocab_size=100),
+        vision_config=dict(small, image_size=32, patch_size=16),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    StableDiffusionSafetyChecker(config).save_pretrained(str(dst / "safety_checker"))
+    CLIPImageProcessor(size=32, crop_size=32).save_pretrained(str(dst / "feature_extractor"))
+    index = json.loads((dst / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_donated_component_keeps_the_donors_class(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+    a, b = pipelines["sd1-a"], tmp_path / "b-euler"
+    shutil.copytree(pipelines["sd1-b"], b)
+    shutil.rmtree(b / "scheduler")
+    EulerDiscreteScheduler(beta_schedule="scaled_linear").save_pretrained(str(b / "scheduler"))
+    index = json.loads((b / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (b / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    assert (
+        _merge(cli, write_spec, _linear_spec(a, b, components={"scheduler": {"from": str(b)}}), out)[0] == 0
+    )
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == [
+        "diffusers",
+        "EulerDiscreteScheduler",
+    ]
+    assert type(DiffusionPipeline.from_pretrained(str(out)).scheduler).__name__ == "EulerDiscreteScheduler"
+    assert "EulerDiscreteScheduler" in (out / "README.md").read_text()
+
+
+def test_donor_with_a_one_shard_index_and_sharded_bin_weights(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    b = tmp_path / "b"
+    shutil.copytree(pipelines["sd1-b"], b)
+    vae = b / "vae"  # one shard listed by an index, as big-repo tooling writes it
+    (vae / "diffusion_pytorch_model.safetensors").rename(
+        vae / "diffusion_pytorch_model-00001-of-00001.safetensors"
+    )
+    names = load_file(vae / "diffusion_pytorch_model-00001-of-00001.safetensors")
+    weight_map = {k: "diffusion_pytorch_model-00001-of-00001.safetensors" for k in names}
+    (vae / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    te = b / "text_encoder"  # a text encoder in sharded pickles (read with torch.load(weights_only=True)),
+    state = load_file(te / "model.safetensors")  # as transformers 4 wrote them (5 writes safetensors only)
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for file, part in shards.items():
+        torch.save({k: state[k] for k in part}, te / file)
+    weight_map = {k: file for file, part in shards.items() for k in part}
+    (te / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (te / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    spec = _linear_spec(b, pipelines["sd1-a"], components={"text_encoder": {"from": str(b)}})
+    code, err = _merge(cli, write_spec, spec, out)
+    assert code == 0, err
+    loaded = DiffusionPipeline.from_pretrained(str(out))
+    expected = DiffusionPipeline.from_pretrained(str(pipelines["sd1-b"]))
+    for component in ("vae", "text_encoder"):
+        got = getattr(loaded, component).state_dict()
+        for key, value in getattr(expected, component).state_dict().items():
+            assert torch.equal(got[key], value), f"{component}/{key}"
+
+
+def test_unet_only_single_file_with_a_variant_only_config_folder(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from hf_m2n2.hub import ResolvedModel
+    from hf_m2n2.pipeline_seeds import open_pipeline_folder
+    from hf_m2n2.single_file import write_single_file
+
+    half = tmp_path / "half"  # a folder with fp16 weights only
+    shutil.copytree(pipelines["sd1-a"], half)
+    for file in half.rglob("*.safetensors"):
+        if ".fp16." not in file.name:
+            file.unlink()
+    seed = open_pipeline_folder(ResolvedModel(ref="b", path=pipelines["sd1-b"]))
+    unet_only = tmp_path / "b-unet.safetensors"
+    names = [n for n in seed.checkpoint.names if n.startswith("unet/")]
+    write_single_file(
+        unet_only, names, seed.checkpoint.get, {"unet": seed.components["unet"].config}, family="sd1"
+    )
+    seed.checkpoint.close()
+    out = tmp_path / "out"
+    code, err = _merge(cli, write_spec, _linear_spec(unet_only, half, 0.5, 0.5, variant="fp16"), out)
+    assert code == 0, err
+    pipe = DiffusionPipeline.from_pretrained(
+        str(out)
+    )  # the reference's missing parts: the folder's fp16 files
+    vae = load_file(half / "vae/diffusion_pytorch_model.fp16.safetensors")
+    assert all(torch.equal(pipe.vae.state_dict()[k].half(), v) for k, v in vae.items())
+
+
+def test_single_file_output_of_a_pipeline_with_a_safety_checker_in_the_spec_dtype(
+    cli, write_spec, pipelines, tmp_path
+):
+    from safetensors import safe_open
+
+    a = _with_safety_checker(pipelines["sd1-a"], tmp_path / "sc-a")
+    out = tmp_path / "merged"
+    spec = _linear_spec(a, pipelines["sd1-b"], dtype="float16")
+    code, _, err = cli("merge", write_spec(spec), out, "-q", "--output-format", "single_file")
+    assert code == 0, err
+    with safe_open(str(out / "merged.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if "position_ids" not in k}  # noqa: SIM118
+        assert dtypes == {"F16"}
+        assert not any("safety" in k for k in f.keys())  # noqa: SIM118
+
+
+def test_reviewed_bad_layouts_are_one_line_before_writing(cli, write_spec, pipelines, tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = pipelines["sd1-a"], pipelines["sd1-b"]
+    no_te = tmp_path / "no-te"  # model_index.json lists a text encoder whose folder is gone
+    shutil.copytree(a, no_te)
+    shutil.rmtree(no_te / "text_encoder")
+    stray = tmp_path / "stray"  # a UNet file holding a tensor that is not a key of its UNet
+    shutil.copytree(b, stray)
+    unet = load_file(stray / "unet/diffusion_pytorch_model.safetensors")
+    save_file({**unet, "foo": torch.zeros(2)}, stray / "unet/diffusion_pytorch_model.safetensors")
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not a pickle")
+    for spec, expected in [
+        (_linear_spec(no_te, b), "component text_encoder is missing"),
+        (
+            _linear_spec(a, no_te, components={"text_encoder": {"from": str(no_te)}}),
+            "component text_encoder is missing",
+        ),
+        (_linear_spec(a, stray), "'foo' is not a key of this UNet"),
+        (_linear_spec(a, ckpt), "only .safetensors single files are read"),
+    ]:
+        for command in ("validate", "merge"):
+            out = tmp_path / "out"
+            args = (
+                ("validate", write_spec(spec)) if command == "validate" else ("merge", write_spec(spec), out)
+            )
+            code, _, err = cli(*args, "-q")
+            lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+            assert code == 2 and len(lines) == 1 and expected in lines[0], (command, err)
+            assert not out.exists()
+
+
+def test_sharded_variant_seeds_and_donors(cli, write_spec, pipelines, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    a, sharded = pipelines["sd1-a"], pipelines["sd1-b-sharded"]
+    out = tmp_path / "out"
+    spec = _linear_spec(a, sharded, 0.5, 0.5, variant="fp16", components={"vae": {"from": str(sharded)}})
+    code, err = _merge(cli, write_spec, spec, out)
+    assert code == 0, err
+    fp16_a = load_file(a / "unet/diffusion_pytorch_model.fp16.safetensors")
+    fp16_b = DiffusionPipeline.from_pretrained(str(sharded), variant="fp16").unet.state_dict()
+    for name, tensor in _unet(out).items():
+        torch.testing.assert_close(
+            tensor, (fp16_a[name].float() + fp16_b[name].float()) / 2, rtol=0, atol=1e-6
+        )
+    vae = DiffusionPipeline.from_pretrained(str(out)).vae.state_dict()  # the sharded fp16 donor, plain names
+    expected = DiffusionPipeline.from_pretrained(str(sharded), variant="fp16").vae.state_dict()
+    assert all(torch.equal(vae[k], v) for k, v in expected.items())

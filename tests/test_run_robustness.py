@@ -62,7 +62,12 @@ def _held_evolve(args: list[str], run: Path, hold: Path) -> subprocess.Popen:
     hold.write_text(str(process.pid))
     deadline = time.monotonic() + 120
     try:
-        while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(process.pid)):
+        # held once it has locked `run` and written run.json (a loaded machine can be between the two)
+        while not (
+            (run / ".lock").is_file()
+            and (run / ".lock").read_text().strip() == str(process.pid)
+            and (run / "run.json").is_file()
+        ):
             assert process.poll() is None, process.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.02)

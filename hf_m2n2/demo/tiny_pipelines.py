@@ -172,15 +172,22 @@ def save_pipeline(
     max_shard_size: str | None = None,
 ) -> Path:
     """Save as a diffusers folder (safetensors), plus a float16 copy of the weights for each variant (`fp16`)."""
+    import shutil
+    import tempfile
+
     out = Path(out_dir)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    for variant in variants:
-        pipeline.to(torch.float16).save_pretrained(
-            str(out), safe_serialization=True, variant=variant, **kwargs
-        )
-        pipeline.to(torch.float32)
-    # last, so that the configs (transformers 5 loads a text encoder in its config's dtype) say float32
     pipeline.save_pretrained(str(out), safe_serialization=True, **kwargs)
+    for variant in variants:
+        # saved apart and only the variant's weights moved in: a save into `out` would rewrite the configs
+        # (transformers 5 loads a text encoder in its config's dtype) and delete the other variant's shards
+        with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+            pipeline.to(torch.float16).save_pretrained(
+                scratch, safe_serialization=True, variant=variant, **kwargs
+            )
+            pipeline.to(torch.float32)
+            for file in list(Path(scratch).glob(f"*/*.{variant}*")):
+                shutil.move(file, out / file.parent.name / file.name)
     return out
 
 
