@@ -226,6 +226,11 @@ def _tiny_components(out: Path) -> None:
             beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
         ),
     )
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()  # "unet=None cannot be saved": it is written separately
+    transformers_logging.disable_progress_bar()
     pipeline.save_pretrained(str(out), safe_serialization=True)
     index = json.loads((out / "model_index.json").read_text())
     index["unet"] = ["diffusers", "UNet2DConditionModel"]
@@ -257,25 +262,34 @@ def _marker(scale: float, config: dict, n_models: int, seed: int, shard_bytes: i
 
 
 def build_sdxl_seeds(
-    root: Path, scale: float, n_models: int = 3, seed: int = 0, shard_bytes: int = 10 * 10**9, log=print
+    root: Path,
+    scale: float,
+    n_models: int = 3,
+    seed: int = 0,
+    shard_bytes: int = 10 * 10**9,
+    log=print,
+    config: dict | None = None,
 ) -> SdxlSeeds:
     """Write (or reuse) `n_models` synthetic SDXL seeds under `root`: folders/NAME/ and sgm/NAME.safetensors.
 
     Args:
-        root: the data directory (created; a build in progress goes to `root/.building` and is renamed in).
+        root: the data directory (created; built in a hidden sibling, renamed into place).
         scale: parameter count as a fraction of SDXL base's UNet (1.0: the real shapes).
         n_models: the base and n_models - 1 fine-tunes.
         seed: keys every tensor's generator.
         shard_bytes: the diffusers UNet's shard size (the default keeps one file, as diffusers' 10 GB default).
         log: progress lines go here.
+        config: a UNet config to use instead of the scaled SDXL one (tests: a smaller SDXL-family UNet).
 
     Returns:
         The seeds' paths, config, sizes and key map.
     """
     from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
-    config, params = config_for_scale(scale)
+    if config is None:
+        config, params = config_for_scale(scale)
     shapes = unet_shapes(config)
+    params = sum(math.prod(s) for s in shapes.values())
     key_map = sgm_key_map(config, list(shapes))
     names = model_names(n_models)
     marker = _marker(scale, config, n_models, seed, shard_bytes)
