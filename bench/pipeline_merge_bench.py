@@ -15,8 +15,10 @@ What it measures, and how:
                                           (normalize: disjoint mean)           vote_sgn=True) -> add_difference(1)
     slerp           slerp(A, B, 0.3)      hf-m2n2 slerp (base A, t 0.3)       sd-mecha slerp(A, B, alpha=0.3)
   TIES: both keep the largest |delta| per tensor, elect the sign of the summed deltas and average the agreeing
-  ones; sd-mecha keeps |delta| >= the (1-k)n-th smallest (one element more than the top k n, more on ties), so a
-  few elements per tensor at the selection cut-off differ. slerp: sd-mecha interpolates the unit tensors and
+  ones; sd-mecha keeps |delta| >= the (1-k)n-th smallest (one element more than the top k n, and every tie at the
+  cut-off), and where the kept deltas cancel exactly (sum 0: frequent with float16 inputs) it elects no sign and
+  keeps the base, where hf-m2n2 (mergekit's rule) elects +. Elements there differ; the bench counts the differing
+  elements outside those positions (`ties_tie_positions`), which should be none. slerp: sd-mecha interpolates the unit tensors and
   rescales by lerp(|A|, |B|, t); hf-m2n2 (as mergekit) combines the tensors themselves with the same sin weights
   (and lerps when cos > 0.9995): the formulas agree only when |A| = |B|, so slerp differences are expected.
 * Page cache: the inputs of both tools (2 x K x UNet size) do not fit in memory at full scale, so by default
@@ -32,13 +34,16 @@ What it measures, and how:
 * Runs alternate hf-m2n2, sd-mecha, hf-m2n2, sd-mecha, ... (`--repeats N`); medians of wall time, max of memory.
   Then the two last outputs are compared tensor by tensor (sd-mecha's sgm keys mapped to diffusers names with the
   seeds' key map), in float32: max abs difference, elements not bit-identical, elements more than one float16 ulp
-  apart, and deleted (unless `--keep-outputs`).
+  apart; and both against the recipe's closed form (`FORMULAS`, in float32 from the seeds, on every
+  `--formula-every`-th tensor), which tells which tool a difference comes from; then deleted (unless
+  `--keep-outputs`).
 * Targets (issue 15): hf-m2n2 peak RSS <= 1.5 GB (flat in model size), wall <= 0.5x sd-mecha's, values equal to
   sd-mecha's within float16 rounding (one ulp) for the deterministic linear recipes.
 
 Usage:
     /work/main/.venv/bin/python bench/pipeline_merge_bench.py --scale 0.05
-    /work/main/.venv/bin/python bench/pipeline_merge_bench.py --scale 1.0 --repeats 2 --json /work/bench-data/xl.json
+    /work/main/.venv/bin/python bench/pipeline_merge_bench.py --scale 1.0 --repeats 2 --formula-every 4 \
+        --json /work/bench-data/sdxl_full.json
 """
 
 from __future__ import annotations
