@@ -12,7 +12,7 @@
 The UNet config is SDXL base's (`SDXL_BASE_UNET`), with the channel widths scaled so that the parameter count is
 about `scale` times the real model's (2.57B at scale 1); depth, block layout and key names stay those of SDXL.
 Names and shapes come from the model built on the meta device. The sgm names come from the project's
-diffusers -> ldm key function (`tests/test_unet_blocks._ldm_key`, itself tested against diffusers), and are
+single-file key map (`hf_m2n2.single_file.single_file_key_map`, itself derived from diffusers' converters), and are
 checked here again by running diffusers' own `convert_ldm_unet_checkpoint` on stand-ins: it must map every sgm
 key back to its diffusers name.
 
@@ -146,11 +146,14 @@ def sgm_key_map(config: dict, names: list[str]) -> dict[str, str]:
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from tests.test_unet_blocks import _ldm_key
+    from hf_m2n2.single_file import single_file_key_map
 
-    mapping = {name: SGM_PREFIX + _ldm_key(name, config) for name in names}
+    originals = single_file_key_map({"unet": config}, [f"unet/{n}" for n in names], family="sdxl")
+    mapping = {
+        source.removeprefix("unet/"): key
+        for key, original in originals.items()
+        for source, _ in original.sources
+    }
     # stand-in values: each sgm key carries the diffusers name it should come back as
     back = convert_ldm_unet_checkpoint({sgm: name for name, sgm in mapping.items()}, config)
     if back != {name: name for name in names} or len(set(mapping.values())) != len(names):
