@@ -76,16 +76,19 @@ def dump(path: Path) -> None:
 
 
 def _config(family: str) -> dict:
-    """The diffusers UNet config of the real model of a family (from the test module: one copy)."""
-    from tests.test_unet_blocks import SD15_UNET, SDXL_UNET
+    """The diffusers UNet config of the released model of a family."""
+    from hf_m2n2.pipeline_families import RELEASED_UNET_CONFIGS
 
-    return {"sd1": SD15_UNET, "sdxl": SDXL_UNET}[family]
+    return RELEASED_UNET_CONFIGS[family]
 
 
 def _keys(config: dict) -> list[str]:
-    from tests.test_unet_blocks import _keys as meta_model_keys
+    """The UNet's state-dict keys (built on the meta device)."""
+    import torch
+    from diffusers import UNet2DConditionModel
 
-    return meta_model_keys(config)
+    with torch.device("meta"):
+        return list(UNet2DConditionModel.from_config(config).state_dict())
 
 
 def compare(path: Path) -> int:

@@ -36,8 +36,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # this checkout's hf_m2n2 and tests
+if str(REPO) not in sys.path:  # this checkout's hf_m2n2
     sys.path.insert(0, str(REPO))
+from hf_m2n2.pipeline_families import RELEASED_UNET_CONFIGS  # noqa: E402
+
 MARKER = "synthetic_sdxl.json"
 MARKER_VERSION = 1
 SGM_PREFIX = "model.diffusion_model."
@@ -48,55 +50,7 @@ DELTA_STD = 0.004  # fine-tune noise on weights and biases (cos(base, ft) ~ 0.98
 NORM_DELTA_STD = 0.01  # ... on norm weights (fp16's ulp at 1.0 is ~0.001)
 DTYPE = torch.float16
 
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers 0.19 keys).
-SDXL_BASE_UNET: dict = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
+SDXL_BASE_UNET: dict = RELEASED_UNET_CONFIGS["sdxl"]  # stable-diffusion-xl-base-1.0
 HEAD_DIM = 64  # SDXL's attention_head_dim lists head counts: channels / 64
 TEXT_HIDDEN = (768, 1280)  # CLIP ViT-L and OpenCLIP ViT-bigG hidden sizes: 768 + 1280 = cross_attention_dim
 

@@ -105,14 +105,31 @@ class LiveModel:
         target = self._targets.get(name)
         if target is None:
             raise CheckpointError(f"live model has no tensor {name!r}")
-        with torch.no_grad():
-            if target.device.type != "meta":
-                whole = tensor.shape == target.shape
-                (target if whole else target[row_start : row_start + tensor.shape[0]]).copy_(tensor)
-            elif row_start:
-                raise CheckpointError(f"{name!r} is offloaded: write it whole")
-            else:
-                _write_offloaded(self.model, name, tensor)
+        write_in_place(self.model, name, target, tensor, row_start)
+
+
+def write_in_place(
+    model: Any,
+    key: str,
+    target: torch.Tensor,
+    tensor: torch.Tensor,
+    row_start: int = 0,
+    label: str | None = None,
+) -> None:
+    """Copy `tensor` into `model`'s parameter `key` (`target`; or rows of it from `row_start`), or, when the
+    parameter is offloaded (on `meta`), into the copy accelerate's hooks load at forward time.
+
+    Raises:
+        CheckpointError: rows of an offloaded parameter (naming it `label`, default `key`).
+    """
+    with torch.no_grad():
+        if target.device.type != "meta":
+            whole = tensor.shape == target.shape
+            (target if whole else target[row_start : row_start + tensor.shape[0]]).copy_(tensor)
+        elif row_start:
+            raise CheckpointError(f"{label or key!r} is offloaded: write it whole")
+        else:
+            _write_offloaded(model, key, tensor)
 
 
 def _filled(model, ckpt: Checkpoint, dtype: torch.dtype):

@@ -28,7 +28,7 @@ import torch
 
 from hf_m2n2.checkpoint import Checkpoint
 from hf_m2n2.errors import CheckpointError
-from hf_m2n2.live import _write_offloaded
+from hf_m2n2.live import write_in_place
 from hf_m2n2.pipeline_seeds import PipelineSeed, component_weight_files, listed_components
 
 DIFFUSERS_OFFLOAD = ("model_cpu_offload", "sequential_cpu_offload")
@@ -172,15 +172,9 @@ class LivePipeline:
         if where is None:
             raise CheckpointError(f"live pipeline has no tensor {name!r}")
         component, key = where
-        target = self._targets[component][key]
-        with torch.no_grad():
-            if target.device.type != "meta":
-                whole = tensor.shape == target.shape
-                (target if whole else target[row_start : row_start + tensor.shape[0]]).copy_(tensor)
-            elif row_start:
-                raise CheckpointError(f"{name!r} is offloaded: write it whole")
-            else:
-                _write_offloaded(self.components[component], key, tensor)
+        write_in_place(
+            self.components[component], key, self._targets[component][key], tensor, row_start, name
+        )
 
 
 def weight_components(seed: PipelineSeed) -> dict[str, tuple[str, str]]:
