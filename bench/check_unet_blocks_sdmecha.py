@@ -29,30 +29,12 @@ FAMILIES = {"sd1": ("sd1-supermerger_blocks", "sd1-ldm"), "sdxl": ("sdxl-superme
 UNET_PREFIX = "model.diffusion_model."
 
 
-class _Quiet:
-    """A stand-in for tqdm that shows nothing (sd-mecha's merge takes the class as an argument)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __enter__(self) -> _Quiet:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def update(self, *args, **kwargs) -> None:
-        pass
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
-
-
 def dump(path: Path) -> None:
     """Run sd-mecha's blocks -> checkpoint conversion with one distinct value per block; write key -> block."""
     import sd_mecha
     import torch
     from sd_mecha.extensions import model_configs
+    from sdmecha_merge import Quiet  # bench/, this script's folder
 
     result: dict[str, dict] = {}
     for family, (blocks_config, target_config) in FAMILIES.items():
@@ -67,7 +49,7 @@ def dump(path: Path) -> None:
             output_dtype=torch.float64,
             threads=1,
             check_finite_output=False,
-            tqdm=_Quiet,
+            tqdm=Quiet,
         )
         assignment = {key: blocks[int(value.item())] for key, value in out.items()}
         result[family] = {"blocks": blocks, "keys": assignment}

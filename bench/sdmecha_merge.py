@@ -24,13 +24,13 @@ RECIPES = ("weighted_sum", "add_difference", "ties", "slerp")
 CONFIG = "sdxl-sgm"
 
 
-class _Quiet:
+class Quiet:
     """A tqdm stand-in that shows nothing (sd-mecha takes the progress-bar class as an argument)."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
 
-    def __enter__(self) -> _Quiet:
+    def __enter__(self) -> Quiet:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {} if args.threads is None else {"threads": args.threads}
     start = time.perf_counter()
     sd_mecha.merge(
-        node, output=args.out, merge_dtype=torch.float32, output_dtype=torch.float16, tqdm=_Quiet, **options
+        node, output=args.out, merge_dtype=torch.float32, output_dtype=torch.float16, tqdm=Quiet, **options
     )
     print(f"sd-mecha {args.recipe}: merged in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0
