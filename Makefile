@@ -2,7 +2,9 @@
 # Each creates the virtual environment it needs. torch is pinned through constraints.txt.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+EXTRAS := dev,eval,evolve,app,diffusion
+# the stamp names what was installed: a change to the dependencies or to the extras reinstalls
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml constraints.txt; echo $(EXTRAS)) | sha1sum | cut -c1-12)
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -12,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP):
 	@echo "installing the environment into $(VENV) (about 2 minutes on a fresh machine; pip's progress follows)..."
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e ".[dev,eval,evolve,app,diffusion]"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e ".[$(EXTRAS)]"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 # The main job: build the tiny specialists offline (cached), evolve a merge with M2N2, print the held-out report.
