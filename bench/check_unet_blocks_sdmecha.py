@@ -12,8 +12,8 @@ Two steps, two virtual environments (sd-mecha pins its own dependencies):
 
 Usage::
 
-    /work/main/.venv-sdmecha/bin/python bench/check_unet_blocks_sdmecha.py dump /tmp/sdmecha_blocks.json
-    /work/main/.venv/bin/python bench/check_unet_blocks_sdmecha.py compare /tmp/sdmecha_blocks.json
+    .venv-sdmecha/bin/python bench/check_unet_blocks_sdmecha.py dump /tmp/sdmecha_blocks.json
+    .venv/bin/python bench/check_unet_blocks_sdmecha.py compare /tmp/sdmecha_blocks.json
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 What it measures, and how:
 
-* Inputs (`bench/sdxl_synthetic.py`, built once per scale under `--work`, default /work/bench-data): a base and two
-  fine-tunes (base + dense Gaussian noise) of SDXL base's UNet, channel widths scaled to about `--scale` x its
-  2.57B parameters (1.0: the real shapes, 5.1 GB in float16), each written twice with the same float16 values: a
+* Inputs (`bench/sdxl_synthetic.py`, built once per scale under `--work`, default `bench-data/` in the checkout,
+  ignored by git): a base and two fine-tunes (base + dense Gaussian noise) of SDXL base's UNet, channel widths
+  scaled to about `--scale` x its 2.57B parameters (1.0: the real shapes, 5.1 GB in float16), each written twice with the same float16 values: a
   diffusers pipeline folder (what hf-m2n2 reads; tiny consistent text encoders/VAE, only the UNet is merged) and
   an sgm single file `model.diffusion_model.*` (what sd-mecha reads: it reads only original-layout single files).
 * Recipes, the same arithmetic on both sides (A = ft1, B = ft2, C = base; float32 math, float16 output):
@@ -41,9 +41,9 @@ What it measures, and how:
   sd-mecha's within float16 rounding (one ulp) for the deterministic linear recipes.
 
 Usage:
-    /work/main/.venv/bin/python bench/pipeline_merge_bench.py --scale 0.05
-    /work/main/.venv/bin/python bench/pipeline_merge_bench.py --scale 1.0 --repeats 2 --formula-every 4 \
-        --json /work/bench-data/sdxl_full.json
+    .venv/bin/python bench/pipeline_merge_bench.py --scale 0.05
+    .venv/bin/python bench/pipeline_merge_bench.py --scale 1.0 --repeats 2 --formula-every 4 \
+        --json bench-data/sdxl_full.json
 """
 
 from __future__ import annotations
@@ -515,7 +515,7 @@ def print_tables(results: list[RecipeResult], scale: float) -> None:
 
 
 def find_sdmecha_python(arg: str | None) -> str | None:
-    for cand in (arg, str(REPO / ".venv-sdmecha/bin/python"), "/work/main/.venv-sdmecha/bin/python"):
+    for cand in (arg, str(REPO / ".venv-sdmecha/bin/python")):
         if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
             return cand
     return None
@@ -538,7 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, default=1, help="runs per tool and recipe, alternating (default: 1)"
     )
     p.add_argument(
-        "--work", type=Path, default=Path("/work/bench-data"), help="seeds and outputs (default: %(default)s)"
+        "--work", type=Path, default=REPO / "bench-data", help="seeds and outputs (default: %(default)s)"
     )
     p.add_argument(
         "--cache",
@@ -549,7 +549,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=TOOLS, help="run one tool only")
     p.add_argument(
         "--sdmecha-python",
-        help="python of sd-mecha's venv (default: .venv-sdmecha, /work/main/.venv-sdmecha)",
+        help="python of sd-mecha's venv (default: .venv-sdmecha in the checkout)",
     )
     p.add_argument("--workers", type=int, help="hf-m2n2 merge --workers (default: its own, 2)")
     p.add_argument("--sdmecha-threads", type=int, help="sd-mecha merge threads (default: its own choice)")

@@ -121,7 +121,8 @@ def build_pipeline(family: str = "sd1", *, seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     text_config = _text_config(len(tokenizer), family)
-    unet, vae, text_encoder = _unet(family), _vae(), CLIPTextModel(text_config)
+    # built in this order (the random init draws from one generator): UNet, VAE, text encoder(s)
+    parts = dict(unet=_unet(family), vae=_vae(), text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer)
     if family == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection(
             _text_config(len(tokenizer), family, _TEXT_HIDDEN_2, hidden=_TEXT_HIDDEN_2)
@@ -130,24 +131,16 @@ def build_pipeline(family: str = "sd1", *, seed: int = 0):
             beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
         )
         return StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=clip_tokenizer(),
-            unet=unet,
-            scheduler=scheduler,
+            **parts, text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(), scheduler=scheduler
         )
-    scheduler = PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
     if family == "sd2":
         scheduler = EulerDiscreteScheduler(
             beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1
         )
+    else:
+        scheduler = PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
+        **parts,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
