@@ -204,7 +204,6 @@ def pipeline_merge_card_info(
     Raises:
         ValueError: a component's source is not an index into `models` (a bug in the caller).
     """
-    license_, license_note = merged_license([m.model for m in models])
     labels = _seed_labels([m.model for m in models])
     rows = []
     for c in components:
@@ -216,19 +215,22 @@ def pipeline_merge_card_info(
         rows.append(
             {"name": c.name, "class_name": c.class_name, "merged": c.source is None, "source": source}
         )
-    return CardInfo(
-        kind="pipeline_merge",
+    merge = merge_card_info(
         model_name=model_name,
-        model_id=model_id or model_name,
         method=method,
         paper=paper,
-        models=[_model_entry(m.model, m.role) for m in models],
-        license=license_,
-        license_note=license_note,
-        tags=["merge", "hf-m2n2", method, *tags],
+        models=models,
+        config_yaml=config_yaml,
+        notes=notes,
+        model_id=model_id,
+    )  # the static merge's card, turned into a diffusers one
+    return replace(
+        merge,
+        kind="pipeline_merge",
+        tags=[*merge.tags, *tags],
         details={
-            "config_yaml": config_yaml.rstrip(),
-            "notes": list(notes),
+            "config_yaml": merge.details["config_yaml"],
+            "notes": merge.details["notes"],
             "pipeline_class": pipeline_class,
             "family": family,
             "components": rows,

@@ -14,7 +14,7 @@ import torch
 from hf_m2n2.card import CardModel, merge_card_info, write_card
 from hf_m2n2.errors import CheckpointError, SpecError
 from hf_m2n2.hub import ResolvedModel
-from hf_m2n2.materialize import CHUNK_ELEMENTS, WorkItem, compute_item, materialize, work_items
+from hf_m2n2.materialize import CHUNK_ELEMENTS, Sink, WorkItem, compute_item, materialize, work_items
 from hf_m2n2.methods import get_method
 from hf_m2n2.models import ModelKind, model_kind
 from hf_m2n2.outdir import (
@@ -176,7 +176,7 @@ def merge_causal_lm(
     with atomic_output_dir(out_dir, options.overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, planned, options.out_shard_size)
         try:
-            _run_tasks(recipe, seeds, writer, vocab, options)
+            run_tasks(recipe, seeds, writer, vocab, options)
             writer.finish()
         finally:
             writer.abort()
@@ -232,13 +232,15 @@ def _merged_refs(spec: MergeSpec) -> set[str]:
     return refs
 
 
-def _run_tasks(
+def run_tasks(
     recipe: MethodRecipe,
     seeds: list[Seed],
-    writer: ShardedSafetensorsWriter,
+    writer: Sink,
     vocab: VocabPlan | None,
     options: MergeOptions,
 ) -> None:
+    """Materialize every task of a recipe into `writer` (a sharded writer, or the pipeline merge's sink that routes
+    each component's tensors to its own writer), with the run's workers, memory budget and progress bar."""
     from tqdm.auto import tqdm
 
     items = work_items(recipe, options.chunk_elements)

@@ -179,7 +179,7 @@ class ComponentSink:
 
 def write_merged_components(out: Path, plan: PipelinePlan, options, shard_size: int) -> list[PlannedTensor]:
     """Materialize the merged components into `out/COMPONENT/` (weights and configs); returns what was planned."""
-    from hf_m2n2.merge import _run_tasks
+    from hf_m2n2.merge import run_tasks
 
     reference = plan.seeds[plan.reference]
     planned = [PlannedTensor(t.name, t.shape, t.out_dtype) for t in plan.recipe.tasks]
@@ -192,7 +192,7 @@ def write_merged_components(out: Path, plan: PipelinePlan, options, shard_size: 
                 replace(p, name=p.name.split("/", 1)[1]) for p in planned if p.name.startswith(f"{name}/")
             ]
             writers[name] = ShardedSafetensorsWriter(out / name, mine, shard_size, stem=component.stem)
-        _run_tasks(plan.recipe, plan.seeds, ComponentSink(writers), None, options)
+        run_tasks(plan.recipe, plan.seeds, ComponentSink(writers), None, options)
         for writer in writers.values():
             writer.finish()
     finally:

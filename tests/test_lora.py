@@ -302,6 +302,14 @@ def test_hub_server_references_merge_and_link_both_repos(seeds, adapters, hub, w
     assert adapter_files == {"adapter_config.json", "adapter_model.safetensors"}
 
 
+# a fitness the tiny seeds' token likelihoods give (evolution tests over LoRA seeds)
+_LIKELIHOOD = {
+    "kind": "python",
+    "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
+    "kwargs": {"sequences": [[1, 40 + i, 41 + i, 2] for i in range(4)]},
+}
+
+
 def test_blend_evolution_over_a_lora_seed_rebuilds_from_its_recipe(seeds, adapters, cli, tmp_path):
     """An evolve seed `base+adapter`: the run's recipe names both parts, so `rebuild` gives the same bytes."""
     import yaml
@@ -314,11 +322,7 @@ def test_blend_evolution_over_a_lora_seed_rebuilds_from_its_recipe(seeds, adapte
         "models": [{"model": lora_ref}, {"model": f"{seeds['a']}+{adapters['head']}"}],
         "genome": {"kind": "blend", "block_size": 2048},
         "evolve": {"algorithm": "m2n2", "budget": 4, "seed": 3},
-        "evaluate": {
-            "kind": "python",
-            "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
-            "kwargs": {"sequences": [[1, 40 + i, 41 + i, 2] for i in range(4)]},
-        },
+        "evaluate": _LIKELIHOOD,
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     start_runs(tmp_path / "spec.yaml", tmp_path / "run", progress=False)
@@ -347,11 +351,7 @@ def test_method_evolution_over_lora_seeds_exports_a_spec_naming_the_adapters(see
             "parameters": ["weight"],
         },
         "evolve": {"algorithm": "evomerge_ps", "budget": 4, "seed": 5},
-        "evaluate": {
-            "kind": "python",
-            "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
-            "kwargs": {"sequences": [[1, 40 + i, 41 + i, 2] for i in range(4)]},
-        },
+        "evaluate": _LIKELIHOOD,
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     start_runs(tmp_path / "spec.yaml", tmp_path / "run", progress=False)
