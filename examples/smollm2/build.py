@@ -31,17 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_m2n2.demo.build_cache import atomic_dir, digest, is_built, one_thread
 from hf_m2n2.demo.specialists import (
     SKILL_DESCRIPTIONS,
     SKILLS,
     SpecialistsConfig,
-    _atomic_dir,
     _build_tasks,
-    _digest,
-    _is_built,
-    _one_thread,
     _training_batches,
     heldout_examples,
+    kernels_in_effect,
     train_on_answers,
 )
 
@@ -169,11 +167,11 @@ def build(root: str | Path | None = None, config: SmolConfig | None = None) -> d
     gguf = gguf_path()
     env = {"version": BUILD_VERSION, "torch": version("torch"), "transformers": version("transformers")}
     params = dataclasses.asdict(config)
-    keys = {"base": _digest({**env, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size})}
+    keys = {"base": digest({**env, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size})}
     for skill in SKILLS:
-        keys[skill] = _digest({"base": keys["base"], "skill": skill, **params})
+        keys[skill] = digest({"base": keys["base"], "skill": skill, **params})
     tasks_config = config.tasks_config()
-    keys["tasks"] = _digest({**env, "part": "tasks", "root": str(root), **dataclasses.asdict(tasks_config)})
+    keys["tasks"] = digest({**env, "part": "tasks", "root": str(root), **dataclasses.asdict(tasks_config)})
     held = heldout_examples(tasks_config)
     excluded = {prompt for splits in held.values() for pairs in splits.values() for prompt, _ in pairs}
 
@@ -185,14 +183,14 @@ def build(root: str | Path | None = None, config: SmolConfig | None = None) -> d
         ("base", _build_base),
         *[(s, lambda out, s=s: _finetune(config, s, root / "base", out, excluded)) for s in SKILLS],
     ]
-    with _one_thread():
+    with one_thread():
         for part, make in steps:
             path = root / part
-            if _is_built(path, keys[part]) and part in parts:
+            if is_built(path, keys[part]) and part in parts:
                 print(f"{part}: cached ({path}, built in {parts[part]['seconds']} s)", flush=True)
                 continue
             start = time.perf_counter()
-            with _atomic_dir(path, keys[part], params) as scratch:
+            with atomic_dir(path, keys[part], params, kernels_in_effect()) as scratch:
                 result = make(scratch)
             seconds = round(time.perf_counter() - start, 1)
             parts[part] = {"seconds": seconds, "key": keys[part]}

@@ -33,29 +33,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
-import platform
 import random
-import shutil
 import string
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_m2n2.demo import build_cache
+from hf_m2n2.demo.build_cache import MARKER, PORTABLE_KERNELS, digest, pin_portable_kernels  # noqa: F401 (re-exported)
+
 BUILD_VERSION = 1
-MARKER = ".hf_m2n2_build.json"
 SKILLS = ("add", "rev")
 TASK_PREFIX = "specialists"
 _SEQ_LEN = 16  # longest example: "abcdef=FEDCBA\n" (14 tokens)
 ATTENTION = "sdpa"  # explicit, so that a change of transformers' default does not change the build
-# Kernels that run the same code on every x86-64 CPU (both env variables are read when torch first runs a kernel).
-PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 
 
 @dataclass(frozen=True)
@@ -243,10 +238,6 @@ def _char_ids(tokenizer: Any) -> dict[str, int]:
 # ---------------------------------------------------------------------- cache keys and atomic parts
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _part_keys(config: SpecialistsConfig, root: Path) -> dict[str, str]:
     """Cache keys: a part's key covers exactly what its bytes depend on (a specialist's includes its base's)."""
     from importlib.metadata import version
@@ -256,79 +247,21 @@ def _part_keys(config: SpecialistsConfig, root: Path) -> dict[str, str]:
     data = {name: params[name] for name in ("seed", "fitness_size", "test_size")}
     base_names = ("hidden", "layers", "intermediate", "heads", "batch_size", "base_steps", "base_lr")
     trained = {name: params[name] for name in base_names}
-    base = _digest({**env, **data, "part": "base", "kernels": kernels_in_effect(), **trained})
+    base = digest({**env, **data, "part": "base", "kernels": kernels_in_effect(), **trained})
     finetune = {name: params[name] for name in ("batch_size", "finetune_steps", "finetune_lr")}
     keys = {
         "base": base,
-        "tasks": _digest({**env, **data, "part": "tasks", "root": str(root), "tok": config.max_gen_toks}),
+        "tasks": digest({**env, **data, "part": "tasks", "root": str(root), "tok": config.max_gen_toks}),
     }
     for skill in SKILLS:
-        keys[skill] = _digest({"part": skill, "base": base, **finetune})
+        keys[skill] = digest({"part": skill, "base": base, **finetune})
     return keys
 
 
-def pin_portable_kernels() -> bool:
-    """Select `PORTABLE_KERNELS` (where the environment does not already name others) if torch is not loaded yet.
-
-    Returns:
-        Whether it could: torch reads both variables once, so in a process that already imported torch this
-        changes nothing (and sets nothing, so that the process's children are not slowed down).
-    """
-    if "torch" in sys.modules:
-        return False
-    for name, value in PORTABLE_KERNELS.items():
-        os.environ.setdefault(name, value)
-    return True
-
-
 def kernels_in_effect() -> dict[str, str]:
-    """What decides the build's rounding besides the library versions: torch's CPU kernel set, MKL's branch."""
-    import torch
-
-    return {
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
-        "machine": platform.machine(),
-        "attention": ATTENTION,
-    }
-
-
-def _is_built(path: Path, key: str) -> bool:
-    try:
-        return json.loads((path / MARKER).read_text())["key"] == key
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-@contextmanager
-def _atomic_dir(path: Path, key: str, params: dict[str, Any]) -> Iterator[Path]:
-    """Write a part into a scratch folder, then swap it in with its marker (a crash leaves no half-built part)."""
-    scratch = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    yield scratch
-    marker = {"key": key, "params": params, "kernels": kernels_in_effect()}
-    (scratch / MARKER).write_text(json.dumps(marker, sort_keys=True, indent=1) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(scratch, path)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One torch thread (faster on tiny models, and the same bytes every build), no per-file progress bars."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    previous = torch.get_num_threads()
-    bars = hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
+    """What decides the build's rounding besides the library versions (`build_cache.kernels_in_effect`), and the
+    attention implementation."""
+    return {**build_cache.kernels_in_effect(), "attention": ATTENTION}
 
 
 # ---------------------------------------------------------------------- parts
@@ -484,15 +417,15 @@ def build_specialists(
         )
     todo = []
     for part, path, build in steps:
-        if _is_built(path, keys[part]):
+        if build_cache.is_built(path, keys[part]):
             say(f"{part}: cached ({path})")
         else:
             todo.append((part, path, build))
     if todo:
-        with _one_thread():
+        with build_cache.one_thread():
             for part, path, build in todo:
                 start = time.perf_counter()
-                with _atomic_dir(path, keys[part], params) as scratch:
+                with build_cache.atomic_dir(path, keys[part], params, kernels_in_effect()) as scratch:
                     build(scratch)
                 say(f"{part}: built in {time.perf_counter() - start:.1f} s ({path})")
     return Specialists(
@@ -590,20 +523,6 @@ def _format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _config_from(overrides: Sequence[str], parser: argparse.ArgumentParser) -> SpecialistsConfig:
-    fields = {field.name: field.type for field in dataclasses.fields(SpecialistsConfig)}
-    values: dict[str, Any] = {}
-    for item in overrides:
-        name, sep, raw = item.partition("=")
-        if not sep or name not in fields:
-            parser.error(f"--param {item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
-        try:
-            values[name] = float(raw) if fields[name] == "float" else int(raw)
-        except ValueError:
-            parser.error(f"--param {item!r}: {raw!r} is not a {fields[name]}")
-    return SpecialistsConfig(**values)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m hf_m2n2.demo.specialists ROOT [--report] [--param NAME=VALUE ...]`: build (or reuse) into ROOT.
 
@@ -624,14 +543,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override a build parameter (repeatable)",
     )
     args = parser.parse_args(argv)
-    config = _config_from(args.param, parser)
+    config = build_cache.config_from_overrides(SpecialistsConfig, args.param, parser)
     pin_portable_kernels()
     start = time.perf_counter()
     built = build_specialists(args.root, config, log=print)
     print(f"built in {time.perf_counter() - start:.1f} s: {built.root}")
     if args.report:
         start = time.perf_counter()
-        with _one_thread():
+        with build_cache.one_thread():
             table = specialists_report(built)
         print(_format_table(table))
         (built.root / "report.json").write_text(json.dumps(table, indent=1) + "\n")
