@@ -21,8 +21,9 @@ _TEXT_HIDDEN_2 = 48  # SDXL's second text encoder is wider than its first (1280 
 _TIME_DIM = 8  # SDXL's addition_time_embed_dim (256 in the real model)
 
 
-def clip_tokenizer():
-    """A CLIP BPE tokenizer over bytes only (the first 512 symbols of real CLIP's vocabulary, no merges)."""
+def clip_tokenizer(max_length: int = 77):
+    """A CLIP BPE tokenizer over bytes only (the first 512 symbols of real CLIP's vocabulary, no merges), padding
+    and truncating to `max_length` tokens (77 as CLIP's)."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -34,7 +35,7 @@ def clip_tokenizer():
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     # transformers 5: vocab_file/merges_file silently build a 2-token vocabulary; pass the objects
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token="<|endoftext|>")
 
 
 def _text_config(vocab_size: int, family: str, projection_dim: int | None = None, hidden: int = _TEXT_HIDDEN):
