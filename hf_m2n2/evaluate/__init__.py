@@ -27,6 +27,7 @@ from hf_m2n2.evaluate.base import (
     evaluator_kinds,
     register_evaluator,
 )
+from hf_m2n2.evaluate.clip import ClipConfig, build_clip_evaluator, check_clip_config
 from hf_m2n2.evaluate.lm_eval import LmEvalConfig
 from hf_m2n2.evaluate.parts import PartsEvaluator
 from hf_m2n2.evaluate.python import (
@@ -54,6 +55,7 @@ def _lm_eval_check(config: LmEvalConfig, spec_dir: Path | None) -> None:
 
 register_evaluator("lm_eval", LmEvalConfig, _lm_eval, _lm_eval_check, needs_target=True)
 register_evaluator("python", PythonEvaluateConfig, build_python_evaluator, check_python_config)
+register_evaluator("clip", ClipConfig, build_clip_evaluator, check_clip_config, needs_target=True)
 
 
 def evaluate_parts(section: Any) -> list[Any]:

@@ -48,6 +48,11 @@ class EvaluatorConfig(StrictModel):
         """Whether the evaluator gives per-example group ids (MAP-Elites' descriptors)."""
         return True
 
+    def default_capacity(self) -> str:
+        """M2N2's per-example capacity when `evolve.capacity` is not given: `one` for pass/fail scores, `max` for
+        continuous ones (a spec's own `capacity` always wins)."""
+        return "one"
+
 
 @dataclass(frozen=True)
 class Report:
@@ -95,6 +100,8 @@ class EvaluationContext:
         prefix: the YAML path of the section being built (`evaluate`, or `evaluate[1]` in a list), for errors.
         trust_remote_code: the seeds' custom code may run (the spec's `trust_remote_code`).
         reference_name: the reference seed's name in errors (its repo id: a Hub seed's directory is a sha).
+        evolved: the names of the tensors candidates write (e.g. `unet/...`: a text encoder among them means prompt
+            embeddings change per candidate).
     """
 
     model: Any = None
@@ -104,9 +111,18 @@ class EvaluationContext:
     prefix: str = "evaluate"
     trust_remote_code: bool = False
     reference_name: str | None = None
+    evolved: tuple[str, ...] = ()
 
     @classmethod
-    def of_seed(cls, model: Any, seed: Any, spec_dir: Path | None, device: str, trust_remote_code: bool):
+    def of_seed(
+        cls,
+        model: Any,
+        seed: Any,
+        spec_dir: Path | None,
+        device: str,
+        trust_remote_code: bool,
+        evolved: tuple[str, ...] = (),
+    ):
         """The context of a live model built from `seed` (its directory and name are the reference's)."""
         return cls(
             model,
@@ -115,6 +131,7 @@ class EvaluationContext:
             device,
             trust_remote_code=trust_remote_code,
             reference_name=seed.name,
+            evolved=tuple(evolved),
         )
 
     def tokenizer(self) -> Any:

@@ -72,20 +72,25 @@ class CandidateTiming:
     records: list[dict[str, Any]] = field(default_factory=list)
     cache_hits: int = 0
 
-    def add(self, kind: str, materialize_s: float, evaluate_s: float) -> None:
-        self.records.append(
-            {"kind": kind, "materialize_s": round(materialize_s, 4), "evaluate_s": round(evaluate_s, 4)}
-        )
+    def add(self, kind: str, materialize_s: float, evaluate_s: float, **evaluation: float) -> None:
+        """One record; `evaluation` splits `evaluate_s` where the evaluator says how (`generate_s`, `score_s`)."""
+        record = {"kind": kind, "materialize_s": round(materialize_s, 4), "evaluate_s": round(evaluate_s, 4)}
+        record.update({part: round(float(seconds), 4) for part, seconds in evaluation.items()})
+        self.records.append(record)
 
     def to_dict(self) -> dict[str, Any]:
         """`{"fit": {...}, "test": {...}, "cache_hits": n, "records": [...]}`: count, total and mean seconds of
-        materialize and evaluate for fitness (`fit`) and held-out (`test`) calls, then every record in order."""
+        materialize and evaluate (and of the evaluator's own parts, e.g. generate and score) for fitness (`fit`)
+        and held-out (`test`) calls, then every record in order."""
         out: dict[str, Any] = {}
         for kind in ("fit", "test"):
             rows = [r for r in self.records if r["kind"] == kind]
             stats: dict[str, Any] = {"count": len(rows)}
-            for part in ("materialize_s", "evaluate_s"):
-                total = sum(r[part] for r in rows)
+            parts = dict.fromkeys(
+                ["materialize_s", "evaluate_s", *(k for r in rows for k in r if k.endswith("_s"))]
+            )
+            for part in parts:
+                total = sum(r.get(part, 0.0) for r in rows)
                 stats[f"{part}_total"] = round(total, 3)
                 stats[f"{part}_mean"] = round(total / len(rows), 4) if rows else None
             out[kind] = stats
@@ -143,7 +148,8 @@ class LocalExecutor:
         written = time.perf_counter()
         result = self.evaluator.scores(model) if split == "fit" else self.evaluator.test_score(model)
         if self.timing is not None:
-            self.timing.add(split, written - start, time.perf_counter() - written)
+            parts = getattr(self.evaluator, "last_timing", None) or {}  # e.g. a CLIP fitness's generate/score
+            self.timing.add(split, written - start, time.perf_counter() - written, **parts)
         if key is not None:
             self._cache[key] = result
         return result

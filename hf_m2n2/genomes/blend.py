@@ -37,7 +37,8 @@ class BlendGenomeConfig(StrictModel):
         block_size: elements per block (granularity of split points and Gram sums).
         slerp_scope: SLERP angle from the full vectors (`global`, reference), per segment (`segment`, paper) or
             per tensor (`tensor`).
-        include, exclude: glob patterns of the tensors that evolve; the others come from `fixed_from`.
+        include, exclude: glob patterns of the tensors that evolve; the others come from `fixed_from`. Without
+            `include`, the seeds' model kind decides: every tensor of a causal LM, a pipeline's denoiser (`unet/*`).
         fixed_from: the seed (as written in `models`) whose config, tokenizer and non-evolved tensors are used.
         dtype: dtype of the live model and of the blending arithmetic (and of the exported weights).
         device: where the live model and the resident seeds live (`cpu`, `cuda`, ...).
@@ -48,7 +49,7 @@ class BlendGenomeConfig(StrictModel):
     kind: Literal["blend"] = "blend"
     block_size: int = Field(65536, ge=1)
     slerp_scope: Literal["global", "segment", "tensor"] = "global"
-    include: list[str] = Field(default_factory=lambda: ["*"])
+    include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     fixed_from: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -99,7 +100,12 @@ class BlendKind(GenomeKind):
             for n in seeds[fixed].checkpoint.names
             if seeds[fixed].checkpoint.info(n).dtype.is_floating_point
         ]
-        names = select_tensors(floating, genome.include, genome.exclude)
+        include = genome.include
+        if include is None:
+            from hf_m2n2.models import model_kind
+
+            include = model_kind(seeds[fixed].kind).default_evolved(seeds[fixed])
+        names = select_tensors(floating, include, genome.exclude)
         if not names:
             raise SpecError("genome.include", "no tensor matches the include/exclude patterns")
         return seeds, fixed, names, evolved_layout(seeds, names, genome.block_size)
@@ -132,7 +138,7 @@ class BlendKind(GenomeKind):
         gram = seed_gram(layout, tensors, run_dir / "gram.npz")
         ops = BlendOps(layout, gram, len(seeds), genome.slerp_scope)
         context = EvaluationContext.of_seed(
-            live.model, seeds[fixed], spec_dir, genome.device, spec.trust_remote_code
+            live.model, seeds[fixed], spec_dir, genome.device, spec.trust_remote_code, evolved=tuple(names)
         )
         return GenomeRun(
             ops,

@@ -108,6 +108,10 @@ class ModelKind:
         `open_output`'s sink finished (what it left out is completed here)."""
         raise NotImplementedError
 
+    def default_evolved(self, reference: Any) -> list[str]:
+        """The glob patterns of the tensors a Blend evolves when `genome.include` is not given: all of them."""
+        return ["*"]
+
     def output_names(self, reference: Any, evolved: Collection[str]) -> list[str]:
         """The tensors an export writes through `open_output`, named as `reference` names them: by default all of
         them; a kind may leave out what `save_configs` copies whole (a pipeline's components without any tensor

@@ -54,6 +54,13 @@ class PipelineKind(ModelKind):
 
         return LivePipeline(reference, **options)
 
+    def default_evolved(self, reference: Any) -> list[str]:
+        """The merged-by-default components (the UNet), as in `hf-m2n2 merge`: text encoders and VAE stay the
+        reference seed's unless `genome.include` names them."""
+        from hf_m2n2.pipeline_merge import MERGED_BY_DEFAULT
+
+        return [f"{name}/*" for name in MERGED_BY_DEFAULT if name in reference.components]
+
     def output_names(self, reference: Any, evolved: Collection[str]) -> list[str]:
         """The tensors of the components holding an evolved tensor; the others are copied whole by `save_configs`."""
         written = {name.split("/", 1)[0] for name in evolved}
