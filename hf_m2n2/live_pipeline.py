@@ -329,10 +329,13 @@ def _assemble(
     """The pipeline from the seed's folder (tokenizers, scheduler, model_index.json), given the filled modules."""
     from diffusers import DiffusionPipeline
 
+    from hf_m2n2.quiet import quiet_loading
+
     folder = Path(seed.folder or seed.model.path)
-    return DiffusionPipeline.from_pretrained(
-        str(folder), dtype=dtype, trust_remote_code=trust_remote_code, **modules
-    )
+    with quiet_loading():
+        return DiffusionPipeline.from_pretrained(
+            str(folder), dtype=dtype, trust_remote_code=trust_remote_code, **modules
+        )
 
 
 def _shared_budget_maps(

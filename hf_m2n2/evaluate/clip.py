@@ -263,6 +263,13 @@ def load_judge(config: ClipConfig, base_dir: Path | None, device: str, prefix: s
     Raises:
         SpecError: the judge cannot be loaded, or is not a CLIP model (without `trust_remote_code`).
     """
+    from hf_m2n2.quiet import quiet_loading
+
+    with quiet_loading():
+        return _load_judge(config, base_dir, device, prefix)
+
+
+def _load_judge(config: ClipConfig, base_dir: Path | None, device: str, prefix: str) -> tuple[Any, Any]:
     source = _judge_source(config.model, base_dir)
     from transformers import AutoConfig
 
