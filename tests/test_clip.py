@@ -322,3 +322,22 @@ def test_seeds_whose_unets_differ_in_shape_are_refused(pipelines, clip_judge, pr
     code, _, err = cli("evolve", _write(tmp_path, spec), "--out", out)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "sd2" in err and not out.exists()
+
+
+def test_sdxl_pipelines_score_the_same_with_cached_embeddings(pipelines, clip_judge, prompts):
+    """SDXL's encode_prompt gives four tensors (with the pooled ones): cached, they draw what the prompts draw."""
+    from hf_m2n2.live_pipeline import LivePipeline
+    from hf_m2n2.seeds import open_seeds
+
+    [seed] = open_seeds([str(pipelines["sdxl-a"])])
+    pipeline = LivePipeline(seed).model
+    config = _config(clip_judge, prompts, images_per_prompt=1, guidance_scale=3.0, negative_prompt="blurry")
+    cached = ClipEvaluator(config, pipeline)
+    assert set(cached._prompt_embeds(pipeline, cached.fitness, "fit")) == {
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    }
+    as_text = ClipEvaluator(config, pipeline, text_evolved=True)
+    np.testing.assert_allclose(cached.scores(pipeline), as_text.scores(pipeline), atol=1e-3)
