@@ -341,3 +341,15 @@ def test_sdxl_pipelines_score_the_same_with_cached_embeddings(pipelines, clip_ju
     }
     as_text = ClipEvaluator(config, pipeline, text_evolved=True)
     np.testing.assert_allclose(cached.scores(pipeline), as_text.scores(pipeline), atol=1e-3)
+
+
+def test_an_evaluator_that_cannot_score_the_seeds_kind_is_refused(
+    seeds, clip_judge, prompts, pipelines, tmp_path, cli
+):
+    spec = _spec(pipelines, clip_judge, prompts)
+    spec["models"] = [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}]
+    out = tmp_path / "run"
+    code, _, err = cli("evolve", _write(tmp_path, spec), "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "evaluate.kind: clip scores pipeline models; the seeds are causal_lm models" in err
+    assert not out.exists()

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate.base import (
     EvaluationContext,
     EvaluationError,
@@ -53,9 +54,13 @@ def _lm_eval_check(config: LmEvalConfig, spec_dir: Path | None) -> None:
     check_lm_eval_config(config, base_dir=spec_dir)
 
 
-register_evaluator("lm_eval", LmEvalConfig, _lm_eval, _lm_eval_check, needs_target=True)
+register_evaluator(
+    "lm_eval", LmEvalConfig, _lm_eval, _lm_eval_check, needs_target=True, model_kinds=("causal_lm",)
+)
 register_evaluator("python", PythonEvaluateConfig, build_python_evaluator, check_python_config)
-register_evaluator("clip", ClipConfig, build_clip_evaluator, check_clip_config, needs_target=True)
+register_evaluator(
+    "clip", ClipConfig, build_clip_evaluator, check_clip_config, needs_target=True, model_kinds=("pipeline",)
+)
 
 
 def evaluate_parts(section: Any) -> list[Any]:
@@ -64,14 +69,30 @@ def evaluate_parts(section: Any) -> list[Any]:
 
 
 def build_evaluator(section: Any, context: EvaluationContext) -> Any:
-    """The evaluator of a validated `evaluate:` section: one part's own, or the parts' concatenation."""
+    """The evaluator of a validated `evaluate:` section: one part's own, or the parts' concatenation.
+
+    Raises:
+        SpecError: a part cannot score the live model's kind (lm_eval on a pipeline, clip on a causal LM).
+    """
     if not isinstance(section, (list, tuple)):
-        return evaluator_kind(section.kind).factory(section, context)
-    built = [
-        evaluator_kind(part.kind).factory(part, replace(context, prefix=f"evaluate[{i}]"))
-        for i, part in enumerate(section)
-    ]
+        return _build_part(section, context)
+    built = [_build_part(part, replace(context, prefix=f"evaluate[{i}]")) for i, part in enumerate(section)]
     return PartsEvaluator(built, [part.weight for part in section])
+
+
+def _build_part(part: Any, context: EvaluationContext) -> Any:
+    kind = evaluator_kind(part.kind)
+    if (
+        kind.model_kinds is not None
+        and context.model_kind is not None
+        and context.model_kind not in kind.model_kinds
+    ):
+        wanted = " or ".join(kind.model_kinds)
+        raise SpecError(
+            f"{context.prefix}.kind",
+            f"{part.kind} scores {wanted} models; the seeds are {context.model_kind} models",
+        )
+    return kind.factory(part, context)
 
 
 def check_offline(section: Any, spec_dir: Path | None) -> None:

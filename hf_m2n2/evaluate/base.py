@@ -102,6 +102,7 @@ class EvaluationContext:
         reference_name: the reference seed's name in errors (its repo id: a Hub seed's directory is a sha).
         evolved: the names of the tensors candidates write (e.g. `unet/...`: a text encoder among them means prompt
             embeddings change per candidate).
+        model_kind: the kind of the live model (`causal_lm`, `pipeline`), None without one.
     """
 
     model: Any = None
@@ -112,6 +113,7 @@ class EvaluationContext:
     trust_remote_code: bool = False
     reference_name: str | None = None
     evolved: tuple[str, ...] = ()
+    model_kind: str | None = None
 
     @classmethod
     def of_seed(
@@ -132,6 +134,7 @@ class EvaluationContext:
             trust_remote_code=trust_remote_code,
             reference_name=seed.name,
             evolved=tuple(evolved),
+            model_kind=seed.kind,
         )
 
     def tokenizer(self) -> Any:
@@ -164,6 +167,7 @@ class EvaluatorKind:
         factory: `factory(config, context) -> Evaluator`.
         offline_check: `offline_check(config, spec_dir)`, what `hf-m2n2 validate` checks without models.
         needs_target: the evaluator scores a live model (a spec with `models:`), not a bare genome.
+        model_kinds: the model kinds (`hf_m2n2.models`) it can score (None: any), e.g. `("pipeline",)`.
     """
 
     kind: str
@@ -171,6 +175,7 @@ class EvaluatorKind:
     factory: Callable[[Any, EvaluationContext], Any]
     offline_check: Callable[[Any, Path | None], None] | None = None
     needs_target: bool = False
+    model_kinds: tuple[str, ...] | None = None
 
 
 EVALUATOR_KINDS = Registry[EvaluatorKind]("evaluator kind", "evaluate.kind")
@@ -183,6 +188,7 @@ def register_evaluator(
     offline_check: Callable[[Any, Path | None], None] | None = None,
     *,
     needs_target: bool = False,
+    model_kinds: tuple[str, ...] | None = None,
 ) -> EvaluatorKind:
     """Register an evaluator kind (replacing one of the same name).
 
@@ -192,6 +198,7 @@ def register_evaluator(
         factory: builds the evaluator from a validated section and the run's context.
         offline_check: optional check run by `hf-m2n2 validate` (raises SpecError).
         needs_target: whether it scores a live model rather than a bare genome.
+        model_kinds: the model kinds it can score (None: any).
 
     Returns:
         The registered entry.
@@ -199,7 +206,8 @@ def register_evaluator(
     Example:
         >>> register_evaluator("python", PythonEvaluateConfig, build_python_evaluator)  # doctest: +SKIP
     """
-    return EVALUATOR_KINDS.add(kind, EvaluatorKind(kind, config, factory, offline_check, needs_target))
+    entry = EvaluatorKind(kind, config, factory, offline_check, needs_target, model_kinds)
+    return EVALUATOR_KINDS.add(kind, entry)
 
 
 def evaluator_kind(kind: str) -> EvaluatorKind:
