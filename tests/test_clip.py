@@ -353,3 +353,45 @@ def test_an_evaluator_that_cannot_score_the_seeds_kind_is_refused(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "evaluate.kind: clip scores pipeline models; the seeds are causal_lm models" in err
     assert not out.exists()
+
+
+JUDGE_CODE = """
+from pathlib import Path
+
+Path({marker!r}).write_text("the judge's code ran")
+
+from transformers import CLIPConfig, CLIPModel
+
+
+class MarkerJudgeConfig(CLIPConfig):
+    model_type = "m2n2_judge"
+
+
+class MarkerJudge(CLIPModel):
+    config_class = MarkerJudgeConfig
+"""
+
+
+def test_another_judge_runs_its_code_only_when_asked(clip_judge, prompts, live, tmp_path):
+    """A judge with its own code (auto_map) is refused, its code not run, unless `trust_remote_code: true`; then it
+    loads through AutoModel/AutoProcessor and scores as the CLIP model it wraps."""
+    import shutil
+
+    judge = tmp_path / "judge"
+    shutil.copytree(clip_judge, judge)
+    marker = tmp_path / "ran"
+    (judge / "marker.py").write_text(JUDGE_CODE.format(marker=str(marker)))
+    config = json.loads((judge / "config.json").read_text())
+    config.update(
+        model_type="m2n2_judge",
+        architectures=["MarkerJudge"],
+        auto_map={"AutoConfig": "marker.MarkerJudgeConfig", "AutoModel": "marker.MarkerJudge"},
+    )
+    (judge / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SpecError, match=r"evaluate\.model: .*trust_remote_code"):
+        ClipEvaluator(_config(judge, prompts), live.model)
+    assert not marker.exists()
+    trusted = ClipEvaluator(_config(judge, prompts, trust_remote_code=True), live.model)
+    assert marker.exists() and type(trusted.judge).__name__ == "MarkerJudge"
+    plain = ClipEvaluator(_config(clip_judge, prompts), live.model)
+    np.testing.assert_allclose(trusted.scores(live.model), plain.scores(live.model), atol=1e-5)

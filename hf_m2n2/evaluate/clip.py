@@ -278,6 +278,13 @@ def _load_judge(config: ClipConfig, base_dir: Path | None, device: str, prefix: 
             source, revision=config.revision, trust_remote_code=config.trust_remote_code
         )
     except Exception as exc:
+        from hf_m2n2.custom_code import is_custom_code_error
+
+        if is_custom_code_error(exc):
+            raise SpecError(
+                f"{prefix}.model",
+                f"judge {config.model!r} comes with its own code: set evaluate.trust_remote_code: true to run it",
+            ) from None
         raise SpecError(
             f"{prefix}.model", f"cannot load judge {config.model!r}: {_first_line(exc)}"
         ) from None
