@@ -39,6 +39,11 @@ class PipelineFamily:
     text_encoders: tuple[str, ...]
     pipeline_class: str
 
+    @property
+    def hub_tag(self) -> str:
+        """The Hub tag of the family's models (cards)."""
+        return "stable-diffusion-xl" if self.name == "sdxl" else "stable-diffusion"
+
     def matches(self, unet_config: Mapping[str, Any]) -> bool:
         return all(unet_config.get(key) == value for key, value in self.unet_config.items())
 

@@ -377,7 +377,7 @@ def _write_card(
         notes=plan.recipe.notes,
         variant=spec.variant,
         single_file=single_file,
-        tags=["stable-diffusion-xl" if family.name == "sdxl" else "stable-diffusion"],
+        tags=[family.hub_tag],
         model_id=model_id,
     )
     write_card(tmp, info)

@@ -171,3 +171,43 @@ def pipelines(tmp_path_factory) -> dict[str, Path]:
     )
     out["sd2"] = build_tiny_pipeline(root / "sd2", "sd2", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_judge(tmp_path_factory) -> Path:
+    """A tiny random CLIP judge (transformers' CLIPModel + CLIPProcessor: 32x32 images, the tiny pipelines' byte
+    tokenizer), saved once: a directory `evaluate: {kind: clip, model: ...}` loads."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from hf_m2n2.demo.tiny_pipelines import clip_tokenizer
+
+    path = tmp_path_factory.mktemp("clip_judge")
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer()
+    vocab = len(tokenizer)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -326,6 +326,17 @@ def _judge_source(model: str, base_dir: Path | None) -> str:
     return str(path) if path.exists() else model  # not a local path: a Hub repo id, resolved by transformers
 
 
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a Hub judge was loaded from: its config.json's snapshot folder in the cache (no request)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id the cache layout cannot hold
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -404,6 +415,7 @@ class ClipEvaluator:
     ):
         self.config = config
         self._prefix = prefix
+        self._base_dir = base_dir
         self._text_evolved = text_evolved
         self.fitness = fitness_rows(config, base_dir, prefix)
         self.test = test_rows(config, base_dir, prefix)
@@ -411,7 +423,11 @@ class ClipEvaluator:
         self._text = {split: self._judge_texts(rows) for split, rows in self._splits().items()}
         self._set_scheduler(pipeline)
         self._size = self._check_size(pipeline)
-        self._embeds: dict[tuple[int, str], Any] = {}
+        self._drawn_with = {
+            "guidance_scale": self._guidance(pipeline),
+            "scheduler": type(pipeline.scheduler).__name__,
+        }
+        self._embeds: dict[tuple[int, str, int], Any] = {}
         self.last_timing: dict[str, float] = {}
         self.last_images: list[tuple[PromptRow, list[Any]]] = []
 
@@ -441,15 +457,69 @@ class ClipEvaluator:
         return Report(self._group_means(rows, scores), METRIC)
 
     def images(
-        self, model: Any, split: str = "test", limit: int | None = None
+        self, model: Any, split: str | None = None, limit: int | None = None
     ) -> list[tuple[PromptRow, list]]:
-        """The images of the first `limit` prompts of a split, as PIL images, with their rows (no scoring)."""
+        """The images of the first `limit` prompts of a split (`test`, `fit`; None: the report's, held-out else
+        fitness), as PIL images, with their rows (no scoring)."""
         from PIL import Image
 
+        split = split or ("test" if self.test is not None else "fit")
         rows = self._rows(split)[:limit]
         pixels = self._generate(model, rows, split)
         n = self.config.images_per_prompt
         return [(row, [Image.fromarray(pixels[i * n + k]) for k in range(n)]) for i, row in enumerate(rows)]
+
+    def describe(self) -> dict[str, Any]:
+        """How candidates are scored, for the lineage card: the judge (and its pinned commit when it came from the
+        Hub), the prompts files (prompts per group, fitness and held-out) and the generation settings.
+
+        Returns:
+            `{"metric", "summary", "judge": {model, revision, commit, hub}, "prompts": [{split, file, select,
+            count, groups}], "generation": {setting: value}, "scheduler_replaced"}` (plain JSON data).
+        """
+        config = self.config
+        hub = not Path(_judge_source(config.model, self._base_dir)).exists()
+        prompts = [("fitness", config.prompts, config.split, self.fitness)]
+        if self.test is not None:
+            prompts.append(("held-out", config.test_prompts or config.prompts, config.test_split, self.test))
+        generation = {
+            "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": self._drawn_with["guidance_scale"],
+            "height": self._size[0],
+            "width": self._size[1],
+            "scheduler": self._drawn_with["scheduler"],
+            "images_per_prompt": config.images_per_prompt,
+            "seed": config.seed,
+            "negative_prompt": config.negative_prompt,
+        }
+        return {
+            "metric": METRIC,
+            "summary": f"A prompt's score (`{METRIC}`) is the mean CLIP score of its images against its scoring "
+            "text (the prompt itself unless the prompts file gives one): max(100 cos(image, text), 0) in the "
+            "judge's embeddings, torchmetrics' definition.",
+            "judge": {
+                "model": config.model,
+                "revision": config.revision,
+                "commit": _cached_commit(config.model, config.revision) if hub else None,
+                "hub": hub,
+            },
+            "prompts": [
+                {
+                    "split": split,
+                    "file": Path(file).name,
+                    "select": select,
+                    "count": len(rows),
+                    "groups": {
+                        g: sum(r.group == g for r in rows) for g in dict.fromkeys(r.group for r in rows)
+                    }
+                    if all(r.group is not None for r in rows)
+                    else {},
+                }
+                for split, file, select, rows in prompts
+            ],
+            "generation": {key: value for key, value in generation.items() if value is not None},
+            "scheduler_replaced": config.scheduler is not None,
+        }
 
     # ------------------------------------------------------------------ one candidate
 
@@ -526,7 +596,7 @@ class ClipEvaluator:
     def _prompt_embeds(self, pipeline: Any, rows: list[PromptRow], split: str) -> dict[str, Any] | None:
         """The pipeline's prompt embeddings of `rows`, computed once per split (None: the pipeline has no
         `encode_prompt` this knows, so prompts go in as text on every call)."""
-        key = (id(pipeline), split)
+        key = (id(pipeline), split, len(rows))  # `images(limit=...)` encodes a prefix of the split's rows
         if key not in self._embeds:
             self._embeds[key] = _encode_prompts(pipeline, rows, self.config, self._guidance(pipeline))
         return self._embeds[key]

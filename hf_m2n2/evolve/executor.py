@@ -157,5 +157,16 @@ class LocalExecutor:
     def report(self, genome: Any) -> Report:
         return self.evaluator.report(self.target.write(genome))
 
+    def images(self, genome: Any, limit: int | None = None) -> list[tuple[Any, list]] | None:
+        """What the evaluator draws for a genome (an image evaluator's `images(model, limit=...)`: per prompt,
+        its row and images), None when it draws none."""
+        draw = getattr(self.evaluator, "images", None)
+        return None if draw is None else draw(self.target.write(genome), limit=limit)
+
+    def describe(self) -> dict[str, Any] | None:
+        """How the evaluator scores, for the card (its `describe()`), None when it does not say."""
+        describe = getattr(self.evaluator, "describe", None)
+        return None if describe is None else describe()
+
     def example_groups(self) -> np.ndarray | None:
         return self.evaluator.example_groups()

@@ -15,7 +15,6 @@ genome: {kind: blend, block_size: 4096, slerp_scope: global}
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,19 +169,20 @@ class BlendKind(GenomeKind):
             run.seeds,
             model_dir,
             overwrite=True,
-            write_card=lambda tmp: outcome.write_card(tmp, recipe_file=RECIPE),
+            write_card=lambda tmp: outcome.write_card(
+                tmp, recipe_file=RECIPE, fixed=run.export["fixed"], evolved=run.export["tensors"]
+            ),
         )
 
     def export_again(
         self, model_dir: Path, out_dir: Path, overwrite: bool, *, trust_remote_code: bool = False
     ) -> Path | None:  # a rebuild reads tensors only: no seed code to trust
         from hf_m2n2.blend_ops import BlendRecipe, rebuild
+        from hf_m2n2.card import copy_card
 
         if not (model_dir / RECIPE).is_file():
             return None
         BlendRecipe.load(model_dir / RECIPE)
-        out = rebuild(model_dir / RECIPE, out_dir, overwrite=overwrite)
-        for extra in ("README.md", "card.json", "fitness.png"):
-            if (model_dir / extra).is_file():
-                shutil.copyfile(model_dir / extra, out / extra)
-        return out
+        return rebuild(
+            model_dir / RECIPE, out_dir, overwrite=overwrite, write_card=lambda tmp: copy_card(model_dir, tmp)
+        )

@@ -503,17 +503,14 @@ class MethodKind(GenomeKind):
         if not trust_remote_code and run_spec.is_file():
             trust_remote_code = load_evolve_spec(run_spec)[0].trust_remote_code
 
-        def extras(out: Path) -> None:
-            for name in ("README.md", "card.json", "fitness.png"):
-                if (model_dir / name).is_file():
-                    shutil.copyfile(model_dir / name, out / name)
+        from hf_m2n2.card import copy_card
 
         return merge_recipe(
             text,
             out_dir,
             overwrite=overwrite,
             device=device,
-            extras=extras,
+            extras=lambda out: copy_card(model_dir, out),
             trust_remote_code=trust_remote_code,
         )
 

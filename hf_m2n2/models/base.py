@@ -112,6 +112,19 @@ class ModelKind:
         """The glob patterns of the tensors a Blend evolves when `genome.include` is not given: all of them."""
         return ["*"]
 
+    def evolve_card(
+        self, info: Any, seeds: Sequence[Any], fixed: int | None, evolved: Collection[str] | None
+    ) -> Any:
+        """The lineage card of a model evolved from seeds of this kind: `info` (the `evolve_card_info` card) as it
+        is, or in this kind's flavour (a pipeline's is a diffusers card).
+
+        Args:
+            seeds: the opened seeds, in the card's order.
+            fixed: the index of the seed the non-evolved tensors and files come from, None when not one seed's.
+            evolved: the evolved tensor names, None when the genome does not say.
+        """
+        return info
+
     def output_names(self, reference: Any, evolved: Collection[str]) -> list[str]:
         """The tensors an export writes through `open_output`, named as `reference` names them: by default all of
         them; a kind may leave out what `save_configs` copies whole (a pipeline's components without any tensor

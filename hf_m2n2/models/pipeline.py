@@ -61,6 +61,34 @@ class PipelineKind(ModelKind):
 
         return [f"{name}/*" for name in MERGED_BY_DEFAULT if name in reference.components]
 
+    def evolve_card(
+        self, info: Any, seeds: Sequence[Any], fixed: int | None, evolved: Collection[str] | None
+    ) -> Any:
+        """A diffusers card (`hf_m2n2.card.pipeline_evolve_card_info`) whose component table says which
+        components were evolved and which seed the others come from whole (when the genome says)."""
+        from hf_m2n2.card import CardComponent, pipeline_evolve_card_info
+        from hf_m2n2.pipeline_seeds import listed_components
+
+        reference = seeds[fixed or 0]
+        components = None
+        if fixed is not None and evolved is not None:
+            written = {name.split("/", 1)[0] for name in evolved}
+            components = [
+                CardComponent(name, class_name, None if name in written else fixed)
+                for name, (_, class_name) in listed_components(reference.config).items()
+            ]
+        family = reference.family
+        scheduler = reference.config.get("scheduler")
+        return pipeline_evolve_card_info(
+            info,
+            seeds=[s.model for s in seeds],
+            pipeline_class=reference.config.get("_class_name") or family.pipeline_class,
+            family=family.label,
+            components=components,
+            scheduler=scheduler[1] if isinstance(scheduler, list | tuple) and len(scheduler) == 2 else None,
+            tags=[family.hub_tag],
+        )
+
     def output_names(self, reference: Any, evolved: Collection[str]) -> list[str]:
         """The tensors of the components holding an evolved tensor; the others are copied whole by `save_configs`."""
         written = {name.split("/", 1)[0] for name in evolved}
