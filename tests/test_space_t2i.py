@@ -137,6 +137,15 @@ def test_bad_text_to_image_input_is_one_line_naming_the_field(tmp_path):
     assert message.startswith("evaluate.prompts: prompts.jsonl:2: not JSON") and str(run) not in message
     with pytest.raises(gr.Error, match="not both"):
         app_module.prompts_file("a red circle", str(bad), run, "prompts")
+    assert app_module.optional_number(" 7.5 ", "evaluate.guidance_scale") == 7.5
+    assert app_module.optional_number("", "evaluate.guidance_scale") is None
+    with pytest.raises(gr.Error) as error:
+        app_module.optional_number("high", "evaluate.guidance_scale")
+    assert _one_line_error(error) == "evaluate.guidance_scale: expected a number, got 'high'"
+    with pytest.raises(gr.Error) as error:
+        app_module.clip_section("judge", "p.txt", size=40.5)
+    assert _one_line_error(error) == "evaluate.height: expected a whole number, got 40.5"
+
     csv = tmp_path / "upload" / "p.csv"
     csv.write_text("a,b\n")
     with pytest.raises(gr.Error, match=r"evaluate.test_prompts: expected a .txt or .jsonl file, got 'p.csv'"):
@@ -211,7 +220,7 @@ def _clip_spec(root: Path, pipelines, clip_judge, previews: int) -> Path:
         "name": "t2i",
         "models": [{"model": str(pipelines["sd1-a"])}, {"model": str(pipelines["sd1-b"])}],
         "genome": {"kind": "blend", "block_size": 1024},
-        "evolve": {"algorithm": "m2n2", "budget": 6, "seed": 1, "log_every": 3, "checkpoint_every_steps": 1},
+        "evolve": {"algorithm": "m2n2", "budget": 5, "seed": 1, "log_every": 5, "checkpoint_every_steps": 1},
         "evaluate": {
             "kind": "clip",
             "model": str(clip_judge),
@@ -269,7 +278,7 @@ def test_previews_follow_the_run_change_no_score_and_survive_resume(
     assert record["score"] == max(scores) and record["candidate"] == scores.index(max(scores))
     assert len(record["images"]) == len(PROMPTS)
 
-    # the best candidate is the exported one here (the archive keeps all 6): it draws the previewed images
+    # the best candidate is the exported one here (the archive keeps all 5): it draws the previewed images
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_candidate"]["id"] == record["candidate"]
     pipe = DiffusionPipeline.from_pretrained(str(run / "model"))
@@ -374,15 +383,14 @@ def test_text_to_image_page_renders_in_headless_chromium(served_t2i, tmp_path):
     from PIL import Image
 
     url = served_t2i[0] + "?mode=t2i"
-    dom = chromium("--dump-dom", url).stdout
+    shot = tmp_path / "space-t2i.png"
+    dom = chromium("--dump-dom", f"--screenshot={shot}", "--window-size=1280,1600", url).stdout  # one launch
     for control in T2I_CONTROLS:
         assert f'id="{control}"' in dom, control
     selected = re.search(r'<button[^>]*role="tab"[^>]*aria-selected="true"[^>]*>', dom)
     assert selected and 'data-tab-id="t2i"' in selected.group(0)  # the address opened the text-to-image tab
     assert app_module.T2I_BUNDLED in dom and "Best candidate so far" in dom
 
-    shot = tmp_path / "space-t2i.png"
-    chromium(f"--screenshot={shot}", "--window-size=1280,1600", url)
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (1600, 1280, 3)
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 64  # text, buttons, borders: not a blank page

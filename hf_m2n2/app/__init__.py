@@ -19,7 +19,7 @@ Gradio is imported here only: the rest of the package never imports `hf_m2n2.app
 
 Modules:
     forms: the forms' choices and help, and the specs written from their values (`static_spec`, `evolve_spec`,
-        `lm_eval_section`, `clip_section`, `prompts_file`).
+        `lm_eval_section`, `clip_section`, `prompts_file`, `optional_number`).
     jobs: a run in a worker thread (`Job`), scoring (`score_models`), and the readers of a run directory
         (`progress_frame`, `passes_done`, `preview_gallery`, `score_table`, `card_preview`, `zip_model`). No Gradio.
     bundled: the bundled text-to-image world (`bundled_t2i`: seeds, judge, prompts). No Gradio.
@@ -50,6 +50,7 @@ from hf_m2n2.app.forms import (
     lm_eval_section,
     method_choices,
     method_help,
+    optional_number,
     prompts_file,
     static_methods,
     static_spec,
@@ -95,6 +96,7 @@ __all__ = [
     "main",
     "method_choices",
     "method_help",
+    "optional_number",
     "passes_done",
     "preview_gallery",
     "progress_frame",

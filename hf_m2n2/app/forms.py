@@ -173,7 +173,7 @@ T2I_FIELDS: tuple[Field, ...] = (
     Field(
         "prompts_file",
         None,
-        partial(gr.File, label="... or a fitness prompts file", file_types=PROMPT_FILE_TYPES, height=90),
+        partial(gr.File, label="... or a fitness prompts file", file_types=PROMPT_FILE_TYPES, height=120),
     ),
     Field(
         "test_prompts",
@@ -188,21 +188,20 @@ T2I_FIELDS: tuple[Field, ...] = (
     Field(
         "test_prompts_file",
         None,
-        partial(gr.File, label="... or a held-out prompts file", file_types=PROMPT_FILE_TYPES, height=90),
+        partial(gr.File, label="... or a held-out prompts file", file_types=PROMPT_FILE_TYPES, height=120),
     ),
     Field("images_per_prompt", 1, partial(gr.Slider, 1, 8, step=1, label="Images per prompt")),
     Field("steps", 10, partial(gr.Slider, 1, 100, step=1, label="Denoising steps")),
+    # text boxes, not numbers: a blank one means "the pipeline's default" (a number box shows 0)
     Field(
         "guidance",
-        None,
-        partial(gr.Number, minimum=0, label="Guidance scale (blank: the pipeline's default)"),
+        "",
+        partial(gr.Textbox, label="Guidance scale", placeholder="blank: the pipeline's default"),
     ),
     Field(
         "size",
-        None,
-        partial(
-            gr.Number, precision=0, minimum=8, label="Image size in pixels (blank: the pipeline's default)"
-        ),
+        "",
+        partial(gr.Textbox, label="Image size in pixels", placeholder="blank: the pipeline's default"),
     ),
     Field(
         "algorithm",
@@ -428,6 +427,20 @@ def clip_section(
     except ValidationError as exc:
         raise gr.Error(str(validation_error(exc, section, prefix="evaluate", model=ClipConfig))) from None
     return section
+
+
+def optional_number(text: Any, path: str) -> float | None:
+    """A number typed in a text box, None when blank.
+
+    Raises:
+        gr.Error: not a number (one line naming `path`, e.g. `evaluate.guidance_scale`).
+    """
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise gr.Error(f"{path}: expected a number, got {text!r}") from None
 
 
 def _whole(value: Any, path: str) -> int:

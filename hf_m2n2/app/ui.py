@@ -33,6 +33,7 @@ from hf_m2n2.app.forms import (
     clip_section,
     evolve_spec,
     method_help,
+    optional_number,
     prompts_file,
     static_methods,
     static_spec,
@@ -187,10 +188,7 @@ def build_demo(
                         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     with gr.Tab("Text-to-image", id=T2I_TAB, elem_id="mode-t2i") as t2i_tab:
                         place_t2i("source", "pipelines", "judge")
-                        with gr.Row():
-                            place_t2i("prompts", "prompts_file")
-                        with gr.Row():
-                            place_t2i("test_prompts", "test_prompts_file")
+                        place_t2i("prompts", "prompts_file", "test_prompts", "test_prompts_file")
                         with gr.Row():
                             place_t2i("images_per_prompt", "steps")
                         with gr.Row():
@@ -309,6 +307,9 @@ def build_demo(
             api_name="run",
             concurrency_limit=1,
             concurrency_id="run",
+            # the status line says the stage and the passes done: no overlay hides the plot (and the gallery)
+            # while they follow the run
+            show_progress="hidden",
         )
 
         def run_t2i(
@@ -329,6 +330,7 @@ def build_demo(
             api_name="run_t2i",
             concurrency_limit=1,
             concurrency_id="run",
+            show_progress="hidden",
         )
 
         def cancel(request: gr.Request) -> str:
@@ -498,8 +500,8 @@ def _t2i_spec(settings: _Settings, values: dict[str, Any], progress: Any, direct
         test_prompts=test_prompts,
         images_per_prompt=values["images_per_prompt"],
         num_inference_steps=values["steps"],
-        guidance_scale=values["guidance"],
-        size=values["size"],
+        guidance_scale=optional_number(values["guidance"], "evaluate.guidance_scale"),
+        size=optional_number(values["size"], "evaluate.height"),
     )
     return evolve_spec(
         algorithm,
