@@ -79,20 +79,20 @@ class _Settings:
 
 def default_specialists_dir() -> Path:
     """Where the bundled specialists are built on first use: `$HF_M2N2_SPECIALISTS_DIR`, else the user cache."""
-    env = os.environ.get("HF_M2N2_SPECIALISTS_DIR")
-    if env:
-        return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "hf_m2n2" / "specialists"
+    return _build_dir("HF_M2N2_SPECIALISTS_DIR", "specialists")
 
 
 def default_t2i_dir() -> Path:
     """Where the bundled text-to-image world is built on first use: `$HF_M2N2_T2I_DIR`, else the user cache."""
-    env = os.environ.get("HF_M2N2_T2I_DIR")
+    return _build_dir("HF_M2N2_T2I_DIR", "t2i")
+
+
+def _build_dir(variable: str, name: str) -> Path:
+    env = os.environ.get(variable)
     if env:
         return Path(env)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "hf_m2n2" / "t2i"
+    return cache / "hf_m2n2" / name
 
 
 def _on_space() -> bool:
