@@ -111,44 +111,6 @@ def cached_repo(seeds, hf_home) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def clip_judge(tmp_path_factory) -> Path:
-    """A tiny random CLIP judge (transformers' CLIPModel + CLIPProcessor over the tiny pipelines' byte-level
-    tokenizer, 32x32 images): not a good judge, a real one for the code paths."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from hf_m2n2.demo.tiny_pipelines import clip_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = clip_tokenizer()
-    n = len(tokenizer)
-    text = dict(
-        vocab_size=n,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=n - 2,
-        eos_token_id=n - 1,
-        pad_token_id=n - 1,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    out = tmp_path_factory.mktemp("clip-judge")
-    model.save_pretrained(out)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def pipelines(tmp_path_factory) -> dict[str, Path]:
     """Tiny diffusers pipelines (hf_m2n2.demo.tiny_pipelines): per family a base and two UNet fine-tunes of it
     (`sd1`, `sd1-a`, `sd1-b`, `sdxl`, `sdxl-a`, `sdxl-b`, `sd2`); `sd1-a` also has an fp16 variant of its weights,
@@ -171,3 +133,11 @@ def pipelines(tmp_path_factory) -> dict[str, Path]:
     )
     out["sd2"] = build_tiny_pipeline(root / "sd2", "sd2", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_judge(tmp_path_factory) -> Path:
+    """A tiny random CLIP judge (CLIPModel + CLIPProcessor, 32x32 images) for `evaluate: {kind: clip}`."""
+    from hf_m2n2.demo.tiny_pipelines import build_tiny_judge
+
+    return build_tiny_judge(tmp_path_factory.mktemp("clip-judge") / "judge", seed=0)

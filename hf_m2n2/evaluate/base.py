@@ -69,7 +69,13 @@ class Report:
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores materialized candidates."""
+    """Scores materialized candidates.
+
+    An evaluator may also define `candidate_scored(candidate_id: int, scores: np.ndarray) -> None`: the executor
+    calls it right after `scores` computed a candidate's fitness (not for a cached score, nor a held-out call),
+    so that what the evaluator keeps of that call (the images it drew) can be tied to the candidate. It must not
+    change scores.
+    """
 
     def scores(self, model: Any) -> np.ndarray:
         """Per-example scores of one candidate: a 1-D array of finite values >= 0 (one per example)."""
@@ -103,6 +109,8 @@ class EvaluationContext:
         evolved: the names of the tensors candidates write (e.g. `unet/...`: a text encoder among them means prompt
             embeddings change per candidate).
         model_kind: the kind of the live model (`causal_lm`, `pipeline`), None without one.
+        run_dir: the run directory, where an evaluator may keep views of what it drew (e.g. the CLIP evaluator's
+            `preview/` of the best candidate so far); None outside a run. Nothing there is read back for scores.
     """
 
     model: Any = None
@@ -114,6 +122,7 @@ class EvaluationContext:
     reference_name: str | None = None
     evolved: tuple[str, ...] = ()
     model_kind: str | None = None
+    run_dir: Path | None = None
 
     @classmethod
     def of_seed(

@@ -46,6 +46,7 @@ from pydantic import Field
 
 from hf_m2n2.errors import EvaluationError, SpecError
 from hf_m2n2.evaluate.base import EvaluatorConfig, Report
+from hf_m2n2.evaluate.previews import PREVIEW_DIR, BestPreviews
 
 METRIC = "clip_score"
 _ROW_KEYS = ("id", "prompt", "scoring_text", "group", "split")
@@ -75,6 +76,8 @@ class ClipConfig(EvaluatorConfig):
             config; None keeps the pipeline's.
         batch_size: images generated per pipeline call (and scored per judge call).
         seed: the run's image seed (with the prompt id and image index, it seeds every image).
+        previews: in a run, keep the images of this many prompts of the best candidate so far in `RUN/preview/`,
+            from the images its scoring drew (`hf_m2n2.evaluate.previews`); 0: none.
     """
 
     kind: Literal["clip"]
@@ -94,6 +97,7 @@ class ClipConfig(EvaluatorConfig):
     scheduler: str | None = None
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+    previews: int = Field(8, ge=0)
 
     def provides_groups(self) -> bool:
         return True
@@ -393,6 +397,7 @@ class ClipEvaluator:
         device: where the judge runs.
         prefix: the section's YAML path, for errors.
         text_evolved: a text encoder is being evolved (prompt embeddings are then computed per candidate).
+        preview_dir: where to keep previews of the best candidate so far (None: nowhere).
 
     Raises:
         SpecError: bad prompts, judge, scheduler, or a size the pipeline cannot draw.
@@ -412,6 +417,7 @@ class ClipEvaluator:
         device: str = "cpu",
         prefix: str = "evaluate",
         text_evolved: bool = False,
+        preview_dir: Path | None = None,
     ):
         self.config = config
         self._prefix = prefix
@@ -430,6 +436,8 @@ class ClipEvaluator:
         self._embeds: dict[tuple[int, str, int], Any] = {}
         self.last_timing: dict[str, float] = {}
         self.last_images: list[tuple[PromptRow, list[Any]]] = []
+        use_previews = preview_dir is not None and config.previews > 0
+        self.previews = BestPreviews(preview_dir, config.previews) if use_previews else None
 
     # ------------------------------------------------------------------ the evaluator protocol
 
@@ -455,6 +463,12 @@ class ClipEvaluator:
         rows = self.test if self.test is not None else self.fitness
         scores = self._score(model, "test" if self.test is not None else "fit")
         return Report(self._group_means(rows, scores), METRIC)
+
+    def candidate_scored(self, candidate_id: int, scores: np.ndarray) -> None:
+        """The executor's hook right after `scores`: previews of the best candidate so far, from the images that
+        call drew (nothing more is generated)."""
+        if self.previews is not None:
+            self.previews.offer(candidate_id, scores, self.last_images)
 
     def images(
         self, model: Any, split: str | None = None, limit: int | None = None
@@ -715,4 +729,5 @@ def build_clip_evaluator(config: ClipConfig, context: Any) -> ClipEvaluator:
         device=context.device,
         prefix=context.prefix,
         text_evolved=text_evolved,
+        preview_dir=None if context.run_dir is None else Path(context.run_dir) / PREVIEW_DIR,
     )

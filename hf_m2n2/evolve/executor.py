@@ -106,6 +106,9 @@ class LocalExecutor:
         evaluator: scores what the target returns.
         cache_scores: score each distinct genome once per split (a recipe seen again costs nothing).
         timed: record the seconds of every write and evaluation in `timing`.
+
+    After a candidate's fitness is computed (not taken from the cache), the evaluator's optional
+    `candidate_scored(candidate_id, scores)` hook is called (e.g. the CLIP evaluator's previews).
     """
 
     parallelism = 1
@@ -131,18 +134,26 @@ class LocalExecutor:
             raise ContractError("collect without a submitted candidate")
         candidate = self._queue.popleft()
         try:
-            return Scored(candidate, self.score(candidate.genome, "fit"))
+            scores, fresh = self._score(candidate.genome, "fit")
         except InfrastructureError:
             raise
         except Exception as exc:
             return Scored(candidate, error=f"{type(exc).__name__}: {exc}")
+        hook = getattr(self.evaluator, "candidate_scored", None)  # optional (see evaluate.base.Evaluator)
+        if fresh and hook is not None:
+            hook(candidate.lineage.id, scores)
+        return Scored(candidate, scores)
 
     def score(self, genome: Any, split: Split) -> Any:
+        return self._score(genome, split)[0]
+
+    def _score(self, genome: Any, split: Split) -> tuple[Any, bool]:
+        """The genome's `fit` scores or `test` score, and whether the evaluator computed them now (not cached)."""
         key = (split, self.ops.hash(genome)) if self.cache_scores else None
         if key is not None and key in self._cache:
             if self.timing is not None:
                 self.timing.cache_hits += 1
-            return self._cache[key]
+            return self._cache[key], False
         start = time.perf_counter()
         model = self.target.write(genome)
         written = time.perf_counter()
@@ -152,7 +163,7 @@ class LocalExecutor:
             self.timing.add(split, written - start, time.perf_counter() - written, **parts)
         if key is not None:
             self._cache[key] = result
-        return result
+        return result, True
 
     def report(self, genome: Any) -> Report:
         return self.evaluator.report(self.target.write(genome))
