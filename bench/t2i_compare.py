@@ -9,13 +9,14 @@ the build's) or else from `DEFAULT_SPEC` below:
 
 - `m2n2`: the spec itself (a Blend of the seeds' UNets, M2N2's defaults or the spec's settings);
 - `no_split_point`, `no_attraction`: the same with `evolve.split_point: false` / `evolve.attraction: false`;
-- `sweep`: the SLERP sweep between the first two models, `budget` evenly spaced t (the same for every run seed);
+- `sweep`: the SLERP sweep between the first two models, `budget` evenly spaced t: its candidates and their
+  images do not depend on the run seed (the evaluator's image seeds are `evaluate.seed`'s), so it runs once;
 - `evomerge_ps`: CMA-ES (x0 0.5, sigma0 1/6, popsize 4 + floor(3 ln n)) over linear weights of every model in
   every UNet block (`genome: {kind: method, method: linear, parameters: [weight]}`);
 - `evomerge_ps_slerp` (only when asked for with `--methods`): CMA-ES over slerp's t per UNet block, from the first
   model to the second.
 
-Each method runs `--runs` times (run seeds seed, seed + 1, ...). The table gives, per method, the held-out score of
+Each method but the sweep runs `--runs` times (run seeds seed, seed + 1, ...). The table gives, per method, the held-out score of
 each prompt group of the test prompts (CLIP score, higher is better) and their mean, as the mean over the runs and
 the min-max range, then one row per run and the seed models' own rows, all read from the runs' `report.json`;
 the loop wall time is the runs' `summary.json`'s. The table is printed (Markdown) and written as JSON.
@@ -62,6 +63,7 @@ DEFAULT_SPEC: dict[str, Any] = {
 BUILD_FILES = {"model": "judge", "prompts": "prompts/fit.jsonl", "test_prompts": "prompts/test.jsonl"}
 METHODS = ("m2n2", "no_split_point", "no_attraction", "sweep", "evomerge_ps")
 OPTIONAL_METHODS = ("evomerge_ps_slerp",)
+SEED_INDEPENDENT = ("sweep",)  # every run seed gives the same run: one is enough
 LABELS = {
     "m2n2": "M2N2",
     "no_split_point": "M2N2 without split point",
@@ -264,7 +266,8 @@ def compare(
     specs = method_specs(with_build(spec, build), methods, budget, seed)
     results = {}
     for method, method_spec in specs.items():
-        dirs = run_method(method_spec, out / "specs" / f"{method}.yaml", out / "runs" / method, runs)
+        count = 1 if method in SEED_INDEPENDENT else runs
+        dirs = run_method(method_spec, out / "specs" / f"{method}.yaml", out / "runs" / method, count)
         results[method] = [read_run(d, method) for d in dirs]
     summary = summarize(results)
     summary["settings"] = {
