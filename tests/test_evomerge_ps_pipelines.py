@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from helpers import load_dir
+from test_clip import ROWS, TEST_ROWS, _jsonl
 
 from hf_m2n2.evolve.build import build_run
 from hf_m2n2.evolve.loop import load_archive
@@ -22,25 +23,11 @@ from hf_m2n2.unet_blocks import unet_block_names, unet_block_of
 
 torch.set_num_threads(1)
 
-FIT = [
-    {"id": "en-0", "prompt": "a red circle", "group": "en"},
-    {"id": "ja-0", "prompt": "赤い丸", "scoring_text": "a red circle", "group": "ja"},
-]
-TEST = [
-    {"id": "en-1", "prompt": "a blue square", "group": "en"},
-    {"id": "ja-1", "prompt": "青い四角", "scoring_text": "a blue square", "group": "ja"},
-]
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prompts")
-    return {"fit": _jsonl(root / "fit.jsonl", FIT), "test": _jsonl(root / "test.jsonl", TEST)}
+    return {"fit": _jsonl(root / "fit.jsonl", ROWS), "test": _jsonl(root / "test.jsonl", TEST_ROWS)}
 
 
 LINEAR = {"kind": "method", "method": "linear", "parameters": ["weight"], "layer_groups": 3}

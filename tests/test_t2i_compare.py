@@ -11,19 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_clip import ROWS, TEST_ROWS, _jsonl
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import t2i_compare as bench  # noqa: E402
 
-FIT = [
-    {"id": "en-0", "prompt": "a red circle", "group": "en"},
-    {"id": "ja-0", "prompt": "赤い丸", "scoring_text": "a red circle", "group": "ja"},
-]
-TEST = [
-    {"id": "en-1", "prompt": "a blue square", "group": "en"},
-    {"id": "ja-1", "prompt": "青い四角", "scoring_text": "a blue square", "group": "ja"},
-]
 TINY = {"images_per_prompt": 1, "num_inference_steps": 1, "batch_size": 2, "height": 16, "width": 16}
 
 
@@ -35,9 +28,8 @@ def build(pipelines, clip_judge, tmp_path_factory) -> Path:
     shutil.copytree(clip_judge, root / "judge")
     for name, source in {"base": "sd1", "en": "sd1-a", "ja": "sd1-b"}.items():
         shutil.copytree(pipelines[source], root / name)
-    for name, rows in {"fit": FIT, "test": TEST}.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (root / "prompts" / f"{name}.jsonl").write_text(text, encoding="utf-8")
+    _jsonl(root / "prompts" / "fit.jsonl", ROWS)
+    _jsonl(root / "prompts" / "test.jsonl", TEST_ROWS)
     return root
 
 
