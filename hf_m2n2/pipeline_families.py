@@ -197,6 +197,11 @@ class BlockArchitecture(Architecture):
     def is_pre(self, tensor_name: str) -> bool:
         return True  # every tensor outside the blocks is written first, at t = 0
 
+    def layer_filters(self) -> tuple[str, ...]:
+        """`BASE` (the UNet's tensors outside the numbered blocks), then the blocks: each block's filter matches
+        exactly its tensors (`aliases`), as a merge spec's per-block parameters name them."""
+        return ("BASE", *self.blocks)
+
     def aliases(self, tensor_name: str) -> tuple[str, ...]:
         component = tensor_name.split("/", 1)[0]
         if component == "unet":

@@ -143,6 +143,16 @@ class ModelKind:
         """Every check of a static merge of `seeds` (`hf-m2n2 validate`), reading no tensor and writing nothing."""
         raise NotImplementedError
 
+    def recipe(self, spec: Any, seeds: Sequence[Any], seed_index: dict[str, int], options: Any) -> Any:
+        """The `MethodRecipe` (one task per merged tensor, names as the live target's) that `merge` computes for
+        `spec` with `options` (a `MergeOptions`): what a method genome writes into the live target. Every check of
+        `plan` is done; nothing is read or written.
+
+        Raises:
+            SpecError, CheckpointError: as `plan`.
+        """
+        raise NotImplementedError
+
     def merge(
         self,
         spec: Any,

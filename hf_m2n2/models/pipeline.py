@@ -145,6 +145,13 @@ class PipelineKind(ModelKind):
 
         return merge_pipelines(spec, seeds, refs, out_dir, options, spec_text, target)
 
+    def recipe(self, spec: Any, seeds: Sequence[Any], seed_index: dict[str, int], options: Any) -> Any:
+        """The pipeline merge's tensor plan: the merged components only (the UNet by default); the others are the
+        reference seed's, as `merge` copies them."""
+        from hf_m2n2.pipeline_merge import plan_pipeline_merge
+
+        return plan_pipeline_merge(spec, list(seeds), seed_index, options).recipe
+
     def plan(self, spec, seeds, refs, options):
         from hf_m2n2.pipeline_merge import plan_pipeline_merge
 
