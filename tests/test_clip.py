@@ -222,6 +222,25 @@ def test_non_finite_images_make_a_candidate_failure_scored_zero(live, clip_judge
         live.write(name, saved)
 
 
+def test_timing_splits_only_the_calls_that_drew_images(live, clip_judge, prompts):
+    """Without held-out prompts the loop's held-out calls draw nothing: timing.json's `test` records must not carry
+    the previous fitness call's generate/score seconds."""
+    from hf_m2n2.evolve.executor import LocalExecutor
+
+    evaluator = ClipEvaluator(_config(clip_judge, prompts, test_prompts=None), live.model)
+
+    class Target:
+        def write(self, genome):
+            return live.model
+
+    executor = LocalExecutor(None, Target(), evaluator, timed=True)
+    executor.score(None, "fit")
+    assert executor.score(None, "test") is None
+    fit, test = executor.timing.records
+    assert set(fit) >= {"generate_s", "score_s"}
+    assert set(test) == {"kind", "materialize_s", "evaluate_s"}
+
+
 def test_bad_sections_are_refused_with_their_path(live, clip_judge, prompts, pipelines, tmp_path):
     with pytest.raises(Exception, match="images_per_prompt"):
         _config(clip_judge, prompts, images_per_prompt=0)

@@ -448,6 +448,7 @@ class ClipEvaluator:
     def test_score(self, model: Any) -> float | None:
         """The held-out score: the unweighted mean over groups of their mean prompt scores (None without test)."""
         if self.test is None:
+            self.last_timing = {}  # nothing drawn: the executor must not time this call as the last one
             return None
         return float(np.mean(list(self._group_means(self.test, self._score(model, "test")).values())))
 
