@@ -354,7 +354,7 @@ def pipeline_evolve_card_info(
     ]
     kwargs = {
         key: generation[key]
-        for key in ("num_inference_steps", "guidance_scale", "height", "width")
+        for key in ("num_inference_steps", "guidance_scale", "height", "width", "negative_prompt")
         if key in generation
     }
     replaced = (details.get("scoring") or {}).get("scheduler_replaced") and generation.get(

@@ -241,6 +241,18 @@ def test_timing_splits_only_the_calls_that_drew_images(live, clip_judge, prompts
     assert set(test) == {"kind", "materialize_s", "evaluate_s"}
 
 
+def test_the_card_snippet_draws_with_the_negative_prompt_the_images_were_scored_with(
+    live, clip_judge, prompts
+):
+    from hf_m2n2.card import CardInfo, pipeline_evolve_card_info
+
+    scoring = ClipEvaluator(_config(clip_judge, prompts, negative_prompt="blurry"), live.model).describe()
+    assert scoring["generation"]["negative_prompt"] == "blurry"
+    info = CardInfo("evolve", "m", "m", "m2n2", "", [], details={"scoring": scoring})
+    usage = pipeline_evolve_card_info(info, seeds=[], pipeline_class="P", family="SD 1.x").details["usage"]
+    assert "negative_prompt='blurry'" in usage["arguments"]
+
+
 def test_bad_sections_are_refused_with_their_path(live, clip_judge, prompts, pipelines, tmp_path):
     with pytest.raises(Exception, match="images_per_prompt"):
         _config(clip_judge, prompts, images_per_prompt=0)
