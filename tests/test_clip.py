@@ -426,3 +426,16 @@ def test_another_judge_runs_its_code_only_when_asked(clip_judge, prompts, live, 
     assert marker.exists() and type(trusted.judge).__name__ == "MarkerJudge"
     plain = ClipEvaluator(_config(clip_judge, prompts), live.model)
     np.testing.assert_allclose(trusted.scores(live.model), plain.scores(live.model), atol=1e-5)
+
+
+def test_map_elites_on_prompts_without_groups_names_what_to_add(pipelines, clip_judge, tmp_path, cli):
+    """A clip fitness gives MAP-Elites its descriptors from the prompt rows' `group`: without them the one-line
+    error says so, not a `groups_callable` key the clip section does not have."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a red circle\na blue square\n")
+    spec = _spec(pipelines, clip_judge, {"fit": plain, "test": plain}, algorithm="map_elites")
+    out = tmp_path / "run"
+    code, _, err = cli("evolve", _write(tmp_path, spec), "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "groups_callable" not in err and "'group' on every prompt row" in err
+    assert not out.exists()

@@ -80,8 +80,12 @@ def _evomerge_ps(config, ops, initial, seed, mutation_std, groups, name) -> Stra
 def _map_elites(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
     from hf_m2n2.evolve.map_elites import MapElites
 
-    if groups is None:
-        raise SpecError("evaluate.groups_callable", "required by map_elites (per-example group ids)")
+    if groups is None:  # an evaluator without groups_callable that may give none: known only once built
+        raise SpecError(
+            "evaluate",
+            "map_elites needs per-example group ids and this fitness gives none "
+            "(a clip fitness: a 'group' on every prompt row)",
+        )
     options = config.map_elites or MapElitesOptions()
     try:
         return MapElites(
