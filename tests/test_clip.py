@@ -439,3 +439,20 @@ def test_map_elites_on_prompts_without_groups_names_what_to_add(pipelines, clip_
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "groups_callable" not in err and "'group' on every prompt row" in err
     assert not out.exists()
+
+
+def test_two_clip_parts_keep_their_previews_apart(live, clip_judge, prompts, tmp_path):
+    """In a list of parts, part i > 0 keeps its views under RUN/part<i>/: two CLIP parts never share preview/."""
+    from hf_m2n2.evaluate import EvaluationContext, build_evaluator
+
+    parts = [_config(clip_judge, prompts, weight=1), _config(clip_judge, prompts, weight=1, seed=9)]
+    context = EvaluationContext(model=live.model, run_dir=tmp_path, model_kind="pipeline")
+    evaluator = build_evaluator(parts, context)
+    scores = evaluator.scores(live.model)
+    evaluator.candidate_scored(1, scores)
+    first = json.loads((tmp_path / "preview" / "best.json").read_text())
+    second = json.loads((tmp_path / "part1" / "preview" / "best.json").read_text())
+    assert first["candidate"] == second["candidate"] == 1
+    assert first["score"] == pytest.approx(scores[:3].mean()) and second["score"] == pytest.approx(
+        scores[3:].mean()
+    )

@@ -76,8 +76,17 @@ def build_evaluator(section: Any, context: EvaluationContext) -> Any:
     """
     if not isinstance(section, (list, tuple)):
         return _build_part(section, context)
-    built = [_build_part(part, replace(context, prefix=f"evaluate[{i}]")) for i, part in enumerate(section)]
+    built = [_build_part(part, _part_context(context, i)) for i, part in enumerate(section)]
     return PartsEvaluator(built, [part.weight for part in section])
+
+
+def _part_context(context: EvaluationContext, index: int) -> EvaluationContext:
+    """Part `index`'s context: its YAML path, and a run directory of its own past the first part (RUN/part1/...),
+    so that two parts never write views (previews) into the same folder."""
+    run_dir = context.run_dir
+    if run_dir is not None and index > 0:
+        run_dir = Path(run_dir) / f"part{index}"
+    return replace(context, prefix=f"evaluate[{index}]", run_dir=run_dir)
 
 
 def _build_part(part: Any, context: EvaluationContext) -> Any:
