@@ -20,7 +20,13 @@ import torch
 
 from hf_m2n2.errors import CheckpointError, SpecError
 from hf_m2n2.outdir import set_config_dtype
-from hf_m2n2.pipeline_seeds import WEIGHT_STEMS, PipelineSeed, check_families, listed_components
+from hf_m2n2.pipeline_seeds import (
+    WEIGHT_STEMS,
+    PipelineSeed,
+    check_families,
+    check_reference,
+    listed_components,
+)
 from hf_m2n2.recipe import MethodRecipe
 from hf_m2n2.spec import MergeSpec, model_ref_string
 from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
@@ -71,6 +77,11 @@ def plan_components(
     """
     merged_refs = [model_ref_string(m.model) for m in spec.models or []]
     reference = seed_index[spec.base_ref()] if spec.base_model is not None else seed_index[merged_refs[0]]
+    check_reference(
+        seeds[reference],
+        "base_model" if spec.base_model is not None else "models",
+        "make a seed that has them the base_model (or the first model)",
+    )
     listed = listed_components(seeds[reference].config)
     choices: dict[str, Any] = {name: "merge" for name in MERGED_BY_DEFAULT if name in listed}
     for name, choice in (spec.components or {}).items():

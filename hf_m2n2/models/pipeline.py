@@ -47,6 +47,13 @@ class PipelineKind(ModelKind):
             shapes.append((name, shape))
         return shapes
 
+    def check_reference(self, seed: Any, field: str, fix: str) -> None:
+        """A component-only seed (`unet/` alone) cannot be the reference: the pipeline's other components come from
+        the reference."""
+        from hf_m2n2.pipeline_seeds import check_reference
+
+        check_reference(seed, field, fix)
+
     def live_target(self, reference: Any, **options: Any) -> Any:
         """A `LivePipeline` of the reference seed (options: dtype, device, device_map, max_memory,
         offload_folder, trust_remote_code)."""
