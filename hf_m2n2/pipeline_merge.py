@@ -25,7 +25,9 @@ from hf_m2n2.pipeline_seeds import (
     PipelineSeed,
     check_families,
     check_reference,
+    custom_pipeline,
     listed_components,
+    pipeline_class_name,
 )
 from hf_m2n2.recipe import MethodRecipe
 from hf_m2n2.spec import MergeSpec, model_ref_string
@@ -247,6 +249,16 @@ def copy_component(seed: PipelineSeed, name: str, dst: Path, shard_size: int) ->
         (target / plain).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def copy_pipeline_code(seed: PipelineSeed, dst: Path) -> None:
+    """A custom pipeline's code into `dst`: the `.py` files at the root of the seed's folder (the module its
+    `_class_name` names and those it imports), so that the output loads as the seed does (with
+    `trust_remote_code`); nothing for a pipeline of diffusers' classes."""
+    if seed.folder is None or custom_pipeline(seed.config) is None:
+        return
+    for file in sorted(Path(seed.folder).glob("*.py")):
+        _link_or_copy(file, dst / file.name)
+
+
 def _plain_name(file_name: str, variant: str | None) -> str:
     """`model.fp16.safetensors` -> `model.safetensors`; `x.fp16-00001-of-00002.safetensors` -> `x-00001-...`."""
     return file_name.replace(f".{variant}.", ".").replace(f".{variant}-", "-") if variant else file_name
@@ -278,6 +290,7 @@ def write_pipeline(
     planned = write_merged_components(out, plan, options, shard_size)
     for name, donor in plan.donors.items():
         copy_component(seeds[donor], name, out, shard_size)
+    copy_pipeline_code(seeds[plan.reference], out)
     (out / "model_index.json").write_text(json.dumps(output_model_index(plan, seeds), indent=2) + "\n")
     return planned
 
@@ -381,7 +394,8 @@ def _write_card(
         method=plan.recipe.method,
         paper=get_method(plan.recipe.method).paper,
         models=models,
-        pipeline_class=reference.config.get("_class_name") or family.pipeline_class,
+        pipeline_class=pipeline_class_name(reference.config) or family.pipeline_class,
+        custom_code=custom_pipeline(reference.config) is not None,
         family=family.label,
         components=components,
         config_yaml=(tmp / "merge_config.yaml").read_text(),

@@ -188,6 +188,22 @@ def listed_components(model_index: Mapping[str, Any]) -> dict[str, tuple[str, st
     return out
 
 
+def custom_pipeline(model_index: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(module, class) of a pipeline class of the repo's own code (`_class_name: [MODULE, CLASS]`, as JSDXL's
+    model_index.json has it), None for a diffusers class."""
+    value = model_index.get("_class_name")
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return value[0], value[1]
+    return None
+
+
+def pipeline_class_name(model_index: Mapping[str, Any]) -> str | None:
+    """The pipeline's class name (`StableDiffusionXLPipeline`, or a custom pipeline's class)."""
+    custom = custom_pipeline(model_index)
+    value = model_index.get("_class_name")
+    return custom[1] if custom else value if isinstance(value, str) else None
+
+
 def component_weights(
     folder: Path, component: str, library: str, variant: str | None
 ) -> tuple[list[Path], Path | None]:
