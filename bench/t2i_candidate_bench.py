@@ -1,8 +1,11 @@
 """What one text-to-image candidate costs to materialize at SDXL scale: a Blend of K SDXL UNets written into a
 live pipeline's UNet, by the code `hf-m2n2 evolve` runs for every candidate.
 
-    python bench/t2i_candidate_bench.py                                   # CPU, SDXL shapes, 2 seeds read per candidate
+    python bench/t2i_candidate_bench.py --threads 1                       # CPU, SDXL shapes, 2 seeds read per candidate
+    python bench/t2i_candidate_bench.py --threads 1 --resident            # CPU, 2 seeds resident (~16 GB of RAM)
     python bench/t2i_candidate_bench.py --seeds 3 --resident --device cuda --unet-steps 5   # a GPU
+
+On a small shared CPU use one torch thread: two on two shared cores made a candidate ~4x slower here.
 
 What it does, and how:
 
