@@ -191,6 +191,7 @@ def pipeline_merge_card_info(
     single_file: str | None = None,
     tags: Sequence[str] = (),
     model_id: str | None = None,
+    custom_code: bool = False,
 ) -> CardInfo:
     """The card of a static merge of text-to-image pipelines: a `diffusers` card whose component table says which
     components were merged and which seed each other one comes from.
@@ -204,6 +205,8 @@ def pipeline_merge_card_info(
         single_file: the output's file name when the pipeline was written as one original-layout file
             (`--output-format single_file`); the snippet then loads it with `from_single_file`.
         tags: extra tags (the family's, e.g. `stable-diffusion-xl`).
+        custom_code: the pipeline class is the output's own code (JSDXL's): the snippet loads it with
+            `trust_remote_code=True`.
 
     Raises:
         ValueError: a component's source is not an index into `models` (a bug in the caller).
@@ -230,6 +233,7 @@ def pipeline_merge_card_info(
             "components": rows,
             "variant": variant,
             "single_file": single_file,
+            "custom_code": custom_code,
         },
         library_name="diffusers",
         pipeline_tag="text-to-image",

@@ -88,26 +88,31 @@ class BlendKind(GenomeKind):
         """The opened seeds, the fixed seed's index, the evolved tensor names and their layout (checked to fit)."""
         from hf_m2n2.blend import select_tensors
         from hf_m2n2.blend_ops import evolved_layout
-        from hf_m2n2.seeds import open_seeds
+        from hf_m2n2.models import model_kind
+        from hf_m2n2.seeds import close_seeds, open_seeds
 
         refs = spec.seed_refs()
         seeds = open_seeds(refs, base_dir=spec_dir, trust_remote_code=spec.trust_remote_code)
         genome = spec.genome
         fixed = refs.index(genome.fixed_from) if genome.fixed_from else 0
-        floating = [
-            n
-            for n in seeds[fixed].checkpoint.names
-            if seeds[fixed].checkpoint.info(n).dtype.is_floating_point
-        ]
-        include = genome.include
-        if include is None:
-            from hf_m2n2.models import model_kind
-
-            include = model_kind(seeds[fixed].kind).default_evolved(seeds[fixed])
-        names = select_tensors(floating, include, genome.exclude)
-        if not names:
-            raise SpecError("genome.include", "no tensor matches the include/exclude patterns")
-        return seeds, fixed, names, evolved_layout(seeds, names, genome.block_size)
+        kind = model_kind(seeds[fixed].kind)
+        try:
+            kind.check_reference(
+                seeds[fixed], "genome.fixed_from", "fix a seed that has them (genome.fixed_from)"
+            )
+            floating = [
+                n
+                for n in seeds[fixed].checkpoint.names
+                if seeds[fixed].checkpoint.info(n).dtype.is_floating_point
+            ]
+            include = genome.include if genome.include is not None else kind.default_evolved(seeds[fixed])
+            names = select_tensors(floating, include, genome.exclude)
+            if not names:
+                raise SpecError("genome.include", "no tensor matches the include/exclude patterns")
+            return seeds, fixed, names, evolved_layout(seeds, names, genome.block_size)
+        except BaseException:
+            close_seeds(seeds)
+            raise
 
     def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
         """Open the seeds, build the live model, the Gram sums (cached in the run directory) and the ops."""

@@ -538,6 +538,13 @@ class MethodKind(GenomeKind):
             filters=seeds[0].arch.layer_filters(),
             shared=tuple(name for name in genome.parameters if name not in per_model),
         )
+        from hf_m2n2.models import model_kind
+
+        model_kind(seeds[reference].kind).check_reference(
+            seeds[reference],
+            "genome.base_model" if genome.base_model is not None else "models",
+            "make a seed that has them the base_model (or the first model)",
+        )
         try:
             recipe = plan_genome(template, seeds, index, np.full(template.size, 0.5))
         except SpecError as exc:

@@ -99,6 +99,14 @@ class ModelKind:
         """
         raise NotImplementedError
 
+    def check_reference(self, seed: Any, field: str, fix: str) -> None:
+        """Refuse a seed that cannot be the reference (the seed whose configs and non-evolved parts the live target
+        and the output take), naming the spec's `field` and ending with `fix`; any seed can by default.
+
+        Raises:
+            SpecError: the seed lacks what a reference gives.
+        """
+
     def live_target(self, reference: Any, **options: Any) -> LiveTarget:
         """The resident model built from `reference`'s configs (no random init) and filled with its weights."""
         raise NotImplementedError

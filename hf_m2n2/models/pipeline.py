@@ -47,6 +47,13 @@ class PipelineKind(ModelKind):
             shapes.append((name, shape))
         return shapes
 
+    def check_reference(self, seed: Any, field: str, fix: str) -> None:
+        """A component-only seed (`unet/` alone) cannot be the reference: the pipeline's other components come from
+        the reference."""
+        from hf_m2n2.pipeline_seeds import check_reference
+
+        check_reference(seed, field, fix)
+
     def live_target(self, reference: Any, **options: Any) -> Any:
         """A `LivePipeline` of the reference seed (options: dtype, device, device_map, max_memory,
         offload_folder, trust_remote_code)."""
@@ -120,11 +127,11 @@ class PipelineKind(ModelKind):
         return _ComponentOutput(writers)
 
     def save_configs(self, reference: Any, out_dir: Path, dtype: torch.dtype) -> None:
-        """model_index.json, the written components' configs (a transformers one's `dtype` set to `dtype`), and
-        every other component (tokenizers, scheduler, components nothing was evolved in) copied whole from
-        `reference`: a folder `DiffusionPipeline.from_pretrained` loads."""
+        """model_index.json, the written components' configs (a transformers one's `dtype` set to `dtype`), every
+        other component (tokenizers, scheduler, components nothing was evolved in) copied whole from `reference`,
+        and a custom pipeline's code: a folder `DiffusionPipeline.from_pretrained` loads."""
         from hf_m2n2.outdir import set_config_dtype
-        from hf_m2n2.pipeline_merge import copy_component
+        from hf_m2n2.pipeline_merge import copy_component, copy_pipeline_code
         from hf_m2n2.pipeline_seeds import listed_components
 
         out_dir = Path(out_dir)
@@ -138,6 +145,7 @@ class PipelineKind(ModelKind):
             elif not (out_dir / name).exists():
                 copy_component(reference, name, out_dir, _COPY_SHARD_SIZE)
         folder = Path(reference.folder or reference.model.path)
+        copy_pipeline_code(reference, out_dir)
         shutil.copyfile(folder / "model_index.json", out_dir / "model_index.json")
 
     def merge(self, spec, seeds, refs, out_dir, options, spec_text, target):
