@@ -334,6 +334,7 @@ def pipeline_evolve_card_info(
     components: Sequence[CardComponent] | None = None,
     scheduler: str | None = None,
     tags: Sequence[str] = (),
+    custom_code: bool = False,
 ) -> CardInfo:
     """The lineage card of an evolved text-to-image pipeline: the evolve card (`evolve_card_info`) turned into a
     `diffusers` one (`pipeline_tag: text-to-image`, model-index results of task type text-to-image), with a
@@ -347,6 +348,8 @@ def pipeline_evolve_card_info(
         components: model_index.json's components (evolved ones with source None), None when not known.
         scheduler: the pipeline's own scheduler class (the snippet replaces it where the scoring did).
         tags: extra tags (the family's, e.g. `stable-diffusion`).
+        custom_code: the pipeline class is the output's own code (JSDXL's): the snippet loads it with
+            `trust_remote_code=True`.
 
     Raises:
         ValueError: a component's source is not an index into `seeds` (a bug in the caller).
@@ -379,6 +382,7 @@ def pipeline_evolve_card_info(
             "components": None if components is None else _component_rows(components, seeds),
             "pipeline_scheduler": scheduler,
             "usage": usage,
+            "custom_code": custom_code,
         },
         library_name="diffusers",
         pipeline_tag="text-to-image",

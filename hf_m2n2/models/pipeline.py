@@ -74,7 +74,7 @@ class PipelineKind(ModelKind):
         """A diffusers card (`hf_m2n2.card.pipeline_evolve_card_info`) whose component table says which
         components were evolved and which seed the others come from whole (when the genome says)."""
         from hf_m2n2.card import CardComponent, pipeline_evolve_card_info
-        from hf_m2n2.pipeline_seeds import listed_components
+        from hf_m2n2.pipeline_seeds import custom_pipeline, listed_components, pipeline_class_name
 
         reference = seeds[fixed or 0]
         components = None
@@ -89,7 +89,8 @@ class PipelineKind(ModelKind):
         return pipeline_evolve_card_info(
             info,
             seeds=[s.model for s in seeds],
-            pipeline_class=reference.config.get("_class_name") or family.pipeline_class,
+            pipeline_class=pipeline_class_name(reference.config) or family.pipeline_class,
+            custom_code=custom_pipeline(reference.config) is not None,
             family=family.label,
             components=components,
             scheduler=scheduler[1] if isinstance(scheduler, list | tuple) and len(scheduler) == 2 else None,
