@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo merge-demo pipeline-demo test lint format clean browser example-smollm2
+.PHONY: demo demo-t2i merge-demo pipeline-demo test lint format clean browser example-smollm2
 
 $(STAMP):
 	@echo "installing the environment into $(VENV) (about 2 minutes on a fresh machine; pip's progress follows)..."
@@ -21,6 +21,13 @@ $(STAMP):
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.demo.specialists examples/specialists/build
 	OMP_NUM_THREADS=1 $(VENV)/bin/hf-m2n2 evolve examples/specialists/spec.yaml --out out/specialists --overwrite
+
+# The second offline demo: a tiny CLIP judge and two tiny text-to-image specialists (English, Japanese prompts)
+# trained offline (cached; about 5 min on 2 cores the first time), M2N2 over their UNets with a per-prompt CLIP
+# fitness, the held-out report and the image grid.
+demo-t2i: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.demo.t2i_world examples/text_to_image/build
+	OMP_NUM_THREADS=1 $(VENV)/bin/hf-m2n2 evolve examples/text_to_image/spec.yaml --out out/text_to_image --overwrite
 
 # A static mergekit-style merge of tiny seeds, loaded back with transformers.
 merge-demo: $(STAMP)

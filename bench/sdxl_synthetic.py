@@ -6,7 +6,7 @@
   `diffusion_pytorch_model.safetensors`, float16), whose other components (two CLIP text encoders of SDXL's
   hidden sizes, a VAE, tokenizers, scheduler) are tiny but consistent with the UNet (cross-attention 768 + 1280,
   pooled projection 1280), shared by every seed (hard links);
-* the same UNet tensors as an original-layout (sgm) single file `sgm/NAME.safetensors`
+* unless `sgm=False`, the same UNet tensors as an original-layout (sgm) single file `sgm/NAME.safetensors`
   (`model.diffusion_model.*`), the input sd-mecha reads.
 
 The UNet config is SDXL base's (`SDXL_BASE_UNET`), with the channel widths scaled so that the parameter count is
@@ -210,12 +210,13 @@ class SdxlSeeds:
         return sorted((self.folders[i] / "unet").glob("*.safetensors"))
 
 
-def _marker(scale: float, config: dict, n_models: int, seed: int, shard_bytes: int) -> dict:
-    return {
+def _marker(scale: float, config: dict, n_models: int, seed: int, shard_bytes: int, sgm: bool) -> dict:
+    marker = {
         "version": MARKER_VERSION, "scale": scale, "width": config["block_out_channels"][0], "n_models": n_models,
         "seed": seed, "shard_bytes": shard_bytes, "dtype": str(DTYPE),
         "std": [WEIGHT_STD, BIAS_STD, NORM_STD, DELTA_STD, NORM_DELTA_STD],
     }  # fmt: skip
+    return marker if sgm else {**marker, "sgm": False}  # data built before the flag keeps its marker
 
 
 def build_sdxl_seeds(
@@ -226,6 +227,7 @@ def build_sdxl_seeds(
     shard_bytes: int = 10 * 10**9,
     log=print,
     config: dict | None = None,
+    sgm: bool = True,
 ) -> SdxlSeeds:
     """Write (or reuse) `n_models` synthetic SDXL seeds under `root`: folders/NAME/ and sgm/NAME.safetensors.
 
@@ -237,6 +239,7 @@ def build_sdxl_seeds(
         shard_bytes: the diffusers UNet's shard size (the default keeps one file, as diffusers' 10 GB default).
         log: progress lines go here.
         config: a UNet config to use instead of the scaled SDXL one (tests: a smaller SDXL-family UNet).
+        sgm: also write the sgm single files (sd-mecha's input); without them `sgm_files` is empty.
 
     Returns:
         The seeds' paths, config, sizes and key map.
@@ -249,17 +252,17 @@ def build_sdxl_seeds(
     params = sum(math.prod(s) for s in shapes.values())
     key_map = sgm_key_map(config, list(shapes))
     names = model_names(n_models)
-    marker = _marker(scale, config, n_models, seed, shard_bytes)
+    marker = _marker(scale, config, n_models, seed, shard_bytes, sgm)
     unet_bytes = params * DTYPE.itemsize
+    sgm_files = [root / "sgm" / f"{n}.safetensors" for n in names] if sgm else []
     seeds = SdxlSeeds(
-        names, [root / "folders" / n for n in names], [root / "sgm" / f"{n}.safetensors" for n in names],
-        config, params, unet_bytes, key_map,
+        names, [root / "folders" / n for n in names], sgm_files, config, params, unet_bytes, key_map
     )  # fmt: skip
     marker_file = root / MARKER
     if marker_file.is_file() and json.loads(marker_file.read_text()) == marker:
         return seeds
     free = shutil.disk_usage(root.parent if not root.exists() else root).free
-    need = int(2 * n_models * unet_bytes * 1.05)
+    need = int((2 if sgm else 1) * n_models * unet_bytes * 1.05)
     if free < need:
         raise SystemExit(
             f"not enough disk space for the seeds in {root}: need ~{need / 1e9:.1f} GB, have {free / 1e9:.1f}"
@@ -267,7 +270,7 @@ def build_sdxl_seeds(
     shutil.rmtree(root, ignore_errors=True)
     build = root.parent / f".{root.name}.building"
     shutil.rmtree(build, ignore_errors=True)
-    (build / "sgm").mkdir(parents=True)
+    (build / "sgm").mkdir(parents=True) if sgm else build.mkdir(parents=True)
     log(f"building {n_models} SDXL seeds (width {config['block_out_channels'][0]}, {params / 1e9:.3f}B params, "
         f"{unet_bytes / 1e9:.2f} GB per UNet) in {root}")  # fmt: skip
     t0 = time.perf_counter()
@@ -286,21 +289,26 @@ def build_sdxl_seeds(
                     folder / "unet", planned, shard_bytes, stem="diffusion_pytorch_model"
                 )
             )
-            (build / "sgm" / name).mkdir()
-            writers.append(ShardedSafetensorsWriter(build / "sgm" / name, planned_sgm, 1 << 62, stem="model"))
+            if sgm:
+                (build / "sgm" / name).mkdir()
+                writers.append(
+                    ShardedSafetensorsWriter(build / "sgm" / name, planned_sgm, 1 << 62, stem="model")
+                )
+        per_seed = 2 if sgm else 1  # writers of seed i: per_seed * i (its folder), then its sgm file
         for tensor_name, shape in shapes.items():
             base = base_tensor(seed, tensor_name, shape)
             for i, name in enumerate(names):
                 value = base if i == 0 else fine_tune(base, seed, name, tensor_name)
                 half = value.to(DTYPE)
-                writers[2 * i].write(tensor_name, half)
-                writers[2 * i + 1].write(key_map[tensor_name], half)
+                writers[per_seed * i].write(tensor_name, half)
+                if sgm:
+                    writers[per_seed * i + 1].write(key_map[tensor_name], half)
         for writer in writers:
             writer.finish()
     finally:
         for writer in writers:
             writer.abort()
-    for name in names:
+    for name in names if sgm else []:
         os.replace(build / "sgm" / name / "model.safetensors", build / "sgm" / f"{name}.safetensors")
         (build / "sgm" / name).rmdir()
     shutil.rmtree(build / "components")

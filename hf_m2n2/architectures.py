@@ -52,6 +52,12 @@ class Architecture:
         """Names a filter may give for this tensor besides substrings of its name (a UNet's block: `IN04`)."""
         return ()
 
+    def layer_filters(self) -> tuple[str, ...] | None:
+        """For architectures whose layers a merge spec addresses by name instead of restacking them with
+        `layer_range` slices: the filter (an alias) of the tensors outside the layers, then one per layer in
+        layer order (a UNet's `BASE`, `IN00`, ..., `M00`, `OUT00`, ...). None: layers are taken by slices."""
+        return None
+
 
 _DECODER = dict(
     layer_pattern=r"^model\.layers\.(\d+)\.",

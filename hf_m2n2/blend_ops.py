@@ -115,8 +115,10 @@ def rebuild(
     *,
     overwrite: bool = False,
     shard_size: int = 5_000_000_000,
+    write_card=None,
 ) -> Path:
-    """`hf-m2n2 rebuild`: the weights of a Blend recipe, bit for bit, from its (pinned) seeds."""
+    """`hf-m2n2 rebuild`: the weights of a Blend recipe, bit for bit, from its (pinned) seeds (`write_card(tmp)`
+    adds a card before the output is renamed into place, as in `export_blend`)."""
     from hf_m2n2.seeds import open_seeds
 
     recipe = BlendRecipe.load(recipe_path)
@@ -129,7 +131,9 @@ def rebuild(
         variant=variants.pop() if variants else None,
     )
     try:
-        return export_blend(recipe, seeds, out_dir, overwrite=overwrite, shard_size=shard_size)
+        return export_blend(
+            recipe, seeds, out_dir, overwrite=overwrite, shard_size=shard_size, write_card=write_card
+        )
     finally:
         for seed in seeds:
             seed.checkpoint.close()

@@ -1,7 +1,9 @@
 """Lineage cards: README.md with Hub front matter (base_model, base_model_relation: merge, model-index, ...).
 
 Causal LMs are cards of the `transformers` library; merged text-to-image pipelines (`pipeline_merge`) are cards of
-the `diffusers` library with `pipeline_tag: text-to-image`, a component table and a diffusers usage snippet.
+the `diffusers` library with `pipeline_tag: text-to-image`, a component table and a diffusers usage snippet; so are
+evolved ones (`evolve` cards turned into diffusers ones by `pipeline_evolve_card_info`), which also show the image
+grid of the seeds and the merge and how the images were scored.
 
 A card is rendered from a `CardInfo` (plain data, saved next to the weights as `card.json`), so that
 `hf-m2n2 card OUT_DIR` can render it again after the template changes or evaluation results are added,
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -60,8 +63,9 @@ class CardInfo:
         model_id: the name used in the usage snippet (the Hub repo id once known).
         models: `{name, role, revision}` per seed, in order.
         details: the template's kind-specific fields (merge: method, config_yaml, notes, chat_template;
-            evolve: tasks, score_rows, lineage, passes, run_seed, recipe_file, plot; pipeline_merge: config_yaml,
-            notes, pipeline_class, family, components, variant, single_file).
+            evolve: tasks, score_rows, lineage, passes, run_seed, recipe_file, plot, and where known grid, scoring,
+            and for a pipeline pipeline_class, family, components, usage; pipeline_merge: config_yaml, notes,
+            pipeline_class, family, components, variant, single_file).
         eval_results: the merged model's scores, published as the card's `model-index`.
         library_name: the library that loads the model (`transformers`, `diffusers`), the card's `library_name`.
         pipeline_tag: the Hub task (`text-to-image`); None leaves it to the Hub (LLM cards).
@@ -187,6 +191,7 @@ def pipeline_merge_card_info(
     single_file: str | None = None,
     tags: Sequence[str] = (),
     model_id: str | None = None,
+    custom_code: bool = False,
 ) -> CardInfo:
     """The card of a static merge of text-to-image pipelines: a `diffusers` card whose component table says which
     components were merged and which seed each other one comes from.
@@ -200,21 +205,13 @@ def pipeline_merge_card_info(
         single_file: the output's file name when the pipeline was written as one original-layout file
             (`--output-format single_file`); the snippet then loads it with `from_single_file`.
         tags: extra tags (the family's, e.g. `stable-diffusion-xl`).
+        custom_code: the pipeline class is the output's own code (JSDXL's): the snippet loads it with
+            `trust_remote_code=True`.
 
     Raises:
         ValueError: a component's source is not an index into `models` (a bug in the caller).
     """
-    labels = _seed_labels([m.model for m in models])
-    rows = []
-    for c in components:
-        if c.source is not None and not 0 <= c.source < len(models):
-            raise ValueError(f"component {c.name}: source {c.source} is not one of the {len(models)} models")
-        source = "merged" if c.source is None else labels[c.source]
-        if c.via:
-            source += f" (its config folder {c.via})"
-        rows.append(
-            {"name": c.name, "class_name": c.class_name, "merged": c.source is None, "source": source}
-        )
+    rows = _component_rows(components, [m.model for m in models])
     merge = merge_card_info(
         model_name=model_name,
         method=method,
@@ -236,10 +233,29 @@ def pipeline_merge_card_info(
             "components": rows,
             "variant": variant,
             "single_file": single_file,
+            "custom_code": custom_code,
         },
         library_name="diffusers",
         pipeline_tag="text-to-image",
     )
+
+
+def _component_rows(
+    components: Sequence[CardComponent], models: Sequence[ResolvedModel]
+) -> list[dict[str, Any]]:
+    """The component table's rows: name, class, whether merged, and the seed (label) the others come from."""
+    labels = _seed_labels(models)
+    rows = []
+    for c in components:
+        if c.source is not None and not 0 <= c.source < len(models):
+            raise ValueError(f"component {c.name}: source {c.source} is not one of the {len(models)} models")
+        source = "merged" if c.source is None else labels[c.source]
+        if c.via:
+            source += f" (its config folder {c.via})"
+        rows.append(
+            {"name": c.name, "class_name": c.class_name, "merged": c.source is None, "source": source}
+        )
+    return rows
 
 
 def _seed_labels(models: Sequence[ResolvedModel]) -> list[str]:
@@ -267,10 +283,18 @@ def evolve_card_info(
     rebuild_command: str | None = None,
     paper: str | None = None,
     merge_device: str | None = None,
+    grid: dict[str, Any] | None = None,
+    scoring: dict[str, Any] | None = None,
 ) -> CardInfo:
     """The lineage card of an evolved model: held-out scores of the merged model (as model-index) and of the
     seeds, the lineage table, the fitness curve and the recipe (and, when the recipe is a merge spec merged on
-    another device than the CPU, that device: `hf-m2n2 export` merges there again)."""
+    another device than the CPU, that device: `hf-m2n2 export` merges there again).
+
+    Args:
+        grid: the image grid of the seeds and the merge, when the evaluator draws images
+            (`hf_m2n2.evolve.outcome.image_grid_entry`).
+        scoring: how the evaluator scores (its `describe()`: judge, prompts, generation settings), when it says.
+    """
     license_, license_note = merged_license(seeds)
     rows = [{"name": model_name, "values": [float(v) for v in merged]}]
     rows += [{"name": name, "values": [float(v) for v in values]} for name, values in seed_scores.items()]
@@ -294,9 +318,90 @@ def evolve_card_info(
             "rebuild_command": rebuild_command or f"hf-m2n2 rebuild {recipe_file} OUT_DIR",
             "plot": plot,
             **({"merge_device": merge_device} if merge_device is not None else {}),
+            **({"grid": grid} if grid is not None else {}),
+            **({"scoring": scoring} if scoring is not None else {}),
         },
         eval_results=[EvalScore(task, metric, float(value)) for task, value in zip(tasks, merged)],
     )
+
+
+def pipeline_evolve_card_info(
+    info: CardInfo,
+    *,
+    seeds: Sequence[ResolvedModel],
+    pipeline_class: str,
+    family: str,
+    components: Sequence[CardComponent] | None = None,
+    scheduler: str | None = None,
+    tags: Sequence[str] = (),
+    custom_code: bool = False,
+) -> CardInfo:
+    """The lineage card of an evolved text-to-image pipeline: the evolve card (`evolve_card_info`) turned into a
+    `diffusers` one (`pipeline_tag: text-to-image`, model-index results of task type text-to-image), with a
+    component table and a diffusers usage snippet drawing the first grid prompt with the scoring's settings.
+
+    Args:
+        info: the evolve card (its `scoring` and `grid`, when given, set the snippet's prompt and settings).
+        seeds: the seeds, in the card's order (component sources index them).
+        pipeline_class: the diffusers pipeline class of the output (model_index.json's `_class_name`).
+        family: the seeds' family, for the text (`SD 1.x`, `SDXL`).
+        components: model_index.json's components (evolved ones with source None), None when not known.
+        scheduler: the pipeline's own scheduler class (the snippet replaces it where the scoring did).
+        tags: extra tags (the family's, e.g. `stable-diffusion`).
+        custom_code: the pipeline class is the output's own code (JSDXL's): the snippet loads it with
+            `trust_remote_code=True`.
+
+    Raises:
+        ValueError: a component's source is not an index into `seeds` (a bug in the caller).
+    """
+    details = info.details
+    generation = (details.get("scoring") or {}).get("generation", {})
+    prompts = (details.get("grid") or {}).get("prompts") or [
+        {"prompt": "a photograph of an astronaut riding a horse"}
+    ]
+    kwargs = {
+        key: generation[key]
+        for key in ("num_inference_steps", "guidance_scale", "height", "width", "negative_prompt")
+        if key in generation
+    }
+    replaced = (details.get("scoring") or {}).get("scheduler_replaced") and generation.get(
+        "scheduler"
+    ) != scheduler
+    usage = {
+        "prompt": json.dumps(prompts[0]["prompt"], ensure_ascii=False),  # a Python string literal
+        "arguments": ", ".join(f"{k}={v!r}" for k, v in ({"num_inference_steps": 30} | kwargs).items()),
+        "scheduler": generation.get("scheduler") if replaced else None,
+    }
+    return replace(
+        info,
+        tags=[*info.tags, *tags],
+        details={
+            **details,
+            "pipeline_class": pipeline_class,
+            "family": family,
+            "components": None if components is None else _component_rows(components, seeds),
+            "pipeline_scheduler": scheduler,
+            "usage": usage,
+            "custom_code": custom_code,
+        },
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+    )
+
+
+def copy_card(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a model directory's card (README.md, card.json) and the images it shows (fitness plot, image grid)
+    into `dst` (`hf-m2n2 export` writes a run's model again with them)."""
+    src, dst = Path(src), Path(dst)
+    names = ["README.md", CARD_INFO]
+    try:
+        details = CardInfo.load(src).details
+        names += [details.get("plot"), (details.get("grid") or {}).get("file")]
+    except HfM2n2Error:  # no card.json of ours: the README (if any) alone
+        pass
+    for name in names:
+        if name and (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 def _model_entry(model: ResolvedModel, role: str) -> dict[str, Any]:

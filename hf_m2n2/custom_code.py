@@ -1,7 +1,9 @@
 """Seeds that ship their own Python code, refused unless the user opts in.
 
 A model's `config.json` or `tokenizer_config.json` may name Python files (`auto_map`) that transformers imports,
-that is runs, to load it. Asked with `trust_remote_code=None`, transformers prompts on stdin, and whatever answers
+that is runs, to load it; a diffusers pipeline's `model_index.json` may name its own pipeline class
+(`_class_name: [MODULE, CLASS]`, JSDXL's) or a component class (`[MODULE, CLASS]` with `COMPONENT/MODULE.py`) that
+diffusers imports, and its components' configs and tokenizers may have an `auto_map`. Asked with `trust_remote_code=None`, transformers prompts on stdin, and whatever answers
 "y" runs the seed's code. hf-m2n2 passes `trust_remote_code` explicitly to every loader and checks seeds up
 front: without the opt-in (`--trust-remote-code`, `trust_remote_code: true` in an evolve spec, the Space's
 checkbox), a seed that needs its code is one line and exit 2, before anything is written.
@@ -18,6 +20,7 @@ from hf_m2n2.errors import CheckpointError
 
 OPT_IN = "pass --trust-remote-code to allow it (only for code you trust)"
 CODE_FILES = ("config.json", "tokenizer_config.json")
+PIPELINE_INDEX = "model_index.json"
 
 
 class CustomCodeError(CheckpointError):
@@ -30,10 +33,10 @@ class CustomCodeError(CheckpointError):
         refs: what its `auto_map` names (`module.Class`).
     """
 
-    def __init__(self, seed: str, file: str, refs: list[str]):
+    def __init__(self, seed: str, file: str, refs: list[str], runner: str = "transformers"):
         self.seed, self.file, self.refs = seed, file, refs
         named = f" ({', '.join(refs)})" if refs else ""
-        super().__init__(f"{seed}: its {file} needs custom code{named} that transformers would run; {OPT_IN}")
+        super().__init__(f"{seed}: its {file} needs custom code{named} that {runner} would run; {OPT_IN}")
 
 
 def declared_code(path: Path) -> list[str]:
@@ -81,11 +84,44 @@ def check_custom_code(directory: str | Path, seed: str, trust_remote_code: bool)
     if trust_remote_code:
         return
     directory = Path(directory)
+    folders = [""]
+    if (directory / PIPELINE_INDEX).is_file():  # a pipeline: its own code, then each component's files
+        refs = pipeline_code(directory)
+        if refs:
+            raise CustomCodeError(seed, PIPELINE_INDEX, refs, runner="diffusers")
+        folders = sorted(p.name for p in directory.iterdir() if p.is_dir())
     loaders: dict[str, Callable[[str], Any]] = {"config.json": _config, "tokenizer_config.json": _tokenizer}
-    for file in CODE_FILES:
-        refs = declared_code(directory / file)
-        if refs and _refused(loaders[file], directory):
-            raise CustomCodeError(seed, file, refs)
+    for folder in folders:
+        for file in CODE_FILES:
+            refs = declared_code(directory / folder / file)
+            if refs and _refused(loaders[file], directory / folder):
+                raise CustomCodeError(seed, f"{folder}/{file}" if folder else file, refs)
+
+
+def pipeline_code(directory: str | Path) -> list[str]:
+    """The code a diffusers pipeline folder's model_index.json makes diffusers import: its pipeline class
+    (`_class_name: [MODULE, CLASS]`, loaded from `MODULE.py`) and custom component classes (`COMPONENT:
+    [MODULE, CLASS]` with `COMPONENT/MODULE.py`), as `MODULE.CLASS`; empty for a pipeline of library classes.
+
+    Example:
+        >>> pipeline_code("jsdxl")  # doctest: +SKIP
+        ['pipeline_japanese_stable_diffusion_xl.JapaneseStableDiffusionXLPipeline']
+    """
+    directory = Path(directory)
+    try:
+        index = json.loads((directory / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return []  # read (and reported) when the seed is opened
+    refs = []
+    for name, value in index.items() if isinstance(index, dict) else ():
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            continue
+        module, class_name = value
+        if name == "_class_name" or (
+            not name.startswith("_") and (directory / name / f"{module}.py").is_file()
+        ):
+            refs.append(f"{module}.{class_name}")
+    return refs
 
 
 def _refused(load: Callable[[str], Any], directory: Path) -> bool:

@@ -33,11 +33,18 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 # A diffusers pipeline's root file: it lists the components (`"unet": ["diffusers", "UNet2DConditionModel"]`).
 PIPELINE_INDEX = "model_index.json"
-# The first request for a Hub seed, to tell a pipeline from an LLM. The root `config.json` rides along so that an
-# LLM's probe matches a file (huggingface_hub warns "No files matched" otherwise); an LLM needs it anyway.
-_PROBE_PATTERNS = [PIPELINE_INDEX, "config.json"]
-# Per component: config, tokenizer and scheduler files (`c/*.json` also matches weight indexes: see _INDEXES).
-_COMPONENT_SUPPORT = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+# Components a repo may hold alone, in their pipeline subfolder and without model_index.json (SDXL-DPO's
+# `mhdang/dpo-sdxl-text2image-v1` is `unet/` and a card): a component-only pipeline seed, whose other components
+# come from another seed.
+COMPONENT_ONLY = ("unet",)
+# The first request for a Hub seed, to tell a pipeline (or a component-only one) from an LLM. The root
+# `config.json` rides along so that an LLM's probe matches a file (huggingface_hub warns "No files matched"
+# otherwise); an LLM needs it anyway.
+_PROBE_PATTERNS = [PIPELINE_INDEX, "config.json", *(f"{c}/config.json" for c in COMPONENT_ONLY)]
+# Per component: config, tokenizer and scheduler files (`c/*.json` also matches weight indexes: see _INDEXES), and
+# the code of a custom component (`["modeling_x", "X"]` reads `c/modeling_x.py`) or a transformers model's
+# `auto_map`: fetched, never run unless the user opts in (`trust_remote_code`).
+_COMPONENT_SUPPORT = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]
 # Every weight index, plain (`x.safetensors.index.json`) or of a variant (`x.safetensors.index.fp16.json`): kept
 # out of the support files' `c/*.json`, since only the requested variant's index may come (with its weights).
 _INDEXES = ["*.index.json", "*.index.*.json"]
@@ -150,7 +157,9 @@ def resolve_model(
 
     A Hub repo whose root holds `model_index.json` is a diffusers pipeline: a first request fetches that file,
     then each component it lists comes with its config, tokenizer and scheduler files and the weights of
-    `variant` only (see `pipeline_patterns`), all from the commit the first request pinned.
+    `variant` only (see `pipeline_patterns`), all from the commit the first request pinned. A repo holding only
+    `unet/` (no model_index.json, no root config.json: SDXL-DPO's) is a component-only pipeline: that folder's
+    config and weights of `variant` only (`component_only_index`).
 
     A `base+adapter` reference (mergekit's LoRA form; each part `org/name[@revision]` or a directory) resolves
     both parts: the result describes the base, with the PEFT adapter in `adapter` (fetched with its config and
@@ -242,7 +251,9 @@ def pipeline_patterns(model_index: dict, variant: str | None = None) -> Pipeline
     `unet` gets `unet/diffusion_pytorch_model.fp16.safetensors`, shards `unet/diffusion_pytorch_model.fp16-
     00001-of-00002.safetensors` and their index `unet/diffusion_pytorch_model.safetensors.index.fp16.json`
     (`model.*` for transformers components); no variant drops the `.fp16` parts. Nothing at the repo root but
-    `model_index.json` and the card (no single-file checkpoints), no other variant, no `.ckpt`.
+    `model_index.json`, the card and a custom pipeline's code (`_class_name: [MODULE, CLASS]`: diffusers reads
+    `MODULE.py` and the modules it imports: the `.py` files) (no single-file checkpoints), no other variant, no
+    `.ckpt`.
 
     Args:
         model_index: the parsed `model_index.json`.
@@ -252,7 +263,7 @@ def pipeline_patterns(model_index: dict, variant: str | None = None) -> Pipeline
         The patterns, per component for the weights.
 
     Raises:
-        ModelResolutionError: an invalid component name or variant.
+        ModelResolutionError: an invalid component name, custom pipeline module or variant.
 
     Example:
         >>> pipeline_patterns({"vae": ["diffusers", "AutoencoderKL"]}, "fp16").weights["vae"][0]
@@ -261,6 +272,11 @@ def pipeline_patterns(model_index: dict, variant: str | None = None) -> Pipeline
     _check_variant(variant)
     components = pipeline_components(model_index)
     files = [PIPELINE_INDEX, "README.md"] + [f"{c}/{p}" for c in components for p in _COMPONENT_SUPPORT]
+    custom = model_index.get("_class_name")
+    if isinstance(custom, list | tuple) and custom and isinstance(custom[0], str):
+        if not _COMPONENT.match(custom[0]):
+            raise ModelResolutionError(f"{PIPELINE_INDEX}: invalid custom pipeline module {custom[0]!r}")
+        files.append("*.py")  # the module and the root modules it imports (JSDXL's `modeling_clipnull.py`)
     return PipelinePatterns(
         files=files,
         ignore=list(_INDEXES),
@@ -328,12 +344,47 @@ def _resolve(ref, base_dir, token, cache_dir, patterns, what, seed: _Seed | None
         probe = _snapshot(ref, repo_id, revision, where, _PROBE_PATTERNS, token=token, cache_dir=cache_dir)
         if (probe / PIPELINE_INDEX).is_file():
             return _download_pipeline(ref, repo_id, revision, probe, seed, token=token, cache_dir=cache_dir)
+        only = component_only_index(probe)
+        if only is not None:
+            return _download_pipeline(
+                ref, repo_id, revision, probe, seed, token=token, cache_dir=cache_dir, model_index=only
+            )
         if variant is not None:
             raise ModelResolutionError(
                 f"{where}: variant {variant!r} asked for, but this repo is not a diffusers pipeline "
                 f"(no {PIPELINE_INDEX})"
             )
     return _download(ref, repo_id, revision, token=token, cache_dir=cache_dir, patterns=patterns)
+
+
+def component_only_index(folder: Path) -> dict[str, list[str]] | None:
+    """The model_index.json a component-only folder stands for (`{"unet": ["diffusers", CLASS]}`), or None.
+
+    A folder is component-only when it has neither `model_index.json` nor a root `config.json` (an LLM's, or a
+    model saved at the root) and one of `COMPONENT_ONLY` holds a `config.json`; the class is the config's
+    `_class_name` (what diffusers' save_pretrained records).
+
+    Example:
+        >>> component_only_index(Path("dpo-sdxl"))  # a folder holding unet/config.json and its weights
+        {'unet': ['diffusers', 'UNet2DConditionModel']}
+    """
+    folder = Path(folder)
+    if (folder / PIPELINE_INDEX).exists() or (folder / "config.json").exists():
+        return None
+    for component in COMPONENT_ONLY:
+        config = folder / component / "config.json"
+        if config.is_file():
+            try:
+                class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                class_name = None  # read (and reported) when the seed is opened
+            return {
+                component: [
+                    "diffusers",
+                    class_name if isinstance(class_name, str) else "UNet2DConditionModel",
+                ]
+            }
+    return None
 
 
 def _local_candidates(ref: str, base_dir: Path | None) -> list[Path]:
@@ -356,9 +407,10 @@ def _download(ref, repo_id, revision, *, token, cache_dir, patterns) -> Resolved
 
 
 def _download_pipeline(
-    ref, repo_id, revision, probe: Path, seed: _Seed, *, token, cache_dir
+    ref, repo_id, revision, probe: Path, seed: _Seed, *, token, cache_dir, model_index: dict | None = None
 ) -> ResolvedModel:
-    """Fetch a pipeline's components for `seed.variant` from the commit `probe` (holding model_index.json) is.
+    """Fetch a pipeline's components for `seed.variant` from the commit `probe` (holding model_index.json) is;
+    `model_index` stands for the file in a component-only repo (`component_only_index`).
 
     Raises:
         ModelResolutionError: an unreadable model_index.json, a component with weights (a `config.json`: what
@@ -368,10 +420,11 @@ def _download_pipeline(
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     where = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        model_index = json.loads((probe / PIPELINE_INDEX).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelResolutionError(f"{where}: unreadable {PIPELINE_INDEX}: {first_line(exc)}") from exc
+    if model_index is None:
+        try:
+            model_index = json.loads((probe / PIPELINE_INDEX).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelResolutionError(f"{where}: unreadable {PIPELINE_INDEX}: {first_line(exc)}") from exc
     if not isinstance(model_index, dict):
         raise ModelResolutionError(f"{where}: {PIPELINE_INDEX} is not a JSON object")
     try:

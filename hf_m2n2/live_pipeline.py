@@ -79,12 +79,15 @@ class LivePipeline:
             raise CheckpointError(f"device_map {device_map!r} needs an accelerator device, not {self.device}")
         components = weight_components(seed)
         empty = {
-            name: _empty_component(_config_folder(seed, name), library, class_name, dtype)
+            name: _empty_component(_config_folder(seed, name), library, class_name, dtype, trust_remote_code)
             for name, (library, class_name) in components.items()
         }
         maps = self._device_maps(empty, device_map, max_memory)
         self._keys: dict[str, tuple[str, str]] = {}  # COMPONENT/KEY -> (component, key in its module)
         for name, module in empty.items():  # one component at a time: filled, then placed or offloaded
+            if next(module.parameters(), None) is None:  # nothing to fill (JSDXL's null encoder): built as is
+                module.to(self.device)
+                continue
             component_map = maps.get(name)
             folder = None
             if component_map is not None and "disk" in component_map.values():
@@ -202,10 +205,25 @@ def _source(seed: PipelineSeed, name: str, library: str) -> Any:
     return Checkpoint(folder, files=files)
 
 
-def _component_class(folder: Path, library: str, class_name: str) -> type:
-    """The class model_index.json names: from diffusers or transformers, or from a diffusers pipeline module
-    (SD 1.x's `["stable_diffusion", "StableDiffusionSafetyChecker"]`), as diffusers' own loader finds it."""
+def _component_class(folder: Path, library: str, class_name: str, trust_remote_code: bool = False) -> type:
+    """The class model_index.json names: from diffusers or transformers, from a diffusers pipeline module
+    (SD 1.x's `["stable_diffusion", "StableDiffusionSafetyChecker"]`), or from the component folder's own code
+    (`["modeling_x", "X"]` with `modeling_x.py` in it, run only with `trust_remote_code`), as diffusers' own loader
+    finds it."""
     import importlib
+
+    if (folder / f"{library}.py").is_file():
+        from diffusers.utils import get_class_from_dynamic_module
+
+        try:
+            return get_class_from_dynamic_module(
+                str(folder),
+                module_file=f"{library}.py",
+                class_name=class_name,
+                trust_remote_code=trust_remote_code,
+            )
+        except ValueError as exc:  # diffusers refuses to run it without trust_remote_code
+            raise CheckpointError(f"{folder}: component class {library}.{class_name}: {exc}") from None
 
     modules = {"diffusers": "diffusers", "transformers": "transformers"}
     name = modules.get(library, f"diffusers.pipelines.{library}")
@@ -220,12 +238,14 @@ def _component_class(folder: Path, library: str, class_name: str) -> type:
     return cls
 
 
-def _empty_component(folder: Path, library: str, class_name: str, dtype: torch.dtype) -> torch.nn.Module:
+def _empty_component(
+    folder: Path, library: str, class_name: str, dtype: torch.dtype, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """A component built from its config.json on the meta device (buffers made at init stay real)."""
     from accelerate import init_empty_weights
     from transformers import PreTrainedModel
 
-    cls = _component_class(folder, library, class_name)
+    cls = _component_class(folder, library, class_name, trust_remote_code)
     with init_empty_weights():
         if issubclass(cls, PreTrainedModel):
             module = cls._from_config(cls.config_class.from_pretrained(str(folder)), dtype=dtype)
@@ -329,10 +349,13 @@ def _assemble(
     """The pipeline from the seed's folder (tokenizers, scheduler, model_index.json), given the filled modules."""
     from diffusers import DiffusionPipeline
 
+    from hf_m2n2.quiet import quiet_loading
+
     folder = Path(seed.folder or seed.model.path)
-    return DiffusionPipeline.from_pretrained(
-        str(folder), dtype=dtype, trust_remote_code=trust_remote_code, **modules
-    )
+    with quiet_loading():
+        return DiffusionPipeline.from_pretrained(
+            str(folder), dtype=dtype, trust_remote_code=trust_remote_code, **modules
+        )
 
 
 def _shared_budget_maps(

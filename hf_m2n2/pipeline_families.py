@@ -39,6 +39,11 @@ class PipelineFamily:
     text_encoders: tuple[str, ...]
     pipeline_class: str
 
+    @property
+    def hub_tag(self) -> str:
+        """The Hub tag of the family's models (cards)."""
+        return "stable-diffusion-xl" if self.name == "sdxl" else "stable-diffusion"
+
     def matches(self, unet_config: Mapping[str, Any]) -> bool:
         return all(unet_config.get(key) == value for key, value in self.unet_config.items())
 
@@ -191,6 +196,11 @@ class BlockArchitecture(Architecture):
 
     def is_pre(self, tensor_name: str) -> bool:
         return True  # every tensor outside the blocks is written first, at t = 0
+
+    def layer_filters(self) -> tuple[str, ...]:
+        """`BASE` (the UNet's tensors outside the numbered blocks), then the blocks: each block's filter matches
+        exactly its tensors (`aliases`), as a merge spec's per-block parameters name them."""
+        return ("BASE", *self.blocks)
 
     def aliases(self, tensor_name: str) -> tuple[str, ...]:
         component = tensor_name.split("/", 1)[0]

@@ -20,7 +20,15 @@ import torch
 
 from hf_m2n2.errors import CheckpointError, SpecError
 from hf_m2n2.outdir import set_config_dtype
-from hf_m2n2.pipeline_seeds import WEIGHT_STEMS, PipelineSeed, check_families, listed_components
+from hf_m2n2.pipeline_seeds import (
+    WEIGHT_STEMS,
+    PipelineSeed,
+    check_families,
+    check_reference,
+    custom_pipeline,
+    listed_components,
+    pipeline_class_name,
+)
 from hf_m2n2.recipe import MethodRecipe
 from hf_m2n2.spec import MergeSpec, model_ref_string
 from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
@@ -71,6 +79,11 @@ def plan_components(
     """
     merged_refs = [model_ref_string(m.model) for m in spec.models or []]
     reference = seed_index[spec.base_ref()] if spec.base_model is not None else seed_index[merged_refs[0]]
+    check_reference(
+        seeds[reference],
+        "base_model" if spec.base_model is not None else "models",
+        "make a seed that has them the base_model (or the first model)",
+    )
     listed = listed_components(seeds[reference].config)
     choices: dict[str, Any] = {name: "merge" for name in MERGED_BY_DEFAULT if name in listed}
     for name, choice in (spec.components or {}).items():
@@ -236,6 +249,16 @@ def copy_component(seed: PipelineSeed, name: str, dst: Path, shard_size: int) ->
         (target / plain).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def copy_pipeline_code(seed: PipelineSeed, dst: Path) -> None:
+    """A custom pipeline's code into `dst`: the `.py` files at the root of the seed's folder (the module its
+    `_class_name` names and those it imports), so that the output loads as the seed does (with
+    `trust_remote_code`); nothing for a pipeline of diffusers' classes."""
+    if seed.folder is None or custom_pipeline(seed.config) is None:
+        return
+    for file in sorted(Path(seed.folder).glob("*.py")):
+        _link_or_copy(file, dst / file.name)
+
+
 def _plain_name(file_name: str, variant: str | None) -> str:
     """`model.fp16.safetensors` -> `model.safetensors`; `x.fp16-00001-of-00002.safetensors` -> `x-00001-...`."""
     return file_name.replace(f".{variant}.", ".").replace(f".{variant}-", "-") if variant else file_name
@@ -267,6 +290,7 @@ def write_pipeline(
     planned = write_merged_components(out, plan, options, shard_size)
     for name, donor in plan.donors.items():
         copy_component(seeds[donor], name, out, shard_size)
+    copy_pipeline_code(seeds[plan.reference], out)
     (out / "model_index.json").write_text(json.dumps(output_model_index(plan, seeds), indent=2) + "\n")
     return planned
 
@@ -370,14 +394,15 @@ def _write_card(
         method=plan.recipe.method,
         paper=get_method(plan.recipe.method).paper,
         models=models,
-        pipeline_class=reference.config.get("_class_name") or family.pipeline_class,
+        pipeline_class=pipeline_class_name(reference.config) or family.pipeline_class,
+        custom_code=custom_pipeline(reference.config) is not None,
         family=family.label,
         components=components,
         config_yaml=(tmp / "merge_config.yaml").read_text(),
         notes=plan.recipe.notes,
         variant=spec.variant,
         single_file=single_file,
-        tags=["stable-diffusion-xl" if family.name == "sdxl" else "stable-diffusion"],
+        tags=[family.hub_tag],
         model_id=model_id,
     )
     write_card(tmp, info)

@@ -2,8 +2,10 @@
 seeds, `hf_m2n2.models.pipeline`).
 
 A seed is a diffusers folder (`model_index.json` at its root; components `unet/`, `text_encoder/`, `vae/`, ... as
-diffusers lays them out) or a single-file checkpoint in the original layout (A1111 / ComfyUI / Civitai), which takes
-its components' configs from a diffusers folder of the same family. Either way the seed's tensors are one lazy view
+diffusers lays them out), a single-file checkpoint in the original layout (A1111 / ComfyUI / Civitai), which takes
+its components' configs from a diffusers folder of the same family, or a component-only folder: `unet/` alone
+(config and weights, no model_index.json: a fine-tuned UNet published without the rest, as SDXL-DPO is), whose
+other components come from another seed (it can be merged or blended, never be the reference seed). Either way the seed's tensors are one lazy view
 named `COMPONENT/KEY` (`unet/conv_in.weight`), KEY as the component's diffusers weights store it, so the plan,
 the methods and `materialize` treat a UNet as they treat an LLM; the UNet's blocks are the layers
 (`hf_m2n2.pipeline_families`).
@@ -23,7 +25,8 @@ from typing import Any
 import torch
 
 from hf_m2n2.checkpoint import Checkpoint, TensorInfo
-from hf_m2n2.errors import CheckpointError
+from hf_m2n2.errors import CheckpointError, SpecError
+from hf_m2n2.hub import component_only_index
 from hf_m2n2.models.base import Seed
 from hf_m2n2.pipeline_families import PipelineFamily, block_architecture, pipeline_family
 
@@ -68,7 +71,8 @@ class PipelineSeed(Seed):
         family: its family (SD 1.x, SD 2.x, SDXL).
         components: its weight-bearing components, by name.
         folder: the diffusers folder its non-weight components (tokenizers, scheduler) and model_index.json come
-            from: the seed itself, or for a single-file seed the folder its configs came from.
+            from: the seed itself, or for a single-file seed the folder its configs came from; None for a
+            component-only seed (`config` then stands for its model_index.json, listing its one component).
         variant: the weight variant read.
         single_file: the original-layout file, for a single-file seed.
     """
@@ -78,6 +82,11 @@ class PipelineSeed(Seed):
     folder: Path | None = None
     variant: str | None = None
     single_file: Path | None = None
+
+    @property
+    def component_only(self) -> bool:
+        """A seed of one component without the rest of a pipeline (`unet/` alone), which another seed completes."""
+        return self.folder is None
 
 
 class PipelineCheckpoint:
@@ -147,9 +156,14 @@ class _ComponentOfFile:
 
 
 def is_pipeline(path: Path) -> bool:
-    """A diffusers folder or a single `.safetensors` file (the original single-file layout)."""
+    """A diffusers folder, a single `.safetensors` file (the original single-file layout) or a component-only
+    folder (`unet/` alone)."""
     path = Path(path)
-    return (path / PIPELINE_INDEX).is_file() or (path.is_file() and path.suffix == ".safetensors")
+    return (
+        (path / PIPELINE_INDEX).is_file()
+        or (path.is_file() and path.suffix == ".safetensors")
+        or (path.is_dir() and component_only_index(path) is not None)
+    )
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:
@@ -172,6 +186,22 @@ def listed_components(model_index: Mapping[str, Any]) -> dict[str, tuple[str, st
         if isinstance(value[0], str) and isinstance(value[1], str):
             out[name] = (value[0], value[1])
     return out
+
+
+def custom_pipeline(model_index: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(module, class) of a pipeline class of the repo's own code (`_class_name: [MODULE, CLASS]`, as JSDXL's
+    model_index.json has it), None for a diffusers class."""
+    value = model_index.get("_class_name")
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return value[0], value[1]
+    return None
+
+
+def pipeline_class_name(model_index: Mapping[str, Any]) -> str | None:
+    """The pipeline's class name (`StableDiffusionXLPipeline`, or a custom pipeline's class)."""
+    custom = custom_pipeline(model_index)
+    value = model_index.get("_class_name")
+    return custom[1] if custom else value if isinstance(value, str) else None
 
 
 def component_weights(
@@ -226,9 +256,11 @@ def _shards(folder: Path, index: Path) -> list[Path]:
     return shards
 
 
-def _folder_components(folder: Path, variant: str | None) -> dict[str, Component]:
+def _folder_components(
+    folder: Path, model_index: Mapping[str, Any], variant: str | None
+) -> dict[str, Component]:
     components = {}
-    for name, (library, class_name) in listed_components(read_model_index(folder)).items():
+    for name, (library, class_name) in listed_components(model_index).items():
         config_file = folder / name / "config.json"
         if not config_file.is_file():
             continue  # tokenizers, schedulers, feature extractors: copied, never merged
@@ -257,9 +289,12 @@ def _family(seed_path: Path, unet: Component | None) -> PipelineFamily:
 
 
 def open_pipeline_folder(model: Any, variant: str | None = None) -> PipelineSeed:
-    """A seed over a diffusers folder: one lazy view over its components' weights of `variant`."""
+    """A seed over a diffusers folder (or a component-only one): one lazy view over its components' weights of
+    `variant`."""
     folder = Path(model.path)
-    components = _folder_components(folder, variant)
+    only = component_only_index(folder)
+    model_index = read_model_index(folder) if only is None else only
+    components = _folder_components(folder, model_index, variant)
     family = _family(folder, components.get("unet"))
     checkpoint = PipelineCheckpoint(folder, {})
     try:
@@ -268,7 +303,8 @@ def open_pipeline_folder(model: Any, variant: str | None = None) -> PipelineSeed
     except BaseException:
         checkpoint.close()
         raise
-    return _seed(model, checkpoint, read_model_index(folder), family, components, folder, variant, None)
+    own = folder if only is None else None  # a component-only seed has no folder of other components
+    return _seed(model, checkpoint, model_index, family, components, own, variant, None)
 
 
 def open_single_file(model: Any, config_seed: PipelineSeed | None) -> PipelineSeed:
@@ -355,4 +391,25 @@ def check_families(seeds: list[Any]) -> None:
         detail = ", ".join(f"{s.name}: {s.family.label}" for s in seeds)
         raise CheckpointError(
             f"seeds are pipelines of different families ({detail}); merge one family at a time"
+        )
+
+
+def check_reference(seed: Any, field: str, fix: str) -> None:
+    """A seed whose other components a pipeline takes (a merge's reference, an evolution's fixed seed) must be a
+    whole pipeline, not a component-only seed.
+
+    Args:
+        seed: the seed.
+        field: the YAML path of the choice (`genome.fixed_from`, `base_model`).
+        fix: what to do instead (ends the message).
+
+    Raises:
+        SpecError: naming the seed and what it holds.
+    """
+    if isinstance(seed, PipelineSeed) and seed.component_only:
+        held = ", ".join(f"{c}/" for c in seed.components)
+        raise SpecError(
+            field,
+            f"{seed.name} holds only {held} (no {PIPELINE_INDEX}): it cannot give the pipeline its other "
+            f"components; {fix}",
         )

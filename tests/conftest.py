@@ -133,3 +133,11 @@ def pipelines(tmp_path_factory) -> dict[str, Path]:
     )
     out["sd2"] = build_tiny_pipeline(root / "sd2", "sd2", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def clip_judge(tmp_path_factory) -> Path:
+    """A tiny random CLIP judge (CLIPModel + CLIPProcessor, 32x32 images) for `evaluate: {kind: clip}`."""
+    from hf_m2n2.demo.tiny_pipelines import build_tiny_judge
+
+    return build_tiny_judge(tmp_path_factory.mktemp("clip-judge") / "judge", seed=0)

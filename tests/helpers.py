@@ -89,3 +89,25 @@ def run_method(
         assert REQUIRED not in values.values(), f"missing required parameter in {values}"
     stream = RandomStream(seed) if seed is not None else None
     return method.fn(list(tensors), base, params, model_params, stream)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run headless Chromium (the Space's page tests: `--dump-dom URL`, `--screenshot=FILE URL`)."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=5000",
+    ]
+    return subprocess.run(
+        [CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def gradio_table(value: dict) -> list[dict]:
+    """A Gradio Dataframe's value, as gradio_client returns it, as rows of {header: value}."""
+    return [dict(zip(value["headers"], row)) for row in value["data"]]

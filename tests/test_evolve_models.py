@@ -103,17 +103,53 @@ def test_model_spec_errors_name_the_path(seeds, change, message):
         parse_evolve_spec({**_spec(seeds), **change})
 
 
-def test_real_scale_spec_validates_offline(cli):
-    """The WizardMath-7B + AgentEvol-7B gsm8k spec validates without the Hub with --no-resolve (lm-eval config
-    checked statically); resolving its seeds needs them in the cache, as evolve does."""
+@pytest.mark.parametrize(
+    ("example", "first_seed"),
+    [
+        ("wizardmath-agentevol", "WizardMath"),
+        ("jsdxl-sdxl", "stabilityai/japanese-stable-diffusion-xl"),
+        ("sd15", "Lykon/dreamshaper-8"),
+    ],
+)
+def test_real_scale_spec_validates_offline(cli, example, first_seed):
+    """The real-scale specs (WizardMath-7B + AgentEvol-7B on gsm8k; JSDXL + SDXL + SDXL-DPO and two SD 1.5
+    fine-tunes on CLIP scores) validate without the Hub with --no-resolve (lm-eval config and prompts files checked
+    statically); resolving their seeds needs them in the cache, as evolve does: one line naming the first."""
     from pathlib import Path
 
-    spec = Path(__file__).resolve().parents[1] / "examples" / "wizardmath-agentevol" / "spec.yaml"
+    spec = Path(__file__).resolve().parents[1] / "examples" / example / "spec.yaml"
     code, out, err = cli("validate", spec, "--no-resolve")
     assert code == 0, err
     assert "valid m2n2 evolve spec" in out
     code, _, err = cli("validate", spec)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "WizardMath" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and first_seed in err
+
+
+def test_the_jsdxl_spec_is_the_papers_setting():
+    """JSDXL's text side fixed, only UNets blended, its custom code allowed; Japanese prompts scored against
+    English captions, fitness and held-out rows of both groups."""
+    import re
+    from pathlib import Path
+
+    from hf_m2n2.evaluate.clip import fitness_rows, test_rows
+    from hf_m2n2.evolve.spec import load_evolve_spec
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "jsdxl-sdxl" / "spec.yaml"
+    spec, _ = load_evolve_spec(path)
+    jsdxl = "stabilityai/japanese-stable-diffusion-xl"
+    assert spec.trust_remote_code and spec.genome.fixed_from == jsdxl and spec.genome.include == ["unet/*"]
+    assert spec.seed_refs() == [
+        jsdxl,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "mhdang/dpo-sdxl-text2image-v1",
+    ]
+    fit, held_out = fitness_rows(spec.evaluate, path.parent), test_rows(spec.evaluate, path.parent)
+    assert (len(fit), len(held_out)) == (24, 12)
+    japanese = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+    for row in fit + held_out:
+        assert japanese.search(row.prompt) and row.scoring_text.isascii() and row.scoring_text != row.prompt
+    assert {r.group for r in fit} == {r.group for r in held_out} == {"culture", "general"}
+    assert not {r.id for r in fit} & {r.id for r in held_out}
 
 
 def test_validate_checks_what_evolve_checks_before_its_first_candidate(seeds, tmp_path, cli):

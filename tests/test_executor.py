@@ -142,3 +142,46 @@ def test_a_run_that_cannot_start_leaves_no_directory_behind(tmp_path, write_spec
     down = _outage_spec(tmp_path, down_at=1)  # an outage keeps the directory: it is resumable
     code, _, err = cli("evolve", write_spec(down, name="c.yaml"), "--out", out, "--quiet")
     assert code == 2 and (out / "checkpoint.npz").is_file()
+
+
+class _Watching:
+    """An evaluator with the optional `candidate_scored` hook: it records what the executor tells it."""
+
+    def __init__(self, size: int):
+        self.size, self.calls, self.told = size, 0, []
+
+    def scores(self, params):
+        self.calls += 1
+        return np.full(self.size, float(params[0]))
+
+    def test_score(self, params):
+        return 0.5
+
+    def example_groups(self):
+        return None
+
+    def candidate_scored(self, candidate_id, scores):
+        self.told.append((candidate_id, list(scores)))
+
+
+def test_the_candidate_scored_hook_follows_fresh_fitness_scores_only():
+    """The hook ties what the evaluator just drew to a candidate: called once per computed fitness, never for a
+    cached score or a held-out call; a list of parts gives each part its own scores."""
+    from hf_m2n2.evaluate import PartsEvaluator
+    from hf_m2n2.evolve.strategy import Candidate, Lineage
+
+    class _Hashed(DenseVectorOps):  # a score cache needs genome hashes (Blend genomes have them)
+        def hash(self, genome):
+            return genome.tobytes().hex()
+
+    ops = _Hashed(3)
+    a, b = _Watching(2), _Watching(1)
+    executor = LocalExecutor(ops, DenseTarget(), PartsEvaluator([a, b], [1, 3]), cache_scores=True)
+    genomes = [np.array([v, 0, 0], np.float32) for v in (1.0, 2.0, 1.0)]
+    for i, genome in enumerate(genomes):
+        executor.submit(Candidate(genome, Lineage(i, "seed")))
+        assert list(executor.collect().scores) == [genome[0]] * 5  # part a once, part b three times
+    executor.score(genomes[1], "test")
+    assert a.told == [(0, [1.0, 1.0]), (1, [2.0, 2.0])]  # candidate 2 repeats candidate 0: cached
+    assert b.told == [(0, [1.0]), (1, [2.0])]
+    assert a.calls == 2  # candidate 2 came from the cache

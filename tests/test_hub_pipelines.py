@@ -165,8 +165,17 @@ def test_pipeline_patterns_name_the_variant_files_exactly():
     assert patterns.files == [
         PIPELINE_INDEX,
         "README.md",
-        *(f"vae/{p}" for p in ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")),
+        *(f"vae/{p}" for p in ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")),
     ]
+    # a custom pipeline (`_class_name: [MODULE, CLASS]`, as JSDXL's): its code at the root, as diffusers reads it
+    custom = pipeline_patterns(
+        {"_class_name": ["pipeline_jsdxl", "JSDXLPipeline"], "unet": ["diffusers", "U"]}
+    )
+    assert custom.files[-1] == "*.py" and "unet/*.py" in custom.files
+    with pytest.raises(
+        ModelResolutionError, match=r"^model_index.json: invalid custom pipeline module '\.\./x'$"
+    ):
+        pipeline_patterns({"_class_name": ["../x", "X"]})
     plain = pipeline_patterns({"unet": ["diffusers", "UNet2DConditionModel"]}).weights["unet"]
     assert plain[:3] == [
         "unet/diffusion_pytorch_model.safetensors",
@@ -308,3 +317,40 @@ def test_offline_second_resolution_comes_from_the_cache(hub, pipeline_dir, monke
         "(offline or no network); download them first"
     )
     assert len(hub.requests) == requests
+
+
+def test_a_unet_only_repo_fetches_only_its_unet_of_the_variant(hub, tmp_path):
+    """SDXL-DPO's layout: `unet/` (config, weights) and a card, no model_index.json: a component-only pipeline
+    whose other files (an image, a folder of something else) are never fetched."""
+    from hf_m2n2.seeds import open_seeds
+
+    folder = tmp_path / "dpo"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet/config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    for variant, scale in (("", 1.0), (".fp16", 2.0)):
+        save_file(
+            {"w": torch.full((2,), scale)}, folder / f"unet/diffusion_pytorch_model{variant}.safetensors"
+        )
+    (folder / "README.md").write_text("# a UNet\n")
+    (folder / "01.gif").write_bytes(b"GIF89a")
+    (folder / "extra").mkdir()
+    save_file({"w": torch.zeros(1)}, folder / "extra/model.safetensors")
+    token = hub.token_of("alice")
+    sha = hub.publish("alice/dpo-unet", folder, token)
+    plain = resolve_model("alice/dpo-unet", token=token)
+    assert _snapshot_files(plain.path) == {
+        "README.md",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    }
+    assert plain.commit == sha
+    fp16 = resolve_model("alice/dpo-unet", token=token, variant="fp16")
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in _snapshot_files(fp16.path)
+    with pytest.raises(ModelResolutionError) as err:
+        resolve_model("alice/dpo-unet", token=token, variant="bf16")
+    assert str(err.value) == (
+        "alice/dpo-unet: variant 'bf16' not found for component unet "
+        "(found: diffusion_pytorch_model.fp16.safetensors, diffusion_pytorch_model.safetensors)"
+    )
+    with pytest.raises(Exception, match="not a UNet2DConditionModel config"):  # opened as a pipeline seed
+        open_seeds(["alice/dpo-unet"], token=token)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ pytest.importorskip("lm_eval")
 
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from helpers import CHROMIUM, chromium, gradio_table  # noqa: E402
 
 from hf_m2n2 import app as app_module  # noqa: E402
 from hf_m2n2.demo.specialists import MARKER, SKILLS, SpecialistsConfig, build_specialists  # noqa: E402
@@ -82,10 +82,6 @@ def served(specialists, tmp_path_factory):
 @pytest.fixture(scope="session")
 def client(served) -> Client:
     return Client(served[0], verbose=False)
-
-
-def _table(value: dict) -> list[dict]:
-    return [dict(zip(value["headers"], row)) for row in value["data"]]
 
 
 def _check_model_zip(path: str) -> None:
@@ -213,7 +209,7 @@ def test_static_merge_end_to_end(client, specialists):
         method="linear", weights="0.5, 0.5", fitness=app_module.DEMO_TASKS, api_name="/run"
     )
     assert status.startswith("**Done**")
-    rows = _table(table)
+    rows = gradio_table(table)
     assert [(r["model"], r["role"]) for r in rows] == [
         ("add", "seed"),
         ("rev", "seed"),
@@ -246,7 +242,7 @@ def test_static_merge_of_hub_models(client, cached_repo):
 def test_m2n2_evolution_end_to_end(client, specialists):
     status, plot, table, card, download = client.predict(method="m2n2", budget=4, api_name="/run")
     assert status.startswith("**Done**"), status
-    rows = _table(table)
+    rows = gradio_table(table)
     assert [(r["model"], r["role"]) for r in rows] == [
         ("add", "seed"),
         ("rev", "seed"),
@@ -308,35 +304,19 @@ def test_push_to_the_local_hub_uses_the_token_and_never_shows_it(client, served,
 # ---------------------------------------------------------------------- the page in headless Chromium
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def _chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        "--virtual-time-budget=5000",
-    ]
-    return subprocess.run(
-        [CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 def test_page_renders_in_headless_chromium(served, tmp_path):
     import numpy as np
     from PIL import Image
 
     url = served[0]
-    dom = _chromium("--dump-dom", url).stdout
+    dom = chromium("--dump-dom", url).stdout
     for control in CONTROLS:
         assert f'id="{control}"' in dom, control
     assert "hf-m2n2: merge and evolve" in dom and "M2N2 (evolve)" in dom
 
     shot = tmp_path / "space.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1280,1600", url)
+    chromium(f"--screenshot={shot}", "--window-size=1280,1600", url)
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (1600, 1280, 3)
     colours = np.unique(image.reshape(-1, 3), axis=0)

@@ -1,5 +1,11 @@
 """The Gradio app (the Hugging Face Space): merge or evolve models from a browser, with the same API as the CLI.
 
+Two modes (tabs): language models (static merges or evolutions scored with lm-eval) and text-to-image pipelines
+(evolutions scored per prompt by a CLIP judge: the `/run_t2i` endpoint, `?mode=t2i` in the page's address). In the
+second, a gallery shows the images of the best candidate so far while the run goes: the CLIP evaluator keeps them in
+the run directory (`preview/`, from the images it drew to score the candidate) and the page polls them as it polls
+the progress.
+
 Every run writes a spec in the CLI's YAML schema and calls what `hf-m2n2` calls: `hf_m2n2.merge.run_merge` for a
 static merge, `hf_m2n2.evolve.runs.start_runs` for an evolution (M2N2 or a baseline). The job runs in a worker
 thread; the event handler polls the run directory (`history.jsonl`, `lineage.jsonl`) to move the progress bar and
@@ -12,19 +18,22 @@ never written to any output, log or file).
 Gradio is imported here only: the rest of the package never imports `hf_m2n2.app`.
 
 Modules:
-    forms: the form's choices and help, and the specs written from its values (`static_spec`, `evolve_spec`,
-        `lm_eval_section`).
+    forms: the forms' choices and help, and the specs written from their values (`static_spec`, `evolve_spec`,
+        `lm_eval_section`, `clip_section`, `prompts_file`, `optional_number`).
     jobs: a run in a worker thread (`Job`), scoring (`score_models`), and the readers of a run directory
-        (`progress_frame`, `passes_done`, `score_table`, `card_preview`, `zip_model`). No Gradio.
+        (`progress_frame`, `passes_done`, `preview_gallery`, `score_table`, `card_preview`, `zip_model`). No Gradio.
+    bundled: the bundled text-to-image world (`bundled_t2i`: seeds, judge, prompts). No Gradio.
     ui: the page (`build_demo`), its callbacks, and `main` (`python -m hf_m2n2.app`).
 
 Example:
     >>> demo = build_demo()  # doctest: +SKIP
     >>> demo.launch(server_name="127.0.0.1")  # doctest: +SKIP
 
-Command line: `python -m hf_m2n2.app [--host 127.0.0.1] [--port 7860] [--allow-local-models] [--allow-remote-code]`.
+Command line: `python -m hf_m2n2.app [--host 127.0.0.1] [--port 7860] [--allow-local-models] [--allow-remote-code]
+[--t2i-dir DIR]`.
 """
 
+from hf_m2n2.app.bundled import BundledT2I, bundled_t2i
 from hf_m2n2.app.forms import (
     DEMO_TASKS,
     EVOLVE_ALGORITHMS,
@@ -33,10 +42,16 @@ from hf_m2n2.app.forms import (
     HUB,
     LM_EVAL,
     SPECIALISTS,
+    T2I_BUNDLED,
+    T2I_FIELDS,
+    T2I_HUB,
+    clip_section,
     evolve_spec,
     lm_eval_section,
     method_choices,
     method_help,
+    optional_number,
+    prompts_file,
     static_methods,
     static_spec,
 )
@@ -46,12 +61,13 @@ from hf_m2n2.app.jobs import (
     Job,
     card_preview,
     passes_done,
+    preview_gallery,
     progress_frame,
     score_models,
     score_table,
     zip_model,
 )
-from hf_m2n2.app.ui import POLL_S, build_demo, default_specialists_dir, main
+from hf_m2n2.app.ui import POLL_S, build_demo, default_specialists_dir, default_t2i_dir, main
 
 __all__ = [
     "DEMO_TASKS",
@@ -63,18 +79,28 @@ __all__ = [
     "PLOT_SERIES",
     "POLL_S",
     "SPECIALISTS",
+    "T2I_BUNDLED",
+    "T2I_FIELDS",
+    "T2I_HUB",
+    "BundledT2I",
     "Cancelled",
     "Job",
     "build_demo",
+    "bundled_t2i",
     "card_preview",
+    "clip_section",
     "default_specialists_dir",
+    "default_t2i_dir",
     "evolve_spec",
     "lm_eval_section",
     "main",
     "method_choices",
     "method_help",
+    "optional_number",
     "passes_done",
+    "preview_gallery",
     "progress_frame",
+    "prompts_file",
     "score_models",
     "score_table",
     "static_methods",

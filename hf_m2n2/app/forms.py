@@ -1,13 +1,17 @@
-"""The app's form: what it offers (methods, seeds, fitness) and the specs it writes from the fields' values.
+"""The app's forms: what they offer (methods, seeds, fitness) and the specs they write from the fields' values.
 
-Specs are in the CLI's YAML schema: `static_spec` for `hf-m2n2 merge`, `evolve_spec` (with `lm_eval_section`) for
-`hf-m2n2 evolve`. A value the visitor typed wrong raises `gr.Error`, which Gradio shows as a toast.
+Two forms: language models (`FIELDS`: static merges and evolutions, lm-eval fitness) and text-to-image pipelines
+(`T2I_FIELDS`: evolutions with a CLIP fitness). Specs are in the CLI's YAML schema: `static_spec` for
+`hf-m2n2 merge`, `evolve_spec` (with `lm_eval_section` or `clip_section`) for `hf-m2n2 evolve`. A value the visitor
+typed wrong raises `gr.Error`, which Gradio shows as a toast.
 """
 
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -27,6 +31,8 @@ HIDDEN_METHODS = ("passthrough",)  # layer stacking needs slices, which this for
 EXTRA_PARAMS_HELP = (
     "e.g. `normalize: false` or `lambda: 1.2` (the method's global parameters, mergekit's schema)"
 )
+T2I_BUNDLED = "Bundled tiny text-to-image specialists (en, ja)"
+T2I_HUB = "Hub pipelines"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -132,6 +138,83 @@ FIELDS: tuple[Field, ...] = (
 )
 """The run form's fields, in the order of the `/run` endpoint's parameters (the page's order)."""
 FIELD = {f.name: f for f in FIELDS}
+
+PROMPT_FILE_TYPES = [".txt", ".jsonl"]
+PROMPTS_HELP = (
+    "blank: the bundled prompts. A file: .txt (one prompt per line) or .jsonl "
+    "(id, prompt, scoring_text, group, split: the score table has one column per group)"
+)
+
+T2I_FIELDS: tuple[Field, ...] = (
+    Field("source", T2I_BUNDLED, partial(gr.Radio, [T2I_BUNDLED, T2I_HUB], label="Seeds")),
+    Field(
+        "pipelines",
+        "",
+        partial(
+            gr.Textbox,
+            label="Text-to-image pipelines (diffusers; one per line, org/name or org/name@revision)",
+            lines=3,
+            visible=False,
+        ),
+    ),
+    Field(
+        "judge",
+        "",
+        partial(
+            gr.Textbox,
+            label="CLIP judge (Hub id, e.g. openai/clip-vit-base-patch32; blank: the bundled tiny judge)",
+        ),
+    ),
+    Field(
+        "prompts",
+        "",
+        partial(gr.Textbox, label="Fitness prompts (one per line)", info=PROMPTS_HELP, lines=4),
+    ),
+    Field(
+        "prompts_file",
+        None,
+        partial(gr.File, label="... or a fitness prompts file", file_types=PROMPT_FILE_TYPES, height=120),
+    ),
+    Field(
+        "test_prompts",
+        "",
+        partial(
+            gr.Textbox,
+            label="Held-out prompts (optional, one per line)",
+            info="the score table's prompts; blank: the bundled ones with bundled prompts, else the fitness prompts",
+            lines=2,
+        ),
+    ),
+    Field(
+        "test_prompts_file",
+        None,
+        partial(gr.File, label="... or a held-out prompts file", file_types=PROMPT_FILE_TYPES, height=120),
+    ),
+    Field("images_per_prompt", 1, partial(gr.Slider, 1, 8, step=1, label="Images per prompt")),
+    Field("steps", 10, partial(gr.Slider, 1, 100, step=1, label="Denoising steps")),
+    # text boxes, not numbers: a blank one means "the pipeline's default" (a number box shows 0)
+    Field(
+        "guidance",
+        "",
+        partial(gr.Textbox, label="Guidance scale", placeholder="blank: the pipeline's default"),
+    ),
+    Field(
+        "size",
+        "",
+        partial(gr.Textbox, label="Image size in pixels", placeholder="blank: the pipeline's default"),
+    ),
+    Field(
+        "algorithm",
+        "m2n2",
+        partial(gr.Dropdown, [(label, name) for name, label in EVOLVE_ALGORITHMS.items()], label="Algorithm"),
+    ),
+    FIELD["budget"],
+    FIELD["seed"],
+    FIELD["archive"],
+)
+"""The text-to-image form's fields, in the order of the `/run_t2i` endpoint's parameters (the page's order; the
+page gives their components the element ids `t2i-<name>`)."""
+T2I_FIELD = {f.name: f for f in T2I_FIELDS}
 
 
 # ---------------------------------------------------------------------- specs (the CLI's YAML schema)
@@ -289,6 +372,127 @@ def lm_eval_section(
     section["metric"] = metric or "exact_match"
     section["batch_size"] = int(batch_size)
     return section
+
+
+def clip_section(
+    judge: str,
+    prompts: str,
+    *,
+    test_prompts: str | None = None,
+    images_per_prompt: int = 1,
+    num_inference_steps: int = 10,
+    guidance_scale: float | None = None,
+    size: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """The `evaluate:` section (`kind: clip`) of a spec: per-prompt CLIP scores of the pipeline's images.
+
+    Args:
+        judge: the CLIP judge (a Hub id, or a directory relative to the spec).
+        prompts: the fitness prompts file (relative to the spec).
+        test_prompts: the held-out prompts file (None: the report scores the fitness prompts).
+        images_per_prompt: images drawn per prompt (their scores are averaged).
+        num_inference_steps: denoising steps.
+        guidance_scale: classifier-free guidance (None: the pipeline's default).
+        size: the images' height and width in pixels (None: the pipeline's default).
+        batch_size: images per pipeline call.
+
+    Returns:
+        The section, valid for `hf_m2n2.evaluate.clip.ClipConfig`.
+
+    Raises:
+        gr.Error: a value out of range, on one line naming its YAML path (e.g. `evaluate.images_per_prompt`).
+
+    Example:
+        >>> clip_section("judge", "prompts.jsonl", images_per_prompt=2)["kind"]
+        'clip'
+    """
+    from pydantic import ValidationError
+
+    from hf_m2n2.evaluate.clip import ClipConfig
+    from hf_m2n2.spec import validation_error
+
+    section: dict[str, Any] = {"kind": "clip", "model": (judge or "").strip(), "prompts": prompts}
+    if test_prompts:
+        section["test_prompts"] = test_prompts
+    section["images_per_prompt"] = _whole(images_per_prompt, "evaluate.images_per_prompt")
+    section["num_inference_steps"] = _whole(num_inference_steps, "evaluate.num_inference_steps")
+    if guidance_scale is not None:
+        section["guidance_scale"] = float(guidance_scale)
+    if size is not None:
+        section["height"] = section["width"] = _whole(size, "evaluate.height")
+    section["batch_size"] = _whole(batch_size, "evaluate.batch_size")
+    try:
+        ClipConfig(**section)
+    except ValidationError as exc:
+        raise gr.Error(str(validation_error(exc, section, prefix="evaluate", model=ClipConfig))) from None
+    return section
+
+
+def optional_number(text: Any, path: str) -> float | None:
+    """A number typed in a text box, None when blank.
+
+    Raises:
+        gr.Error: not a number (one line naming `path`, e.g. `evaluate.guidance_scale`).
+    """
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise gr.Error(f"{path}: expected a number, got {text!r}") from None
+
+
+def _whole(value: Any, path: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{path}: expected a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise gr.Error(f"{path}: expected a whole number, got {value!r}")
+    return int(number)
+
+
+def prompts_file(text: str | None, upload: str | None, directory: Path, name: str) -> str | None:
+    """The prompts a visitor gave, as a file in the run `directory`: the uploaded file (kept as `.txt` or
+    `.jsonl`), else the box's lines (`NAME.txt`); checked with the CLIP evaluator's own reader.
+
+    Args:
+        text: the box's value (one prompt per line).
+        upload: the uploaded file's path, or None.
+        directory: the run directory (the spec's folder).
+        name: the file's name without suffix, also the spec key named in errors (`prompts`, `test_prompts`).
+
+    Returns:
+        The file's name relative to `directory`, or None when the box is blank and nothing was uploaded.
+
+    Raises:
+        gr.Error: both were given, the file's type is not .txt or .jsonl, or it is not a valid prompts file (one
+            line naming the file's line, e.g. `evaluate.prompts: prompts.jsonl:3: not JSON (...)`).
+    """
+    from hf_m2n2.errors import SpecError
+    from hf_m2n2.evaluate.clip import load_prompts
+
+    field = f"evaluate.{name}"
+    typed = "\n".join(line.strip() for line in (text or "").splitlines() if line.strip())
+    if upload and typed:
+        raise gr.Error(f"{field}: give prompts in the box or as a file, not both")
+    if upload:
+        suffix = Path(upload).suffix.lower()
+        if suffix not in PROMPT_FILE_TYPES:
+            raise gr.Error(f"{field}: expected a .txt or .jsonl file, got {Path(upload).name!r}")
+        target = directory / f"{name}{suffix}"
+        shutil.copyfile(upload, target)
+    elif typed:
+        target = directory / f"{name}.txt"
+        target.write_text(typed + "\n", encoding="utf-8")
+    else:
+        return None
+    try:
+        load_prompts(target, field)
+    except SpecError as exc:  # named relative to the run directory: the server's paths are not the visitor's
+        raise gr.Error(str(exc).replace(f"{directory}/", "")) from None
+    return target.name
 
 
 def evolve_spec(

@@ -1,5 +1,6 @@
 """The app's runs: a merge or an evolution in a worker thread (`Job`), scoring, and what the page shows of a run
-directory (fitness plot, progress, score table, model card, zip). No Gradio here.
+directory (fitness plot, progress, the best text-to-image candidate's images, score table, model card, zip). No
+Gradio here.
 """
 
 import json
@@ -231,6 +232,46 @@ def card_preview(model_dir: Path) -> str:
             front, text = text[4:end], text[end + 4 :].lstrip("\n")
     text = re.sub(r"!\[[^\]]*\]\((?!https?://)[^)]*\)", "", text)
     return (f"```yaml\n{front.strip()}\n```\n\n" if front else "") + text
+
+
+def preview_gallery(
+    run_dir: Path, *, known: int | None = None, min_side: int = 128
+) -> tuple[int | None, float | None, list[tuple[Any, str]] | None]:
+    """The best candidate so far of a (running) text-to-image run, from its `preview/` (written by the CLIP
+    evaluator from the images it scored: `hf_m2n2.evaluate.previews`).
+
+    Args:
+        run_dir: the run directory.
+        known: the candidate already shown: its images are not read again (None in the result).
+        min_side: images smaller than this are enlarged by a whole factor, nearest neighbour (a tiny pipeline's
+            32-pixel images shown as drawn, not blurred).
+
+    Returns:
+        (candidate id, its mean fitness score, [(PIL image, caption "group · prompt (score)")]); (None, None, [])
+        before the first preview. Images replaced while being read are left out.
+    """
+    from PIL import Image
+
+    from hf_m2n2.evaluate.previews import read_previews
+
+    shown = read_previews(run_dir)
+    if shown is None:
+        return None, None, [] if known is None else None
+    if known is not None and int(shown["candidate"]) == known:
+        return known, float(shown["score"]), None
+    items = []
+    for entry in shown["images"]:
+        try:
+            with Image.open(entry["path"]) as opened:
+                image = opened.convert("RGB")
+        except OSError:
+            continue
+        factor = -(-min_side // max(1, min(image.size)))  # ceil
+        if factor > 1:
+            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+        group = f"{entry['group']} · " if entry.get("group") else ""
+        items.append((image, f"{group}{entry['prompt']} ({entry['score']:.2f})"))
+    return int(shown["candidate"]), float(shown["score"]), items
 
 
 def zip_model(model_dir: Path, dest: Path) -> Path:

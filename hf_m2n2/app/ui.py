@@ -1,6 +1,8 @@
-"""The app's page (`build_demo`) and its Gradio callbacks: run, cancel, push, and the tab being closed."""
+"""The app's page (`build_demo`) and its Gradio callbacks: run (language models, text-to-image), cancel, push,
+and the browser tab being closed."""
 
 import argparse
+import inspect
 import logging
 import os
 import re
@@ -24,9 +26,15 @@ from hf_m2n2.app.forms import (
     HUB,
     LM_EVAL,
     SPECIALISTS,
+    T2I_BUNDLED,
+    T2I_FIELD,
+    T2I_HUB,
     _evaluate,
+    clip_section,
     evolve_spec,
     method_help,
+    optional_number,
+    prompts_file,
     static_methods,
     static_spec,
 )
@@ -38,6 +46,7 @@ from hf_m2n2.app.jobs import (
     _remove_when_done,
     card_preview,
     passes_done,
+    preview_gallery,
     progress_frame,
     score_table,
     zip_model,
@@ -46,6 +55,10 @@ from hf_m2n2.app.jobs import (
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+LLM_TAB, T2I_TAB = "llm", "t2i"
+# what each run endpoint returns, in order (`_outputs`): /run (language models), /run_t2i (with the gallery)
+LLM_OUTPUTS = ("status", "plot", "table", "card", "download", "model")
+T2I_OUTPUTS = ("status", "plot", "gallery", "table", "card", "download", "model")
 
 
 # ---------------------------------------------------------------------- the app
@@ -58,6 +71,7 @@ class _Settings:
     work_dir: Path
     allow_local_models: bool
     allow_remote_code: bool = False
+    t2i_dir: Path = field(default_factory=lambda: default_t2i_dir())
     jobs: dict[str, Job] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     build_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -65,11 +79,20 @@ class _Settings:
 
 def default_specialists_dir() -> Path:
     """Where the bundled specialists are built on first use: `$HF_M2N2_SPECIALISTS_DIR`, else the user cache."""
-    env = os.environ.get("HF_M2N2_SPECIALISTS_DIR")
+    return _build_dir("HF_M2N2_SPECIALISTS_DIR", "specialists")
+
+
+def default_t2i_dir() -> Path:
+    """Where the bundled text-to-image world is built on first use: `$HF_M2N2_T2I_DIR`, else the user cache."""
+    return _build_dir("HF_M2N2_T2I_DIR", "t2i")
+
+
+def _build_dir(variable: str, name: str) -> Path:
+    env = os.environ.get(variable)
     if env:
         return Path(env)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "hf_m2n2" / "specialists"
+    return cache / "hf_m2n2" / name
 
 
 def _on_space() -> bool:
@@ -84,18 +107,25 @@ def build_demo(
     allow_local_models: bool = False,
     allow_remote_code: bool = False,
     prebuild_specialists: bool = False,
+    t2i_dir: str | os.PathLike[str] | None = None,
 ) -> gr.Blocks:
     """The Gradio app, with its queue set up (one run at a time).
+
+    Two tabs: language models (static merges and evolutions, lm-eval fitness) and text-to-image pipelines
+    (evolutions with a CLIP fitness, and a gallery of the best candidate's images that follows the run). The page
+    opens on the second with `?mode=t2i` in its address.
 
     Args:
         specialists_dir: where the bundled tiny specialists are (built there on first use, cached).
         specialists_config: a `hf_m2n2.demo.specialists.SpecialistsConfig` (default: the demo's).
         work_dir: where runs are written (default: a folder under the system temp dir, which Gradio serves).
-        allow_local_models: accept local directories as seeds (never on a public Space).
+        allow_local_models: accept local directories as seeds and judges (never on a public Space).
         allow_remote_code: offer the "trust the seeds' custom code" box; without it the box is hidden and a run
             asking for it is refused (the seeds' Python would run on this host: never on a public Space).
-        prebuild_specialists: build the tiny specialists now, in the background (a Space's first visitor then
-            does not wait for them).
+        prebuild_specialists: build the tiny specialists and the bundled text-to-image world now, in the
+            background (a Space's first visitor then does not wait for them).
+        t2i_dir: where the bundled text-to-image world is (built there on first use, cached;
+            `hf_m2n2.app.bundled.bundled_t2i`).
 
     Returns:
         The Blocks app; `demo.launch()` serves it.
@@ -108,45 +138,70 @@ def build_demo(
         work,
         allow_local_models,
         allow_remote_code,
+        Path(t2i_dir) if t2i_dir else default_t2i_dir(),
     )
     on_space = _on_space()
     if prebuild_specialists:
-        threading.Thread(target=_build_specialists, args=(settings,), name="specialists", daemon=True).start()
+        for build in (_build_specialists, _build_t2i):
+            threading.Thread(target=build, args=(settings,), name=build.__name__, daemon=True).start()
 
     with gr.Blocks(title="hf-m2n2: merge and evolve models", analytics_enabled=False) as demo:
         gr.Markdown(
             "# hf-m2n2: merge and evolve Hugging Face models\n"
             "Pick seeds, a static merge method (mergekit's) or an evolution (**M2N2** or a baseline) with a budget, "
-            "and a fitness; the merged model comes with its lineage card. Same engine as the `hf-m2n2` CLI.",
+            "and a fitness; the merged model comes with its lineage card. Language models are scored with lm-eval, "
+            "text-to-image pipelines with a CLIP judge. Same engine as the `hf-m2n2` CLI.",
             elem_id="title",
         )
         form: dict[str, Any] = {}  # field name -> its component, in the page's order
+        t2i_form: dict[str, Any] = {}
 
         def place(*names: str, **overrides: Any) -> None:
             for name in names:
                 form[name] = FIELD[name].build(**overrides)
 
+        def place_t2i(*names: str) -> None:
+            for name in names:
+                t2i_form[name] = T2I_FIELD[name].build(elem_id=f"t2i-{name.replace('_', '-')}")
+
         with gr.Row():
             with gr.Column(scale=4):
-                place("source", "hub_ids", "base_id", "method")
-                info = gr.Markdown(method_help(FIELD["method"].default), elem_id="method-help")
-                with gr.Group(visible=True) as evolve_box:
-                    place("budget")
-                    with gr.Row():
-                        place("seed", "archive")
-                with gr.Group(visible=False) as static_box:
-                    place("weights", "density", "t", "extra", "score_static")
-                place("fitness")
-                with gr.Group(visible=False) as lm_eval_box:
-                    place("tasks", "test_tasks")
-                    with gr.Row():
-                        place("metric", "limit")
-                    with gr.Row():
-                        place("split", "test_split")
-                place("trust_remote_code", visible=allow_remote_code)  # an operator's choice, not a visitor's
-                with gr.Row():
-                    run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
-                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+                with gr.Tabs(selected=LLM_TAB, elem_id="mode") as tabs:
+                    with gr.Tab("Language models", id=LLM_TAB, elem_id="mode-llm") as llm_tab:
+                        place("source", "hub_ids", "base_id", "method")
+                        info = gr.Markdown(method_help(FIELD["method"].default), elem_id="method-help")
+                        with gr.Group(visible=True) as evolve_box:
+                            place("budget")
+                            with gr.Row():
+                                place("seed", "archive")
+                        with gr.Group(visible=False) as static_box:
+                            place("weights", "density", "t", "extra", "score_static")
+                        place("fitness")
+                        with gr.Group(visible=False) as lm_eval_box:
+                            place("tasks", "test_tasks")
+                            with gr.Row():
+                                place("metric", "limit")
+                            with gr.Row():
+                                place("split", "test_split")
+                        # an operator's choice, not a visitor's
+                        place("trust_remote_code", visible=allow_remote_code)
+                        run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
+                    with gr.Tab("Text-to-image", id=T2I_TAB, elem_id="mode-t2i") as t2i_tab:
+                        place_t2i("source", "pipelines", "judge")
+                        place_t2i("prompts", "prompts_file", "test_prompts", "test_prompts_file")
+                        with gr.Row():
+                            place_t2i("images_per_prompt", "steps")
+                        with gr.Row():
+                            place_t2i("guidance", "size")
+                        place_t2i("algorithm")
+                        t2i_info = gr.Markdown(
+                            method_help(T2I_FIELD["algorithm"].default), elem_id="t2i-method-help"
+                        )
+                        place_t2i("budget")
+                        with gr.Row():
+                            place_t2i("seed", "archive")
+                        t2i_run_btn = gr.Button("Run", variant="primary", elem_id="t2i-run-btn")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
             with gr.Column(scale=5):
                 status = gr.Markdown("Ready.", elem_id="status")
                 plot = gr.LinePlot(
@@ -159,6 +214,15 @@ def build_demo(
                     y_title="score",
                     label="Fitness",
                     elem_id="fitness-plot",
+                )
+                gallery = gr.Gallery(
+                    label="Best candidate so far: its images, drawn while it was scored",
+                    columns=4,
+                    object_fit="contain",
+                    format="png",
+                    interactive=False,
+                    visible=False,
+                    elem_id="best-gallery",
                 )
                 table = gr.Dataframe(
                     score_table({}, ""), label="Seeds vs merged", interactive=False, elem_id="score-table"
@@ -179,10 +243,11 @@ def build_demo(
         with gr.Accordion("Model card", open=True):
             card = gr.Markdown(elem_id="card-preview")
         model_state = gr.State(None)
-        if list(form) != list(FIELD):
-            raise AssertionError(
-                f"the page places the fields {list(form)}, not those declared: {list(FIELD)}"
-            )
+        for placed, declared in ((form, FIELD), (t2i_form, T2I_FIELD)):
+            if list(placed) != list(declared):
+                raise AssertionError(
+                    f"the page places the fields {list(placed)}, not those declared: {list(declared)}"
+                )
 
         def on_method(name: str):
             evolve = name in EVOLVE_ALGORITHMS
@@ -200,6 +265,29 @@ def build_demo(
         form["fitness"].change(
             lambda f: gr.update(visible=f == LM_EVAL), form["fitness"], lm_eval_box, api_visibility="private"
         )
+        t2i_form["source"].change(
+            lambda s: gr.update(visible=s == T2I_HUB),
+            t2i_form["source"],
+            t2i_form["pipelines"],
+            api_visibility="private",
+        )
+        t2i_form["algorithm"].change(method_help, t2i_form["algorithm"], t2i_info, api_visibility="private")
+
+        def show_mode(mode: str) -> tuple[Any, Any]:
+            """The gallery shows in the text-to-image mode only; its CLIP scores (0-100) get a free y axis."""
+            t2i = mode == T2I_TAB
+            return gr.Gallery(visible=t2i), gr.LinePlot(y_lim=None if t2i else [0, 1])
+
+        llm_tab.select(lambda: show_mode(LLM_TAB), None, [gallery, plot], api_visibility="private")
+        t2i_tab.select(lambda: show_mode(T2I_TAB), None, [gallery, plot], api_visibility="private")
+
+        def open_mode(request: gr.Request):
+            """`?mode=t2i` opens the page on the text-to-image tab."""
+            if (request.query_params.get("mode") or "") != T2I_TAB:
+                return gr.skip(), gr.skip(), gr.skip()
+            return (gr.Tabs(selected=T2I_TAB), *show_mode(T2I_TAB))
+
+        demo.load(open_mode, None, [tabs, gallery, plot], api_visibility="private")
 
         def run(
             request: gr.Request,
@@ -213,12 +301,36 @@ def build_demo(
                 raise
 
         run_event = run_btn.click(
-            run,
+            _declaring(run, FIELD),
             inputs_kwargs=form,  # each field's value under its name (the /run endpoint's parameters)
             outputs=[status, plot, table, card, download, model_state],
             api_name="run",
             concurrency_limit=1,
             concurrency_id="run",
+            # the status line says the stage and the passes done: no overlay hides the plot (and the gallery)
+            # while they follow the run
+            show_progress="hidden",
+        )
+
+        def run_t2i(
+            request: gr.Request,
+            progress=gr.Progress(),  # noqa: B008
+            **values: Any,
+        ) -> Iterator[tuple[Any, ...]]:
+            try:
+                yield from _run_t2i(settings, request, progress, values)
+            except gr.Error as exc:
+                yield _outputs(f"**Error**: {exc.message}", T2I_OUTPUTS)
+                raise
+
+        t2i_event = t2i_run_btn.click(
+            _declaring(run_t2i, T2I_FIELD),
+            inputs_kwargs=t2i_form,  # the /run_t2i endpoint's parameters
+            outputs=[status, plot, gallery, table, card, download, model_state],
+            api_name="run_t2i",
+            concurrency_limit=1,
+            concurrency_id="run",
+            show_progress="hidden",
         )
 
         def cancel(request: gr.Request) -> str:
@@ -235,7 +347,13 @@ def build_demo(
             return "**Cancelled**: the merge stops before scoring."
 
         cancel_btn.click(
-            cancel, None, status, api_name="cancel", cancels=[run_event], concurrency_limit=None, queue=False
+            cancel,
+            None,
+            status,
+            api_name="cancel",
+            cancels=[run_event, t2i_event],
+            concurrency_limit=None,
+            queue=False,
         )
 
         def push(
@@ -269,6 +387,18 @@ def build_demo(
     return demo
 
 
+def _declaring(fn: Any, fields: dict[str, Any]) -> Any:
+    """`fn` (which takes the form's values as `**values`), its signature naming each field as a keyword with the
+    field's default: Gradio's API then makes every field optional, those whose default is None (a file) too."""
+    signature = inspect.signature(fn)
+    kept = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    named = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields.values()
+    ]
+    fn.__signature__ = signature.replace(parameters=[*kept, *named])
+    return fn
+
+
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
@@ -278,6 +408,21 @@ def _build_specialists(settings: _Settings) -> Any:
 
     with settings.build_lock:
         return build_specialists(settings.specialists_dir, settings.specialists_config, log=log.info)
+
+
+def _build_t2i(settings: _Settings) -> Any:
+    from hf_m2n2.app.bundled import bundled_t2i
+
+    with settings.build_lock:
+        return bundled_t2i(settings.t2i_dir)
+
+
+def _check_refs(settings: _Settings, refs: Sequence[str]) -> None:
+    """Refuse what is not a Hub model id (a local path reads this host's files), unless the operator allows
+    local models."""
+    for ref in refs:
+        if not settings.allow_local_models and (not _HUB_ID.match(ref) or Path(ref).exists()):
+            raise gr.Error(f"{ref!r} is not a Hub model id (org/name or org/name@revision)")
 
 
 def _seeds(
@@ -295,9 +440,7 @@ def _seeds(
         return list(built.models), "base", built
     refs = [line.strip() for line in (values["hub_ids"] or "").splitlines() if line.strip()]
     base = (values["base_id"] or "").strip() or None
-    for ref in [*refs, *([base] if base else [])]:
-        if not settings.allow_local_models and (not _HUB_ID.match(ref) or Path(ref).exists()):
-            raise gr.Error(f"{ref!r} is not a Hub model id (org/name or org/name@revision)")
+    _check_refs(settings, [*refs, *([base] if base else [])])
     if len(refs) < 2 and values["method"] in EVOLVE_ALGORITHMS:
         raise gr.Error("give at least two seed models (one per line)")
     if not refs:
@@ -307,31 +450,99 @@ def _seeds(
     return refs, base, None
 
 
-def _outputs(
-    status: str,
-    plot: Any = None,
-    table: Any = None,
-    card: Any = None,
-    download: Any = None,
-    model: Any = None,
-) -> tuple[Any, ...]:
-    skip = gr.skip()
-    return (
-        status,
-        skip if plot is None else plot,
-        skip if table is None else table,
-        skip if card is None else card,
-        skip if download is None else download,
-        skip if model is None else model,
+def _t2i_spec(settings: _Settings, values: dict[str, Any], progress: Any, directory: Path) -> dict[str, Any]:
+    """The evolve spec of the text-to-image form, its files in the run's `directory`.
+
+    What the visitor leaves to the bundled world (seeds, judge, prompts) is linked into `directory` and named
+    relative to it (`en`, `ja`, `judge`, `prompts.jsonl`, `test_prompts.jsonl`), as the specialists are; typed or
+    uploaded prompts are written there (`prompts.txt`, `prompts.jsonl`, ...)."""
+    world: Any = None
+
+    def bundled() -> Any:
+        nonlocal world
+        if world is None:
+            progress(None, desc="building the bundled text-to-image world (first use only)")
+            world = _build_t2i(settings)
+        return world
+
+    def link(name: str, path: Path) -> str:
+        (directory / name).symlink_to(path, target_is_directory=path.is_dir())
+        return name
+
+    algorithm = values["algorithm"]
+    if algorithm not in EVOLVE_ALGORITHMS:
+        raise gr.Error(f"algorithm: unknown {algorithm!r} (choose one of {', '.join(EVOLVE_ALGORITHMS)})")
+    prompts = prompts_file(values["prompts"], values["prompts_file"], directory, "prompts")
+    test_prompts = prompts_file(
+        values["test_prompts"], values["test_prompts_file"], directory, "test_prompts"
     )
+    if values["source"] == T2I_BUNDLED:
+        refs = [link(name, path) for name, path in bundled().seeds.items()]
+    else:
+        refs = [line.strip() for line in (values["pipelines"] or "").splitlines() if line.strip()]
+        _check_refs(settings, refs)
+        if len(refs) < 2:
+            raise gr.Error("give at least two text-to-image pipelines (one per line)")
+        if len(set(refs)) != len(refs):
+            raise gr.Error("a pipeline is listed twice")
+    judge = (values["judge"] or "").strip()
+    if judge:
+        _check_refs(settings, [judge])
+    else:
+        judge = link("judge", bundled().judge)
+    if prompts is None:
+        prompts = link("prompts.jsonl", bundled().prompts)
+        if test_prompts is None:
+            test_prompts = link("test_prompts.jsonl", bundled().test_prompts)
+    evaluate = clip_section(
+        judge,
+        prompts,
+        test_prompts=test_prompts,
+        images_per_prompt=values["images_per_prompt"],
+        num_inference_steps=values["steps"],
+        guidance_scale=optional_number(values["guidance"], "evaluate.guidance_scale"),
+        size=optional_number(values["size"], "evaluate.height"),
+    )
+    return evolve_spec(
+        algorithm,
+        refs,
+        evaluate,
+        budget=int(values["budget"]),
+        seed=int(values["seed"] or 0),
+        archive_size=max(2, int(values["archive"] or 20)),
+        block_size=1024 if values["source"] == T2I_BUNDLED else 65536,
+    )
+
+
+def _outputs(status: str, names: Sequence[str] = LLM_OUTPUTS, **values: Any) -> tuple[Any, ...]:
+    """One update of a run endpoint's outputs (`names`, in order): the status line, and what `values` gives (the
+    other outputs are left as they are)."""
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ValueError(f"not outputs of this endpoint: {sorted(unknown)}")
+    given = {"status": status, **{k: v for k, v in values.items() if v is not None}}
+    return tuple(given.get(name, gr.skip()) for name in names)
+
+
+def _new_run(settings: _Settings, request: Any) -> str:
+    """The visitor's session; their previous run (one run directory per session) stops and goes."""
+    session = _session(request)
+    previous = settings.jobs.pop(session, None)
+    if previous is not None:
+        previous.stop.set()
+        threading.Thread(target=_remove_when_done, args=(previous,), daemon=True).start()
+    return session
+
+
+def _run_directory(settings: _Settings) -> Path:
+    directory = settings.work_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    directory.mkdir(parents=True)
+    return directory
 
 
 def _run(
     settings: _Settings, request: Any, progress: Any, values: dict[str, Any]
 ) -> Iterator[tuple[Any, ...]]:
-    from hf_m2n2.errors import HfM2n2Error, first_line
-    from hf_m2n2.hub_log import mask_secrets
-
     method = values["method"]
     evolve = method in EVOLVE_ALGORITHMS
     if not evolve and method not in static_methods():
@@ -344,19 +555,14 @@ def _run(
             "trust_remote_code: this server does not run the seeds' custom code "
             "(its operator did not start it with --allow-remote-code)"
         )
-    session = _session(request)
-    previous = settings.jobs.pop(session, None)
-    if previous is not None:  # one run directory per session: the last one goes (once its job has stopped)
-        previous.stop.set()
-        threading.Thread(target=_remove_when_done, args=(previous,), daemon=True).start()
+    session = _new_run(settings, request)
     yield _outputs(
         "Preparing the seeds ...",
         plot=progress_frame(Path("/nonexistent")),
         table=score_table({}, ""),
         card="",
     )
-    directory = settings.work_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    directory.mkdir(parents=True)
+    directory = _run_directory(settings)
     try:
         refs, base, built = _seeds(settings, values, progress, directory)
         evaluate = _evaluate(values, built) if (evolve or values["score_static"]) else None
@@ -397,14 +603,58 @@ def _run(
         job = Job("merge", directory, directory / merged_name)
         target = _merge_job(spec_path, merged_name, refs, evaluate, trust_remote_code=trust)
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    yield from _follow(settings, session, job, target, merged_name, progress, LLM_OUTPUTS)
+
+
+def _run_t2i(
+    settings: _Settings, request: Any, progress: Any, values: dict[str, Any]
+) -> Iterator[tuple[Any, ...]]:
+    session = _new_run(settings, request)
+    yield _outputs(
+        "Preparing the seeds ...",
+        T2I_OUTPUTS,
+        plot=progress_frame(Path("/nonexistent")),
+        gallery=[],
+        table=score_table({}, ""),
+        card="",
+    )
+    directory = _run_directory(settings)
+    try:
+        spec = _t2i_spec(settings, values, progress, directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    spec_path = directory / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    job = Job("evolve", directory, directory / "run" / "model", budget=int(spec["evolve"]["budget"]))
+    yield from _follow(settings, session, job, _evolve_job(spec_path), spec["name"], progress, T2I_OUTPUTS)
+
+
+def _follow(
+    settings: _Settings,
+    session: str,
+    job: Job,
+    target: Any,
+    merged_name: str,
+    progress: Any,
+    names: Sequence[str],
+) -> Iterator[tuple[Any, ...]]:
+    """Start the job and follow its run directory: progress, fitness plot and (when the endpoint has one) the
+    gallery of the best candidate so far; then its outcome (score table, card, zip)."""
+    from hf_m2n2.errors import HfM2n2Error, first_line
+    from hf_m2n2.hub_log import mask_secrets
+
+    directory, run_dir = job.directory, job.directory / "run"
+    gallery = "gallery" in names
     settings.jobs[session] = job
     job.start(target, settings.lock)
     started = time.perf_counter()
     shown, last_yield = (-1, ""), 0.0
+    best: tuple[int | None, float | None] = (None, None)  # the candidate the gallery shows, and its score
     try:
         while not job.done.wait(POLL_S):
             now = time.perf_counter()
-            done = passes_done(directory / "run") if job.kind == "evolve" else 0
+            done = passes_done(run_dir) if job.kind == "evolve" else 0
             if job.kind == "merge" or job.stage != "evolving":
                 desc = job.stage
                 progress(None, desc=desc)
@@ -417,24 +667,34 @@ def _run(
             else:
                 desc = f"evolving: {done}/{job.budget} forward passes"
                 progress((done, job.budget), desc=desc, unit="passes")
-            if (done, desc) != shown or now - last_yield >= 2:  # new data, or the elapsed time every 2 s
-                plot = (
-                    progress_frame(directory / "run")
-                    if job.kind == "evolve" and (done, desc) != shown
-                    else None
-                )
+            images = None
+            if gallery:
+                candidate, score, items = preview_gallery(run_dir, known=best[0])
+                if candidate is not None and items is not None:  # a new best candidate
+                    best, images = (candidate, score), items
+            if (done, desc) != shown or images is not None or now - last_yield >= 2:
+                # new data, or the elapsed time every 2 s
+                plot = progress_frame(run_dir) if job.kind == "evolve" and (done, desc) != shown else None
                 shown, last_yield = (done, desc), now
-                yield _outputs(f"**Running** ({now - started:.0f} s): {desc}", plot=plot)
+                yield _outputs(
+                    f"**Running** ({now - started:.0f} s): {desc}{_best_note(best)}",
+                    names,
+                    plot=plot,
+                    **({"gallery": images} if gallery else {}),
+                )
     finally:
         if not job.done.is_set():  # the event was cancelled or the client left: stop the worker too
             job.stop.set()
     elapsed = time.perf_counter() - started
+    final_gallery = {"gallery": preview_gallery(run_dir)[2]} if gallery else {}
     if isinstance(job.error, Cancelled):
-        done = passes_done(directory / "run") if job.kind == "evolve" else 0
+        done = passes_done(run_dir) if job.kind == "evolve" else 0
         what = f" after {done} of {job.budget} forward passes" if job.kind == "evolve" else ""
         yield _outputs(
             f"**Cancelled**{what} ({elapsed:.0f} s).",
-            plot=progress_frame(directory / "run") if job.kind == "evolve" else None,
+            names,
+            plot=progress_frame(run_dir) if job.kind == "evolve" else None,
+            **final_gallery,
         )
         return
     if isinstance(job.error, HfM2n2Error):
@@ -453,12 +713,19 @@ def _run(
             summary += f", mean {rows[merged_name]:.3f} vs best seed {max(seeds):.3f}"
     yield _outputs(
         summary + ".",
-        plot=progress_frame(directory / "run") if job.kind == "evolve" else None,
+        names,
+        plot=progress_frame(run_dir) if job.kind == "evolve" else None,
         table=table,
         card=card_preview(job.out_dir),
         download=str(archive),
         model=str(job.out_dir),
+        **final_gallery,
     )
+
+
+def _best_note(best: tuple[int | None, float | None]) -> str:
+    candidate, score = best
+    return "" if candidate is None else f"; best so far: candidate {candidate} (mean score {score:.3f})"
 
 
 def _push(
@@ -513,7 +780,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="offer the box that lets the seeds' custom Python code run on this host (not on a public Space)",
     )
     parser.add_argument(
-        "--prebuild", action="store_true", help="build the tiny specialists at start-up, in the background"
+        "--t2i-dir", help="where the bundled text-to-image world (seeds, judge, prompts) is built (cached)"
+    )
+    parser.add_argument(
+        "--prebuild",
+        action="store_true",
+        help="build the tiny specialists and the text-to-image world at start-up, in the background",
     )
     args = parser.parse_args(argv)
     demo = build_demo(
@@ -522,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_local_models=args.allow_local_models,
         allow_remote_code=args.allow_remote_code,
         prebuild_specialists=args.prebuild,
+        t2i_dir=args.t2i_dir,
     )
     allowed = [args.work_dir] if args.work_dir else None
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=allowed)

@@ -206,6 +206,35 @@ def build_tiny_pipeline(
     return save_pipeline(pipeline, out_dir, variants=variants, max_shard_size=max_shard_size)
 
 
+def build_tiny_judge(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Build and save a tiny random CLIP judge (transformers' `CLIPModel` + `CLIPProcessor`, 32x32 images, the
+    byte-level `clip_tokenizer`): what `evaluate: {kind: clip, model: DIR}` loads, deterministic in `seed`. Random
+    weights score nothing meaningful; they exercise the judge's real code offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = clip_tokenizer()
+    tiny = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    vocab = len(tokenizer)
+    config = CLIPConfig(
+        text_config=dict(
+            tiny,
+            vocab_size=vocab,
+            max_position_embeddings=77,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        ),
+        vision_config=dict(tiny, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    out = Path(out_dir)
+    CLIPModel(config).save_pretrained(str(out))
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(out))
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="parent folder: writes base/, ft-a/, ft-b/ for the family")

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate.base import (
     EvaluationContext,
     EvaluationError,
@@ -27,6 +28,7 @@ from hf_m2n2.evaluate.base import (
     evaluator_kinds,
     register_evaluator,
 )
+from hf_m2n2.evaluate.clip import ClipConfig, build_clip_evaluator, check_clip_config
 from hf_m2n2.evaluate.lm_eval import LmEvalConfig
 from hf_m2n2.evaluate.parts import PartsEvaluator
 from hf_m2n2.evaluate.python import (
@@ -52,8 +54,13 @@ def _lm_eval_check(config: LmEvalConfig, spec_dir: Path | None) -> None:
     check_lm_eval_config(config, base_dir=spec_dir)
 
 
-register_evaluator("lm_eval", LmEvalConfig, _lm_eval, _lm_eval_check, needs_target=True)
+register_evaluator(
+    "lm_eval", LmEvalConfig, _lm_eval, _lm_eval_check, needs_target=True, model_kinds=("causal_lm",)
+)
 register_evaluator("python", PythonEvaluateConfig, build_python_evaluator, check_python_config)
+register_evaluator(
+    "clip", ClipConfig, build_clip_evaluator, check_clip_config, needs_target=True, model_kinds=("pipeline",)
+)
 
 
 def evaluate_parts(section: Any) -> list[Any]:
@@ -62,14 +69,39 @@ def evaluate_parts(section: Any) -> list[Any]:
 
 
 def build_evaluator(section: Any, context: EvaluationContext) -> Any:
-    """The evaluator of a validated `evaluate:` section: one part's own, or the parts' concatenation."""
+    """The evaluator of a validated `evaluate:` section: one part's own, or the parts' concatenation.
+
+    Raises:
+        SpecError: a part cannot score the live model's kind (lm_eval on a pipeline, clip on a causal LM).
+    """
     if not isinstance(section, (list, tuple)):
-        return evaluator_kind(section.kind).factory(section, context)
-    built = [
-        evaluator_kind(part.kind).factory(part, replace(context, prefix=f"evaluate[{i}]"))
-        for i, part in enumerate(section)
-    ]
+        return _build_part(section, context)
+    built = [_build_part(part, _part_context(context, i)) for i, part in enumerate(section)]
     return PartsEvaluator(built, [part.weight for part in section])
+
+
+def _part_context(context: EvaluationContext, index: int) -> EvaluationContext:
+    """Part `index`'s context: its YAML path, and a run directory of its own past the first part (RUN/part1/...),
+    so that two parts never write views (previews) into the same folder."""
+    run_dir = context.run_dir
+    if run_dir is not None and index > 0:
+        run_dir = Path(run_dir) / f"part{index}"
+    return replace(context, prefix=f"evaluate[{index}]", run_dir=run_dir)
+
+
+def _build_part(part: Any, context: EvaluationContext) -> Any:
+    kind = evaluator_kind(part.kind)
+    if (
+        kind.model_kinds is not None
+        and context.model_kind is not None
+        and context.model_kind not in kind.model_kinds
+    ):
+        wanted = " or ".join(kind.model_kinds)
+        raise SpecError(
+            f"{context.prefix}.kind",
+            f"{part.kind} scores {wanted} models; the seeds are {context.model_kind} models",
+        )
+    return kind.factory(part, context)
 
 
 def check_offline(section: Any, spec_dir: Path | None) -> None:

@@ -48,6 +48,11 @@ class EvaluatorConfig(StrictModel):
         """Whether the evaluator gives per-example group ids (MAP-Elites' descriptors)."""
         return True
 
+    def default_capacity(self) -> str:
+        """M2N2's per-example capacity when `evolve.capacity` is not given: `one` for pass/fail scores, `max` for
+        continuous ones (a spec's own `capacity` always wins)."""
+        return "one"
+
 
 @dataclass(frozen=True)
 class Report:
@@ -64,7 +69,13 @@ class Report:
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores materialized candidates."""
+    """Scores materialized candidates.
+
+    An evaluator may also define `candidate_scored(candidate_id: int, scores: np.ndarray) -> None`: the executor
+    calls it right after `scores` computed a candidate's fitness (not for a cached score, nor a held-out call),
+    so that what the evaluator keeps of that call (the images it drew) can be tied to the candidate. It must not
+    change scores.
+    """
 
     def scores(self, model: Any) -> np.ndarray:
         """Per-example scores of one candidate: a 1-D array of finite values >= 0 (one per example)."""
@@ -95,6 +106,11 @@ class EvaluationContext:
         prefix: the YAML path of the section being built (`evaluate`, or `evaluate[1]` in a list), for errors.
         trust_remote_code: the seeds' custom code may run (the spec's `trust_remote_code`).
         reference_name: the reference seed's name in errors (its repo id: a Hub seed's directory is a sha).
+        evolved: the names of the tensors candidates write (e.g. `unet/...`: a text encoder among them means prompt
+            embeddings change per candidate).
+        model_kind: the kind of the live model (`causal_lm`, `pipeline`), None without one.
+        run_dir: the run directory, where an evaluator may keep views of what it drew (e.g. the CLIP evaluator's
+            `preview/` of the best candidate so far); None outside a run. Nothing there is read back for scores.
     """
 
     model: Any = None
@@ -104,9 +120,20 @@ class EvaluationContext:
     prefix: str = "evaluate"
     trust_remote_code: bool = False
     reference_name: str | None = None
+    evolved: tuple[str, ...] = ()
+    model_kind: str | None = None
+    run_dir: Path | None = None
 
     @classmethod
-    def of_seed(cls, model: Any, seed: Any, spec_dir: Path | None, device: str, trust_remote_code: bool):
+    def of_seed(
+        cls,
+        model: Any,
+        seed: Any,
+        spec_dir: Path | None,
+        device: str,
+        trust_remote_code: bool,
+        evolved: tuple[str, ...] = (),
+    ):
         """The context of a live model built from `seed` (its directory and name are the reference's)."""
         return cls(
             model,
@@ -115,6 +142,8 @@ class EvaluationContext:
             device,
             trust_remote_code=trust_remote_code,
             reference_name=seed.name,
+            evolved=tuple(evolved),
+            model_kind=seed.kind,
         )
 
     def tokenizer(self) -> Any:
@@ -147,6 +176,7 @@ class EvaluatorKind:
         factory: `factory(config, context) -> Evaluator`.
         offline_check: `offline_check(config, spec_dir)`, what `hf-m2n2 validate` checks without models.
         needs_target: the evaluator scores a live model (a spec with `models:`), not a bare genome.
+        model_kinds: the model kinds (`hf_m2n2.models`) it can score (None: any), e.g. `("pipeline",)`.
     """
 
     kind: str
@@ -154,6 +184,7 @@ class EvaluatorKind:
     factory: Callable[[Any, EvaluationContext], Any]
     offline_check: Callable[[Any, Path | None], None] | None = None
     needs_target: bool = False
+    model_kinds: tuple[str, ...] | None = None
 
 
 EVALUATOR_KINDS = Registry[EvaluatorKind]("evaluator kind", "evaluate.kind")
@@ -166,6 +197,7 @@ def register_evaluator(
     offline_check: Callable[[Any, Path | None], None] | None = None,
     *,
     needs_target: bool = False,
+    model_kinds: tuple[str, ...] | None = None,
 ) -> EvaluatorKind:
     """Register an evaluator kind (replacing one of the same name).
 
@@ -175,6 +207,7 @@ def register_evaluator(
         factory: builds the evaluator from a validated section and the run's context.
         offline_check: optional check run by `hf-m2n2 validate` (raises SpecError).
         needs_target: whether it scores a live model rather than a bare genome.
+        model_kinds: the model kinds it can score (None: any).
 
     Returns:
         The registered entry.
@@ -182,7 +215,8 @@ def register_evaluator(
     Example:
         >>> register_evaluator("python", PythonEvaluateConfig, build_python_evaluator)  # doctest: +SKIP
     """
-    return EVALUATOR_KINDS.add(kind, EvaluatorKind(kind, config, factory, offline_check, needs_target))
+    entry = EvaluatorKind(kind, config, factory, offline_check, needs_target, model_kinds)
+    return EVALUATOR_KINDS.add(kind, entry)
 
 
 def evaluator_kind(kind: str) -> EvaluatorKind:

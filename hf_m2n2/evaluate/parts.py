@@ -32,10 +32,21 @@ class PartsEvaluator:
             raise ValueError("one weight per part, and at least one part")
         self.parts = list(parts)
         self.weights = [int(w) for w in weights]
+        self._sizes: list[int] = []  # each part's number of examples, from the last `scores`
 
     def scores(self, model: Any) -> np.ndarray:
         vectors = [np.asarray(part.scores(model), dtype=np.float64) for part in self.parts]
+        self._sizes = [v.shape[0] for v in vectors]
         return np.concatenate([np.tile(v, w) for v, w in zip(vectors, self.weights)])
+
+    def candidate_scored(self, candidate_id: int, scores: np.ndarray) -> None:
+        """The executor's hook after `scores`: passed on to each part that has it, with that part's own scores."""
+        offset = 0
+        for part, weight, size in zip(self.parts, self.weights, self._sizes):
+            hook = getattr(part, "candidate_scored", None)
+            if hook is not None:
+                hook(candidate_id, scores[offset : offset + size])
+            offset += size * weight
 
     def test_score(self, model: Any) -> float | None:
         """The unweighted mean of the parts' held-out scores (None when no part has one)."""

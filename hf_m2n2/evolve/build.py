@@ -8,7 +8,7 @@ kind draws at the start (random initial vectors), the other drives the strategy.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,12 @@ def _evomerge_ps(config, ops, initial, seed, mutation_std, groups, name) -> Stra
 def _map_elites(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
     from hf_m2n2.evolve.map_elites import MapElites
 
-    if groups is None:
-        raise SpecError("evaluate.groups_callable", "required by map_elites (per-example group ids)")
+    if groups is None:  # an evaluator without groups_callable that may give none: known only once built
+        raise SpecError(
+            "evaluate",
+            "map_elites needs per-example group ids and this fitness gives none "
+            "(a clip fitness: a 'group' on every prompt row)",
+        )
     options = config.map_elites or MapElitesOptions()
     try:
         return MapElites(
@@ -158,7 +162,7 @@ def build_run(spec: Any, seed: int, run_dir: Path | None = None, spec_dir: Path 
     kind = spec.kind
     seeds_stream, strategy_stream = np.random.SeedSequence(seed).spawn(2)
     genome = kind.build(spec, make_rng(seeds_stream), run_dir or Path("."), spec_dir)
-    evaluator = build_evaluator(spec.evaluate, genome.context)
+    evaluator = build_evaluator(spec.evaluate, replace(genome.context, run_dir=run_dir))
     executor = LocalExecutor(
         genome.ops, genome.target, evaluator, cache_scores=genome.cache_scores, timed=genome.timed
     )

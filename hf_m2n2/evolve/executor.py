@@ -72,20 +72,25 @@ class CandidateTiming:
     records: list[dict[str, Any]] = field(default_factory=list)
     cache_hits: int = 0
 
-    def add(self, kind: str, materialize_s: float, evaluate_s: float) -> None:
-        self.records.append(
-            {"kind": kind, "materialize_s": round(materialize_s, 4), "evaluate_s": round(evaluate_s, 4)}
-        )
+    def add(self, kind: str, materialize_s: float, evaluate_s: float, **evaluation: float) -> None:
+        """One record; `evaluation` splits `evaluate_s` where the evaluator says how (`generate_s`, `score_s`)."""
+        record = {"kind": kind, "materialize_s": round(materialize_s, 4), "evaluate_s": round(evaluate_s, 4)}
+        record.update({part: round(float(seconds), 4) for part, seconds in evaluation.items()})
+        self.records.append(record)
 
     def to_dict(self) -> dict[str, Any]:
         """`{"fit": {...}, "test": {...}, "cache_hits": n, "records": [...]}`: count, total and mean seconds of
-        materialize and evaluate for fitness (`fit`) and held-out (`test`) calls, then every record in order."""
+        materialize and evaluate (and of the evaluator's own parts, e.g. generate and score) for fitness (`fit`)
+        and held-out (`test`) calls, then every record in order."""
         out: dict[str, Any] = {}
         for kind in ("fit", "test"):
             rows = [r for r in self.records if r["kind"] == kind]
             stats: dict[str, Any] = {"count": len(rows)}
-            for part in ("materialize_s", "evaluate_s"):
-                total = sum(r[part] for r in rows)
+            parts = dict.fromkeys(
+                ["materialize_s", "evaluate_s", *(k for r in rows for k in r if k.endswith("_s"))]
+            )
+            for part in parts:
+                total = sum(r.get(part, 0.0) for r in rows)
                 stats[f"{part}_total"] = round(total, 3)
                 stats[f"{part}_mean"] = round(total / len(rows), 4) if rows else None
             out[kind] = stats
@@ -101,6 +106,9 @@ class LocalExecutor:
         evaluator: scores what the target returns.
         cache_scores: score each distinct genome once per split (a recipe seen again costs nothing).
         timed: record the seconds of every write and evaluation in `timing`.
+
+    After a candidate's fitness is computed (not taken from the cache), the evaluator's optional
+    `candidate_scored(candidate_id, scores)` hook is called (e.g. the CLIP evaluator's previews).
     """
 
     parallelism = 1
@@ -126,30 +134,50 @@ class LocalExecutor:
             raise ContractError("collect without a submitted candidate")
         candidate = self._queue.popleft()
         try:
-            return Scored(candidate, self.score(candidate.genome, "fit"))
+            scores, fresh = self._score(candidate.genome, "fit")
         except InfrastructureError:
             raise
         except Exception as exc:
             return Scored(candidate, error=f"{type(exc).__name__}: {exc}")
+        hook = getattr(self.evaluator, "candidate_scored", None)  # optional (see evaluate.base.Evaluator)
+        if fresh and hook is not None:
+            hook(candidate.lineage.id, scores)
+        return Scored(candidate, scores)
 
     def score(self, genome: Any, split: Split) -> Any:
+        return self._score(genome, split)[0]
+
+    def _score(self, genome: Any, split: Split) -> tuple[Any, bool]:
+        """The genome's `fit` scores or `test` score, and whether the evaluator computed them now (not cached)."""
         key = (split, self.ops.hash(genome)) if self.cache_scores else None
         if key is not None and key in self._cache:
             if self.timing is not None:
                 self.timing.cache_hits += 1
-            return self._cache[key]
+            return self._cache[key], False
         start = time.perf_counter()
         model = self.target.write(genome)
         written = time.perf_counter()
         result = self.evaluator.scores(model) if split == "fit" else self.evaluator.test_score(model)
         if self.timing is not None:
-            self.timing.add(split, written - start, time.perf_counter() - written)
+            parts = getattr(self.evaluator, "last_timing", None) or {}  # e.g. a CLIP fitness's generate/score
+            self.timing.add(split, written - start, time.perf_counter() - written, **parts)
         if key is not None:
             self._cache[key] = result
-        return result
+        return result, True
 
     def report(self, genome: Any) -> Report:
         return self.evaluator.report(self.target.write(genome))
+
+    def images(self, genome: Any, limit: int | None = None) -> list[tuple[Any, list]] | None:
+        """What the evaluator draws for a genome (an image evaluator's `images(model, limit=...)`: per prompt,
+        its row and images), None when it draws none."""
+        draw = getattr(self.evaluator, "images", None)
+        return None if draw is None else draw(self.target.write(genome), limit=limit)
+
+    def describe(self) -> dict[str, Any] | None:
+        """How the evaluator scores, for the card (its `describe()`), None when it does not say."""
+        describe = getattr(self.evaluator, "describe", None)
+        return None if describe is None else describe()
 
     def example_groups(self) -> np.ndarray | None:
         return self.evaluator.example_groups()

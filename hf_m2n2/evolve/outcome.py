@@ -1,12 +1,14 @@
 """What a finished model run leaves: the best member exported through its genome kind, its lineage, the held-out
-report of every seed and of the merge (`report.json`), the lineage card, the fitness plot, `timing.json`; and
-`hf-m2n2 export`, which writes a finished run's model again.
+report of every seed and of the merge (`report.json`), the lineage card, the fitness plot, the image grid (when
+the evaluator draws images: a text-to-image fitness), `timing.json`; and `hf-m2n2 export`, which writes a finished
+run's model again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import numpy as np
 
 from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evolve.loop import LINEAGE, SUMMARY
+from hf_m2n2.image_grid import COLUMNS as GRID_COLUMNS
+from hf_m2n2.image_grid import GRID
 from hf_m2n2.outdir import atomic_write_text
 
 MODEL_DIR = "model"
@@ -41,9 +45,13 @@ def ancestors(lineage_path: Path, best_id: int) -> list[dict[str, Any]]:
 
 
 def held_out_report(
-    executor: Any, rows: list[tuple[str, Any]]
+    executor: Any, rows: list[tuple[str, Any]], each: Callable[[str, Any], None] | None = None
 ) -> tuple[dict[str, dict[str, float]], list[str], str]:
     """The report table: one row per (name, genome), each the executor's held-out report of that genome.
+
+    Args:
+        each: called as `each(name, genome)` after each row's report, while the genome is still the one written
+            into the target (what else the run needs of it costs no second write).
 
     Returns:
         (`{name: {part: score}}`, the part names in order, the metric's name).
@@ -54,6 +62,8 @@ def held_out_report(
         row = executor.report(genome)
         report[name] = dict(row.scores)
         metric = row.metric
+        if each is not None:
+            each(name, genome)
     tasks = list(next(iter(report.values())))
     return report, tasks, metric
 
@@ -61,7 +71,8 @@ def held_out_report(
 @dataclass
 class RunOutcome:
     """What a finished model run exports, whatever its genome: the best member, its lineage, the held-out
-    report of every seed and of the merge, and the fitness plot."""
+    report of every seed and of the merge, the fitness plot, and where the evaluator says so, how it scores
+    (`scoring`: its `describe()`) and the image grid it drew (`grid`: the card's entry, see `image_grid_entry`)."""
 
     spec: Any
     seeds: list[Any]
@@ -74,6 +85,8 @@ class RunOutcome:
     tasks: list[str]
     metric: str
     plot_name: str | None
+    grid: dict[str, Any] | None = None
+    scoring: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, spec: Any, parts: Any, run_dir: Path, summary: dict[str, Any]) -> RunOutcome:
@@ -84,8 +97,13 @@ class RunOutcome:
         merged_name = spec.name or f"{spec.evolve.algorithm}-merge"
         seeds = parts.genome.seeds
         rows = [(s.name, g) for s, g in zip(seeds, parts.ops.seed_genomes())] + [(merged_name, best.genome)]
-        report, tasks, metric = held_out_report(parts.executor, rows)
+        executor = parts.executor
+        drawn: dict[str, Any] = {}
+        draw = getattr(executor, "images", None)
+        each = None if draw is None else lambda name, genome: drawn.update({name: draw(genome, GRID_COLUMNS)})
+        report, tasks, metric = held_out_report(executor, rows, each)
         lineage = ancestors(run_dir / LINEAGE, best.lineage.id)
+        describe = getattr(executor, "describe", None)
         return cls(
             spec,
             seeds,
@@ -98,15 +116,34 @@ class RunOutcome:
             tasks,
             metric,
             _fitness_plot(run_dir),
+            image_grid_entry(drawn, run_dir / GRID),
+            describe() if describe is not None else None,
         )
 
-    def write_card(self, out: Path, **card_fields: Any) -> None:
-        """Add the fitness plot, README.md and card.json (seeds, held-out scores, lineage, push target) to `out`."""
+    def write_card(
+        self,
+        out: Path,
+        *,
+        fixed: int | None = None,
+        evolved: Sequence[str] | None = None,
+        **card_fields: Any,
+    ) -> None:
+        """Add the fitness plot, the image grid, README.md and card.json (seeds, held-out scores, lineage, how it
+        was scored, push target) to `out`; the seeds' model kind gives the card its flavour (a pipeline's is a
+        diffusers card).
+
+        Args:
+            fixed: the index of the seed whose non-evolved tensors and files the model has, when one has them all.
+            evolved: the names of the evolved tensors, when the genome says.
+            card_fields: more `evolve_card_info` arguments (the recipe file, ...).
+        """
         from hf_m2n2.card import evolve_card_info, write_card
+        from hf_m2n2.models import model_kind
 
         report, tasks = self.report, self.tasks
-        if self.plot_name:
-            (out / self.plot_name).write_bytes((self.run_dir / self.plot_name).read_bytes())
+        for name in (self.plot_name, self.grid and self.grid["file"]):
+            if name:
+                (out / name).write_bytes((self.run_dir / name).read_bytes())
         output = self.spec.output
         info = evolve_card_info(
             model_name=self.merged_name,
@@ -124,8 +161,12 @@ class RunOutcome:
             model_id=output.push_to_hub
             if output is not None and output.push_to_hub
             else str(self.run_dir / MODEL_DIR),
+            grid=self.grid,
+            scoring=self.scoring,
             **card_fields,
         )
+        reference = self.seeds[fixed or 0]
+        info = model_kind(reference.kind).evolve_card(info, self.seeds, fixed, evolved)
         write_card(out, info)
 
     def save_report(self, progress: bool) -> dict[str, dict[str, float]]:
@@ -162,6 +203,36 @@ def format_report(report: dict[str, dict[str, float]], tasks: list[str]) -> str:
         values = [scores[t] for t in tasks]
         lines.append(name.ljust(width) + "".join(f"{v:24.4f}" for v in values) + f"{np.mean(values):10.4f}")
     return "\n".join(lines)
+
+
+def image_grid_entry(drawn: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """Write the image grid of what the evaluator drew per report row (`{row name: [(prompt row, images)]}`, the
+    same prompts in every row) to `path`, atomically.
+
+    Returns:
+        the card's `grid` entry: the file name, the row names, the prompts of the columns (id, prompt, scoring
+        text) and the layout (cell size, origin of the first cell, gap, scale: `image_grid.GridLayout`); None when
+        nothing was drawn.
+    """
+    if not drawn or any(not rows for rows in drawn.values()):
+        return None
+    from hf_m2n2.image_grid import draw_grid, prompt_label, write_grid
+
+    prompts = [row for row, _ in next(iter(drawn.values()))]
+    grid, layout = draw_grid(
+        [(name, [images[0] for _, images in rows]) for name, rows in drawn.items()],
+        [prompt_label(row.id, row.prompt, row.scoring_text) for row in prompts],
+    )
+    write_grid(path, grid)
+    return {
+        "file": path.name,
+        "rows": list(drawn),
+        "prompts": [{"id": r.id, "prompt": r.prompt, "scoring_text": r.scoring_text} for r in prompts],
+        "cell": list(layout.cell),
+        "origin": list(layout.origin),
+        "gap": layout.gap,
+        "scale": layout.scale,
+    }
 
 
 def _fitness_plot(run_dir: Path) -> str | None:

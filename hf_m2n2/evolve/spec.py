@@ -174,7 +174,19 @@ def parse_evolve_spec(data: Any, *, source: str = "spec") -> EvolveSpec:
         raise SpecError("models", f"not used by {kind.name} genomes (their initial genomes are genome.seeds)")
     _check_evaluate(spec, kind)
     kind.check(spec)
-    return spec
+    return _default_capacity(spec)
+
+
+def _default_capacity(spec: EvolveSpec) -> EvolveSpec:
+    """M2N2 without `evolve.capacity`: `max` when every evaluator part scores continuously (CLIP scores), else
+    `one` (pass/fail examples)."""
+    if spec.evolve.algorithm != "m2n2" or "capacity" in spec.evolve.model_fields_set:
+        return spec
+    wanted = {part.default_capacity() for part in evaluate_parts(spec.evaluate)}
+    capacity = "max" if wanted == {"max"} else "one"
+    if capacity == spec.evolve.capacity:
+        return spec
+    return spec.model_copy(update={"evolve": spec.evolve.model_copy(update={"capacity": capacity})})
 
 
 def _check_evaluate(spec: EvolveSpec, kind: Any) -> None:

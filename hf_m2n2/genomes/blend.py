@@ -15,7 +15,6 @@ genome: {kind: blend, block_size: 4096, slerp_scope: global}
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +36,8 @@ class BlendGenomeConfig(StrictModel):
         block_size: elements per block (granularity of split points and Gram sums).
         slerp_scope: SLERP angle from the full vectors (`global`, reference), per segment (`segment`, paper) or
             per tensor (`tensor`).
-        include, exclude: glob patterns of the tensors that evolve; the others come from `fixed_from`.
+        include, exclude: glob patterns of the tensors that evolve; the others come from `fixed_from`. Without
+            `include`, the seeds' model kind decides: every tensor of a causal LM, a pipeline's denoiser (`unet/*`).
         fixed_from: the seed (as written in `models`) whose config, tokenizer and non-evolved tensors are used.
         dtype: dtype of the live model and of the blending arithmetic (and of the exported weights).
         device: where the live model and the resident seeds live (`cpu`, `cuda`, ...).
@@ -48,7 +48,7 @@ class BlendGenomeConfig(StrictModel):
     kind: Literal["blend"] = "blend"
     block_size: int = Field(65536, ge=1)
     slerp_scope: Literal["global", "segment", "tensor"] = "global"
-    include: list[str] = Field(default_factory=lambda: ["*"])
+    include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     fixed_from: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -88,21 +88,31 @@ class BlendKind(GenomeKind):
         """The opened seeds, the fixed seed's index, the evolved tensor names and their layout (checked to fit)."""
         from hf_m2n2.blend import select_tensors
         from hf_m2n2.blend_ops import evolved_layout
-        from hf_m2n2.seeds import open_seeds
+        from hf_m2n2.models import model_kind
+        from hf_m2n2.seeds import close_seeds, open_seeds
 
         refs = spec.seed_refs()
         seeds = open_seeds(refs, base_dir=spec_dir, trust_remote_code=spec.trust_remote_code)
         genome = spec.genome
         fixed = refs.index(genome.fixed_from) if genome.fixed_from else 0
-        floating = [
-            n
-            for n in seeds[fixed].checkpoint.names
-            if seeds[fixed].checkpoint.info(n).dtype.is_floating_point
-        ]
-        names = select_tensors(floating, genome.include, genome.exclude)
-        if not names:
-            raise SpecError("genome.include", "no tensor matches the include/exclude patterns")
-        return seeds, fixed, names, evolved_layout(seeds, names, genome.block_size)
+        kind = model_kind(seeds[fixed].kind)
+        try:
+            kind.check_reference(
+                seeds[fixed], "genome.fixed_from", "fix a seed that has them (genome.fixed_from)"
+            )
+            floating = [
+                n
+                for n in seeds[fixed].checkpoint.names
+                if seeds[fixed].checkpoint.info(n).dtype.is_floating_point
+            ]
+            include = genome.include if genome.include is not None else kind.default_evolved(seeds[fixed])
+            names = select_tensors(floating, include, genome.exclude)
+            if not names:
+                raise SpecError("genome.include", "no tensor matches the include/exclude patterns")
+            return seeds, fixed, names, evolved_layout(seeds, names, genome.block_size)
+        except BaseException:
+            close_seeds(seeds)
+            raise
 
     def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
         """Open the seeds, build the live model, the Gram sums (cached in the run directory) and the ops."""
@@ -132,7 +142,7 @@ class BlendKind(GenomeKind):
         gram = seed_gram(layout, tensors, run_dir / "gram.npz")
         ops = BlendOps(layout, gram, len(seeds), genome.slerp_scope)
         context = EvaluationContext.of_seed(
-            live.model, seeds[fixed], spec_dir, genome.device, spec.trust_remote_code
+            live.model, seeds[fixed], spec_dir, genome.device, spec.trust_remote_code, evolved=tuple(names)
         )
         return GenomeRun(
             ops,
@@ -164,19 +174,20 @@ class BlendKind(GenomeKind):
             run.seeds,
             model_dir,
             overwrite=True,
-            write_card=lambda tmp: outcome.write_card(tmp, recipe_file=RECIPE),
+            write_card=lambda tmp: outcome.write_card(
+                tmp, recipe_file=RECIPE, fixed=run.export["fixed"], evolved=run.export["tensors"]
+            ),
         )
 
     def export_again(
         self, model_dir: Path, out_dir: Path, overwrite: bool, *, trust_remote_code: bool = False
     ) -> Path | None:  # a rebuild reads tensors only: no seed code to trust
         from hf_m2n2.blend_ops import BlendRecipe, rebuild
+        from hf_m2n2.card import copy_card
 
         if not (model_dir / RECIPE).is_file():
             return None
         BlendRecipe.load(model_dir / RECIPE)
-        out = rebuild(model_dir / RECIPE, out_dir, overwrite=overwrite)
-        for extra in ("README.md", "card.json", "fitness.png"):
-            if (model_dir / extra).is_file():
-                shutil.copyfile(model_dir / extra, out / extra)
-        return out
+        return rebuild(
+            model_dir / RECIPE, out_dir, overwrite=overwrite, write_card=lambda tmp: copy_card(model_dir, tmp)
+        )

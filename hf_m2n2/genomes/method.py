@@ -2,16 +2,24 @@
 
 A method genome is a vector in [0, 1]^n: the evolved per-model parameters (e.g. TIES/DARE `weight` and `density`)
 of every seed in every layer group, ordered group by group, then seed by seed, then parameter by parameter:
-`x[(g * K + k) * P + p]`. It stands for a mergekit merge spec with one slice per layer group (as
-mergekit-evolve writes them): each slice lists every seed over the group's layers with the genome's values as
-its scalar parameters (plus the base model, for task-vector methods). Embeddings and other tensors before the
-layers take the first group's values, the final norm and the output head the last group's (mergekit's planning).
+`x[(g * K + k) * P + p]`; evolved global parameters (slerp's `t`), one value per group, follow each group's
+per-model values: `x[g * (K * P + Q) + K * P + q]`. For causal LMs it stands for a mergekit merge spec with one
+slice per layer group (as mergekit-evolve writes them): each slice lists every seed over the group's layers with
+the genome's values as its scalar parameters (plus the base model, for task-vector methods), and the global ones
+as the slice's parameters. Embeddings and other tensors before the layers take the first group's values, the
+final norm and the output head the last group's (mergekit's planning).
 
-A candidate is materialized by planning that spec with `plan_merge` and computing every tensor with
-`compute_task`, the functions of `hf-m2n2 merge`, into the resident LiveModel. The best genome is exported by
-`hf-m2n2 merge` itself: its spec is written as `merge_config.yaml` next to the weights, and
-`hf-m2n2 merge merge_config.yaml OUT` reproduces them bit for bit (DARE's masks come from merge's default
-`--random-seed 0`; give `--device` when the run's `genome.device` was not the CPU).
+Text-to-image pipelines cannot be sliced (a UNet's blocks are not restacked): their layers are the UNet's blocks
+(IN00.., M00, OUT..; `hf_m2n2.unet_blocks`), and the spec lists the seeds under `models:` with every evolved
+parameter given as one `{filter: BLOCK, value}` per block, the UNet's tensors outside the blocks (`BASE`: time and
+class embeddings) taking the first group's value. Only the UNet is merged; text encoders and VAE are the
+reference seed's (the base, else the first model), as in `hf-m2n2 merge` of pipelines.
+
+A candidate is materialized by planning that spec as `hf-m2n2 merge` does (the seeds' model kind's
+`recipe`) and computing every tensor with `compute_task`, the functions of `hf-m2n2 merge`, into the resident
+live model. The best genome is exported by `hf-m2n2 merge` itself: its spec is written as `merge_config.yaml`
+next to the weights, and `hf-m2n2 merge merge_config.yaml OUT` reproduces them bit for bit (DARE's masks come
+from merge's default `--random-seed 0`; give `--device` when the run's `genome.device` was not the CPU).
 
 Example genome section (`examples/specialists/compare/evomerge_ps.yaml`):
 
@@ -21,7 +29,7 @@ genome:
   method: dare_ties
   base_model: ../build/base
   parameters: [weight, density]
-  layer_groups: 2          # omitted: one group per layer
+  layer_groups: 2          # omitted: one group per layer (per UNet block for pipelines)
 ```
 """
 
@@ -54,11 +62,13 @@ class MethodGenomeConfig(StrictModel):
     """`genome: {kind: method, ...}`: per-seed, per-layer-group parameters of one merge method.
 
     Attributes:
-        method: a registered merge method with per-model float parameters (ties, dare_ties, dare_linear,
-            task_arithmetic, linear, breadcrumbs, della, ...).
+        method: a registered merge method with float parameters (ties, dare_ties, dare_linear, task_arithmetic,
+            linear, breadcrumbs, della, slerp, ...).
         base_model: the base of task-vector methods (required by them; not one of `models`).
-        parameters: the per-model parameters evolved, each in [0, 1].
-        layer_groups: contiguous groups of layers sharing values (None: one group per layer).
+        parameters: the parameters evolved, each in [0, 1]: per-model ones (`weight`, `density`) take a value per
+            model and layer group, global ones (slerp's `t`) a value per layer group.
+        layer_groups: contiguous groups of layers (of UNet blocks, for pipelines) sharing values (None: one group
+            per layer).
         method_parameters: fixed parameters of the method (the merge spec's global `parameters:`, e.g.
             `{lambda: 1.0, normalize: true}`, or a fixed `weight` when only `density` evolves).
         dtype: dtype of the merge arithmetic, of the live model and of the exported weights.
@@ -89,13 +99,14 @@ def check_method_spec(spec: Any) -> None:
         method = get_method(genome.method)
     except UnknownMethodError as exc:
         raise SpecError("genome.method", str(exc)) from None
-    evolvable = {p.name: p for p in method.model_params if p.kind == "float"}
+    evolvable = {p.name: p for p in method.params if p.kind == "float"}
     for i, name in enumerate(genome.parameters):
         if name not in evolvable:
             choices = ", ".join(evolvable) or "none"
             raise SpecError(
                 f"genome.parameters[{i}]",
-                f"{name!r} is not a per-model parameter of {method.name} (evolvable: {choices})",
+                f"{name!r} is not a per-model parameter of {method.name}, nor a global number "
+                f"(evolvable: {choices})",
             )
         if name in genome.parameters[:i]:
             raise SpecError(f"genome.parameters[{i}]", f"{name!r} is listed twice")
@@ -112,16 +123,29 @@ def check_method_spec(spec: Any) -> None:
                 "genome.parameters",
                 f"{p.name} is required by {method.name}: evolve it or set it in genome.method_parameters",
             )
+    n = len(spec.models)
+    if first_model_is_base(method, genome):
+        if n != 2:
+            raise SpecError(
+                "models", f"{method.name} goes from the first model (its base) to the second: list 2, got {n}"
+            )
+        return
     if method.uses_base == "required" and genome.base_model is None:
         raise SpecError("genome.base_model", f"required by {method.name}")
     if method.uses_base == "never" and genome.base_model is not None:
         raise SpecError("genome.base_model", f"not used by {method.name}")
     if genome.base_model is not None and genome.base_model in spec.seed_refs():
         raise SpecError("genome.base_model", "is one of the models; list only the models merged onto it")
-    n = len(spec.models)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         most = "" if method.max_models is None else f" and at most {method.max_models}"
         raise SpecError("models", f"{method.name} takes at least {method.min_models}{most} models, got {n}")
+
+
+def first_model_is_base(method: Any, genome: MethodGenomeConfig) -> bool:
+    """Whether the merge's base is the first of the spec's `models:`: a method from a base to one other model
+    (slerp, nearswap, arcee_fusion) with no `genome.base_model` (an evolve spec lists at least two models; the
+    merge goes from the first, t = 0, to the second)."""
+    return genome.base_model is None and method.uses_base == "required" and method.max_models == 1
 
 
 @dataclass(frozen=True)
@@ -139,10 +163,14 @@ class MethodTemplate:
         method: merge method.
         models: the merged seeds' references (pinned), in genome order.
         base: the base model's reference (pinned), or None.
-        parameters: evolved per-model parameter names.
+        parameters: evolved per-model parameter names (one value per model and group).
         groups: [start, end) layer ranges, one per layer group.
         fixed: the spec's global `parameters:`.
         dtype: compute and output dtype.
+        filters: for seeds whose layers are named rather than sliced (a pipeline's UNet blocks,
+            `Architecture.layer_filters`): the filter of the tensors outside the layers, then one per layer; None
+            (causal LMs): one `layer_range` slice per group.
+        shared: evolved global parameter names (one value per group, e.g. slerp's `t`).
     """
 
     method: str
@@ -152,47 +180,90 @@ class MethodTemplate:
     groups: tuple[tuple[int, int], ...]
     fixed: dict[str, Any]
     dtype: str
+    filters: tuple[str, ...] | None = None
+    shared: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
-        return len(self.groups) * len(self.models) * len(self.parameters)
+        return len(self.groups) * (len(self.models) * len(self.parameters) + len(self.shared))
 
     def labels(self) -> list[str]:
-        """One readable name per genome coordinate, e.g. `layers[0:2].<model>.weight`."""
-        return [
-            f"layers[{start}:{end}].{model}.{name}"
-            for start, end in self.groups
-            for model in self.models
-            for name in self.parameters
-        ]
+        """One readable name per genome coordinate, e.g. `layers[0:2].<model>.weight`, `layers[0:2].t`
+        (`IN00-IN02.<model>.weight` for named layers)."""
+        labels = []
+        for start, end in self.groups:
+            group = self._group_name(start, end)
+            labels += [f"{group}.{model}.{name}" for model in self.models for name in self.parameters]
+            labels += [f"{group}.{name}" for name in self.shared]
+        return labels
+
+    def _group_name(self, start: int, end: int) -> str:
+        if self.filters is None:
+            return f"layers[{start}:{end}]"
+        first, last = self.filters[1 + start], self.filters[end]
+        return first if end - start == 1 else f"{first}-{last}"
+
+    def _values(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Genome x as (per-model values [group, model, parameter], shared values [group, parameter])."""
+        groups, per_model = len(self.groups), len(self.models) * len(self.parameters)
+        rows = np.asarray(x, dtype=np.float64).reshape(groups, per_model + len(self.shared))
+        values = rows[:, :per_model].reshape(groups, len(self.models), len(self.parameters))
+        return values, rows[:, per_model:]
 
     def merge_config(self, x: np.ndarray) -> dict[str, Any]:
         """The mergekit merge spec (as a YAML mapping) of genome x."""
-        values = np.asarray(x, dtype=np.float64).reshape(
-            len(self.groups), len(self.models), len(self.parameters)
-        )
-        slices = []
-        for g, (start, end) in enumerate(self.groups):
-            sources: list[dict[str, Any]] = [
-                {
-                    "model": model,
-                    "layer_range": [start, end],
-                    "parameters": {name: float(values[g, k, p]) for p, name in enumerate(self.parameters)},
-                }
-                for k, model in enumerate(self.models)
-            ]
-            if self.base is not None:
-                sources.append({"model": self.base, "layer_range": [start, end]})
-            slices.append({"sources": sources})
+        values, shared = self._values(x)
         config: dict[str, Any] = {"merge_method": self.method}
         if self.base is not None:
             config["base_model"] = self.base
         config["dtype"] = self.dtype
         config["out_dtype"] = self.dtype
+        if self.filters is not None:
+            return {**config, **self._block_sections(values, shared, self.filters)}
+        slices = []
+        for g, (start, end) in enumerate(self.groups):
+            sources: list[dict[str, Any]] = [
+                {"model": model, "layer_range": [start, end]}
+                | self._own({name: float(values[g, k, p]) for p, name in enumerate(self.parameters)})
+                for k, model in enumerate(self.models)
+            ]
+            if self.base is not None:
+                sources.append({"model": self.base, "layer_range": [start, end]})
+            slices.append({"sources": sources})
+            if self.shared:
+                slices[-1]["parameters"] = {name: float(shared[g, q]) for q, name in enumerate(self.shared)}
         if self.fixed:
             config["parameters"] = dict(self.fixed)
         config["slices"] = slices
         return config
+
+    def _block_sections(
+        self, values: np.ndarray, shared: np.ndarray, filters: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """`parameters:` and `models:` of named layers: every evolved parameter is a list of one filter per layer,
+        the tensors outside the layers taking the first group's value (as a sliced spec gives them), so that the
+        planner resolves each tensor to exactly its layer's entry (a UNet block's tensors alias the block)."""
+        group_of = [g for g, (start, end) in enumerate(self.groups) for _ in range(start, end)]
+        owners = [0, *group_of]  # the outside filter, then one per layer
+
+        def per_layer(column: np.ndarray) -> list[dict[str, Any]]:
+            return [{"filter": flt, "value": float(column[g])} for flt, g in zip(filters, owners)]
+
+        sections: dict[str, Any] = {}
+        globals_ = {**self.fixed, **{name: per_layer(shared[:, q]) for q, name in enumerate(self.shared)}}
+        if globals_:
+            sections["parameters"] = globals_
+        sections["models"] = [
+            {"model": model}
+            | self._own({name: per_layer(values[:, k, p]) for p, name in enumerate(self.parameters)})
+            for k, model in enumerate(self.models)
+        ]
+        return sections
+
+    @staticmethod
+    def _own(parameters: dict[str, Any]) -> dict[str, Any]:
+        """A source's `parameters:` entry, left out when the method evolves none per model (slerp's `t` only)."""
+        return {"parameters": parameters} if parameters else {}
 
 
 def layer_groups(num_layers: int, groups: int | None) -> tuple[tuple[int, int], ...]:
@@ -281,13 +352,14 @@ class MethodOps:
 def plan_genome(
     template: MethodTemplate, seeds: list[Seed], seed_index: dict[str, int], x: np.ndarray
 ) -> Any:
-    """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (random seed 0, as merge's default);
+    """The MethodRecipe `hf-m2n2 merge` plans for genome x's merge spec (merge's default options: random seed 0),
+    through the seeds' model kind (a pipeline's plan covers the merged components only, the UNet by default);
     `seed_index` maps each seed's `pinned_ref` to its position."""
-    from hf_m2n2.plan import plan_merge
+    from hf_m2n2.merge import MergeOptions, seeds_kind
     from hf_m2n2.spec import parse_spec
 
     spec = parse_spec(template.merge_config(x), source="method genome")
-    return plan_merge(spec, seeds, seed_index, random_seed=0)
+    return seeds_kind(spec, seeds).recipe(spec, seeds, seed_index, MergeOptions(progress=False))
 
 
 def seed_positions(seeds: list[Seed]) -> dict[str, int]:
@@ -305,10 +377,18 @@ class MethodTarget:
         device: where the merge arithmetic runs.
         merge_options: `hf-m2n2 merge`'s options whose computation the live model mirrors (default: merge's
             defaults on `device`).
+        merged: the tensors every genome writes (its plan's); a seed pick writes only these too, so the rest stay
+            the reference's, as in the export (a pipeline's text encoders and VAE). None: all of the seed's.
     """
 
     def __init__(
-        self, template: MethodTemplate, seeds: list[Seed], live: Any, device: str = "cpu", merge_options=None
+        self,
+        template: MethodTemplate,
+        seeds: list[Seed],
+        live: Any,
+        device: str = "cpu",
+        merge_options=None,
+        merged: tuple[str, ...] | None = None,
     ):
         from hf_m2n2.merge import MergeOptions
 
@@ -317,6 +397,7 @@ class MethodTarget:
         self.seed_index = seed_positions(seeds)
         self.live = live
         self.merge_options = merge_options or MergeOptions(device=device, progress=False)
+        self.merged = None if merged is None else frozenset(merged)
         self._last: np.ndarray | None = None
 
     def plan(self, x: np.ndarray) -> Any:
@@ -364,7 +445,7 @@ class MethodTarget:
         self._last = None
         seed, names = self.seeds[k], set(self.live.names)
         for name in seed.checkpoint.names:
-            if name in names:
+            if name in names and (self.merged is None or name in self.merged):
                 self.live.write(name, seed.checkpoint.get(name).to(self.live.dtype))
 
 
@@ -391,7 +472,7 @@ class MethodKind(GenomeKind):
         from hf_m2n2.plan import torch_dtype
 
         genome: MethodGenomeConfig = spec.genome
-        seeds, template, reference = self._open(spec, spec_dir)
+        seeds, template, reference, merged = self._open(spec, spec_dir)
         live = model_kind(seeds[reference].kind).live_target(
             seeds[reference],
             dtype=torch_dtype(genome.dtype),
@@ -399,9 +480,9 @@ class MethodKind(GenomeKind):
             trust_remote_code=spec.trust_remote_code,
         )
         ops = MethodOps(template, len(seeds))
-        target = MethodTarget(template, seeds, live, genome.device)
+        target = MethodTarget(template, seeds, live, genome.device, merged=merged)
         context = EvaluationContext.of_seed(
-            live.model, seeds[reference], spec_dir, genome.device, spec.trust_remote_code
+            live.model, seeds[reference], spec_dir, genome.device, spec.trust_remote_code, evolved=merged
         )
         return GenomeRun(
             ops,
@@ -417,9 +498,13 @@ class MethodKind(GenomeKind):
             for seed in self._open(spec, spec_dir)[0]:
                 seed.checkpoint.close()
 
-    def _open(self, spec: Any, spec_dir: Path | None) -> tuple[list[Seed], MethodTemplate, int]:
+    def _open(
+        self, spec: Any, spec_dir: Path | None
+    ) -> tuple[list[Seed], MethodTemplate, int, tuple[str, ...]]:
         """The opened seeds (the models, then the base), the merge template (planned once at 0.5 everywhere, so
-        that a merge that cannot be planned fails now, not at the first candidate) and the reference seed."""
+        that a merge that cannot be planned fails now, not at the first candidate), the reference seed and the
+        merged tensors (that plan's)."""
+        from hf_m2n2.methods import get_method
         from hf_m2n2.seeds import open_seeds
 
         genome: MethodGenomeConfig = spec.genome
@@ -434,23 +519,39 @@ class MethodKind(GenomeKind):
             detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
             raise SpecError("models", f"the models have different layer counts ({detail})")
         n_models = len(spec.models)
+        method = get_method(genome.method)
+        per_model = {p.name for p in method.model_params}
+        if first_model_is_base(method, genome):  # slerp from models[0] to models[1]
+            models, base, reference = tuple(pinned[1:]), pinned[0], 0
+        else:
+            models = tuple(pinned[:n_models])
+            base = pinned[n_models] if genome.base_model is not None else None
+            reference = n_models if genome.base_model is not None else 0
         template = MethodTemplate(
             method=genome.method,
-            models=tuple(pinned[:n_models]),
-            base=pinned[n_models] if genome.base_model is not None else None,
-            parameters=tuple(genome.parameters),
+            models=models,
+            base=base,
+            parameters=tuple(name for name in genome.parameters if name in per_model),
             groups=layer_groups(seeds[0].num_layers, genome.layer_groups),
             fixed=dict(genome.method_parameters),
             dtype=genome.dtype,
+            filters=seeds[0].arch.layer_filters(),
+            shared=tuple(name for name in genome.parameters if name not in per_model),
         )
-        reference = n_models if genome.base_model is not None else 0
+        from hf_m2n2.models import model_kind
+
+        model_kind(seeds[reference].kind).check_reference(
+            seeds[reference],
+            "genome.base_model" if genome.base_model is not None else "models",
+            "make a seed that has them the base_model (or the first model)",
+        )
         try:
-            plan_genome(template, seeds, index, np.full(template.size, 0.5))
+            recipe = plan_genome(template, seeds, index, np.full(template.size, 0.5))
         except SpecError as exc:
             raise SpecError(
                 "genome", f"the {genome.method} merge of these models cannot be planned: {exc}"
             ) from None
-        return seeds, template, reference
+        return seeds, template, reference, tuple(task.name for task in recipe.tasks)
 
     def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:
         """`model_dir` is `hf-m2n2 merge` of the best genome's spec (written there as merge_config.yaml) plus the
@@ -460,7 +561,7 @@ class MethodKind(GenomeKind):
         score = float(np.mean(best.scores))
         header = (
             f"{outcome.merged_name}: evolved by hf-m2n2 evomerge_ps (CMA-ES over {genome.method} "
-            f"{', '.join(genome.parameters)} per model and layer group), run seed {summary['seed']}, "
+            f"{', '.join(genome.parameters)} per {_per(run.ops.template)}), run seed {summary['seed']}, "
             f"candidate {best.lineage.id} of {summary['forward_passes']} (mean fitness {score:.4f}).\n"
             f"The weights next to this file are `hf-m2n2 merge {MERGE_CONFIG} OUT_DIR"
             + ("" if genome.device == "cpu" else f" --device {genome.device}")
@@ -503,19 +604,22 @@ class MethodKind(GenomeKind):
         if not trust_remote_code and run_spec.is_file():
             trust_remote_code = load_evolve_spec(run_spec)[0].trust_remote_code
 
-        def extras(out: Path) -> None:
-            for name in ("README.md", "card.json", "fitness.png"):
-                if (model_dir / name).is_file():
-                    shutil.copyfile(model_dir / name, out / name)
+        from hf_m2n2.card import copy_card
 
         return merge_recipe(
             text,
             out_dir,
             overwrite=overwrite,
             device=device,
-            extras=extras,
+            extras=lambda out: copy_card(model_dir, out),
             trust_remote_code=trust_remote_code,
         )
+
+
+def _per(template: MethodTemplate) -> str:
+    """What one evolved value covers, for the export's header: `model and layer group` (`UNet block group`)."""
+    group = "layer group" if template.filters is None else "UNet block group"
+    return f"model and {group}" if template.parameters else group
 
 
 def merge_device(model_dir: Path) -> str:

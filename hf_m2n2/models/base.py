@@ -99,6 +99,14 @@ class ModelKind:
         """
         raise NotImplementedError
 
+    def check_reference(self, seed: Any, field: str, fix: str) -> None:
+        """Refuse a seed that cannot be the reference (the seed whose configs and non-evolved parts the live target
+        and the output take), naming the spec's `field` and ending with `fix`; any seed can by default.
+
+        Raises:
+            SpecError: the seed lacks what a reference gives.
+        """
+
     def live_target(self, reference: Any, **options: Any) -> LiveTarget:
         """The resident model built from `reference`'s configs (no random init) and filled with its weights."""
         raise NotImplementedError
@@ -107,6 +115,23 @@ class ModelKind:
         """Write what makes `out_dir`'s weights loadable (configs, tokenizer), taken from `reference`; called after
         `open_output`'s sink finished (what it left out is completed here)."""
         raise NotImplementedError
+
+    def default_evolved(self, reference: Any) -> list[str]:
+        """The glob patterns of the tensors a Blend evolves when `genome.include` is not given: all of them."""
+        return ["*"]
+
+    def evolve_card(
+        self, info: Any, seeds: Sequence[Any], fixed: int | None, evolved: Collection[str] | None
+    ) -> Any:
+        """The lineage card of a model evolved from seeds of this kind: `info` (the `evolve_card_info` card) as it
+        is, or in this kind's flavour (a pipeline's is a diffusers card).
+
+        Args:
+            seeds: the opened seeds, in the card's order.
+            fixed: the index of the seed the non-evolved tensors and files come from, None when not one seed's.
+            evolved: the evolved tensor names, None when the genome does not say.
+        """
+        return info
 
     def output_names(self, reference: Any, evolved: Collection[str]) -> list[str]:
         """The tensors an export writes through `open_output`, named as `reference` names them: by default all of
@@ -124,6 +149,16 @@ class ModelKind:
 
     def plan(self, spec: Any, seeds: Sequence[Any], refs: Sequence[str], options: Any) -> Any:
         """Every check of a static merge of `seeds` (`hf-m2n2 validate`), reading no tensor and writing nothing."""
+        raise NotImplementedError
+
+    def recipe(self, spec: Any, seeds: Sequence[Any], seed_index: dict[str, int], options: Any) -> Any:
+        """The `MethodRecipe` (one task per merged tensor, names as the live target's) that `merge` computes for
+        `spec` with `options` (a `MergeOptions`): what a method genome writes into the live target. Every check of
+        `plan` is done; nothing is read or written.
+
+        Raises:
+            SpecError, CheckpointError: as `plan`.
+        """
         raise NotImplementedError
 
     def merge(

@@ -70,6 +70,20 @@ class CausalLMKind(ModelKind):
 
         return _plan(spec, list(seeds), {ref: i for i, ref in enumerate(refs)}, options)
 
+    def recipe(self, spec: Any, seeds: Sequence[Any], seed_index: dict[str, int], options: Any) -> Any:
+        """`plan_merge` of the spec without vocabulary alignment (a live model has the one vocabulary of its
+        reference seed)."""
+        from hf_m2n2.plan import plan_merge
+
+        return plan_merge(
+            spec,
+            list(seeds),
+            seed_index,
+            random_seed=options.random_seed,
+            allow_crimes=options.allow_crimes,
+            lenient_parameters=options.lenient_parameters,
+        )
+
     def merge(self, spec, seeds, refs, out_dir, options, spec_text, target):
         from hf_m2n2.merge import merge_causal_lm
 
