@@ -39,6 +39,7 @@ REDUCED = WorldConfig(
     finetune_batch=16,
     inference_steps=4,
     report_images=1,
+    fit_images=1,
 )
 
 

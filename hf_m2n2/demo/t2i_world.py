@@ -47,6 +47,7 @@ from hf_m2n2.demo.shapes_world import LANGUAGES, SCENES, render_many, sample_ima
 BUILD_VERSION = 1
 PARTS = ("prompts", "judge", "vae", "base", *LANGUAGES)
 REPORT = "report.json"
+REPORT_SCORER = "hf_m2n2.evaluate.clip"  # in the report's key: another scorer rescores
 JUDGE_EVAL = "judge_eval.json"
 KV_PARAMETERS = (
     ".attn2.to_k.",
@@ -79,6 +80,8 @@ class WorldConfig:
         prompts_per_group: prompts per language in each of the fit and test splits.
         inference_steps, guidance_scale: generation settings of the report (and of the demo's spec).
         report_images: images per prompt in the report's test table.
+        fit_images: images per prompt in the report's fit table and its timing (the demo spec's
+            `images_per_prompt`).
     """
 
     seed: int = 0
@@ -112,7 +115,8 @@ class WorldConfig:
     prompts_per_group: int = 12
     inference_steps: int = 10
     guidance_scale: float = 6.0
-    report_images: int = 2
+    report_images: int = 4
+    fit_images: int = 2
 
 
 @dataclass(frozen=True)
@@ -432,9 +436,10 @@ def _quiet_libraries() -> Iterator[None]:
 
 def _report_key(config: WorldConfig, keys: dict[str, str]) -> str:
     generation = {
-        name: getattr(config, name) for name in ("seed", "inference_steps", "guidance_scale", "report_images")
+        name: getattr(config, name)
+        for name in ("seed", "inference_steps", "guidance_scale", "report_images", "fit_images")
     }
-    return build_cache.digest({"part": "report", **keys, **generation})
+    return build_cache.digest({"part": "report", "scorer": REPORT_SCORER, **keys, **generation})
 
 
 def build_world(
@@ -505,120 +510,88 @@ def build_world(
 # ---------------------------------------------------------------------- the report
 
 
-def clip_scores(judge: Any, processor: Any, images: Sequence[Any], texts: Sequence[str]) -> list[float]:
-    """CLIP score of each image against its text: 100 * cosine of the judge's embeddings, floored at 0 (as
-    torchmetrics' `CLIPScore`, which cannot load a local tiny CLIP; hence written here)."""
-    import torch
-
-    inputs = processor(
-        text=list(texts), images=list(images), padding="max_length", truncation=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        image_features = judge.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        text_features = judge.get_text_features(input_ids=inputs["input_ids"]).pooler_output
-    cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
-    return (100 * cosine.clamp(min=0)).tolist()
-
-
-def score_prompts(
-    pipeline: Any,
-    judge: Any,
-    processor: Any,
-    rows: Sequence[dict[str, str]],
-    config: WorldConfig,
-    images: int,
-) -> dict[str, float]:
-    """Mean CLIP score per group (and `mean`, the average of the groups) of `pipeline`'s images for `rows`.
-
-    Args:
-        pipeline: a `StableDiffusionPipeline` (its current UNet weights are used).
-        judge, processor: the judge and its processor.
-        rows: prompt rows (`prompt`, `scoring_text`, `group`).
-        config: generation settings (seed, inference_steps, guidance_scale).
-        images: images per prompt; each prompt's score is the mean over its images.
-
-    Returns:
-        `{group: mean score, ..., "mean": mean of the groups}`.
-    """
-    import torch
-
-    generator = torch.Generator().manual_seed(config.seed)
-    out = pipeline(
-        prompt=[row["prompt"] for row in rows],
-        num_inference_steps=config.inference_steps,
-        guidance_scale=config.guidance_scale,
-        num_images_per_prompt=images,
-        generator=generator,
-        output_type="pil",
-    ).images
-    texts = [row["scoring_text"] for row in rows for _ in range(images)]
-    scores = np.array(clip_scores(judge, processor, out, texts)).reshape(len(rows), images).mean(axis=1)
-    groups = sorted({row["group"] for row in rows}, key=lambda g: (g not in LANGUAGES, g))
-    table = {
-        g: round(float(np.mean([s for s, r in zip(scores, rows) if r["group"] == g])), 2) for g in groups
-    }
-    table["mean"] = round(float(np.mean([table[g] for g in groups])), 2)
-    return table
-
-
 def world_report(world: World, config: WorldConfig) -> dict[str, Any]:
-    """Score the base, the specialists and the 50/50 average of their UNets on both prompt splits.
+    """Score the base, the specialists and the 50/50 average of their UNets on both prompt splits, with the
+    project's CLIP evaluator (`hf_m2n2.evaluate.clip`, as `make demo-t2i` scores its candidates).
 
     All candidates are written in place into one resident pipeline (the base's), as an evolution run does.
 
     Args:
         world: a build (`build_world`).
-        config: its parameters (generation settings).
+        config: its parameters (generation settings: inference_steps, guidance_scale, report_images,
+            fit_images, seed).
 
     Returns:
-        The report: the judge's held-out accuracy, generation settings, `test` and `fit` tables
-        (`{candidate: {"en", "ja", "mean"}}`), and the seconds one candidate's fitness evaluation takes (all fit
-        prompts, one image each, generation and scoring, one thread).
+        The report: the judge's held-out accuracy, the generation settings, `test` and `fit` tables
+        (`{candidate: {"en", "ja", "mean"}}`, mean CLIP score per group and the mean of the groups), and the seconds
+        one candidate's fitness evaluation takes (all fit prompts, `fit_images` images each, one thread).
     """
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
-    from transformers import CLIPModel, CLIPProcessor
 
-    judge = CLIPModel.from_pretrained(str(world.judge)).eval()
-    processor = CLIPProcessor.from_pretrained(str(world.judge))
+    from hf_m2n2.evaluate.clip import ClipConfig, ClipEvaluator
+
     pipeline = StableDiffusionPipeline.from_pretrained(
         str(world.base), safety_checker=None, requires_safety_checker=False
     )
-    pipeline.set_progress_bar_config(disable=True)
+    settings = {
+        "num_inference_steps": config.inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "height": config.image_size,
+        "width": config.image_size,
+        "seed": config.seed,
+    }
+    evaluators = {
+        split: ClipEvaluator(
+            ClipConfig(
+                kind="clip",
+                model=str(world.judge),
+                prompts=str(path),
+                images_per_prompt=images,
+                batch_size=48,
+                **settings,
+            ),
+            pipeline,
+        )
+        for split, path, images in (
+            ("test", world.test_prompts, config.report_images),
+            ("fit", world.fit_prompts, config.fit_images),
+        )
+    }
     weights = {"base": {k: v.clone() for k, v in pipeline.unet.state_dict().items()}}
     for language, path in world.models.items():
         weights[language] = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
     weights["merge 50/50"] = {k: 0.5 * weights["en"][k] + 0.5 * weights["ja"][k] for k in weights["base"]}
-    fit, test = read_prompts(world.fit_prompts), read_prompts(world.test_prompts)
     tables: dict[str, dict[str, dict[str, float]]] = {"test": {}, "fit": {}}
-    timing = {}
+    timing = []
     for label, tensors in weights.items():
         pipeline.unet.load_state_dict(tensors)
-        tables["test"][label] = score_prompts(pipeline, judge, processor, test, config, config.report_images)
+        tables["test"][label] = _with_mean(evaluators["test"].report(pipeline).scores)
         wall, cpu = time.perf_counter(), time.process_time()
-        tables["fit"][label] = score_prompts(pipeline, judge, processor, fit, config, 1)
-        timing[label] = (time.perf_counter() - wall, time.process_time() - cpu)
-    judge_eval = json.loads((world.judge / JUDGE_EVAL).read_text())
+        tables["fit"][label] = _with_mean(evaluators["fit"].report(pipeline).scores)
+        timing.append((time.perf_counter() - wall, time.process_time() - cpu))
+    prompts = len(evaluators["fit"].fitness)
     return {
-        "judge": judge_eval,
+        "judge": json.loads((world.judge / JUDGE_EVAL).read_text()),
         "generation": {
             "scheduler": type(pipeline.scheduler).__name__,
-            "num_inference_steps": config.inference_steps,
-            "guidance_scale": config.guidance_scale,
-            "height": config.image_size,
-            "width": config.image_size,
-            "test_images_per_prompt": config.report_images,
-            "fit_images_per_prompt": 1,
-            "seed": config.seed,
+            **settings,
+            "images_per_prompt": {"test": config.report_images, "fit": config.fit_images},
         },
         "test": tables["test"],
         "fit": tables["fit"],
         "candidate_seconds": {
-            "prompts": len(fit),
-            "wall": round(min(t[0] for t in timing.values()), 3),
-            "cpu": round(min(t[1] for t in timing.values()), 3),
+            "prompts": prompts,
+            "images": prompts * config.fit_images,
+            "wall": round(min(t[0] for t in timing), 3),
+            "cpu": round(min(t[1] for t in timing), 3),
         },
     }
+
+
+def _with_mean(groups: dict[str, float]) -> dict[str, float]:
+    row = {g: round(groups[g], 2) for g in LANGUAGES}
+    return {**row, "mean": round(float(np.mean(list(row.values()))), 2)}
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
@@ -651,8 +624,10 @@ def _ensure_report(world: World, config: WorldConfig, key: str, say: Callable[[s
     say("CLIP score on the test prompts (English caption; en/ja: prompt language):")
     say(format_table(report["test"]))
     seconds = report["candidate_seconds"]
-    wall, cpu = seconds["wall"], seconds["cpu"]
-    say(f"one candidate's fitness ({seconds['prompts']} fit prompts): {wall:.2f} s wall, {cpu:.2f} s CPU")
+    wall, cpu, images = seconds["wall"], seconds["cpu"], seconds["images"]
+    say(
+        f"one candidate's fitness ({seconds['prompts']} fit prompts, {images} images): {wall:.2f} s wall, {cpu:.2f} s CPU"
+    )
 
 
 # ---------------------------------------------------------------------- command line
