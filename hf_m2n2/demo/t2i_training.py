@@ -104,11 +104,7 @@ def train_judge(
     model.train()
     for _ in range(steps):
         out = model(input_ids=caption_ids, pixel_values=to_pixels(draw_batch()), return_loss=True)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        losses.append(out.loss.item())
+        losses.append(_step(out.loss, optimizer, schedule))
     model.eval()
     return losses
 
@@ -159,12 +155,7 @@ def train_vae(vae: Any, pixels: Any, steps: int, lr: float, batch_size: int, gen
     for _ in range(steps):
         batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
         loss = F.mse_loss(vae.decode(vae.encode(batch).latent_dist.mode()).sample, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(_step(loss, optimizer, schedule, clip=list(vae.parameters())))
     vae.eval()
     return losses
 
@@ -293,12 +284,7 @@ def train_unet(
         snr = compute_snr(scheduler, timesteps)
         weights = torch.clamp(snr, max=snr_gamma) / snr
         loss = (weights * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(_step(loss, optimizer, schedule, clip=params))
     for param in unet.parameters():
         param.requires_grad_(True)
     unet.eval()
@@ -316,6 +302,19 @@ def generation_scheduler():
         steps_offset=1,
         **NOISE_SCHEDULE,
     )
+
+
+def _step(loss: Any, optimizer: Any, schedule: Any, clip: list[Any] | None = None) -> float:
+    """One optimizer step on `loss` (gradients of `clip` clipped to norm 1 first); returns the loss."""
+    import torch
+
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.step()
+    return loss.item()
 
 
 def _warmup_decay(optimizer: Any, steps: int):
