@@ -43,9 +43,14 @@ REDUCED = WorldConfig(
 )
 
 
+REDUCED_ROOT = (
+    "t2i-reduced"  # under the session's base temp: the Space's tests reuse this build (cached by part)
+)
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("t2i") / "build", REDUCED)
+    return build_world(tmp_path_factory.getbasetemp() / REDUCED_ROOT, REDUCED)
 
 
 def _digests(root: Path) -> dict[str, str]:
