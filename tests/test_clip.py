@@ -456,3 +456,10 @@ def test_two_clip_parts_keep_their_previews_apart(live, clip_judge, prompts, tmp
     assert first["score"] == pytest.approx(scores[:3].mean()) and second["score"] == pytest.approx(
         scores[3:].mean()
     )
+
+
+def test_a_few_images_take_the_groups_in_turn(evaluator, live):
+    """A grid's few columns show every group: images(limit=2) draws the first en and the first ja prompt."""
+    rows = [row.id for row, _ in evaluator.images(live.model, "fit", limit=2)]
+    assert rows == ["en-0", "ja-0"]
+    assert [row.id for row, _ in evaluator.images(live.model, "fit")] == ["en-0", "ja-0", "en-1"]

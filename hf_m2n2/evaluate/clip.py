@@ -474,12 +474,13 @@ class ClipEvaluator:
     def images(
         self, model: Any, split: str | None = None, limit: int | None = None
     ) -> list[tuple[PromptRow, list]]:
-        """The images of the first `limit` prompts of a split (`test`, `fit`; None: the report's, held-out else
-        fitness), as PIL images, with their rows (no scoring)."""
+        """The images of `limit` prompts of a split (`test`, `fit`; None: the report's, held-out else fitness), as
+        PIL images, with their rows (no scoring). The prompts are taken from the groups in turn (the first of
+        each group, then the second, ...), so that a few columns of a grid show every group."""
         from PIL import Image
 
         split = split or ("test" if self.test is not None else "fit")
-        rows = self._rows(split)[:limit]
+        rows = _groups_in_turn(self._rows(split))[:limit]
         pixels = self._generate(model, rows, split)
         n = self.config.images_per_prompt
         return [(row, [Image.fromarray(pixels[i * n + k]) for k in range(n)]) for i, row in enumerate(rows)]
@@ -611,7 +612,7 @@ class ClipEvaluator:
     def _prompt_embeds(self, pipeline: Any, rows: list[PromptRow], split: str) -> dict[str, Any] | None:
         """The pipeline's prompt embeddings of `rows`, computed once per split (None: the pipeline has no
         `encode_prompt` this knows, so prompts go in as text on every call)."""
-        key = (id(pipeline), split, len(rows))  # `images(limit=...)` encodes a prefix of the split's rows
+        key = (id(pipeline), split, tuple(row.id for row in rows))  # `images(limit=...)` encodes a few rows
         if key not in self._embeds:
             self._embeds[key] = _encode_prompts(pipeline, rows, self.config, self._guidance(pipeline))
         return self._embeds[key]
@@ -673,6 +674,15 @@ class ClipEvaluator:
         for row, score in zip(rows, scores):
             groups.setdefault(row.group, []).append(float(score))
         return {group: float(np.mean(values)) for group, values in groups.items()}
+
+
+def _groups_in_turn(rows: list[PromptRow]) -> list[PromptRow]:
+    """The rows reordered to take the groups in turn (file order within a group and between groups)."""
+    groups: dict[str | None, list[PromptRow]] = {}
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    columns = list(groups.values())
+    return [column[i] for i in range(max(map(len, columns))) for column in columns if i < len(column)]
 
 
 def _execution_device(pipeline: Any) -> Any:
