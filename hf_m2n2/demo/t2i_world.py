@@ -416,22 +416,21 @@ def _part_keys(config: WorldConfig) -> dict[str, str]:
 
 @contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """No diffusers progress bars (pipeline loading, denoising) and no library warnings in the build's output."""
+    """`hf_m2n2.quiet.quiet_loading` (no progress bars) and, during a build, no library warnings either."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from hf_m2n2.quiet import quiet_loading
+
     levels = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
-    bars = diffusers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
     diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
     try:
-        yield
+        with quiet_loading():
+            yield
     finally:
         transformers_logging.set_verbosity(levels[0])
         diffusers_logging.set_verbosity(levels[1])
-        if bars:
-            diffusers_logging.enable_progress_bar()
 
 
 def _report_key(config: WorldConfig, keys: dict[str, str]) -> str:
