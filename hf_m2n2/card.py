@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -271,7 +271,7 @@ def evolve_card_info(
     algorithm: str,
     seeds: Sequence[ResolvedModel],
     tasks: Sequence[str],
-    metric: str,
+    metric: str | Mapping[str, str],
     merged: Sequence[float],
     seed_scores: dict[str, Sequence[float]],
     lineage: Sequence[dict],
@@ -294,6 +294,8 @@ def evolve_card_info(
         grid: the image grid of the seeds and the merge, when the evaluator draws images
             (`hf_m2n2.evolve.outcome.image_grid_entry`).
         scoring: how the evaluator scores (its `describe()`: judge, prompts, generation settings), when it says.
+        metric: what every task's figure measures, or `{task: metric}` (a list of evaluators: exact match beside a
+            reward).
     """
     license_, license_note = merged_license(seeds)
     rows = [{"name": model_name, "values": [float(v) for v in merged]}]
@@ -321,7 +323,10 @@ def evolve_card_info(
             **({"grid": grid} if grid is not None else {}),
             **({"scoring": scoring} if scoring is not None else {}),
         },
-        eval_results=[EvalScore(task, metric, float(value)) for task, value in zip(tasks, merged)],
+        eval_results=[
+            EvalScore(task, metric if isinstance(metric, str) else metric.get(task, "score"), float(value))
+            for task, value in zip(tasks, merged)
+        ],
     )
 
 

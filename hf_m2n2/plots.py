@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,11 +81,21 @@ def _read_history(path: Path, metric: str) -> dict[int, float]:
             continue
         try:
             record = json.loads(line)
-            if record.get(metric) is not None:
-                values[int(record["passes"])] = float(record[metric])
+            value = _field(record, metric)
+            if value is not None:
+                values[int(record["passes"])] = float(value)
         except (ValueError, TypeError, KeyError, AttributeError):
             raise HfM2n2Error(f"{path}: line {number} is damaged (not a history record)") from None
     return values
+
+
+def _field(record: dict[str, Any], metric: str) -> Any:
+    """`record[metric]`, or a nested one for a dotted name (`parts.webshop`: one part of a list of evaluators)."""
+    if metric in record:
+        return record[metric]
+    head, _, rest = metric.partition(".")
+    inner = record.get(head)
+    return inner.get(rest) if rest and isinstance(inner, dict) else None
 
 
 def _group_label(group: Path, runs: list[Path]) -> str:
@@ -145,12 +156,30 @@ def plot_runs(
     Example:
         >>> plot_runs(["runs/m2n2", "runs/ga"], "digits.png")  # doctest: +SKIP
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if labels is not None and len(labels) != len(groups):
         raise HfM2n2Error(f"{len(labels)} labels for {len(groups)} directories")
     curves = [load_curve(g, metric, labels[i] if labels else None) for i, g in enumerate(groups)]
+    return _draw(curves, out, METRIC_LABELS.get(metric, metric), title)
+
+
+def plot_parts(
+    run: str | os.PathLike[str], out: str | os.PathLike[str], parts: list[str], *, title: str | None = None
+) -> Path:
+    """Draw, for one run whose fitness is a list of evaluators, the best member's mean fitness score on each part
+    (the history's `parts`) beside its overall one, vs forward passes.
+
+    Example:
+        >>> plot_parts("runs/math-agent", "fitness.png", ["lm_eval", "webshop"])  # doctest: +SKIP
+    """
+    curves = [load_curve(run, "best_train", "all parts")]
+    curves += [load_curve(run, f"parts.{name}", name) for name in parts]
+    return _draw(curves, out, "best member's fitness score", title)
+
+
+def _draw(curves: list[Curve], out: str | os.PathLike[str], ylabel: str, title: str | None) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -162,7 +191,7 @@ def plot_runs(
             curve.passes, mean - err, mean + err, color=line.get_color(), alpha=0.25, linewidth=0
         )
     axes.set_xlabel("forward passes")
-    axes.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
     if title:

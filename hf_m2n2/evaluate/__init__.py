@@ -38,6 +38,7 @@ from hf_m2n2.evaluate.python import (
     check_python_config,
     resolve_callable,
 )
+from hf_m2n2.evaluate.webshop import WebshopConfig, build_webshop_evaluator
 
 
 def _lm_eval(config: LmEvalConfig, context: EvaluationContext) -> Any:
@@ -61,6 +62,9 @@ register_evaluator("python", PythonEvaluateConfig, build_python_evaluator, check
 register_evaluator(
     "clip", ClipConfig, build_clip_evaluator, check_clip_config, needs_target=True, model_kinds=("pipeline",)
 )
+register_evaluator(
+    "webshop", WebshopConfig, build_webshop_evaluator, needs_target=True, model_kinds=("causal_lm",)
+)
 
 
 def evaluate_parts(section: Any) -> list[Any]:
@@ -77,7 +81,14 @@ def build_evaluator(section: Any, context: EvaluationContext) -> Any:
     if not isinstance(section, (list, tuple)):
         return _build_part(section, context)
     built = [_build_part(part, _part_context(context, i)) for i, part in enumerate(section)]
-    return PartsEvaluator(built, [part.weight for part in section])
+    return PartsEvaluator(built, [part.weight for part in section], part_names(section))
+
+
+def part_names(section: Any) -> list[str]:
+    """A name per part of a list of evaluators, for the history and its plot: the part's `name` where it has one,
+    else its kind; a name two parts share gets its index (`lm_eval[0]`)."""
+    names = [getattr(part, "name", None) or part.kind for part in section]
+    return [f"{n}[{i}]" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def _part_context(context: EvaluationContext, index: int) -> EvaluationContext:
@@ -127,6 +138,7 @@ __all__ = [
     "evaluate_parts",
     "evaluator_kind",
     "evaluator_kinds",
+    "part_names",
     "register_evaluator",
     "resolve_callable",
 ]

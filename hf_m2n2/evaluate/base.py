@@ -61,10 +61,16 @@ class Report:
     Attributes:
         scores: `{part or task name: mean score}`, in a stable order.
         metric: the name of what was measured (e.g. `exact_match`), for the card.
+        metrics: per name, where names measure different things (a reward and a success rate): `{name: metric}`.
     """
 
     scores: dict[str, float]
     metric: str = "score"
+    metrics: dict[str, str] | None = None
+
+    def metric_of(self, name: str) -> str:
+        """What `name`'s figure measures."""
+        return (self.metrics or {}).get(name, self.metric)
 
 
 @runtime_checkable

@@ -27,11 +27,12 @@ class PartsEvaluator:
         (n_math + 2 * n_agent,)
     """
 
-    def __init__(self, parts: list[Any], weights: list[int]):
+    def __init__(self, parts: list[Any], weights: list[int], names: list[str] | None = None):
         if len(parts) != len(weights) or not parts:
             raise ValueError("one weight per part, and at least one part")
         self.parts = list(parts)
         self.weights = [int(w) for w in weights]
+        self.names = list(names) if names is not None else [f"part{i}" for i in range(len(parts))]
         self._sizes: list[int] = []  # each part's number of examples, from the last `scores`
 
     def scores(self, model: Any) -> np.ndarray:
@@ -47,6 +48,17 @@ class PartsEvaluator:
             if hook is not None:
                 hook(candidate_id, scores[offset : offset + size])
             offset += size * weight
+
+    def part_means(self, scores: np.ndarray) -> dict[str, float] | None:
+        """`{part name: mean score}` of a fitness vector this evaluator computed (each part's examples once, its
+        weight not counted); None before the first `scores` call."""
+        if not self._sizes:
+            return None
+        means, offset = {}, 0
+        for name, weight, size in zip(self.names, self.weights, self._sizes):
+            means[name] = float(np.mean(scores[offset : offset + size]))
+            offset += size * weight
+        return means
 
     def test_score(self, model: Any) -> float | None:
         """The unweighted mean of the parts' held-out scores (None when no part has one)."""
@@ -73,8 +85,10 @@ class PartsEvaluator:
             for name in report.scores:
                 seen[name] = seen.get(name, 0) + 1
         scores: dict[str, float] = {}
+        metrics: dict[str, str] = {}
         for i, report in enumerate(reports):
             for name, value in report.scores.items():
-                scores[f"part{i}.{name}" if seen[name] > 1 else name] = value
-        metrics = {r.metric for r in reports}
-        return Report(scores, metrics.pop() if len(metrics) == 1 else "score")
+                key = f"part{i}.{name}" if seen[name] > 1 else name
+                scores[key], metrics[key] = value, report.metric_of(name)
+        common = set(metrics.values())
+        return Report(scores, common.pop() if len(common) == 1 else "score", metrics=metrics)

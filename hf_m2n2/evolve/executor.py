@@ -181,3 +181,8 @@ class LocalExecutor:
 
     def example_groups(self) -> np.ndarray | None:
         return self.evaluator.example_groups()
+
+    def part_means(self, scores: np.ndarray) -> dict[str, float] | None:
+        """Per part of a list of evaluators, the mean of a fitness vector's scores on it (None for one evaluator)."""
+        split = getattr(self.evaluator, "part_means", None)
+        return None if split is None else split(scores)

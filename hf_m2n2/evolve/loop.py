@@ -309,6 +309,9 @@ def run_loop(
                 if state.passes % settings.log_every == 0 or state.passes == settings.budget:
                     record = {"passes": state.passes, **_train_stats(strategy)}
                     record["test"] = _test_score(executor, strategy)
+                    parts = _part_means(executor, strategy)
+                    if parts is not None:
+                        record["parts"] = parts
                     record["failures"] = state.failures
                     line = (json.dumps(record) + "\n").encode()
                     history.write(line)
@@ -336,6 +339,12 @@ def run_loop(
     summary = _summary(strategy, state, settings, info or {}, elapsed)
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _part_means(executor: Executor, strategy: Strategy) -> dict[str, float] | None:
+    """The best member's mean fitness score on each part of a list of evaluators (None for one evaluator)."""
+    best, split = strategy.best(), getattr(executor, "part_means", None)
+    return None if best is None or split is None else split(best.scores)
 
 
 def _train_stats(strategy: Strategy) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2.errors import HfM2n2Error
-from hf_m2n2.evolve.loop import LINEAGE, SUMMARY
+from hf_m2n2.evolve.loop import HISTORY, LINEAGE, SUMMARY
 from hf_m2n2.image_grid import COLUMNS as GRID_COLUMNS
 from hf_m2n2.image_grid import GRID
 from hf_m2n2.outdir import atomic_write_text
@@ -46,7 +46,7 @@ def ancestors(lineage_path: Path, best_id: int) -> list[dict[str, Any]]:
 
 def held_out_report(
     executor: Any, rows: list[tuple[str, Any]], each: Callable[[str, Any], None] | None = None
-) -> tuple[dict[str, dict[str, float]], list[str], str]:
+) -> tuple[dict[str, dict[str, float]], list[str], str | dict[str, str]]:
     """The report table: one row per (name, genome), each the executor's held-out report of that genome.
 
     Args:
@@ -54,14 +54,15 @@ def held_out_report(
             into the target (what else the run needs of it costs no second write).
 
     Returns:
-        (`{name: {part: score}}`, the part names in order, the metric's name).
+        (`{name: {part: score}}`, the part names in order, the metric's name, or `{part: metric}` where the parts
+        measure different things).
     """
     report: dict[str, dict[str, float]] = {}
-    metric = "score"
+    metric: str | dict[str, str] = "score"
     for name, genome in rows:
         row = executor.report(genome)
         report[name] = dict(row.scores)
-        metric = row.metric
+        metric = row.metric if not row.metrics else {part: row.metric_of(part) for part in row.scores}
         if each is not None:
             each(name, genome)
     tasks = list(next(iter(report.values())))
@@ -83,7 +84,7 @@ class RunOutcome:
     merged_name: str
     report: dict[str, dict[str, float]]
     tasks: list[str]
-    metric: str
+    metric: str | dict[str, str]
     plot_name: str | None
     grid: dict[str, Any] | None = None
     scoring: dict[str, Any] | None = None
@@ -236,16 +237,27 @@ def image_grid_entry(drawn: dict[str, Any], path: Path) -> dict[str, Any] | None
 
 
 def _fitness_plot(run_dir: Path) -> str | None:
+    """The fitness curve: the best member's, and with a list of evaluators its score on each part beside it."""
     try:
-        from hf_m2n2.plots import plot_runs
+        from hf_m2n2.plots import plot_parts, plot_runs
     except ImportError:
         return None
     name = "fitness.png"
     try:
-        plot_runs([run_dir], run_dir / name, metric="best_train")
+        parts = _history_parts(run_dir / HISTORY)
+        if parts:
+            plot_parts(run_dir, run_dir / name, parts)
+        else:
+            plot_runs([run_dir], run_dir / name, metric="best_train")
     except Exception:  # a missing matplotlib or an empty history must not lose the exported model
         return None
     return name
+
+
+def _history_parts(path: Path) -> list[str]:
+    """The part names a run's history logs (its last record's `parts`), none for one evaluator."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return list(json.loads(lines[-1]).get("parts") or {}) if lines else []
 
 
 def export_run(

@@ -178,12 +178,13 @@ def parse_evolve_spec(data: Any, *, source: str = "spec") -> EvolveSpec:
 
 
 def _default_capacity(spec: EvolveSpec) -> EvolveSpec:
-    """M2N2 without `evolve.capacity`: `max` when every evaluator part scores continuously (CLIP scores), else
-    `one` (pass/fail examples)."""
+    """M2N2 without `evolve.capacity`: `max` when an evaluator part scores continuously (CLIP scores, WebShop
+    rewards), else `one` (pass/fail examples). On a pass/fail part `max` gives the same shares as `one`: an example
+    no model solves holds nothing either way."""
     if spec.evolve.algorithm != "m2n2" or "capacity" in spec.evolve.model_fields_set:
         return spec
     wanted = {part.default_capacity() for part in evaluate_parts(spec.evaluate)}
-    capacity = "max" if wanted == {"max"} else "one"
+    capacity = "max" if "max" in wanted else "one"
     if capacity == spec.evolve.capacity:
         return spec
     return spec.model_copy(update={"evolve": spec.evolve.model_copy(update={"capacity": capacity})})
