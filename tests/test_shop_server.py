@@ -115,6 +115,7 @@ def test_a_whole_episode_from_search_to_buy_now(client, shop):
     """A scripted episode on goal 0 through every page, each observation equal to WebShop's page text."""
     goal = shop.catalogue.goal(0)
     target = shop.catalogue.product(goal.asin)
+    assert goal.goal_options and goal.attributes  # seed 0's goal 0 asks for options: the episode clicks them
     env_id = _env(client, 0)
 
     hits = shop.shop.search(target.title)
@@ -143,14 +144,14 @@ def test_a_whole_episode_from_search_to_buy_now(client, shop):
     }
     for value in goal.goal_options.values():
         assert _step(client, env_id, f"click[{value}]")["state"] == item  # same page, option chosen
+    assert _get(client, "/state", env_id)["url"].endswith(f"/{json.dumps(goal.goal_options)}")
 
     features = _step(client, env_id, "click[Features]")["state"]
     assert features == SEP.join(
         ["Instruction:", goal.instruction_text, "Back to Search", "< Prev", *target.bullet_points]
     )
-    description = (
-        _step(client, env_id, "click[< Prev]") and _step(client, env_id, "click[description]")["state"]
-    )
+    _step(client, env_id, "click[< Prev]")
+    description = _step(client, env_id, "click[description]")["state"]
     assert description.endswith(f"< Prev{SEP}{target.description}")
     assert _step(client, env_id, "click[< Prev]")["state"] == item  # back on the item, options kept
 
@@ -174,12 +175,12 @@ def test_back_to_search_and_previous_pages(shop):
     results = env.observation
     env.step("click[next >]")
     assert env.step("click[< prev]")[0] == results
-    asin = next(text for text in env.available_actions()["clickables"] if text.startswith("b0"))
-    env.step(f"click[{asin}]")
-    product = shop.catalogue.product(asin.upper())
-    if product.options:
-        env.step(f"click[{next(iter(product.options.values()))[0]}]")
-        assert env.chosen_options
+    shown = [text.upper() for text in env.available_actions()["clickables"] if text.startswith("b0")]
+    product = next(shop.catalogue.product(asin) for asin in shown if shop.catalogue.product(asin).options)
+    env.step(f"click[{product.asin}]")
+    name, values = next(iter(product.options.items()))
+    env.step(f"click[{values[-1]}]")
+    assert env.chosen_options == {name: values[-1]}
     assert env.step("click[< prev]")[0] == results and env.chosen_options == {}  # the search is rerun
     assert env.step("click[back to search]")[0] == start
     assert env.available_actions()["has_search_bar"] is True
