@@ -125,6 +125,23 @@ def test_real_scale_spec_validates_offline(cli, example, first_seed):
     assert code == 2 and len(err.strip().splitlines()) == 1 and first_seed in err
 
 
+def test_the_wizardmath_agentevol_spec_is_the_papers_fitness():
+    """GSM8K (lm-eval) and WebShop sessions together: AgentEvol's template and rounds, AgentEval's test ids held out,
+    the server read from the environment; M2N2's capacity `max` for the continuous rewards."""
+    from pathlib import Path
+
+    from hf_m2n2.evolve.spec import load_evolve_spec
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "wizardmath-agentevol" / "spec.yaml"
+    spec, _ = load_evolve_spec(path)
+    math, agent = spec.evaluate
+    assert math.kind == "lm_eval" and math.tasks == ["gsm8k"] and math.test_split == "test"
+    assert agent.kind == "webshop" and agent.server == "${WEBSHOP_SERVER}" and agent.chat_template == "llama2"
+    assert agent.max_rounds == 10 and agent.max_length == 4096
+    assert agent.test_sessions == ["hf://datasets/AgentGym/AgentEval@main/webshop_test.json"]
+    assert spec.evolve.capacity == "max"
+
+
 def test_the_jsdxl_spec_is_the_papers_setting():
     """JSDXL's text side fixed, only UNets blended, its custom code allowed; Japanese prompts scored against
     English captions, fitness and held-out rows of both groups."""

@@ -286,3 +286,75 @@ def test_actions_are_read_as_agentgym_reads_them_and_success_is_reward_one():
     assert parse_action("search[red shirt]") == "search[red shirt]"
     assert parse_action("Action:\nbuy it") is None
     assert success_rate(np.array([1.0, 0.5, 1.0, 0.0])) == 0.5
+
+
+def _agent_spec(seeds, server: str, **webshop) -> dict:
+    return {
+        "models": [{"model": str(seeds["a"])}, {"model": str(seeds["b"])}],
+        "genome": {"kind": "blend", "block_size": 1024},
+        "evolve": {"algorithm": "m2n2", "budget": 3, "seed": 0},
+        "evaluate": [
+            {
+                "kind": "python",
+                "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
+                "kwargs": {"sequences": [[1, 40, 41, 2]]},
+            },
+            {
+                "kind": "webshop",
+                "server": server,
+                "sessions": [0, 1],
+                "retry_wait": 0,
+                "retries": 1,
+                **webshop,
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def garbage_server():
+    """A server that answers every request 200 with a body that is not the protocol's (not JSON)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("server", "webshop", "message"),
+    [
+        ("http://127.0.0.1:9", {}, r"evaluate\[1\]\.server: http://127\.0\.0\.1:9 does not answer"),
+        ("SHOP", {"sessions": [0, 99999]}, r"evaluate\[1\]\.sessions: the server has no session 99999"),
+        ("GARBAGE", {}, r"evaluate\[1\]\.server: .* does not speak the WebShop protocol: .*not JSON"),
+        (
+            "SHOP",
+            {"chat_template": "vicuna"},
+            r"evaluate\[1\]\.chat_template: .*unknown chat template 'vicuna'",
+        ),
+        ("SHOP", {"sessions": []}, r"evaluate\[1\]\.sessions"),
+    ],
+)
+def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(
+    tmp_path, seeds, write_spec, cli, shop_server, garbage_server, server, webshop, message
+):
+    url = {"SHOP": shop_server.url, "GARBAGE": garbage_server}.get(server, server)
+    spec = write_spec(_agent_spec(seeds, url, **webshop))
+    code, _, err = cli("evolve", spec, "--out", tmp_path / "run", "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
