@@ -6,6 +6,10 @@ second, a gallery shows the images of the best candidate so far while the run go
 the run directory (`preview/`, from the images it drew to score the candidate) and the page polls them as it polls
 the progress.
 
+An evolution of language models may add an agent fitness (the "Agent fitness (WebShop)" accordion): the visitor's
+WebShop env server and sessions, the spec's `evaluate:` then a list (the lm-eval section and a `kind: webshop` part),
+the score table one column per figure (`webshop`, `webshop_success` beside the tasks).
+
 Every run writes a spec in the CLI's YAML schema and calls what `hf-m2n2` calls: `hf_m2n2.merge.run_merge` for a
 static merge, `hf_m2n2.evolve.runs.start_runs` for an evolution (M2N2 or a baseline). The job runs in a worker
 thread; the event handler polls the run directory (`history.jsonl`, `lineage.jsonl`) to move the progress bar and
