@@ -6,6 +6,10 @@ second, a gallery shows the images of the best candidate so far while the run go
 the run directory (`preview/`, from the images it drew to score the candidate) and the page polls them as it polls
 the progress.
 
+An evolution of language models may add an agent fitness (the "Agent fitness (WebShop)" accordion): the visitor's
+WebShop env server and sessions, the spec's `evaluate:` then a list (the lm-eval section and a `kind: webshop` part),
+the score table one column per figure (`webshop`, `webshop_success` beside the tasks).
+
 Every run writes a spec in the CLI's YAML schema and calls what `hf-m2n2` calls: `hf_m2n2.merge.run_merge` for a
 static merge, `hf_m2n2.evolve.runs.start_runs` for an evolution (M2N2 or a baseline). The job runs in a worker
 thread; the event handler polls the run directory (`history.jsonl`, `lineage.jsonl`) to move the progress bar and
@@ -19,7 +23,7 @@ Gradio is imported here only: the rest of the package never imports `hf_m2n2.app
 
 Modules:
     forms: the forms' choices and help, and the specs written from their values (`static_spec`, `evolve_spec`,
-        `lm_eval_section`, `clip_section`, `prompts_file`, `optional_number`).
+        `lm_eval_section`, `webshop_section` and `agent_fitness`, `clip_section`, `prompts_file`, `optional_number`).
     jobs: a run in a worker thread (`Job`), scoring (`score_models`), and the readers of a run directory
         (`progress_frame`, `passes_done`, `preview_gallery`, `score_table`, `card_preview`, `zip_model`). No Gradio.
     bundled: the bundled text-to-image world (`bundled_t2i`: seeds, judge, prompts). No Gradio.
@@ -45,6 +49,7 @@ from hf_m2n2.app.forms import (
     T2I_BUNDLED,
     T2I_FIELDS,
     T2I_HUB,
+    agent_fitness,
     clip_section,
     evolve_spec,
     lm_eval_section,
@@ -54,6 +59,7 @@ from hf_m2n2.app.forms import (
     prompts_file,
     static_methods,
     static_spec,
+    webshop_section,
 )
 from hf_m2n2.app.jobs import (
     PLOT_SERIES,
@@ -85,6 +91,7 @@ __all__ = [
     "BundledT2I",
     "Cancelled",
     "Job",
+    "agent_fitness",
     "build_demo",
     "bundled_t2i",
     "card_preview",
@@ -105,5 +112,6 @@ __all__ = [
     "score_table",
     "static_methods",
     "static_spec",
+    "webshop_section",
     "zip_model",
 ]

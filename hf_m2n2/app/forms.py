@@ -1,9 +1,10 @@
 """The app's forms: what they offer (methods, seeds, fitness) and the specs they write from the fields' values.
 
-Two forms: language models (`FIELDS`: static merges and evolutions, lm-eval fitness) and text-to-image pipelines
-(`T2I_FIELDS`: evolutions with a CLIP fitness). Specs are in the CLI's YAML schema: `static_spec` for
-`hf-m2n2 merge`, `evolve_spec` (with `lm_eval_section` or `clip_section`) for `hf-m2n2 evolve`. A value the visitor
-typed wrong raises `gr.Error`, which Gradio shows as a toast.
+Two forms: language models (`FIELDS`: static merges and evolutions, lm-eval fitness, optionally with an agent
+fitness on WebShop) and text-to-image pipelines (`T2I_FIELDS`: evolutions with a CLIP fitness). Specs are in the
+CLI's YAML schema: `static_spec` for `hf-m2n2 merge`, `evolve_spec` (with `lm_eval_section`, a list of it and a
+`webshop_section`, or `clip_section`) for `hf-m2n2 evolve`. A value the visitor typed wrong raises `gr.Error`,
+which Gradio shows as a toast.
 """
 
 import re
@@ -31,6 +32,15 @@ HIDDEN_METHODS = ("passthrough",)  # layer stacking needs slices, which this for
 EXTRA_PARAMS_HELP = (
     "e.g. `normalize: false` or `lambda: 1.2` (the method's global parameters, mergekit's schema)"
 )
+WEBSHOP_SERVER_HELP = (
+    "an AgentGym WebShop env server (agentenv-webshop) the evolution's models shop on: their rewards join the "
+    "lm-eval scores in the fitness (evolutions only)"
+)
+WEBSHOP_TEST_HELP = (
+    "the score table's sessions, e.g. `20-39` or AgentEval's `hf://datasets/AgentGym/AgentEval@main/webshop_test.json`;"
+    " blank: the fitness sessions"
+)
+WEBSHOP_PART = "evaluate[1]"  # the agent fitness is the second part of the evaluate list
 T2I_BUNDLED = "Bundled tiny text-to-image specialists (en, ja)"
 T2I_HUB = "Hub pipelines"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -133,6 +143,63 @@ FIELDS: tuple[Field, ...] = (
             gr.Checkbox,
             label="Trust the seeds' custom code (auto_map: their Python files run)",
             elem_id="trust-remote-code",
+        ),
+    ),
+    # the agent fitness (evolutions): after the fields above, for the same reason
+    Field(
+        "webshop_server",
+        "",
+        partial(
+            gr.Textbox,
+            label="WebShop server (blank: no agent fitness)",
+            info=WEBSHOP_SERVER_HELP,
+            placeholder="http://your-host:36001",
+            elem_id="webshop-server",
+        ),
+    ),
+    Field(
+        "webshop_sessions",
+        "",
+        partial(
+            gr.Textbox,
+            label="Sessions (fitness)",
+            info="WebShop goal ids and ranges, e.g. `0-19` or `0, 3, 5-9`",
+            placeholder="0-19",
+            elem_id="webshop-sessions",
+        ),
+    ),
+    Field(
+        "webshop_test_sessions",
+        "",
+        partial(
+            gr.Textbox,
+            label="Held-out sessions (optional)",
+            info=WEBSHOP_TEST_HELP,
+            placeholder="20-39",
+            elem_id="webshop-test-sessions",
+        ),
+    ),
+    Field(
+        "webshop_max_rounds",
+        10,
+        partial(
+            gr.Number,
+            precision=0,
+            minimum=1,
+            label="Actions per session at most",
+            elem_id="webshop-max-rounds",
+        ),
+    ),
+    Field(
+        "webshop_max_new_tokens",
+        128,
+        partial(
+            gr.Number,
+            precision=0,
+            minimum=1,
+            label="Tokens per reply at most",
+            info="a model that never ends its reply would otherwise write up to the 4096-token conversation limit",
+            elem_id="webshop-max-new-tokens",
         ),
     ),
 )
@@ -427,6 +494,95 @@ def clip_section(
     except ValidationError as exc:
         raise gr.Error(str(validation_error(exc, section, prefix="evaluate", model=ClipConfig))) from None
     return section
+
+
+def webshop_section(
+    server: str,
+    sessions: str,
+    *,
+    test_sessions: str = "",
+    max_rounds: Any = 10,
+    max_new_tokens: Any = None,
+    prefix: str = WEBSHOP_PART,
+) -> dict[str, Any]:
+    """An agent fitness part (`kind: webshop`) from the form's text: the evolution's models play WebShop sessions
+    against the visitor's env server, one reward per session.
+
+    Args:
+        server: the env server's http(s) URL (environment variables are not read: `$` is refused).
+        sessions: the fitness sessions: ids and inclusive ranges separated by commas or spaces (`0-19`, `0, 3, 5-9`).
+        test_sessions: the held-out sessions, the same way, or `hf://datasets/ORG/NAME@REV/FILE` lists
+            (blank: the report scores the fitness sessions).
+        max_rounds: actions per session at most.
+        max_new_tokens: tokens per reply at most (None: up to the conversation's limit).
+        prefix: the part's YAML path in the spec, for errors.
+
+    Returns:
+        The section, valid for `hf_m2n2.evaluate.webshop.WebshopConfig`.
+
+    Raises:
+        gr.Error: a malformed value, on one line naming its YAML path (e.g. `evaluate[1].sessions`).
+
+    Example:
+        >>> webshop_section("http://127.0.0.1:36001", "0-19", max_rounds=6)["sessions"]
+        ['0-19']
+    """
+    from pydantic import ValidationError
+
+    from hf_m2n2.evaluate.webshop import WebshopConfig
+    from hf_m2n2.spec import validation_error
+
+    url = (server or "").strip()
+    if "$" in url:  # the CLI expands ${NAME} from the environment: a visitor must not read the server's
+        raise gr.Error(f"{prefix}.server: environment variables are not read here, got {url!r}")
+    section: dict[str, Any] = {
+        "kind": "webshop",
+        "server": url,
+        "sessions": _sessions(sessions, f"{prefix}.sessions"),
+    }
+    if (test_sessions or "").strip():
+        section["test_sessions"] = _sessions(test_sessions, f"{prefix}.test_sessions", files=True)
+    section["max_rounds"] = _whole(max_rounds, f"{prefix}.max_rounds")
+    if max_new_tokens is not None:
+        tokens = _whole(max_new_tokens, f"{prefix}.gen_kwargs.max_new_tokens")
+        if tokens < 1:
+            raise gr.Error(f"{prefix}.gen_kwargs.max_new_tokens: expected at least 1, got {tokens}")
+        section["gen_kwargs"] = {"max_new_tokens": tokens}
+    try:
+        WebshopConfig(**section)
+    except ValidationError as exc:
+        raise gr.Error(str(validation_error(exc, section, prefix=prefix, model=WebshopConfig))) from None
+    return section
+
+
+def agent_fitness(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The run form's agent fitness part (`webshop_section` of its WebShop fields), None when the server is blank."""
+    if not (values.get("webshop_server") or "").strip():
+        return None
+    return webshop_section(
+        values["webshop_server"],
+        values.get("webshop_sessions") or "",
+        test_sessions=values.get("webshop_test_sessions") or "",
+        max_rounds=values.get("webshop_max_rounds", FIELD["webshop_max_rounds"].default),
+        max_new_tokens=values.get("webshop_max_new_tokens", FIELD["webshop_max_new_tokens"].default),
+    )
+
+
+def _sessions(text: str, path: str, *, files: bool = False) -> list[int | str]:
+    """Session ids (int) and `A-B` ranges (str) as typed; with `files`, hf:// dataset lists too (never a path on
+    this server). Repeats and backward ranges are the config's to refuse."""
+    items: list[int | str] = []
+    for token in _parse_list(text):
+        if token.isdigit():
+            items.append(int(token))
+        elif re.fullmatch(r"\d+-\d+", token) or (files and token.startswith("hf://datasets/")):
+            items.append(token)
+        else:
+            wanted = "ids or ranges like 0-19" + (" or hf://datasets/ORG/NAME@REV/FILE" if files else "")
+            raise gr.Error(f"{path}: expected session {wanted}, got {token!r}")
+    if not items:
+        raise gr.Error(f"{path}: give the sessions, ids or ranges like 0-19")
+    return items
 
 
 def optional_number(text: Any, path: str) -> float | None:

@@ -3,10 +3,12 @@ and the browser tab being closed."""
 
 import argparse
 import inspect
+import ipaddress
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -15,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gradio as gr
 import yaml
@@ -29,7 +32,9 @@ from hf_m2n2.app.forms import (
     T2I_BUNDLED,
     T2I_FIELD,
     T2I_HUB,
+    WEBSHOP_PART,
     _evaluate,
+    agent_fitness,
     clip_section,
     evolve_spec,
     method_help,
@@ -119,7 +124,8 @@ def build_demo(
         specialists_dir: where the bundled tiny specialists are (built there on first use, cached).
         specialists_config: a `hf_m2n2.demo.specialists.SpecialistsConfig` (default: the demo's).
         work_dir: where runs are written (default: a folder under the system temp dir, which Gradio serves).
-        allow_local_models: accept local directories as seeds and judges (never on a public Space).
+        allow_local_models: accept local directories as seeds and judges, and WebShop servers on this host or a
+            private network (never on a public Space).
         allow_remote_code: offer the "trust the seeds' custom code" box; without it the box is hidden and a run
             asking for it is refused (the seeds' Python would run on this host: never on a public Space).
         prebuild_specialists: build the tiny specialists and the bundled text-to-image world now, in the
@@ -185,6 +191,12 @@ def build_demo(
                                 place("split", "test_split")
                         # an operator's choice, not a visitor's
                         place("trust_remote_code", visible=allow_remote_code)
+                        with gr.Accordion(
+                            "Agent fitness (WebShop)", open=False, elem_id="agent-box"
+                        ) as agent_box:
+                            place("webshop_server", "webshop_sessions", "webshop_test_sessions")
+                            with gr.Row():
+                                place("webshop_max_rounds", "webshop_max_new_tokens")
                         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     with gr.Tab("Text-to-image", id=T2I_TAB, elem_id="mode-t2i") as t2i_tab:
                         place_t2i("source", "pipelines", "judge")
@@ -251,10 +263,11 @@ def build_demo(
 
         def on_method(name: str):
             evolve = name in EVOLVE_ALGORITHMS
-            return method_help(name), gr.update(visible=evolve), gr.update(visible=not evolve)
+            shown = gr.update(visible=evolve)
+            return method_help(name), shown, gr.update(visible=not evolve), shown
 
         form["method"].change(
-            on_method, form["method"], [info, evolve_box, static_box], api_visibility="private"
+            on_method, form["method"], [info, evolve_box, static_box, agent_box], api_visibility="private"
         )
         form["source"].change(
             lambda s: (gr.update(visible=s == HUB), gr.update(visible=s == HUB)),
@@ -425,6 +438,24 @@ def _check_refs(settings: _Settings, refs: Sequence[str]) -> None:
             raise gr.Error(f"{ref!r} is not a Hub model id (org/name or org/name@revision)")
 
 
+def _check_server(settings: _Settings, url: str) -> None:
+    """Refuse a WebShop server on this host or a private network (the server would send requests to its own
+    neighbours for a visitor), unless the operator allows local models. A name is checked by what it resolves to
+    now; one that does not resolve is left to the evaluator ("does not answer")."""
+    if settings.allow_local_models:
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return
+    if any(not ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
+        raise gr.Error(
+            f"{WEBSHOP_PART}.server: {host} is this host or a private network; this server reaches only public "
+            "addresses (its operator allows local ones with --allow-local-models)"
+        )
+
+
 def _seeds(
     settings: _Settings, values: dict[str, Any], progress: Any, directory: Path
 ) -> tuple[list[str], str | None, Any]:
@@ -555,6 +586,9 @@ def _run(
             "trust_remote_code: this server does not run the seeds' custom code "
             "(its operator did not start it with --allow-remote-code)"
         )
+    agent = agent_fitness(values) if evolve else None  # static merges are scored with lm-eval only
+    if agent is not None:
+        _check_server(settings, agent["server"])
     session = _new_run(settings, request)
     yield _outputs(
         "Preparing the seeds ...",
@@ -575,7 +609,7 @@ def _run(
         spec = evolve_spec(
             method,
             refs,
-            evaluate,
+            evaluate if agent is None else [evaluate, agent],
             budget=budget,
             seed=int(values["seed"] or 0),
             archive_size=max(2, int(values["archive"] or 20)),
@@ -772,7 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--specialists-dir", help="where the bundled tiny specialists are built (cached)")
     parser.add_argument("--work-dir", help="where runs are written (default: under the system temp dir)")
     parser.add_argument(
-        "--allow-local-models", action="store_true", help="accept local directories as seeds (not on a Space)"
+        "--allow-local-models",
+        action="store_true",
+        help="accept local directories as seeds and WebShop servers on this host or a private network (not on a Space)",
     )
     parser.add_argument(
         "--allow-remote-code",
