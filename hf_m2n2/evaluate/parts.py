@@ -60,6 +60,27 @@ class PartsEvaluator:
             offset += size * weight
         return means
 
+    def describe(self) -> dict[str, Any] | None:
+        """How the parts score, for the card: one part's own description, or the parts' summaries and settings side
+        by side (each setting named `part.setting`); None when no part describes itself."""
+        described = [
+            (name, part.describe()) for name, part in zip(self.names, self.parts) if hasattr(part, "describe")
+        ]
+        described = [(name, d) for name, d in described if d]
+        if not described:
+            return None
+        if len(described) == 1:
+            name, only = described[0]
+            return {**only, "summary": f"Part `{name}`: {only.get('summary', '')}".strip()}
+        return {
+            "summary": " ".join(f"Part `{name}`: {d.get('summary', '')}".strip() for name, d in described),
+            "generation": {
+                f"{name}.{key}": value
+                for name, d in described
+                for key, value in (d.get("generation") or {}).items()
+            },
+        }
+
     def test_score(self, model: Any) -> float | None:
         """The unweighted mean of the parts' held-out scores (None when no part has one)."""
         values = [v for v in (part.test_score(model) for part in self.parts) if v is not None]

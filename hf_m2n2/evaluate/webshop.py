@@ -365,17 +365,25 @@ class WebshopEvaluator:
         )
 
     def describe(self) -> dict[str, Any]:
-        """How it scores, for the card."""
+        """How it scores, for the lineage card (the card's "How it was scored" section)."""
         c = self.config
         return {
-            "kind": "webshop",
-            "server": c.server,  # as written: an expanded address may be private
-            "sessions": len(self._fitness),
-            "test_sessions": None if self._test is None else len(self._test),
-            "max_rounds": c.max_rounds,
-            "max_length": c.max_length,
-            "chat_template": c.chat_template,
-            "gen_kwargs": dict(c.gen_kwargs or {}),
+            "metric": REWARD,
+            "summary": f"A WebShop session's score (`{REWARD}`) is its final reward in [0, 1] (paid on Buy Now; 0 "
+            "without a purchase), the session played as AgentGym plays it against a WebShop env server; "
+            f"`{c.name}_success` is the share of sessions with reward 1.",
+            "generation": {
+                "server": c.server,  # as written (`${NAME}` unexpanded): an expanded address may be private
+                "sessions": len(self._fitness),
+                "held-out sessions": len(self._test) if self._test is not None else "none (fitness sessions)",
+                "chat_template": c.chat_template,
+                "prompt": "AgentGym's WebShop prompt"
+                if c.prompt is None
+                else f"custom ({len(c.prompt)} characters)",
+                "max_rounds": c.max_rounds,
+                "max_length": c.max_length,
+                "gen_kwargs": json.dumps(c.gen_kwargs or {}, sort_keys=True),
+            },
         }
 
     # ------------------------------------------------------------------ sessions
