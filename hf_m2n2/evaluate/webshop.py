@@ -28,10 +28,12 @@ in one left-padded batch on the live model, one env per concurrent slot, and a s
 as its own ends. Greedy decoding unless `gen_kwargs` says otherwise (AgentGym's evaluation is greedy).
 
 Failures: a reply with no valid action is answered `Invalid Action.` (reward 0, the episode goes on); a server that
-cannot apply an action (500 while it answers otherwise) ends that session with reward 0. A server that stops
-answering raises `InfrastructureError` after the retries: the run checkpoints and stops, never scoring the
-candidate 0. Against the local test server rewards are deterministic; against AgentGym's they need not be (it
-draws a range-priced product's price per env without a seed).
+cannot apply an action (500 while it answers otherwise and still knows the env) ends that session with reward 0. An
+env the server forgot (restarted) or a step whose answer was lost (it may have been applied: sending it again could
+apply it twice) is rebuilt: reset, the session's actions sent again and their pages checked, then the step sent
+again. A server that stops answering raises `InfrastructureError` after the retries: the run checkpoints and stops,
+never scoring the candidate 0. Against the local test server rewards are deterministic; against AgentGym's they
+need not be (it draws a range-priced product's price per env without a seed).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +54,14 @@ from pydantic import Field, field_validator
 
 from hf_m2n2.errors import HfM2n2Error, InfrastructureError, SpecError, first_line
 from hf_m2n2.evaluate.base import EvaluatorConfig, Report
-from hf_m2n2.evaluate.webshop_client import ActionRejected, RetryPolicy, ServerUnavailable, WebshopClient
+from hf_m2n2.evaluate.webshop_client import (
+    ActionRejected,
+    EnvLost,
+    RetryPolicy,
+    ServerUnavailable,
+    StepLost,
+    WebshopClient,
+)
 from hf_m2n2.evaluate.webshop_dialogue import (
     INVALID_ACTION,
     TEMPLATES,
@@ -266,6 +276,7 @@ class Episode:
         invalid: replies answered `Invalid Action.`.
         ended: `done`, `max_rounds`, `max_length` or `server_error`.
         actions: the actions sent to the server, in order.
+        pages: the first page, then the page each action led to (what replaying the actions must show again).
     """
 
     session: int
@@ -275,6 +286,7 @@ class Episode:
     invalid: int = 0
     ended: str | None = None
     actions: list[str] = field(default_factory=list)
+    pages: list[str] = field(default_factory=list)
 
 
 class WebshopEvaluator:
@@ -400,7 +412,10 @@ class WebshopEvaluator:
                 for (slot, (order, session)), observation in zip(
                     starts, pool.map(lambda item: self._reset(item[0], item[1][1]), starts)
                 ):
-                    slots[slot] = (order, Episode(session, self._conversation(observation)))
+                    slots[slot] = (
+                        order,
+                        Episode(session, self._conversation(observation), pages=[observation]),
+                    )
                 active = [i for i, s in enumerate(slots) if s is not None]
                 if not active:
                     break
@@ -414,7 +429,9 @@ class WebshopEvaluator:
                     continue
                 replies = self._generate(model, [slots[i][1].conversation.ids for i in active])
                 texts = [slots[i][1].conversation.add_reply(r) for i, r in zip(active, replies)]
-                results = list(pool.map(lambda pair: self._act(*pair), zip(active, texts)))
+                results = list(
+                    pool.map(lambda item: self._act(item[0], slots[item[0]][1], item[1]), zip(active, texts))
+                )
                 for i, result in zip(active, results):
                     order, episode = slots[i]
                     self._record(episode, *result)
@@ -429,18 +446,56 @@ class WebshopEvaluator:
     def _conversation(self, observation: str) -> Conversation:
         return Conversation(self.tokenizer, self.config.chat_template, self.prompt, observation)
 
-    def _act(self, slot: int, text: str) -> tuple[str | None, str, float, str | None]:
+    def _act(self, slot: int, episode: Episode, text: str) -> tuple[str | None, str, float, str | None]:
         """Send one reply's action: (the action, None when answered `Invalid Action.`; the next state; the reward;
-        why the episode ended, None while it goes on)."""
-        env = self.envs[slot]
+        why the episode ended, None while it goes on). An env lost on the way is rebuilt (`_rebuild`) and the
+        action sent again, at most `retries` times."""
         action = parse_action(text)
-        if action is None:
-            return None, INVALID_ACTION + self.client.observation(env), 0.0, None
-        try:
-            state, reward, done = self.client.step(env, action)
-        except ActionRejected:
-            return action, "", 0.0, "server_error"
-        return action, state, reward, "done" if done else None
+        waits = self.client.policy.waits()
+        while True:
+            try:
+                if action is None:
+                    return None, INVALID_ACTION + self.client.observation(self.envs[slot]), 0.0, None
+                state, reward, done = self.client.step(self.envs[slot], action)
+                return action, state, reward, "done" if done else None
+            except ActionRejected:
+                return action, "", 0.0, "server_error"
+            except (StepLost, EnvLost) as exc:
+                lost = exc
+            while True:  # rebuild until it holds (a rebuild can be lost too), then send the action again
+                wait = next(waits, None)
+                if wait is None:
+                    raise lost
+                time.sleep(wait)
+                try:
+                    self._rebuild(slot, episode, forgotten=isinstance(lost, EnvLost))
+                    break
+                except (StepLost, EnvLost) as exc:
+                    lost = exc
+
+    def _rebuild(self, slot: int, episode: Episode, forgotten: bool) -> None:
+        """Bring a slot's env back to the page the agent last saw: a new env when the server `forgot` the old one,
+        reset to the session, the episode's actions sent again, each page checked against the one seen.
+
+        Raises:
+            InfrastructureError: a page differs from the one seen (the server does not replay the session).
+        """
+        if forgotten:
+            self.envs[slot] = self.client.create_distinct(1, set(self.envs))[0]
+        if self._reset(slot, episode.session) != episode.pages[0]:
+            raise InfrastructureError(
+                f"{self.server}/reset", f"session {episode.session} starts on another page than it did"
+            )
+        for number, (action, seen) in enumerate(zip(episode.actions, episode.pages[1:]), start=1):
+            try:
+                state, _, done = self.client.step(self.envs[slot], action)
+            except ActionRejected:
+                state, done = None, False
+            if state != seen or done:
+                raise InfrastructureError(
+                    f"{self.server}/step",
+                    f"session {episode.session} does not replay as played (action {number}: {action!r})",
+                )
 
     def _record(
         self, episode: Episode, action: str | None, state: str, reward: float, ended: str | None
@@ -450,6 +505,7 @@ class WebshopEvaluator:
             episode.invalid += 1
         else:
             episode.actions.append(action)
+            episode.pages.append(state)
         episode.reward = reward
         if ended is not None:
             episode.ended = ended
