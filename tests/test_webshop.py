@@ -312,6 +312,28 @@ def test_bad_input_is_one_line(shop_server, shop, tokenizer):
             WebshopEvaluator(config, agent, tokenizer)
 
 
+@pytest.mark.parametrize(
+    ("gen_kwargs", "message"),
+    [
+        ({"max_gen_toks": 64}, "unknown generation setting 'max_gen_toks'"),
+        ({"eos_token_id": 5}, "'eos_token_id' is the tokenizer's"),
+        ({"max_length": 2048}, "evaluate.max_length"),
+        ({"num_return_sequences": 2, "do_sample": True}, "one reply per session"),
+        ({"return_dict_in_generate": True}, "one reply per session"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"max_new_tokens": "many"}, "max_new_tokens"),
+    ],
+)
+def test_generation_settings_that_would_fail_every_candidate_are_bad_input(
+    shop_server, shop, tokenizer, gen_kwargs, message
+):
+    """Settings generate would refuse (or misread) fail when the evaluator is built, naming `evaluate.gen_kwargs`:
+    raised per candidate instead, every candidate would be a candidate failure (scored 0) and the run go on."""
+    agent = ScriptedAgent(tokenizer, shop)
+    with pytest.raises(SpecError, match=r"evaluate\.gen_kwargs: .*" + re.escape(message)):
+        make(shop_server, tokenizer, agent, sessions=[0], gen_kwargs=gen_kwargs)
+
+
 def test_sessions_files_and_environment_addresses(tmp_path, shop_server, monkeypatch, tokenizer, shop):
     """A session file in AgentEval's format (`item_id: webshop_N`) or a plain list; `${NAME}` in `server`."""
     import json

@@ -341,6 +341,10 @@ class WebshopEvaluator:
             check_template(config.chat_template, tokenizer)
         except ValueError as exc:
             raise SpecError(f"{prefix}.chat_template", str(exc)) from None
+        try:
+            self._settings = generation_settings(config.gen_kwargs)
+        except ValueError as exc:
+            raise SpecError(f"{prefix}.gen_kwargs", str(exc)) from None
         self.prompt = config.prompt if config.prompt is not None else WEBSHOP_PROMPT
         try:
             self.server = config.server_url()
@@ -540,9 +544,8 @@ class WebshopEvaluator:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
-        settings = {"do_sample": False, **(self.config.gen_kwargs or {})}
-        settings["max_new_tokens"] = min(int(settings.get("max_new_tokens", max(budgets))), max(budgets))
-        settings.pop("max_length", None)
+        settings = dict(self._settings)
+        settings["max_new_tokens"] = min(settings.get("max_new_tokens") or max(budgets), max(budgets))
         config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **settings)
         device = next(model.parameters()).device
         with torch.inference_mode():
@@ -585,6 +588,52 @@ class WebshopEvaluator:
             raise
 
 
+# generation settings the evaluator owns: a reply ends at the tokenizer's EOS, within `max_length`, one per session
+_OWNED_SETTINGS = {
+    "eos_token_id": "'eos_token_id' is the tokenizer's (a reply ends at its EOS, as AgentGym's do)",
+    "pad_token_id": "'pad_token_id' is the tokenizer's (the batch is left-padded with it)",
+    "max_length": "'max_length' counts the whole conversation here: set evaluate.max_length",
+    "num_return_sequences": "the evaluator takes one reply per session (num_return_sequences: 1)",
+    "return_dict_in_generate": "the evaluator takes one reply per session as token ids (return_dict_in_generate)",
+}
+
+
+def generation_settings(gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """`gen_kwargs` over greedy decoding, checked now: a setting generate refuses would otherwise fail every
+    candidate (each scored 0, the run going on), and one it does not know would be ignored.
+
+    Raises:
+        ValueError: an unknown setting, one the evaluator owns, or a value transformers rejects.
+
+    Example:
+        >>> generation_settings({"max_new_tokens": 128})
+        {'do_sample': False, 'max_new_tokens': 128}
+    """
+    from transformers import GenerationConfig
+
+    settings = {"do_sample": False, **(gen_kwargs or {})}
+    known = GenerationConfig().to_dict()
+    for key, value in settings.items():
+        if key in _OWNED_SETTINGS and value not in (None, 1 if key == "num_return_sequences" else False):
+            raise ValueError(_OWNED_SETTINGS[key])
+        if key not in known:
+            raise ValueError(
+                f"unknown generation setting {key!r} (not a field of transformers' GenerationConfig)"
+            )
+    limit = settings.get("max_new_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {limit!r}")
+    temperature = settings.get("temperature")
+    positive = not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature > 0
+    if settings["do_sample"] and temperature is not None and not positive:
+        raise ValueError(f"temperature must be a positive number when sampling, got {temperature!r}")
+    try:
+        GenerationConfig(**settings).validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(first_line(exc)) from None
+    return settings
+
+
 def _resolved(items: Sequence[int | str], base_dir: Any, path: str) -> list[int]:
     try:
         ids = expand_sessions(items, base_dir)
@@ -617,5 +666,6 @@ __all__ = [
     "WebshopEvaluator",
     "build_webshop_evaluator",
     "expand_sessions",
+    "generation_settings",
     "success_rate",
 ]
