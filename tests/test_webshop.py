@@ -179,7 +179,9 @@ def test_answers_the_server_refuses_under_load_are_retried(shop_server, shop, to
     evaluator = make(shop_server, tokenizer, agent, sessions=[0, 1, 2])
     clean = evaluator.scores(agent)
     shop_server.faults.fail(503, times=3, route="/step")
-    shop_server.faults.drop(times=1, route="/step")  # then one dropped: the env is rebuilt, the action sent again
+    # then one /step dropped and one a gateway's time-out: the env is rebuilt and the action sent again
+    shop_server.faults.drop(times=1, route="/step")
+    shop_server.faults.fail(504, times=1, route="/step")
     shop_server.faults.fail(503, times=2, route="/observation")
     shop_server.faults.drop(times=1, route="/reset")
     try:
