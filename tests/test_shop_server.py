@@ -506,6 +506,18 @@ def test_drop_delay_down_and_up(client, shop):
     assert httpx.get(shop.url + "/").json() == "ok"
 
 
+def test_lose_runs_the_route_and_drops_its_answer(client, shop):
+    """The work is done, the answer never comes: a client that asks again asks for it twice."""
+    env_id = _env(client, 0)
+    start = _get(client, "/observation", env_id)
+    shop.faults.lose(route="/step")
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post("/step", json={"env_idx": env_id, "action": "search[tea]"})
+    page = _get(client, "/observation", env_id)
+    assert page != start and f"{SEP}Back to Search{SEP}" in page  # the search ran
+    assert _step(client, env_id, "search[tea]")["state"] == page  # the next one is answered
+
+
 def test_down_after_k_steps_stops_a_run_in_another_process(shop):
     """A client in a subprocess takes 3 steps, then finds the server down (refused) in the middle of its run."""
     client_code = textwrap.dedent(

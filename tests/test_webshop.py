@@ -28,12 +28,14 @@ SESSIONS = list(range(7))
 class ScriptedAgent(torch.nn.Module):
     """An agent that plays the shop's expert: it reads the instruction from the conversation, counts its own replies
     so far, and answers the expert's next action as a ReAct reply. `garbage` maps session instructions' indexes to
-    the reply numbers answered with text that holds no action."""
+    the reply numbers answered with text that holds no action; `on_action(session, action)` is called with each
+    action answered (a test's hook to inject a fault before the server receives it)."""
 
-    def __init__(self, tokenizer, shop: Shop, garbage: dict[int, set[int]] | None = None):
+    def __init__(self, tokenizer, shop: Shop, garbage: dict[int, set[int]] | None = None, on_action=None):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.tokenizer, self.shop, self.garbage = tokenizer, shop, garbage or {}
+        self.on_action = on_action or (lambda session, action: None)
         self.by_instruction = {goal.instruction_text: i for i, goal in enumerate(shop.catalogue.goals)}
         self.calls = 0
 
@@ -52,7 +54,9 @@ class ScriptedAgent(torch.nn.Module):
                 reply = "I am not sure what to do."
             else:
                 step = turn - sum(1 for g in garbage if g < turn)
-                reply = f"Thought:\nI follow the plan.\n\nAction:\n{plan[min(step, len(plan) - 1)]}"
+                action = plan[min(step, len(plan) - 1)]
+                self.on_action(session, action)
+                reply = f"Thought:\nI follow the plan.\n\nAction:\n{action}"
             replies.append(self.tokenizer.encode(reply, add_special_tokens=False) + [eos])
         width = max(len(r) for r in replies)
         new = torch.tensor([r + [pad] * (width - len(r)) for r in replies], dtype=torch.long)
@@ -175,6 +179,9 @@ def test_answers_the_server_refuses_under_load_are_retried(shop_server, shop, to
     evaluator = make(shop_server, tokenizer, agent, sessions=[0, 1, 2])
     clean = evaluator.scores(agent)
     shop_server.faults.fail(503, times=3, route="/step")
+    # then one /step dropped and one a gateway's time-out: the env is rebuilt and the action sent again
+    shop_server.faults.drop(times=1, route="/step")
+    shop_server.faults.fail(504, times=1, route="/step")
     shop_server.faults.fail(503, times=2, route="/observation")
     shop_server.faults.drop(times=1, route="/reset")
     try:
@@ -194,6 +201,59 @@ def test_a_server_that_stops_answering_is_an_infrastructure_error_not_a_zero(sho
         shop_server.faults.up()
         shop_server.faults.clear()
     np.testing.assert_array_equal(evaluator.scores(agent), [expert_reward(shop, s) for s in SESSIONS])
+
+
+def test_a_step_whose_answer_is_lost_is_not_sent_twice(shop_server, shop, tokenizer):
+    """The server bought, but its answer never came back (a dropped connection, a time-out): sending
+    `click[Buy Now]` again would click it on the done page (reward 0, the episode going on). The session's env is
+    replayed to where the agent saw it instead, and the purchase earns the expert's reward."""
+
+    def lose_the_purchase(session, action):
+        if action == "click[Buy Now]":
+            shop_server.faults.lose(times=1, route="/step")
+
+    agent = ScriptedAgent(tokenizer, shop, on_action=lose_the_purchase)
+    evaluator = make(shop_server, tokenizer, agent, sessions=[0, 1, 2], concurrency=1)
+    try:
+        scores = evaluator.scores(agent)
+    finally:
+        shop_server.faults.clear()
+    assert scores.tolist() == [expert_reward(shop, s) for s in [0, 1, 2]]
+    assert [e.actions for e in evaluator.last_episodes] == [
+        expert_actions(shop, shop.catalogue.goal(s)) for s in [0, 1, 2]
+    ]
+    shop_server.faults.lose(times=None, route="/step")  # every answer lost: an outage, never a score
+    try:
+        with pytest.raises(InfrastructureError, match="may have applied it"):
+            make(shop_server, tokenizer, agent, sessions=[0], retries=2).scores(agent)
+    finally:
+        shop_server.faults.clear()
+
+
+def test_an_env_the_server_forgot_mid_session_is_rebuilt_not_scored_zero(shop, tokenizer):
+    """The server restarts in the middle of a session: it answers 500 to a /step of an env it no longer knows.
+    That is the server's doing, not the action's: the session goes on, on a new env replayed to where it was."""
+    servers = [ShopServer(SHOP)]
+    url = servers[0].start()
+    port = int(url.rsplit(":", 1)[1])
+
+    def restart(session, action):
+        if session == 1 and action == "click[Buy Now]" and len(servers) == 1:
+            servers[0].stop()
+            servers.append(ShopServer(SHOP, port=port))
+            servers[1].start()
+
+    agent = ScriptedAgent(tokenizer, shop, on_action=restart)
+    try:
+        # one slot: the local server hands out the same env ids after a restart (a seeded generator), so a second
+        # slot's rebuild could be given the id the first one held; the real server draws them at random
+        evaluator = make(servers[0], tokenizer, agent, sessions=[0, 1, 2], concurrency=1)
+        scores = evaluator.scores(agent)
+    finally:
+        servers[-1].stop()
+    assert len(servers) == 2
+    assert [e.ended for e in evaluator.last_episodes] == ["done"] * 3
+    assert scores.tolist() == [expert_reward(shop, s) for s in [0, 1, 2]]
 
 
 def test_an_action_the_server_cannot_apply_ends_that_session_only(shop_server, shop, tokenizer):
@@ -253,6 +313,28 @@ def test_bad_input_is_one_line(shop_server, shop, tokenizer):
         with pytest.raises(ValueError, match=message):
             config = WebshopConfig(**{"kind": "webshop", "server": shop_server.url, **bad})
             WebshopEvaluator(config, agent, tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("gen_kwargs", "message"),
+    [
+        ({"max_gen_toks": 64}, "unknown generation setting 'max_gen_toks'"),
+        ({"eos_token_id": 5}, "'eos_token_id' is the tokenizer's"),
+        ({"max_length": 2048}, "evaluate.max_length"),
+        ({"num_return_sequences": 2, "do_sample": True}, "one reply per session"),
+        ({"return_dict_in_generate": True}, "one reply per session"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"max_new_tokens": "many"}, "max_new_tokens"),
+    ],
+)
+def test_generation_settings_that_would_fail_every_candidate_are_bad_input(
+    shop_server, shop, tokenizer, gen_kwargs, message
+):
+    """Settings generate would refuse (or misread) fail when the evaluator is built, naming `evaluate.gen_kwargs`:
+    raised per candidate instead, every candidate would be a candidate failure (scored 0) and the run go on."""
+    agent = ScriptedAgent(tokenizer, shop)
+    with pytest.raises(SpecError, match=r"evaluate\.gen_kwargs: .*" + re.escape(message)):
+        make(shop_server, tokenizer, agent, sessions=[0], gen_kwargs=gen_kwargs)
 
 
 def test_sessions_files_and_environment_addresses(tmp_path, shop_server, monkeypatch, tokenizer, shop):

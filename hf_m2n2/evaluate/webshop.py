@@ -28,10 +28,12 @@ in one left-padded batch on the live model, one env per concurrent slot, and a s
 as its own ends. Greedy decoding unless `gen_kwargs` says otherwise (AgentGym's evaluation is greedy).
 
 Failures: a reply with no valid action is answered `Invalid Action.` (reward 0, the episode goes on); a server that
-cannot apply an action (500 while it answers otherwise) ends that session with reward 0. A server that stops
-answering raises `InfrastructureError` after the retries: the run checkpoints and stops, never scoring the
-candidate 0. Against the local test server rewards are deterministic; against AgentGym's they need not be (it
-draws a range-priced product's price per env without a seed).
+cannot apply an action (500 while it answers otherwise and still knows the env) ends that session with reward 0. An
+env the server forgot (restarted) or a step whose answer was lost (it may have been applied: sending it again could
+apply it twice) is rebuilt: reset, the session's actions sent again and their pages checked, then the step sent
+again. A server that stops answering raises `InfrastructureError` after the retries: the run checkpoints and stops,
+never scoring the candidate 0. Against the local test server rewards are deterministic; against AgentGym's they
+need not be (it draws a range-priced product's price per env without a seed).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +54,14 @@ from pydantic import Field, field_validator
 
 from hf_m2n2.errors import HfM2n2Error, InfrastructureError, SpecError, first_line
 from hf_m2n2.evaluate.base import EvaluatorConfig, Report
-from hf_m2n2.evaluate.webshop_client import ActionRejected, RetryPolicy, ServerUnavailable, WebshopClient
+from hf_m2n2.evaluate.webshop_client import (
+    ActionRejected,
+    EnvLost,
+    RetryPolicy,
+    ServerUnavailable,
+    StepLost,
+    WebshopClient,
+)
 from hf_m2n2.evaluate.webshop_dialogue import (
     INVALID_ACTION,
     TEMPLATES,
@@ -266,6 +276,7 @@ class Episode:
         invalid: replies answered `Invalid Action.`.
         ended: `done`, `max_rounds`, `max_length` or `server_error`.
         actions: the actions sent to the server, in order.
+        pages: the first page, then the page each action led to (what replaying the actions must show again).
     """
 
     session: int
@@ -275,6 +286,7 @@ class Episode:
     invalid: int = 0
     ended: str | None = None
     actions: list[str] = field(default_factory=list)
+    pages: list[str] = field(default_factory=list)
 
 
 class WebshopEvaluator:
@@ -329,6 +341,10 @@ class WebshopEvaluator:
             check_template(config.chat_template, tokenizer)
         except ValueError as exc:
             raise SpecError(f"{prefix}.chat_template", str(exc)) from None
+        try:
+            self._settings = generation_settings(config.gen_kwargs)
+        except ValueError as exc:
+            raise SpecError(f"{prefix}.gen_kwargs", str(exc)) from None
         self.prompt = config.prompt if config.prompt is not None else WEBSHOP_PROMPT
         try:
             self.server = config.server_url()
@@ -408,7 +424,10 @@ class WebshopEvaluator:
                 for (slot, (order, session)), observation in zip(
                     starts, pool.map(lambda item: self._reset(item[0], item[1][1]), starts)
                 ):
-                    slots[slot] = (order, Episode(session, self._conversation(observation)))
+                    slots[slot] = (
+                        order,
+                        Episode(session, self._conversation(observation), pages=[observation]),
+                    )
                 active = [i for i, s in enumerate(slots) if s is not None]
                 if not active:
                     break
@@ -422,7 +441,9 @@ class WebshopEvaluator:
                     continue
                 replies = self._generate(model, [slots[i][1].conversation.ids for i in active])
                 texts = [slots[i][1].conversation.add_reply(r) for i, r in zip(active, replies)]
-                results = list(pool.map(lambda pair: self._act(*pair), zip(active, texts)))
+                results = list(
+                    pool.map(lambda item: self._act(item[0], slots[item[0]][1], item[1]), zip(active, texts))
+                )
                 for i, result in zip(active, results):
                     order, episode = slots[i]
                     self._record(episode, *result)
@@ -437,18 +458,56 @@ class WebshopEvaluator:
     def _conversation(self, observation: str) -> Conversation:
         return Conversation(self.tokenizer, self.config.chat_template, self.prompt, observation)
 
-    def _act(self, slot: int, text: str) -> tuple[str | None, str, float, str | None]:
+    def _act(self, slot: int, episode: Episode, text: str) -> tuple[str | None, str, float, str | None]:
         """Send one reply's action: (the action, None when answered `Invalid Action.`; the next state; the reward;
-        why the episode ended, None while it goes on)."""
-        env = self.envs[slot]
+        why the episode ended, None while it goes on). An env lost on the way is rebuilt (`_rebuild`) and the
+        action sent again, at most `retries` times."""
         action = parse_action(text)
-        if action is None:
-            return None, INVALID_ACTION + self.client.observation(env), 0.0, None
-        try:
-            state, reward, done = self.client.step(env, action)
-        except ActionRejected:
-            return action, "", 0.0, "server_error"
-        return action, state, reward, "done" if done else None
+        waits = self.client.policy.waits()
+        while True:
+            try:
+                if action is None:
+                    return None, INVALID_ACTION + self.client.observation(self.envs[slot]), 0.0, None
+                state, reward, done = self.client.step(self.envs[slot], action)
+                return action, state, reward, "done" if done else None
+            except ActionRejected:
+                return action, "", 0.0, "server_error"
+            except (StepLost, EnvLost) as exc:
+                lost = exc
+            while True:  # rebuild until it holds (a rebuild can be lost too), then send the action again
+                wait = next(waits, None)
+                if wait is None:
+                    raise lost
+                time.sleep(wait)
+                try:
+                    self._rebuild(slot, episode, forgotten=isinstance(lost, EnvLost))
+                    break
+                except (StepLost, EnvLost) as exc:
+                    lost = exc
+
+    def _rebuild(self, slot: int, episode: Episode, forgotten: bool) -> None:
+        """Bring a slot's env back to the page the agent last saw: a new env when the server `forgot` the old one,
+        reset to the session, the episode's actions sent again, each page checked against the one seen.
+
+        Raises:
+            InfrastructureError: a page differs from the one seen (the server does not replay the session).
+        """
+        if forgotten:
+            self.envs[slot] = self.client.create_distinct(1, set(self.envs))[0]
+        if self._reset(slot, episode.session) != episode.pages[0]:
+            raise InfrastructureError(
+                f"{self.server}/reset", f"session {episode.session} starts on another page than it did"
+            )
+        for number, (action, seen) in enumerate(zip(episode.actions, episode.pages[1:]), start=1):
+            try:
+                state, _, done = self.client.step(self.envs[slot], action)
+            except ActionRejected:
+                state, done = None, False
+            if state != seen or done:
+                raise InfrastructureError(
+                    f"{self.server}/step",
+                    f"session {episode.session} does not replay as played (action {number}: {action!r})",
+                )
 
     def _record(
         self, episode: Episode, action: str | None, state: str, reward: float, ended: str | None
@@ -458,6 +517,7 @@ class WebshopEvaluator:
             episode.invalid += 1
         else:
             episode.actions.append(action)
+            episode.pages.append(state)
         episode.reward = reward
         if ended is not None:
             episode.ended = ended
@@ -492,9 +552,8 @@ class WebshopEvaluator:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
-        settings = {"do_sample": False, **(self.config.gen_kwargs or {})}
-        settings["max_new_tokens"] = min(int(settings.get("max_new_tokens", max(budgets))), max(budgets))
-        settings.pop("max_length", None)
+        settings = dict(self._settings)
+        settings["max_new_tokens"] = min(settings.get("max_new_tokens") or max(budgets), max(budgets))
         config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **settings)
         device = next(model.parameters()).device
         with torch.inference_mode():
@@ -537,6 +596,52 @@ class WebshopEvaluator:
             raise
 
 
+# generation settings the evaluator owns: a reply ends at the tokenizer's EOS, within `max_length`, one per session
+_OWNED_SETTINGS = {
+    "eos_token_id": "'eos_token_id' is the tokenizer's (a reply ends at its EOS, as AgentGym's do)",
+    "pad_token_id": "'pad_token_id' is the tokenizer's (the batch is left-padded with it)",
+    "max_length": "'max_length' counts the whole conversation here: set evaluate.max_length",
+    "num_return_sequences": "the evaluator takes one reply per session (num_return_sequences: 1)",
+    "return_dict_in_generate": "the evaluator takes one reply per session as token ids (return_dict_in_generate)",
+}
+
+
+def generation_settings(gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """`gen_kwargs` over greedy decoding, checked now: a setting generate refuses would otherwise fail every
+    candidate (each scored 0, the run going on), and one it does not know would be ignored.
+
+    Raises:
+        ValueError: an unknown setting, one the evaluator owns, or a value transformers rejects.
+
+    Example:
+        >>> generation_settings({"max_new_tokens": 128})
+        {'do_sample': False, 'max_new_tokens': 128}
+    """
+    from transformers import GenerationConfig
+
+    settings = {"do_sample": False, **(gen_kwargs or {})}
+    known = GenerationConfig().to_dict()
+    for key, value in settings.items():
+        if key in _OWNED_SETTINGS and value not in (None, 1 if key == "num_return_sequences" else False):
+            raise ValueError(_OWNED_SETTINGS[key])
+        if key not in known:
+            raise ValueError(
+                f"unknown generation setting {key!r} (not a field of transformers' GenerationConfig)"
+            )
+    limit = settings.get("max_new_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {limit!r}")
+    temperature = settings.get("temperature")
+    positive = not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature > 0
+    if settings["do_sample"] and temperature is not None and not positive:
+        raise ValueError(f"temperature must be a positive number when sampling, got {temperature!r}")
+    try:
+        GenerationConfig(**settings).validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(first_line(exc)) from None
+    return settings
+
+
 def _resolved(items: Sequence[int | str], base_dir: Any, path: str) -> list[int]:
     try:
         ids = expand_sessions(items, base_dir)
@@ -569,5 +674,6 @@ __all__ = [
     "WebshopEvaluator",
     "build_webshop_evaluator",
     "expand_sessions",
+    "generation_settings",
     "success_rate",
 ]

@@ -10,9 +10,14 @@ action}` -> `{state, reward, done, info}`; `GET /observation`, `/available_actio
 - it answers 503 under load, to GETs as well as POSTs: every request is retried, with a growing wait;
 - a request it cannot serve for a reason of its own (an env id it forgot after a restart) answers 500.
 
+`/step` is the one request that changes an env: it is sent again only where the server cannot have applied it
+(refused, 503). A `/step` whose answer never came (a time-out, a dropped connection, a gateway's 502/504) may have
+been applied: sending it again could apply it twice (a second `click[Buy Now]` lands on the done page and earns 0),
+so it raises `StepLost` and the caller rebuilds the env's page instead (reset, then the episode's actions again).
+
 What cannot be retried away is an `InfrastructureError` (the run checkpoints and stops; `--resume` continues), never
-a score. A 500 on `/step` while the server otherwise answers is the action's doing (a candidate failure), told apart
-by `ActionRejected`.
+a score. A 500 on `/step` while the server otherwise answers and still knows the env is the action's doing (a
+candidate failure), told apart by `ActionRejected`; one for an env the server no longer knows is `EnvLost`.
 """
 
 # Hand-written over httpx: the PyPI `agentenv` is an empty placeholder and AgentGym's client pulls deepspeed/trl/wandb.
@@ -28,6 +33,10 @@ import httpx
 from hf_m2n2.errors import InfrastructureError
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+# answers to a request that may have been applied all the same (a gateway that lost the server's answer)
+_UNSURE_STATUSES = frozenset({502, 504})
+# transport errors raised before the request left: the server cannot have applied it
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _CREATE_ATTEMPTS = (
     16  # distinct ids wanted before concluding the server hands out only ones this client holds
 )
@@ -47,6 +56,26 @@ class ServerUnavailable(InfrastructureError):
     def __init__(self, service: str, message: str, status: int | None = None):
         super().__init__(service, message)
         self.status = status
+
+
+class StepLost(ServerUnavailable):
+    """A `/step` got no answer although the server may have applied it: it is not sent again as such.
+
+    The caller rebuilds the env's page (reset and the episode's actions again) and then sends it; left unhandled,
+    the run stops as for any outage.
+    """
+
+
+class EnvLost(ServerUnavailable):
+    """The server answers, but not for this env any more (500 to its `/observation`: restarted, or it dropped it).
+
+    Attributes:
+        env: the env id it forgot.
+    """
+
+    def __init__(self, service: str, message: str, env: int):
+        super().__init__(service, message, 500)
+        self.env = env
 
 
 class ServerReplyError(InfrastructureError):
@@ -111,6 +140,13 @@ class WebshopClient:
         except httpx.HTTPError:
             return False
 
+    def knows(self, env: int) -> bool:
+        """Whether the server shows env `env`'s page (`GET /observation`, one attempt): False for an env it forgot."""
+        try:
+            return self._http.get("/observation", params={"env_idx": env}).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def create(self) -> int:
         """A new env id (`POST /create`)."""
         return _as_int(self._request("POST", "/create"), "/create")
@@ -151,12 +187,21 @@ class WebshopClient:
         """One action; returns (state, reward, done).
 
         Raises:
-            ActionRejected: the server answered 500 to this action after every retry but answers `GET /`.
+            ActionRejected: the server answered 500 to this action after every retry, but answers `GET /` and still
+                knows the env.
+            EnvLost: the same, for an env the server no longer knows.
+            StepLost: no answer came, and the server may have applied the action.
         """
         try:
-            reply = self._request("POST", "/step", json={"env_idx": env, "action": action})
+            reply = self._request("POST", "/step", json={"env_idx": env, "action": action}, idempotent=False)
+        except StepLost:
+            raise
         except ServerUnavailable as exc:
             if exc.status == 500 and self.ping():
+                if not self.knows(env):
+                    raise EnvLost(
+                        f"{self.server}/step", f"the server no longer knows env {env}", env
+                    ) from exc
                 raise ActionRejected(f"the server could not apply {action!r}") from exc
             raise
         if not isinstance(reply, dict) or not {"state", "reward", "done"} <= reply.keys():
@@ -169,8 +214,19 @@ class WebshopClient:
         return state, float(reward), done
 
     def observation(self, env: int) -> str:
-        """The env's current page as text (`GET /observation`)."""
-        reply = self._request("GET", "/observation", params={"env_idx": env})
+        """The env's current page as text (`GET /observation`).
+
+        Raises:
+            EnvLost: the server answers `GET /` but 500 to this env's page after every retry.
+        """
+        try:
+            reply = self._request("GET", "/observation", params={"env_idx": env})
+        except ServerUnavailable as exc:
+            if exc.status == 500 and self.ping():
+                raise EnvLost(
+                    f"{self.server}/observation", f"the server no longer knows env {env}", env
+                ) from exc
+            raise
         if not isinstance(reply, str):
             raise ServerReplyError(f"{self.server}/observation", f"expected a string, got {_short(reply)}")
         return reply
@@ -184,8 +240,12 @@ class WebshopClient:
 
     # ------------------------------------------------------------------ transport
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """The JSON of a 200 answer, retrying what the server may recover from; InfrastructureError otherwise."""
+    def _request(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> Any:
+        """The JSON of a 200 answer, retrying what the server may recover from; InfrastructureError otherwise.
+
+        A request that is not `idempotent` is sent again only where the server cannot have applied it; StepLost
+        where it may have.
+        """
         url = f"{self.server}{path}"
         waits = self.policy.waits()
         while True:
@@ -193,6 +253,8 @@ class WebshopClient:
                 response = self._http.request(method, path, **kwargs)
             except httpx.HTTPError as exc:  # refused, reset, timed out, protocol garbage
                 problem, status = f"{type(exc).__name__}: {exc}".strip().rstrip(":"), None
+                if not idempotent and not isinstance(exc, _NOT_SENT):
+                    raise StepLost(url, f"no answer ({problem}); the server may have applied it") from None
             else:
                 if response.status_code == 200:
                     try:
@@ -205,6 +267,8 @@ class WebshopClient:
                 )
                 if status not in RETRY_STATUSES:
                     raise ServerUnavailable(url, problem, status)
+                if not idempotent and status in _UNSURE_STATUSES:
+                    raise StepLost(url, f"{problem}; the server may have applied it", status)
             wait = next(waits, None)
             if wait is None:
                 raise ServerUnavailable(

@@ -7,6 +7,8 @@ down overrides every rule. Everything is thread-safe and takes effect for the ne
 - `fail(status, times, route)`: answer `status` without running the route (500 as the real server's crash
   answer, text/plain "Internal Server Error", connection closed; any other status with its reason phrase);
 - `drop(times, route)`: read the request, close the connection without an answer;
+- `lose(times, route)`: run the route, then close the connection without its answer (the work is done, the answer
+  lost on the way back: a client that sends the request again asks for it twice);
 - `delay(seconds, times, route)`: wait, then answer normally (client time-outs);
 - `down(refuse=False)` / `up()`: every request dropped; with `refuse=True` the server stops listening instead, so
   connections are refused, as for a dead process; `up()` listens again on the same port;
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 @dataclass
 class _Rule:
-    kind: str  # "status" | "drop" | "delay"
+    kind: str  # "status" | "drop" | "lose" | "delay"
     route: str | None
     remaining: int | None
     status: int = 0
@@ -39,9 +41,11 @@ class _Rule:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do with one request: drop it, answer `status`, and/or wait `delay` seconds first."""
+    """What to do with one request: drop it, answer `status`, and/or wait `delay` seconds first; or run it and lose
+    the answer."""
 
     drop: bool = False
+    lose: bool = False
     status: int | None = None
     delay: float = 0.0
 
@@ -76,6 +80,10 @@ class Faults:
     def drop(self, times: int | None = 1, route: str | None = None) -> None:
         """Close the connection of the next `times` requests of `route` without answering."""
         self._add(_Rule("drop", route, times))
+
+    def lose(self, times: int | None = 1, route: str | None = None) -> None:
+        """Run the next `times` requests of `route`, then close their connections without the answers."""
+        self._add(_Rule("lose", route, times))
 
     def delay(self, seconds: float, times: int | None = 1, route: str | None = None) -> None:
         """Wait `seconds` before answering the next `times` requests of `route`."""
@@ -132,6 +140,8 @@ class Faults:
                             self._rules.remove(rule)
                     if rule.kind == "drop":
                         return Verdict(drop=True)
+                    if rule.kind == "lose":
+                        return Verdict(lose=True)
                     if rule.kind == "status":
                         return Verdict(status=rule.status)
                     return Verdict(delay=rule.seconds)

@@ -386,6 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 5  # uvicorn's keep-alive timeout: idle connections are closed after 5 s
     server_version = "uvicorn"
     sys_version = ""
+    _lose = False  # this request's answer is to be lost (`Faults.lose`)
 
     @property
     def shop(self) -> ShopServer:
@@ -421,6 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.shop._lock:
             self.shop.requests.append((self.command, self.path))
         verdict = self.shop.faults.before(split.path)
+        self._lose = verdict.lose
         if verdict.drop:
             self._drop()
             return
@@ -495,6 +497,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
     def _send(self, status: int, body: bytes, content_type: str | None, headers: dict | None = None) -> None:
+        if self._lose:  # the route ran; its answer is lost on the way back
+            self._drop()
+            return
         self.send_response(status)
         if content_type:
             self.send_header("content-type", content_type)
