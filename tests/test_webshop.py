@@ -440,3 +440,21 @@ def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_models_own_generation_config_does_not_leak_in(shop_server, tokenizer):
+    """As AgentGym's GenerationConfig replaces the model's: a chat model's repetition_penalty or sampling settings in
+    its generation_config.json change nothing (transformers 5 would fill unset settings from it)."""
+    from transformers import LlamaForCausalLM
+
+    from hf_m2n2.demo.toy import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
+    settings = {"sessions": [0], "max_rounds": 1, "gen_kwargs": {"max_new_tokens": 16}}
+    evaluator = make(shop_server, tokenizer, model, **settings)
+    plain = [e.conversation.messages for e in evaluator.play([0], model)]
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    assert [e.conversation.messages for e in evaluator.play([0], model)] == plain
+    assert model.generation_config.repetition_penalty == 5.0  # given back as it was

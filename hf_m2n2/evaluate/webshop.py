@@ -556,10 +556,16 @@ class WebshopEvaluator:
         settings["max_new_tokens"] = min(settings.get("max_new_tokens") or max(budgets), max(budgets))
         config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **settings)
         device = next(model.parameters()).device
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-            )
+        # AgentGym's GenerationConfig replaces the model's (transformers 4); transformers 5 would fill the settings
+        # left unset from the model's own generation_config (e.g. a chat model's repetition_penalty): hide it
+        own, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                )
+        finally:
+            model.generation_config = own
         replies = []
         for row, budget in enumerate(budgets):
             new = out[row, width:].tolist()[:budget]
