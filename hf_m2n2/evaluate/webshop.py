@@ -149,9 +149,7 @@ class WebshopConfig(EvaluatorConfig):
         ids = expand_sessions([v for v in value if not (isinstance(v, str) and is_session_file(v.strip()))])
         if not value:
             raise ValueError("no sessions")
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        if repeated:
-            raise ValueError(f"session ids listed twice: {', '.join(map(str, repeated[:5]))}")
+        check_distinct(ids)
         return value
 
     @field_validator("chat_template")
@@ -181,6 +179,13 @@ def check_url(url: str) -> str:
     if not re.match(r"^https?://[^/\s]+", url):
         raise ValueError(f"expected an http(s) URL like http://127.0.0.1:36001, got {url!r}")
     return url
+
+
+def check_distinct(ids: list[int]) -> None:
+    """ValueError naming the first ids listed twice (a session scored twice would count twice in the fitness)."""
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"session ids listed twice: {', '.join(map(str, repeated[:5]))}")
 
 
 def expand_sessions(items: Sequence[int | str], base_dir: Any = None) -> list[int]:
@@ -651,11 +656,9 @@ def generation_settings(gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
 def _resolved(items: Sequence[int | str], base_dir: Any, path: str) -> list[int]:
     try:
         ids = expand_sessions(items, base_dir)
+        check_distinct(ids)
     except ValueError as exc:
         raise SpecError(path, str(exc)) from None
-    repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
-    if repeated:
-        raise SpecError(path, f"session ids listed twice: {', '.join(map(str, repeated[:5]))}")
     return ids
 
 
