@@ -563,14 +563,17 @@ class WebshopEvaluator:
         device = next(model.parameters()).device
         # AgentGym's GenerationConfig replaces the model's (transformers 4); transformers 5 would fill the settings
         # left unset from the model's own generation_config (e.g. a chat model's repetition_penalty): hide it
-        own, model.generation_config = model.generation_config, GenerationConfig()
+        own = getattr(model, "generation_config", None)
+        if own is not None:
+            model.generation_config = GenerationConfig()
         try:
             with torch.inference_mode():
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
                 )
         finally:
-            model.generation_config = own
+            if own is not None:
+                model.generation_config = own
         replies = []
         for row, budget in enumerate(budgets):
             new = out[row, width:].tolist()[:budget]
