@@ -192,7 +192,7 @@ def test_live_weights_equal_hf_m2n2_merge_of_the_recipe(seeds, tmp_path, cli, ge
     assert any(not torch.equal(merged[n], seed_a[n]) for n in merged)
 
     # big tensors: row blocks (and streamed statistics for TIES/DARE), as merge computes them
-    options = MergeOptions(chunk_elements=600, progress=False)
+    options = MergeOptions(chunk_elements=2000, progress=False)
     target.merge_options = options
     target.write(ops.from_array(np.roll(x, 1)))
     live = {n: t.detach().clone() for n, t in target.live.model.state_dict().items()}
