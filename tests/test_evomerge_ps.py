@@ -249,7 +249,7 @@ def test_run_report_summary_and_card(finished_run):
 def test_sigkill_then_resume_equals_an_uninterrupted_run(seeds, tmp_path, cli):
     spec = _write(tmp_path / "spec.yaml", _spec(seeds, budget=30, log_every=5))
     killed = tmp_path / "killed"
-    at_kill = sigkill_evolve(spec, killed, min_passes=12, timeout=120)  # mid second generation (popsize 10)
+    at_kill = sigkill_evolve(spec, killed, min_passes=12, timeout=120, fresh_interpreter=False)  # mid gen. 2
     assert 12 <= at_kill < 30
 
     code, _, err = cli("evolve", "--resume", killed, "-q")
