@@ -26,6 +26,18 @@ from hf_m2n2.demo.toy import build_tiny_llama  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_builds(request, tmp_path_factory):
+    """The reduced specialists and text-to-image world, built in a child process from the session's start when
+    collected tests need them (tests/session_builds.py); their fixtures call `.wait()` before using them."""
+    from session_builds import SessionBuilds
+
+    fixtures = {name for item in request.session.items for name in item.fixturenames}
+    builds = SessionBuilds(tmp_path_factory.getbasetemp(), fixtures)
+    yield builds
+    builds.stop()
+
+
 @pytest.fixture(scope="session")
 def hf_home() -> Path:
     return Path(_HF_HOME)

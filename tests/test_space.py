@@ -59,7 +59,8 @@ def _built_with_defaults(root: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def specialists(tmp_path_factory) -> tuple[Path, SpecialistsConfig | None]:
+def specialists(tmp_path_factory, session_builds) -> tuple[Path, SpecialistsConfig | None]:
+    session_builds.wait("specialists")
     if _built_with_defaults(EXAMPLES_BUILD):
         return EXAMPLES_BUILD, None
     # the reduced build of test_specialists.py, at its path (a cache hit when that module ran first)
