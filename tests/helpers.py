@@ -14,6 +14,20 @@ from typing import Any
 
 import torch
 
+# conftest's `pipelines`: name -> (family, build_tiny_pipeline keyword arguments), built in this order
+TINY_PIPELINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "sd1": ("sd1", {"seed": 0}),
+    "sd1-a": ("sd1", {"seed": 1, "base_seed": 0, "variants": ("fp16",)}),
+    "sd1-b": ("sd1", {"seed": 2, "base_seed": 0}),
+    "sdxl": ("sdxl", {"seed": 0}),
+    "sdxl-a": ("sdxl", {"seed": 1, "base_seed": 0}),
+    "sdxl-b": ("sdxl", {"seed": 2, "base_seed": 0}),
+    "sd1-te": ("sd1", {"seed": 3, "base_seed": 0, "components": ("unet", "text_encoder")}),
+    "sd1-b-sharded": ("sd1", {"seed": 2, "base_seed": 0, "max_shard_size": "300KB", "variants": ("fp16",)}),
+    "sd2": ("sd2", {"seed": 0}),
+}
+CLIP_JUDGE_SEED = 0  # conftest's `clip_judge`
+
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors model directory."""

@@ -1,10 +1,12 @@
-"""The session's slow builds, made in a child process while the tests run.
+"""The session's slow builds, made by a low-priority child process while the tests run.
 
 test_specialists' SMALL specialists (used by test_lm_eval, test_specialists and test_space), test_t2i_world's
 REDUCED world (used by test_t2i_world and test_space_t2i) and test_t2i_compare's comparison (five methods, two
 runs each, on tiny pipelines) take about a minute and a half of one core together. Their fixtures look for them
-under the session's base temp; started here as the session starts, the builds run on the second core while the
-first runs the other tests, and the fixtures find them made. The bytes are the same: the same functions,
+under the session's base temp. Started here as the session starts, at the lowest CPU priority (nice 19: it takes
+only what the tests leave idle, the second core of a two-core machine), the child makes them in that order; a
+fixture takes its part if the child has finished it, and otherwise stops the child and makes the part itself (the
+builders' per-part caches keep what the child finished). The bytes are the same either way: the same functions,
 parameters and kernels (the child inherits the environment; nothing is pinned).
 
 `python tests/session_builds.py BASETEMP PART...` builds the parts (`specialists`, `world`, `compare`) in order.
@@ -15,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -42,21 +43,18 @@ def build(basetemp: Path, part: str) -> None:
 
         build_world(basetemp / REDUCED_ROOT, REDUCED)
     elif part == "compare":
+        from helpers import CLIP_JUDGE_SEED, TINY_PIPELINES
         from test_t2i_compare import build_layout, compare
 
         from hf_m2n2.demo.tiny_pipelines import build_tiny_judge, build_tiny_pipeline
 
-        root = basetemp / COMPARE_ROOT
-        # conftest's clip_judge and pipelines sd1, sd1-a, sd1-b: the same builders and seeds
-        sources = {
-            "judge": build_tiny_judge(root / "sources" / "judge", seed=0),
-            "sd1": build_tiny_pipeline(root / "sources" / "sd1", "sd1", seed=0),
-            "sd1-a": build_tiny_pipeline(
-                root / "sources" / "sd1-a", "sd1", seed=1, base_seed=0, variants=("fp16",)
-            ),
-            "sd1-b": build_tiny_pipeline(root / "sources" / "sd1-b", "sd1", seed=2, base_seed=0),
-        }
-        compare(build_layout(root / "build", sources), root / "out")
+        root = basetemp / COMPARE_ROOT / "sources"
+        # conftest's clip_judge and pipelines sd1, sd1-a, sd1-b: the same builders and parameters
+        sources = {"judge": build_tiny_judge(root / "judge", seed=CLIP_JUDGE_SEED)}
+        for name in ("sd1", "sd1-a", "sd1-b"):
+            family, kwargs = TINY_PIPELINES[name]
+            sources[name] = build_tiny_pipeline(root / name, family, **kwargs)
+        compare(build_layout(root.parent / "build", sources), root.parent / "out")
     else:
         raise ValueError(f"unknown part {part!r} (use {', '.join(PARTS)})")
 
@@ -83,15 +81,11 @@ class SessionBuilds:
                     stderr=subprocess.STDOUT,
                 )
 
-    def wait(self, part: str) -> bool:
-        """Block until the child has built `part` or ended; returns whether `part` was built (a failed child leaves
-        the fixture to build, and report its error, in-process)."""
-        while (
-            self.process is not None
-            and self.process.poll() is None
-            and not _done(self.basetemp, part).exists()
-        ):
-            time.sleep(0.1)
+    def take(self, part: str) -> bool:
+        """Whether the child has made `part`; if it has not (yet), the child is stopped (killed: the builders' parts
+        are written atomically) and the caller makes the part itself."""
+        if not _done(self.basetemp, part).exists():
+            self.stop()
         return _done(self.basetemp, part).exists()
 
     def stop(self) -> None:
@@ -101,6 +95,7 @@ class SessionBuilds:
 
 
 if __name__ == "__main__":
+    os.nice(19)  # idle CPU only: the tests' own processes always go first
     sys.path.insert(0, str(TESTS))
     for name in sys.argv[2:]:
         build(Path(sys.argv[1]), name)

@@ -60,7 +60,7 @@ def _built_with_defaults(root: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def specialists(tmp_path_factory, session_builds) -> tuple[Path, SpecialistsConfig | None]:
-    session_builds.wait("specialists")
+    session_builds.take("specialists")
     if _built_with_defaults(EXAMPLES_BUILD):
         return EXAMPLES_BUILD, None
     # the reduced build of test_specialists.py, at its path (a cache hit when that module ran first)

@@ -77,7 +77,7 @@ def world(tmp_path_factory, session_builds):
     the folder that module's tests build it in: one build per session; the app reuses it (its recorded config)."""
     from test_t2i_world import REDUCED, REDUCED_ROOT
 
-    session_builds.wait("world")
+    session_builds.take("world")
 
     return app_module.bundled_t2i(tmp_path_factory.getbasetemp() / REDUCED_ROOT, REDUCED)
 

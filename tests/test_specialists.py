@@ -34,7 +34,7 @@ TINY = SpecialistsConfig(base_steps=5, finetune_steps=2, fitness_size=4, test_si
 @pytest.fixture(scope="session")
 def small_build(tmp_path_factory, session_builds):
     """The reduced build, under a fixed session path so that test_lm_eval.py reuses it from the cache."""
-    session_builds.wait("specialists")
+    session_builds.take("specialists")
     return build_specialists(tmp_path_factory.getbasetemp() / "specialists-small", SMALL)
 
 

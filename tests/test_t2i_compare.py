@@ -44,7 +44,7 @@ def made(request, tmp_path_factory, session_builds) -> tuple[Path, Path]:
     from session_builds import COMPARE_ROOT
 
     root = tmp_path_factory.getbasetemp() / COMPARE_ROOT
-    if session_builds.wait("compare"):
+    if session_builds.take("compare"):
         return root / "build", root / "out"
     sources = {**request.getfixturevalue("pipelines"), "judge": request.getfixturevalue("clip_judge")}
     build = build_layout(tmp_path_factory.mktemp("t2i_build") / "build", sources)
