@@ -26,6 +26,19 @@ from hf_m2n2.demo.toy import build_tiny_llama  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_builds(request, tmp_path_factory):
+    """The reduced specialists, the reduced text-to-image world and test_t2i_compare's comparison, made by a
+    low-priority child process from the session's start when collected tests need them (tests/session_builds.py);
+    their fixtures call `.take(part)` and make the part themselves when the child has not."""
+    from session_builds import SessionBuilds
+
+    fixtures = {name for item in request.session.items for name in item.fixturenames}
+    builds = SessionBuilds(tmp_path_factory.getbasetemp(), fixtures)
+    yield builds
+    builds.stop()
+
+
 @pytest.fixture(scope="session")
 def hf_home() -> Path:
     return Path(_HF_HOME)
@@ -114,30 +127,24 @@ def cached_repo(seeds, hf_home) -> dict[str, str]:
 def pipelines(tmp_path_factory) -> dict[str, Path]:
     """Tiny diffusers pipelines (hf_m2n2.demo.tiny_pipelines): per family a base and two UNet fine-tunes of it
     (`sd1`, `sd1-a`, `sd1-b`, `sdxl`, `sdxl-a`, `sdxl-b`, `sd2`); `sd1-a` also has an fp16 variant of its weights,
-    `sd1-te` a fine-tuned text encoder too, `sd1-b-sharded` is `sd1-b` saved in shards (and an fp16 variant, in shards too)."""
+    `sd1-te` a fine-tuned text encoder too, `sd1-b-sharded` is `sd1-b` saved in shards (and an fp16 variant, in shards
+    too). Their parameters: helpers.TINY_PIPELINES."""
+    from helpers import TINY_PIPELINES
+
     from hf_m2n2.demo.tiny_pipelines import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipelines")
-    out = {}
-    for family in ("sd1", "sdxl"):
-        out[family] = build_tiny_pipeline(root / family, family, seed=0)
-        out[f"{family}-a"] = build_tiny_pipeline(
-            root / f"{family}-a", family, seed=1, base_seed=0, variants=("fp16",) if family == "sd1" else ()
-        )
-        out[f"{family}-b"] = build_tiny_pipeline(root / f"{family}-b", family, seed=2, base_seed=0)
-    out["sd1-te"] = build_tiny_pipeline(
-        root / "sd1-te", "sd1", seed=3, base_seed=0, components=("unet", "text_encoder")
-    )
-    out["sd1-b-sharded"] = build_tiny_pipeline(
-        root / "sd1-b-sharded", "sd1", seed=2, base_seed=0, max_shard_size="300KB", variants=("fp16",)
-    )
-    out["sd2"] = build_tiny_pipeline(root / "sd2", "sd2", seed=0)
-    return out
+    return {
+        name: build_tiny_pipeline(root / name, family, **kwargs)
+        for name, (family, kwargs) in TINY_PIPELINES.items()
+    }
 
 
 @pytest.fixture(scope="session")
 def clip_judge(tmp_path_factory) -> Path:
     """A tiny random CLIP judge (CLIPModel + CLIPProcessor, 32x32 images) for `evaluate: {kind: clip}`."""
+    from helpers import CLIP_JUDGE_SEED
+
     from hf_m2n2.demo.tiny_pipelines import build_tiny_judge
 
-    return build_tiny_judge(tmp_path_factory.mktemp("clip-judge") / "judge", seed=0)
+    return build_tiny_judge(tmp_path_factory.mktemp("clip-judge") / "judge", seed=CLIP_JUDGE_SEED)

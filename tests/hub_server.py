@@ -328,6 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
     """Routes one request; every answer carries Content-Length so connections are kept alive (HTTP/1.1)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     timeout = 60  # idle kept-alive connections end on their own
     body = b""
 

@@ -304,7 +304,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(pipelines, clip_judge, 
         tmp_path, _spec(pipelines, clip_judge, prompts, checkpoint_every_steps=1, checkpoint_every_s=None)
     )
     killed = tmp_path / "killed"
-    at_kill = sigkill_evolve(spec, killed, min_passes=3, timeout=120)
+    at_kill = sigkill_evolve(spec, killed, min_passes=3, timeout=120, fresh_interpreter=False)
     assert 3 <= at_kill < 6
     code, _, err = cli("evolve", "--resume", killed, "-q")
     assert code == 0, err

@@ -109,10 +109,10 @@ def _assert_same_archive(a: Path, b: Path) -> None:
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, write_spec, cli):
-    spec = write_spec(digits_spec(1500, archive_size=8, checkpoint_every_steps=200, checkpoint_every_s=None))
+    spec = write_spec(digits_spec(800, archive_size=8, checkpoint_every_steps=200, checkpoint_every_s=None))
     killed = tmp_path / "killed"
     at_kill = sigkill_evolve(spec, killed)
-    assert 200 <= at_kill < 1500
+    assert 200 <= at_kill < 800
 
     code, out, err = cli("evolve", "--resume", killed, "-q")
     assert code == 0, err

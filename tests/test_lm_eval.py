@@ -21,7 +21,8 @@ GSM8K = {"kind": "lm_eval", "tasks": ["gsm8k"], "metric": "exact_match", "filter
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory):
+def built(tmp_path_factory, session_builds):
+    session_builds.take("specialists")
     return build_specialists(tmp_path_factory.getbasetemp() / "specialists-small", SMALL)
 
 

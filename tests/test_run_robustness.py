@@ -400,7 +400,7 @@ def test_a_run_killed_before_its_report_exports_again_on_resume(model_run, tmp_p
 # --- 5. a full disk: one line, exit 2, what was safe stays safe ---------------------------------------------
 
 
-def test_a_full_disk_at_an_evolve_checkpoint_keeps_the_last_one(runs, tmp_path, write_spec):
+def test_a_full_disk_at_an_evolve_checkpoint_keeps_the_last_one(runs, tmp_path, write_spec, cli):
     (tmp_path / "state").mkdir()
     spec = write_spec(dense_spec(tmp_path / "state", checkpoint_every_steps=1))
     run = tmp_path / "run"
@@ -411,8 +411,8 @@ def test_a_full_disk_at_an_evolve_checkpoint_keeps_the_last_one(runs, tmp_path, 
         f"free space and continue with: hf-m2n2 evolve --resume {run}"
     )
     assert load_state(run / "checkpoint.npz")["loop"]["passes"] >= 1
-    result = hf("evolve", "--resume", run, "-q")
-    assert result.returncode == 0, result.stderr
+    code, _, err = cli("evolve", "--resume", run, "-q")  # the disk has room again: in-process is enough
+    assert code == 0, err
     assert_same_as_calm(run, runs["calm"])
 
 
@@ -427,7 +427,7 @@ def test_a_full_disk_before_the_first_checkpoint_leaves_nothing(tmp_path, write_
 
 
 @pytest.mark.parametrize("where", ["weights", "tokenizer"])
-def test_a_full_disk_under_merge_keeps_the_previous_output(seeds, tmp_path, write_spec, where):
+def test_a_full_disk_under_merge_keeps_the_previous_output(seeds, tmp_path, write_spec, cli, where):
     spec = merge_spec(seeds)
     if where == "tokenizer":  # a tokenizer larger than the weights: the copy, not the weights, hits the limit
         base = Path(shutil.copytree(seeds["a"], tmp_path / "big-tokenizer"))
@@ -436,7 +436,7 @@ def test_a_full_disk_under_merge_keeps_the_previous_output(seeds, tmp_path, writ
         spec["models"][0]["model"] = str(base)
     spec_path = write_spec(spec)
     out = tmp_path / "merged"
-    assert hf("merge", spec_path, out, "-q").returncode == 0
+    assert cli("merge", spec_path, out, "-q")[0] == 0  # the previous output (no limit: in-process)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     limit = 100_000 if where == "weights" else 1_000_000
     result = hf("merge", spec_path, out, "--overwrite", "-q", file_size_limit=limit)

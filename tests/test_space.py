@@ -59,7 +59,8 @@ def _built_with_defaults(root: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def specialists(tmp_path_factory) -> tuple[Path, SpecialistsConfig | None]:
+def specialists(tmp_path_factory, session_builds) -> tuple[Path, SpecialistsConfig | None]:
+    session_builds.take("specialists")
     if _built_with_defaults(EXAMPLES_BUILD):
         return EXAMPLES_BUILD, None
     # the reduced build of test_specialists.py, at its path (a cache hit when that module ran first)
@@ -310,13 +311,12 @@ def test_page_renders_in_headless_chromium(served, tmp_path):
     from PIL import Image
 
     url = served[0]
-    dom = chromium("--dump-dom", url).stdout
+    shot = tmp_path / "space.png"
+    dom = chromium("--dump-dom", f"--screenshot={shot}", "--window-size=1280,1600", url).stdout  # one launch
     for control in CONTROLS:
         assert f'id="{control}"' in dom, control
     assert "hf-m2n2: merge and evolve" in dom and "M2N2 (evolve)" in dom
 
-    shot = tmp_path / "space.png"
-    chromium(f"--screenshot={shot}", "--window-size=1280,1600", url)
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape == (1600, 1280, 3)
     colours = np.unique(image.reshape(-1, 3), axis=0)

@@ -72,10 +72,12 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
+def world(tmp_path_factory, session_builds):
     """The bundled text-to-image world, built with test_t2i_world's reduced config (every part trained briefly) in
     the folder that module's tests build it in: one build per session; the app reuses it (its recorded config)."""
     from test_t2i_world import REDUCED, REDUCED_ROOT
+
+    session_builds.take("world")
 
     return app_module.bundled_t2i(tmp_path_factory.getbasetemp() / REDUCED_ROOT, REDUCED)
 

@@ -28,12 +28,13 @@ from hf_m2n2.demo.specialists import (
 
 # Reduced builds for CI (the real build's figures are in the build's report.json and the README).
 SMALL = SpecialistsConfig(base_steps=200, finetune_steps=100, finetune_lr=3e-3, fitness_size=20, test_size=40)
-TINY = SpecialistsConfig(base_steps=20, finetune_steps=5, fitness_size=4, test_size=4)
+TINY = SpecialistsConfig(base_steps=5, finetune_steps=2, fitness_size=4, test_size=4)
 
 
 @pytest.fixture(scope="session")
-def small_build(tmp_path_factory):
+def small_build(tmp_path_factory, session_builds):
     """The reduced build, under a fixed session path so that test_lm_eval.py reuses it from the cache."""
+    session_builds.take("specialists")
     return build_specialists(tmp_path_factory.getbasetemp() / "specialists-small", SMALL)
 
 

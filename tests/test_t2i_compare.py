@@ -20,24 +20,45 @@ import t2i_compare as bench  # noqa: E402
 TINY = {"images_per_prompt": 1, "num_inference_steps": 1, "batch_size": 2, "height": 16, "width": 16}
 
 
-@pytest.fixture(scope="module")
-def build(pipelines, clip_judge, tmp_path_factory) -> Path:
-    """The demo build's layout, from tiny random pipelines and judge."""
-    root = tmp_path_factory.mktemp("t2i_build") / "build"
+def build_layout(root: Path, sources: dict[str, Path]) -> Path:
+    """The demo build's layout at `root`, from tiny random pipelines (`sd1`, `sd1-a`, `sd1-b`) and `judge`."""
     (root / "prompts").mkdir(parents=True)
-    shutil.copytree(clip_judge, root / "judge")
+    shutil.copytree(sources["judge"], root / "judge")
     for name, source in {"base": "sd1", "en": "sd1-a", "ja": "sd1-b"}.items():
-        shutil.copytree(pipelines[source], root / name)
+        shutil.copytree(sources[source], root / name)
     _jsonl(root / "prompts" / "fit.jsonl", ROWS)
     _jsonl(root / "prompts" / "test.jsonl", TEST_ROWS)
     return root
 
 
-@pytest.fixture(scope="module")
-def compared(build, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("t2i_compare")
+def compare(build: Path, out: Path) -> Path:
+    """The comparison this module checks, of `build` into `out`."""
     assert bench.main(_args(build, out)) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def made(request, tmp_path_factory, session_builds) -> tuple[Path, Path]:
+    """(build, bench output): made by the session's child process (tests/session_builds.py) from the same tiny
+    pipelines and judge as conftest's, or else here from conftest's."""
+    from session_builds import COMPARE_ROOT
+
+    root = tmp_path_factory.getbasetemp() / COMPARE_ROOT
+    if session_builds.take("compare"):
+        return root / "build", root / "out"
+    sources = {**request.getfixturevalue("pipelines"), "judge": request.getfixturevalue("clip_judge")}
+    build = build_layout(tmp_path_factory.mktemp("t2i_build") / "build", sources)
+    return build, compare(build, tmp_path_factory.mktemp("t2i_compare"))
+
+
+@pytest.fixture(scope="module")
+def build(made) -> Path:
+    return made[0]
+
+
+@pytest.fixture(scope="module")
+def compared(made) -> Path:
+    return made[1]
 
 
 def _args(build: Path, out: Path) -> list[str]:

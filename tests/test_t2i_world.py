@@ -49,7 +49,8 @@ REDUCED_ROOT = (
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
+def world(tmp_path_factory, session_builds):
+    session_builds.take("world")
     return build_world(tmp_path_factory.getbasetemp() / REDUCED_ROOT, REDUCED)
 
 
