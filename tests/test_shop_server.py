@@ -567,3 +567,49 @@ def test_command_line_prints_the_url_and_serves_until_terminated():
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: shop.num_products: must be at least 1, got 0"
     ]
+
+
+def test_a_config_file_and_a_command_run_while_serving(tmp_path):
+    """`--config shop.json --run CMD`: CMD finds the server in $WEBSHOP_SERVER, the exit code is CMD's, and the
+    server is gone once CMD ends; flags override the file's settings."""
+    config = ShopConfig(seed=5, num_products=40, results_per_page=2)
+    assert ShopConfig.from_json(config.to_json()) == config
+    settings = tmp_path / "shop.json"
+    settings.write_text(config.to_json())
+    client = textwrap.dedent(
+        """
+        import os, sys, httpx
+        url = os.environ["WEBSHOP_SERVER"]
+        env_id = httpx.post(url + "/create").json()
+        print(url)
+        print(httpx.post(url + "/reset", json={"env_idx": env_id, "session_id": 1}).json()[0])
+        sys.exit(3)
+        """
+    )
+    command = [sys.executable, "-m", "hf_m2n2.demo.shop.server", "--config", str(settings)]
+    done = subprocess.run(
+        [*command, "--products", "50", "--run", sys.executable, "-c", client],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    lines = done.stdout.strip().splitlines()
+    url, observation = lines[-2:]
+    assert lines[0] == f"shop server at {url} ($WEBSHOP_SERVER) while running: {sys.executable} -c "
+    expected = build_catalogue(ShopConfig(seed=5, num_products=50, results_per_page=2)).goal(1).instruction_text
+    assert observation == f"WebShop{SEP}Instruction:{SEP}{expected}{SEP}Search"
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url + "/create", timeout=5)
+
+    settings.write_text('{"num_products": 10, "colour": 3}')
+    bad = subprocess.run([*command, "--run", "true"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {settings}: unknown shop setting 'colour' (known: asin_length, goal_attributes, max_envs,"
+        " max_results, num_products, results_per_page, seed, title_words)"
+    ]
+    settings.write_text('{"num_products": 0}')
+    bad = subprocess.run([*command, "--run", "true"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {settings}: num_products: must be at least 1, got 0"
+    ]
+    missing = subprocess.run([*command, "--run"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--run needs a command" in missing.stderr

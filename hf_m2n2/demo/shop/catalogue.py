@@ -33,10 +33,12 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import random
 import string
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from hf_m2n2.errors import SpecError
 
@@ -84,6 +86,56 @@ class ShopConfig:
             raise SpecError(
                 "shop.asin_length", f"{self.asin_length} characters cannot name {self.num_products} products"
             )
+
+    def to_json(self) -> str:
+        """The config as a JSON object (keys sorted), e.g. a demo build's `shop.json`, read back by `read`.
+
+        Example:
+            >>> ShopConfig.from_json(ShopConfig(seed=2).to_json()) == ShopConfig(seed=2)
+            True
+        """
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "shop") -> ShopConfig:
+        """A config from a JSON object of its fields (missing fields keep their defaults).
+
+        Args:
+            text: the JSON text.
+            source: what to name in errors (a file path).
+
+        Raises:
+            SpecError: not a JSON object, an unknown field, or a bad value (naming `source`, then the field).
+        """
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(source, f"not JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(values, dict):
+            raise SpecError(source, "expected a JSON object of shop settings")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SpecError(
+                source, f"unknown shop setting {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
+        try:
+            return cls(**values)
+        except SpecError as exc:
+            raise SpecError(source, f"{exc.path.removeprefix('shop.')}: {exc.message}") from None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> ShopConfig:
+        """`from_json` of a file (e.g. `BUILD/shop.json`).
+
+        Raises:
+            SpecError: the file cannot be read, or does not hold a shop config.
+        """
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SpecError(str(path), f"cannot read it ({exc.strerror or exc})") from None
+        return cls.from_json(text, str(path))
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,21 @@ Usage:
         shop.faults.down_after(5)             # the 6th /step and everything after finds the server down
 
     python -m hf_m2n2.demo.shop.server --port 8000 --seed 0   # prints the URL, serves until killed
+    python -m hf_m2n2.demo.shop.server --config BUILD/shop.json --run hf-m2n2 evolve spec.yaml --out run
+        # a free port; the command finds the URL in $WEBSHOP_SERVER; the server stops when it ends
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -514,8 +519,21 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------- command line
 
 
+_CONFIG_FLAGS = {  # command-line flag -> ShopConfig field
+    "seed": "seed",
+    "products": "num_products",
+    "per_page": "results_per_page",
+    "max_results": "max_results",
+    "title_words": "title_words",
+    "goal_attributes": "goal_attributes",
+    "asin_length": "asin_length",
+    "max_envs": "max_envs",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m hf_m2n2.demo.shop.server`: print the URL on one line, serve until killed."""
+    """`python -m hf_m2n2.demo.shop.server`: print the URL on one line and serve until killed, or, with
+    `--run CMD ...`, serve while CMD runs (its environment names the server) and return its exit code."""
     defaults = ShopConfig()
     parser = argparse.ArgumentParser(
         prog="python -m hf_m2n2.demo.shop.server",
@@ -523,25 +541,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: a free port (default)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--products", type=int, default=defaults.num_products)
-    parser.add_argument("--per-page", type=int, default=defaults.results_per_page)
-    parser.add_argument("--max-results", type=int, default=defaults.max_results)
-    parser.add_argument("--title-words", type=int, default=defaults.title_words)
-    parser.add_argument("--goal-attributes", type=int, default=defaults.goal_attributes)
-    parser.add_argument("--asin-length", type=int, default=defaults.asin_length)
-    parser.add_argument("--max-envs", type=int, default=defaults.max_envs)
+    parser.add_argument(
+        "--config", default=None, metavar="FILE",
+        help="the shop's settings as a JSON object (e.g. a demo build's shop.json); flags below override them",
+    )  # fmt: skip
+    for flag, field in _CONFIG_FLAGS.items():
+        parser.add_argument(
+            f"--{flag.replace('_', '-')}", type=int, default=None, help=f"default {getattr(defaults, field)}"
+        )
     parser.add_argument(
         "--down-after-steps", type=int, default=None, metavar="K",
         help="after answering K /step requests, stop listening (connections refused), as a crashed server",
     )  # fmt: skip
+    parser.add_argument(
+        "--env", default="WEBSHOP_SERVER", metavar="NAME",
+        help="with --run: the environment variable that gives CMD the server's URL (default WEBSHOP_SERVER)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--run", nargs=argparse.REMAINDER, default=None, metavar="CMD",
+        help="serve while CMD (everything after --run) runs, then stop; exit with CMD's exit code",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.run is not None and not args.run:
+        parser.error("--run needs a command")
     try:
-        config = ShopConfig(
-            seed=args.seed, num_products=args.products, results_per_page=args.per_page,
-            max_results=args.max_results, title_words=args.title_words, goal_attributes=args.goal_attributes,
-            asin_length=args.asin_length, max_envs=args.max_envs,
-        )  # fmt: skip
+        base = ShopConfig.read(args.config) if args.config else defaults
+        overrides = {field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items()}
+        config = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -555,14 +581,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.down_after_steps is not None:
         server.faults.down_after(args.down_after_steps, "/step", refuse=True)
-    print(server.url, flush=True)
     try:
+        if args.run is not None:
+            return _run_while_serving(args.run, {args.env: server.url})
+        print(server.url, flush=True)
         stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
     return 0
+
+
+def _run_while_serving(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` with `env` (one variable: the server's URL) added to this process's environment; its exit
+    code (2 when it cannot start).
+    A Ctrl-C reaches the command too (same process group): wait for it to finish."""
+    ((name, url),) = env.items()
+    print(f"shop server at {url} (${name}) while running: {' '.join(command)}", flush=True)
+    try:
+        process = subprocess.Popen(command, env={**os.environ, **env})
+    except OSError as exc:
+        print(f"error: cannot run {command[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 if __name__ == "__main__":
