@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-t2i merge-demo pipeline-demo test lint format clean browser example-smollm2
+.PHONY: demo demo-t2i demo-agent merge-demo pipeline-demo test lint format clean browser example-smollm2
 
 $(STAMP):
 	@echo "installing the environment into $(VENV) (about 2 minutes on a fresh machine; pip's progress follows)..."
@@ -28,6 +28,14 @@ demo: $(STAMP)
 demo-t2i: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.demo.t2i_world examples/text_to_image/build
 	OMP_NUM_THREADS=1 $(VENV)/bin/hf-m2n2 evolve examples/text_to_image/spec.yaml --out out/text_to_image --overwrite
+
+# The third offline demo, the paper's LLM experiment at toy scale: a tiny math model and a tiny WebShop agent
+# (imitation of a scripted shopper, trained offline, cached), M2N2 with a fitness from the add task (lm-eval) and
+# shop sessions (the webshop evaluator against the local WebShop-protocol server, serving while the run runs).
+demo-agent: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.demo.math_agent examples/math_agent/build
+	OMP_NUM_THREADS=1 $(PY) -m hf_m2n2.demo.shop.server --config examples/math_agent/build/shop/shop.json \
+	  --run $(VENV)/bin/hf-m2n2 evolve examples/math_agent/spec.yaml --out out/math_agent --overwrite
 
 # A static mergekit-style merge of tiny seeds, loaded back with transformers.
 merge-demo: $(STAMP)

@@ -9,7 +9,7 @@ columns (add exact match, shop mean reward and success rate) and their mean over
 is not averaged in), then each run and the seed models' rows, from the runs' `report.json`.
 
 Usage:
-    python bench/agent_compare.py [--spec examples/math_agent/spec.yaml] [--shop-config BUILD/shop.json]
+    python bench/agent_compare.py [--spec examples/math_agent/spec.yaml] [--shop-config BUILD/shop/shop.json]
         [--out out/agent_compare] [--budget N] [--runs 1] [--methods m2n2,no_split_point,no_attraction,ga,evomerge_ps]
 """
 
@@ -64,7 +64,7 @@ def with_two_task_mean(row: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", type=Path, default=DEMO / "spec.yaml")
-    parser.add_argument("--shop-config", type=Path, default=DEMO / "build" / "shop.json")
+    parser.add_argument("--shop-config", type=Path, default=DEMO / "build" / "shop" / "shop.json")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "agent_compare")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budget", type=int, help="forward passes per run (default: the spec's)")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     specs = method_specs(spec, methods, budget, seed)
     results = {}
-    with serve(ShopConfig(**json.loads(args.shop_config.read_text()))) as shop:
+    with serve(ShopConfig.read(args.shop_config)) as shop:
         os.environ[SERVER_VARIABLE] = shop.url  # the specs say ${WEBSHOP_SERVER}
         for method, method_spec in specs.items():
             dirs = run_method(

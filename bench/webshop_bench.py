@@ -2,7 +2,7 @@
 envs) against one session at a time, on the same model, the same sessions and the same local server.
 
 The model is a causal LM directory (default: the math + agent demo's `shop` specialist, `make demo-agent` builds
-it); the shop is the local WebShop-protocol server started on a free port with the build's `shop.json` (the shop the
+it); the shop is the local WebShop-protocol server started on a free port with the build's `shop/shop.json` (the shop the
 model was trained on). The evaluator settings (prompt, max_rounds, max_length, gen_kwargs) are the webshop part of
 `--spec`. Both runs must give the same rewards (greedy decoding: a batch changes nothing but the speed); the table
 says whether they did.
@@ -39,7 +39,7 @@ def webshop_part(spec_file: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEMO / "build" / "shop")
-    parser.add_argument("--shop-config", type=Path, default=DEMO / "build" / "shop.json")
+    parser.add_argument("--shop-config", type=Path, default=DEMO / "build" / "shop" / "shop.json")
     parser.add_argument("--spec", type=Path, default=DEMO / "spec.yaml")
     parser.add_argument("--sessions", default="0-31", help="ids or inclusive ranges, comma-separated")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("kind", "server", "sessions", "test_sessions", "concurrency", "weight"):
         settings.pop(key, None)
     rows, rewards = [], {}
-    with serve(ShopConfig(**json.loads(args.shop_config.read_text()))) as shop:
+    with serve(ShopConfig.read(args.shop_config)) as shop:
         for concurrency in args.concurrency:
             config = WebshopConfig(
                 kind="webshop", server=shop.url, sessions=sessions, concurrency=concurrency, **settings
