@@ -595,7 +595,9 @@ def test_a_config_file_and_a_command_run_while_serving(tmp_path):
     lines = done.stdout.strip().splitlines()
     url, observation = lines[-2:]
     assert lines[0] == f"shop server at {url} ($WEBSHOP_SERVER) while running: {sys.executable} -c "
-    expected = build_catalogue(ShopConfig(seed=5, num_products=50, results_per_page=2)).goal(1).instruction_text
+    expected = (
+        build_catalogue(ShopConfig(seed=5, num_products=50, results_per_page=2)).goal(1).instruction_text
+    )
     assert observation == f"WebShop{SEP}Instruction:{SEP}{expected}{SEP}Search"
     with pytest.raises(httpx.ConnectError):
         httpx.post(url + "/create", timeout=5)
