@@ -615,3 +615,21 @@ def test_a_config_file_and_a_command_run_while_serving(tmp_path):
     ]
     missing = subprocess.run([*command, "--run"], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "--run needs a command" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not JSON (Expecting property name enclosed in double quotes, line 1)"),
+        ("[1, 2]", "expected a JSON object of shop settings"),
+        ('{"seed": 1.5}', "seed: must be an integer, got 1.5"),
+    ],
+)
+def test_a_shop_config_file_that_is_not_a_config_is_one_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "shop.json"
+    path.write_text(text)
+    with pytest.raises(SpecError) as caught:
+        ShopConfig.read(path)
+    assert str(caught.value) == f"{path}: {message}"
+    with pytest.raises(SpecError, match="cannot read it"):
+        ShopConfig.read(tmp_path / "missing.json")
