@@ -219,3 +219,13 @@ def test_an_outage_stops_the_run_with_a_checkpoint_and_resume_ends_as_an_undistu
         for d in ("run", "undisturbed")
     ]
     assert blends[0] == blends[1]
+
+
+def test_a_bad_build_parameter_is_one_line_and_builds_nothing(tmp_path, capsys):
+    from hf_m2n2.demo.math_agent import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "build"), "--param", "depth=3"])
+    assert stopped.value.code == 2
+    assert "--param 'depth=3': expected NAME=VALUE with NAME one of shop_seed" in capsys.readouterr().err
+    assert not (tmp_path / "build").exists()

@@ -118,6 +118,21 @@ def one_thread() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def builder_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The demo builders' command line: the build folder and repeatable `--param NAME=VALUE` overrides (read them
+    with `config_from_overrides`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("root", help="build folder")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a build parameter (repeatable)",
+    )
+    return parser
+
+
 def config_from_overrides(cls: type, overrides: Sequence[str], parser: argparse.ArgumentParser) -> Any:
     """A build configuration (a dataclass of int, float and tuple-of-int fields) from `NAME=VALUE` overrides.
 

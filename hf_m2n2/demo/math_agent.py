@@ -30,7 +30,6 @@ the same bytes, another CPU may train other seeds (the cache key records the ker
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -372,17 +371,9 @@ def build_math_agent(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m hf_m2n2.demo.math_agent ROOT [--param NAME=VALUE ...]`: build (or reuse) into ROOT."""
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_m2n2.demo.math_agent",
-        description="Build the math + agent demo's seeds offline (cached).",
-    )
-    parser.add_argument("root", help="build folder")
-    parser.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a build parameter (repeatable)",
+    parser = build_cache.builder_parser(
+        "python -m hf_m2n2.demo.math_agent",
+        "Build the math + agent demo's seeds offline (cached).",
     )
     args = parser.parse_args(argv)
     config = build_cache.config_from_overrides(MathAgentConfig, args.param, parser)

@@ -31,7 +31,6 @@ loads, torch's unvectorized kernels (`ATEN_CPU_CAPABILITY=default`) and MKL's SS
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -528,19 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     The old `python -m hf_m2n2.specialists` runs this too (hence `prog`, kept as it was).
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_m2n2.specialists", description="Build the tiny specialists demo offline (cached)."
+    parser = build_cache.builder_parser(
+        "python -m hf_m2n2.specialists", "Build the tiny specialists demo offline (cached)."
     )
-    parser.add_argument("root", help="build folder")
     parser.add_argument(
         "--report", action="store_true", help="score base, specialists and merges on the test split"
-    )
-    parser.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a build parameter (repeatable)",
     )
     args = parser.parse_args(argv)
     config = build_cache.config_from_overrides(SpecialistsConfig, args.param, parser)

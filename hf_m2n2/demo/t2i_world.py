@@ -28,7 +28,6 @@ Command line: `python -m hf_m2n2.demo.t2i_world OUT_DIR [--param NAME=VALUE ...]
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -634,17 +633,9 @@ def _ensure_report(world: World, config: WorldConfig, key: str, say: Callable[[s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m hf_m2n2.demo.t2i_world OUT_DIR [--param NAME=VALUE ...]`: build (or reuse) into OUT_DIR."""
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_m2n2.demo.t2i_world",
-        description="Build the tiny text-to-image world offline (cached): judge, base, en, ja, prompts.",
-    )
-    parser.add_argument("root", help="build folder")
-    parser.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a build parameter (repeatable)",
+    parser = build_cache.builder_parser(
+        "python -m hf_m2n2.demo.t2i_world",
+        "Build the tiny text-to-image world offline (cached): judge, base, en, ja, prompts.",
     )
     parser.add_argument(
         "--no-report", action="store_true", help="skip the report (scores of the four candidates)"
