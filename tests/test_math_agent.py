@@ -59,11 +59,9 @@ def _spec(world, out_dir: Path, budget: int) -> Path:
     return path
 
 
-def test_the_demo_spec_names_the_builds_parts(cli):
-    """The spec's seeds, task include path and sessions are the ones the default build writes; it validates
-    offline without the build."""
-    code, out, err = cli("validate", SPEC, "--no-resolve")
-    assert code == 0 and "valid m2n2 evolve spec (60 forward passes)" in out, err
+def test_the_demo_spec_names_the_builds_parts():
+    """The spec's seeds, task include path and sessions are the ones the default build writes (the tests below run
+    the spec itself on a reduced build)."""
     spec = yaml.safe_load(SPEC.read_text())
     fitness, test = session_ranges(MathAgentConfig())
     assert [m["model"] for m in spec["models"]] == ["build/add", "build/shop"]
