@@ -18,7 +18,7 @@ trained on the sessions after them only. The addition data never holds a problem
 Layout of ROOT (every part is rebuilt only when missing, incomplete, or built with other parameters):
 
 ```
-ROOT/specialists/         the tiny specialists build (its base; the add task under tasks/)
+ROOT/specialists/         the tiny specialists' base and lm-eval tasks (the add task), not their specialists
 ROOT/base/  ROOT/add/  ROOT/shop/   Hub-layout checkpoints with the agent chat template
 ROOT/shop/shop.json       the shop's settings: `python -m hf_m2n2.demo.shop.server --config ROOT/shop/shop.json`
 ```
@@ -311,7 +311,7 @@ def build_math_agent(
     specialists = specialists or SpecialistsConfig()
     root = Path(root).expanduser().resolve()
     say = log or (lambda line: None)
-    built = build_specialists(root / "specialists", specialists, log=say)
+    built = build_specialists(root / "specialists", specialists, log=say, skills=())  # its base and tasks
     keys = _keys(config, specialists, built.root)
     base = root / "base"
     trainer: list[_Trainer] = []  # made once, when a part needs training

@@ -373,6 +373,7 @@ def build_specialists(
     config: SpecialistsConfig | None = None,
     *,
     log: Callable[[str], None] | None = None,
+    skills: Sequence[str] = SKILLS,
 ) -> Specialists:
     """Build (or reuse) the base, the two specialists and the lm-eval tasks under `root`.
 
@@ -386,9 +387,10 @@ def build_specialists(
         root: the build folder (created if needed).
         config: build parameters; default `SpecialistsConfig()` (about a minute on one core).
         log: called with one line per part built or reused (e.g. `print`).
+        skills: the specialists to build (the base and both skills' tasks are always built).
 
     Returns:
-        The paths of the checkpoints and tasks.
+        The paths of the checkpoints (of `skills`) and tasks.
 
     Example:
         >>> built = build_specialists("specialists-build", log=print)  # doctest: +SKIP
@@ -410,7 +412,7 @@ def build_specialists(
         ("tasks", root / "tasks", lambda out: _build_tasks(config, root / "tasks", out)),
         ("base", base, lambda out: _build_base(config, out, excluded)),
     ]
-    for skill in SKILLS:
+    for skill in skills:
         steps.append(
             (skill, root / skill, lambda out, s=skill: _build_specialist(config, s, base, out, excluded))
         )
@@ -430,7 +432,7 @@ def build_specialists(
     return Specialists(
         root=root,
         base=base,
-        models={skill: root / skill for skill in SKILLS},
+        models={skill: root / skill for skill in skills},
         tasks_dir=root / "tasks",
         fitness_tasks=[task_name(skill, "fit") for skill in SKILLS],
         test_tasks=[task_name(skill, "test") for skill in SKILLS],
