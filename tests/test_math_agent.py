@@ -122,6 +122,8 @@ def test_the_build_is_cached_and_writes_the_shop_settings(world, tmp_path):
     again = build_math_agent(world.root, REDUCED, specialists=TINY_SPECIALISTS, log=lines.append)
     assert again == world and all(line.split(":")[1].strip().startswith("cached") for line in lines), lines
     assert ShopConfig.read(world.shop_config) == REDUCED.shop()
+    built = sorted(p.name for p in (world.root / "specialists").iterdir() if not p.name.startswith("."))
+    assert built == ["base", "tasks"]  # the specialists' own seeds are not needed
     for seed in world.models.values():
         assert agent_tokenizer(seed).chat_template == AGENT_CHAT_TEMPLATE
         assert (
