@@ -23,7 +23,8 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,31 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def build_parts(
+    parts: Sequence[tuple[str, Path, Callable[[Path], None]]],
+    keys: dict[str, str],
+    params: dict[str, Any],
+    kernels: dict[str, str],
+    say: Callable[[str], None],
+) -> None:
+    """Build, on one torch thread and atomically, each part `(name, path, build)` whose folder does not hold the
+    key `keys[name]` (`build(scratch)` writes it); say one line per part, cached or built."""
+    todo = []
+    for name, path, build in parts:
+        if is_built(path, keys[name]):
+            say(f"{name}: cached ({path})")
+        else:
+            todo.append((name, path, build))
+    if not todo:
+        return
+    with one_thread():
+        for name, path, build in todo:
+            start = time.perf_counter()
+            with atomic_dir(path, keys[name], params, kernels) as scratch:
+                build(scratch)
+            say(f"{name}: built in {time.perf_counter() - start:.1f} s ({path})")
 
 
 def builder_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ the same bytes, another CPU may train other seeds (the cache key records the ker
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -43,13 +44,14 @@ from hf_m2n2.demo import build_cache
 from hf_m2n2.demo.shop.catalogue import ShopConfig
 from hf_m2n2.demo.specialists import (
     ATTENTION,
+    Specialists,
     SpecialistsConfig,
     _char_ids,
     _encode,
     _save,
     _training_batches,
     build_specialists,
-    heldout_examples,
+    heldout_prompts,
     kernels_in_effect,
     train_on_answers,
 )
@@ -132,7 +134,7 @@ class MathAgent:
     """
 
     root: Path
-    specialists: Any
+    specialists: Specialists
     models: dict[str, Path]
     shop_config: Path
     fitness_sessions: str
@@ -205,9 +207,7 @@ def _shop_batches(examples: list[tuple[list[int], int]], size: int, pad_id: int,
 
 def _add_batches(tokenizer: Any, specialists: SpecialistsConfig, seed: str) -> Iterator[Any]:
     """Endless encoded batches of the specialists' addition examples, never one of its lm-eval tasks' problems."""
-    held = heldout_examples(specialists)
-    excluded = {prompt for splits in held.values() for pairs in splits.values() for prompt, _ in pairs}
-    pairs = _training_batches(["add"], excluded, specialists.batch_size, seed)
+    pairs = _training_batches(["add"], heldout_prompts(specialists), specialists.batch_size, seed)
     char_ids = _char_ids(tokenizer)
     return (_encode(batch, char_ids, tokenizer.pad_token_id) for batch in pairs)
 
@@ -314,50 +314,34 @@ def build_math_agent(
     built = build_specialists(root / "specialists", specialists, log=say, skills=())  # its base and tasks
     keys = _keys(config, specialists, built.root)
     base = root / "base"
-    trainer: list[_Trainer] = []  # made once, when a part needs training
+    trainer = functools.cache(lambda: _Trainer(config, specialists, agent_tokenizer(built.base)))
 
-    def train(part: str, out: Path) -> None:
-        if not trainer:
-            trainer.append(_Trainer(config, specialists, agent_tokenizer(built.base)))
-        run = trainer[0]
-        if part == "base":
-            sources = [
-                (config.shop_share, run.shop("base-shop")),
-                (1 - config.shop_share, run.add("base-add")),
-            ]
-            batches = _mixed(sources, f"base-{config.seed}")
-            run.train(
-                built.base, out, batches, config.base_steps, config.base_lr, "math-agent-base", BASE_ABOUT
-            )
-        elif part == "add":
-            run.train(
-                base, out, run.add("add"), config.add_steps, config.finetune_lr, "math-agent-add", ADD_ABOUT
-            )
-        else:
-            run.train(
-                base,
-                out,
-                run.shop("shop"),
-                config.shop_steps,
-                config.finetune_lr,
-                "math-agent-shop",
-                SHOP_ABOUT,
-            )
-            (out / SHOP_CONFIG_FILE).write_text(config.shop().to_json())
+    def train_base(out: Path) -> None:
+        run = trainer()
+        sources = [(config.shop_share, run.shop("base-shop")), (1 - config.shop_share, run.add("base-add"))]
+        batches = _mixed(sources, f"base-{config.seed}")
+        run.train(built.base, out, batches, config.base_steps, config.base_lr, "math-agent-base", BASE_ABOUT)
 
+    def train_add(out: Path) -> None:
+        run = trainer()
+        run.train(
+            base, out, run.add("add"), config.add_steps, config.finetune_lr, "math-agent-add", ADD_ABOUT
+        )
+
+    def train_shop(out: Path) -> None:
+        run = trainer()
+        run.train(
+            base, out, run.shop("shop"), config.shop_steps, config.finetune_lr, "math-agent-shop", SHOP_ABOUT
+        )
+        (out / SHOP_CONFIG_FILE).write_text(config.shop().to_json())
+
+    parts = [
+        ("base", base, train_base),
+        ("add", root / "add", train_add),
+        ("shop", root / "shop", train_shop),
+    ]
     params = {**dataclasses.asdict(config), "specialists": dataclasses.asdict(specialists)}
-    for part in ("base", "add", "shop"):
-        path = root / part
-        if build_cache.is_built(path, keys[part]):
-            say(f"{part}: cached ({path})")
-            continue
-        start = time.perf_counter()
-        with (
-            build_cache.one_thread(),
-            build_cache.atomic_dir(path, keys[part], params, kernels_in_effect()) as out,
-        ):
-            train(part, out)
-        say(f"{part}: built in {time.perf_counter() - start:.1f} s ({path})")
+    build_cache.build_parts(parts, keys, params, kernels_in_effect(), say)
     fitness, test = session_ranges(config)
     return MathAgent(
         root=root,

@@ -151,6 +151,12 @@ def heldout_examples(config: SpecialistsConfig) -> dict[str, dict[str, list[tupl
     return out
 
 
+def heldout_prompts(config: SpecialistsConfig) -> set[str]:
+    """Every prompt of the fitness and test splits of both skills: what training never shows."""
+    held = heldout_examples(config)
+    return {prompt for splits in held.values() for pairs in splits.values() for prompt, _ in pairs}
+
+
 def _training_batches(
     skills: Sequence[str], excluded: set[str], batch_size: int, seed: str
 ) -> Iterator[list[tuple[str, str]]]:
@@ -405,8 +411,7 @@ def build_specialists(
     keys = _part_keys(config, root)
     params = dataclasses.asdict(config)
     say = log or (lambda line: None)
-    held = heldout_examples(config)
-    excluded = {prompt for splits in held.values() for pairs in splits.values() for prompt, _ in pairs}
+    excluded = heldout_prompts(config)
     base = root / "base"
     steps: list[tuple[str, Path, Callable[[Path], None]]] = [
         ("tasks", root / "tasks", lambda out: _build_tasks(config, root / "tasks", out)),
@@ -416,19 +421,7 @@ def build_specialists(
         steps.append(
             (skill, root / skill, lambda out, s=skill: _build_specialist(config, s, base, out, excluded))
         )
-    todo = []
-    for part, path, build in steps:
-        if build_cache.is_built(path, keys[part]):
-            say(f"{part}: cached ({path})")
-        else:
-            todo.append((part, path, build))
-    if todo:
-        with build_cache.one_thread():
-            for part, path, build in todo:
-                start = time.perf_counter()
-                with build_cache.atomic_dir(path, keys[part], params, kernels_in_effect()) as scratch:
-                    build(scratch)
-                say(f"{part}: built in {time.perf_counter() - start:.1f} s ({path})")
+    build_cache.build_parts(steps, keys, params, kernels_in_effect(), say)
     return Specialists(
         root=root,
         base=base,

@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         server.faults.down_after(args.down_after_steps, "/step", refuse=True)
     try:
         if args.run is not None:
-            return _run_while_serving(args.run, {args.env: server.url})
+            return _run_while_serving(args.run, args.env, server.url)
         print(server.url, flush=True)
         stop.wait()
     except KeyboardInterrupt:
@@ -593,14 +593,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_while_serving(command: list[str], env: dict[str, str]) -> int:
-    """Run `command` with `env` (one variable: the server's URL) added to this process's environment; its exit
-    code (2 when it cannot start).
-    A Ctrl-C reaches the command too (same process group): wait for it to finish."""
-    ((name, url),) = env.items()
-    print(f"shop server at {url} (${name}) while running: {' '.join(command)}", flush=True)
+def _run_while_serving(command: list[str], variable: str, url: str) -> int:
+    """Run `command` with `variable` = the server's URL added to this process's environment; its exit code (2 when
+    it cannot start). A Ctrl-C reaches the command too (same process group): wait for it to finish."""
+    print(f"shop server at {url} (${variable}) while running: {' '.join(command)}", flush=True)
     try:
-        process = subprocess.Popen(command, env={**os.environ, **env})
+        process = subprocess.Popen(command, env={**os.environ, variable: url})
     except OSError as exc:
         print(f"error: cannot run {command[0]}: {exc.strerror or exc}", file=sys.stderr)
         return 2
