@@ -2,7 +2,7 @@
 # Each creates the virtual environment it needs. torch is pinned through constraints.txt.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := dev,eval,evolve,app,diffusion,agent
+EXTRAS := dev,eval,evolve,app,diffusion,agent,ray
 # the stamp names what was installed: a change to the dependencies or to the extras reinstalls
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml constraints.txt; echo $(EXTRAS)) | sha1sum | cut -c1-12)
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt

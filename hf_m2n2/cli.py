@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow seeds with custom code (spec: trust_remote_code)",
     )
+    evolve.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="where candidates are evaluated (spec: executor.kind); kept for --resume unless given again",
+    )
+    evolve.add_argument("--workers", type=int, metavar="N", help="Ray workers (spec: executor.workers)")
+    evolve.add_argument(
+        "--ray-address", metavar="ADDR", help="Ray cluster to join (spec: executor.address; default: local)"
+    )
     _push_flags(evolve)
     _verbosity(evolve)
 
@@ -350,6 +359,11 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
             _print_push(summary["push"]["repo_url"], summary["push"]["commit_url"])
 
     out = args.resume or args.out
+    executor = {
+        key: value
+        for key, value in (("kind", args.executor), ("workers", args.workers), ("address", args.ray_address))
+        if value is not None
+    }
     try:
         if args.resume:
             resume_runs(
@@ -358,6 +372,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 on_done=report,
                 trust_remote_code=args.trust_remote_code,
+                executor=executor or None,
             )
         else:
             start_runs(
@@ -370,6 +385,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                 push_to_hub=args.push,
                 private=args.private,
                 trust_remote_code=args.trust_remote_code,
+                executor=executor or None,
             )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: hf-m2n2 evolve --resume {out}", file=sys.stderr)

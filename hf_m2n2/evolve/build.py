@@ -1,6 +1,10 @@
 """Build the parts of a run from a validated spec: the genome kind's parts, the evaluator, the executor and the
 strategy, each from its registry.
 
+The local executor holds the live target and the evaluator in this process. The Ray executor's workers build
+them themselves (`hf_m2n2.evolve.scorer.build_scorer`, the same code), so the driver builds only what the
+strategy and the export need (`GenomeKind.build(..., live=False)`).
+
 The run seed feeds a `numpy.random.SeedSequence` spawning two independent streams: one draws whatever the genome
 kind draws at the start (random initial vectors), the other drives the strategy.
 """
@@ -8,17 +12,18 @@ kind draws at the start (random initial vectors), the other drives the strategy.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hf_m2n2.errors import SpecError
-from hf_m2n2.evaluate import build_evaluator
 from hf_m2n2.evolve.config import M2N2_SETTINGS, CMAOptions, EvolveConfig, EvomergeOptions, MapElitesOptions
-from hf_m2n2.evolve.executor import LocalExecutor
-from hf_m2n2.evolve.strategy import Strategy, make_rng
+from hf_m2n2.evolve.executor import Executor
+from hf_m2n2.evolve.ray_executor import ray_executor
+from hf_m2n2.evolve.scorer import local_executor
+from hf_m2n2.evolve.strategy import Strategy
 from hf_m2n2.genomes.base import GenomeOps, GenomeRun
 
 
@@ -34,7 +39,7 @@ class RunParts:
     """
 
     ops: GenomeOps
-    executor: LocalExecutor
+    executor: Executor
     strategy: Strategy
     genome: GenomeRun
 
@@ -147,6 +152,13 @@ def build_strategy(
     return builder(config, ops, initial, seed, mutation_std, groups, config.algorithm)
 
 
+# The executor registry: `executor.kind` -> builder(spec, seed, run_dir, spec_dir) -> (genome parts, executor).
+EXECUTORS: dict[str, Callable[..., tuple[GenomeRun, Executor]]] = {
+    "local": local_executor,
+    "ray": ray_executor,
+}
+
+
 def build_run(spec: Any, seed: int, run_dir: Path | None = None, spec_dir: Path | None = None) -> RunParts:
     """The parts of one run of a validated spec.
 
@@ -159,13 +171,8 @@ def build_run(spec: Any, seed: int, run_dir: Path | None = None, spec_dir: Path 
     Raises:
         SpecError: a callable cannot be imported, the seeds are bad, or the algorithm cannot run on them.
     """
-    kind = spec.kind
-    seeds_stream, strategy_stream = np.random.SeedSequence(seed).spawn(2)
-    genome = kind.build(spec, make_rng(seeds_stream), run_dir or Path("."), spec_dir)
-    evaluator = build_evaluator(spec.evaluate, replace(genome.context, run_dir=run_dir))
-    executor = LocalExecutor(
-        genome.ops, genome.target, evaluator, cache_scores=genome.cache_scores, timed=genome.timed
-    )
+    _, strategy_stream = np.random.SeedSequence(seed).spawn(2)
+    genome, executor = EXECUTORS[spec.executor.kind](spec, seed, run_dir, spec_dir)
     groups = executor.example_groups() if spec.evolve.algorithm == "map_elites" else None
     strategy = build_strategy(
         spec.evolve,

@@ -52,6 +52,52 @@ class MapElitesOptions(StrictModel):
     bins: int = Field(10, ge=1)
 
 
+class WorkerResources(StrictModel):
+    """What Ray reserves for each worker: GPUs (1 = one actor per GPU) and CPUs (fractions allowed)."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+
+
+class ExecutorConfig(StrictModel):
+    """The `executor:` section: where candidates are evaluated.
+
+    Attributes:
+        kind: `local` (one candidate at a time in this process, the default) or `ray` (workers on a Ray cluster,
+            each holding the seeds and a live model; only genomes travel).
+        address: the Ray cluster (`auto`, `ray://host:10001`, `host:6379`); None: `RAY_ADDRESS`, else a local
+            instance started for the run.
+        workers: Ray actors evaluating candidates.
+        resources_per_worker: what Ray reserves per worker.
+        in_flight_per_worker: candidates queued on each worker (2 hides the round trip between two candidates).
+        ordering: `deterministic` (told in ask order: a seed gives the same run whatever the timing, and one
+            worker equals the local executor) or `completion` (told on arrival: the highest throughput; the
+            order is logged in `tells.jsonl`).
+        max_restarts: times Ray restarts a worker whose process died (its candidate goes to another worker).
+        start_timeout_s: seconds the workers may take to start (build their seeds, model and evaluator).
+    """
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int = Field(1, ge=1)
+    resources_per_worker: WorkerResources = Field(default_factory=WorkerResources)
+    in_flight_per_worker: int = Field(1, ge=1)
+    ordering: Literal["deterministic", "completion"] = "deterministic"
+    max_restarts: int = Field(2, ge=0)
+    start_timeout_s: float = Field(600.0, gt=0)
+
+
+def check_executor(config: ExecutorConfig, prefix: str = "executor") -> None:
+    """Refuse Ray settings on the local executor (they would be silently ignored).
+
+    Raises:
+        SpecError: naming the offending key.
+    """
+    if config.kind == "local":
+        for key in sorted(config.model_fields_set - {"kind"}):
+            raise SpecError(f"{prefix}.{key}", "only used by the ray executor (executor: {kind: ray, ...})")
+
+
 class EvolveConfig(StrictModel):
     """The `evolve:` section.
 

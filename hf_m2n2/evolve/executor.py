@@ -8,6 +8,8 @@ Two kinds of failure, never confused:
   checkpoints and the run stops with one line; `--resume` continues.
 
 `LocalExecutor` runs one candidate at a time in this process (`parallelism` 1): submit, then collect, in order.
+`hf_m2n2.evolve.ray_executor.RayExecutor` keeps several in flight on Ray workers and collects them as they finish.
+`build_executor` picks one from the spec's `executor:` section (the registry `EXECUTORS`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ Split = Literal["fit", "test"]
 
 @dataclass
 class Scored:
-    """A collected candidate: its raw scores, or the one-line error that made it a candidate failure."""
+    """A collected candidate: its raw scores, or the one-line error that made it a candidate failure; which worker
+    evaluated it and in how many seconds, where the executor says (`tells.jsonl`)."""
 
     candidate: Candidate
     scores: Any = None
     error: str | None = None
+    worker: int | None = None
+    seconds: float | None = None
 
 
 class Executor(Protocol):
@@ -49,7 +54,8 @@ class Executor(Protocol):
         ...
 
     def collect(self) -> Scored:
-        """The oldest submitted candidate, scored (blocking until it is)."""
+        """A submitted candidate, scored (blocking until one is): the oldest for a one-at-a-time executor, the
+        first to finish for one with several workers."""
         ...
 
     def score(self, genome: Any, split: Split) -> Any:

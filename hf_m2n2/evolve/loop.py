@@ -8,6 +8,12 @@ comes from the checkpointed generators, so it ends exactly as an uninterrupted r
 evaluation raises or returns NaN is logged and scored 0 on every example; the run goes on. A service failing
 under the evaluation (`InfrastructureError`) checkpoints the run, candidates asked and not yet told included,
 and stops it: resuming submits those candidates again first, so the run still ends as an uninterrupted one.
+
+With several candidates in flight (an executor with several workers), `ordering` says when a result is told:
+`deterministic` tells in ask order (a result that arrives early waits for the ones asked before it), so the run
+depends on the seed and the number in flight, never on timing; `completion` tells results as they arrive, and
+`tells.jsonl` logs that order (which worker, how long). Strategies that need their tells in ask order
+(`told_in_order`: CMA-ES generations) get them so either way.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.npz"
 HISTORY = "history.jsonl"
 LINEAGE = "lineage.jsonl"
+TELLS = "tells.jsonl"
 ARCHIVE = "archive.npz"
 SUMMARY = "summary.json"
 CHECKPOINT_FORMAT = 1
@@ -69,6 +76,8 @@ class LoopSettings:
     progress: bool = True
     label: str = "evolve"
     lineage: bool = False  # append every candidate's lineage to lineage.jsonl (for the exported card)
+    ordering: str = "deterministic"  # or "completion": tell results as they arrive (see the module docstring)
+    tell_log: bool = False  # append every tell (candidate, worker, seconds) to tells.jsonl
 
 
 @dataclass
@@ -84,6 +93,8 @@ class LoopState:
     # sha256 of the first history_bytes (None: a checkpoint from before it was kept)
     history_sha256: str | None = None
     lineage_sha256: str | None = None
+    tells_bytes: int = 0
+    tells_sha256: str | None = None
     elapsed_s: float = 0.0
     sessions: int = 0
     last_log: dict[str, Any] | None = None
@@ -224,47 +235,44 @@ def run_loop(
         >>> summary = run_loop(strategy, ops, executor, "runs/m2n2", LoopSettings(budget=1000))  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
-    history_path = run_dir / HISTORY
-    lineage_path = run_dir / LINEAGE
     state = LoopState()
     in_flight: deque[Candidate] = deque()
+    logs = {"history": _Log(run_dir / HISTORY)}
+    if settings.lineage:
+        logs["lineage"] = _Log(run_dir / LINEAGE)
+    if settings.tell_log:
+        logs["tells"] = _Log(run_dir / TELLS)
     if resume:
         state, saved_in_flight = _restore(run_dir / CHECKPOINT, strategy)
         in_flight.extend(
             Candidate(ops.from_state(c["genome"]), Lineage.from_dict(c["lineage"])) for c in saved_in_flight
         )
-        history_hash = _truncate(history_path, state.history_bytes, state.history_sha256)
-        if settings.lineage:
-            lineage_hash = _truncate(lineage_path, state.lineage_bytes, state.lineage_sha256)
+        for name, log in logs.items():
+            log.resume(getattr(state, f"{name}_bytes"), getattr(state, f"{name}_sha256"))
     else:
-        history_path.write_bytes(b"")
-        history_hash = hashlib.sha256()
-        if settings.lineage:
-            lineage_path.write_bytes(b"")
-    if not settings.lineage or not resume:
-        lineage_hash = hashlib.sha256()
+        for log in logs.values():
+            log.path.write_bytes(b"")
     state.sessions += 1
     session_start = time.perf_counter()
     elapsed_before = state.elapsed_s
     last_checkpoint, last_checkpoint_pass = session_start, state.passes
+    in_order = settings.ordering == "deterministic" or getattr(strategy, "told_in_order", False)
+    arrived: dict[int, Scored] = {}  # collected, not yet told (in ask order, a result waits for earlier ones)
 
     with (
         _StopRequest() as stop,
-        open(history_path, "ab") as history,
-        open(lineage_path, "ab") if settings.lineage else contextlib.nullcontext() as lineage,
+        contextlib.ExitStack() as opened,
         _progress_bar(settings, state.passes) as bar,
     ):
+        for log in logs.values():
+            opened.enter_context(log.open())
 
         def checkpoint() -> None:
             nonlocal last_checkpoint, last_checkpoint_pass
-            for log in (history, lineage) if lineage is not None else (history,):
-                log.flush()
-                os.fsync(log.fileno())
-            state.history_bytes = history.tell()
-            state.history_sha256 = history_hash.hexdigest()
-            if lineage is not None:
-                state.lineage_bytes = lineage.tell()
-                state.lineage_sha256 = lineage_hash.hexdigest()
+            for name, log in logs.items():
+                size, digest = log.sync()
+                setattr(state, f"{name}_bytes", size)
+                setattr(state, f"{name}_sha256", digest)
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             loop_state = asdict(state)
             saved = {"format": CHECKPOINT_FORMAT, "loop": loop_state, "strategy": strategy.state_dict()}
@@ -275,11 +283,19 @@ def run_loop(
             save_state(run_dir / CHECKPOINT, saved)
             last_checkpoint, last_checkpoint_pass = time.perf_counter(), state.passes
 
+        def next_result() -> Scored:
+            """The next result to tell: the oldest asked (in order) or the first arrived (completion)."""
+            wanted = in_flight[0].lineage.id if in_order else None
+            while (wanted not in arrived) if in_order else not arrived:
+                scored = executor.collect()
+                arrived[scored.candidate.lineage.id] = scored
+            return arrived.pop(wanted if in_order else next(iter(arrived)))
+
         every_s, every_steps = settings.checkpoint_every_s, settings.checkpoint_every_steps
-        for candidate in in_flight:
-            executor.submit(candidate)
         told = True  # the state is that of a finished step (a checkpoint now resumes exactly)
         try:
+            for candidate in in_flight:
+                executor.submit(candidate)
             while state.passes < settings.budget:
                 if stop.requested or (stop.event is not None and stop.event.is_set()):
                     checkpoint()
@@ -289,23 +305,34 @@ def run_loop(
                     and state.passes + len(in_flight) < settings.budget
                     and (candidate := strategy.ask()) is not None
                 ):
+                    in_flight.append(
+                        candidate
+                    )  # before submitting: a failing submit leaves it in the checkpoint
                     executor.submit(candidate)
-                    in_flight.append(candidate)
                 if not in_flight:
                     raise ContractError(f"{strategy.name} asked no candidate while none was in flight")
-                scored = executor.collect()
-                if scored.candidate is not in_flight[0]:
-                    raise ContractError("the executor collected candidates out of submission order")
+                scored = next_result()
+                position = next((i for i, c in enumerate(in_flight) if c is scored.candidate), None)
+                if position is None:
+                    raise ContractError("the executor collected a candidate that was not in flight")
                 scores = _checked(scored, state)
                 told = False
-                in_flight.popleft()
+                del in_flight[position]
                 strategy.tell(scored.candidate, scores)
                 state.passes += 1
-                if lineage is not None:
-                    record = {**scored.candidate.lineage.to_dict(), "score": float(np.mean(scores))}
-                    line = (json.dumps(record) + "\n").encode()
-                    lineage.write(line)
-                    lineage_hash.update(line)
+                if "lineage" in logs:
+                    logs["lineage"].write(
+                        {**scored.candidate.lineage.to_dict(), "score": float(np.mean(scores))}
+                    )
+                if "tells" in logs:
+                    logs["tells"].write(
+                        {
+                            "pass": state.passes,
+                            "id": scored.candidate.lineage.id,
+                            "worker": scored.worker,
+                            "seconds": None if scored.seconds is None else round(scored.seconds, 4),
+                        }
+                    )
                 if state.passes % settings.log_every == 0 or state.passes == settings.budget:
                     record = {"passes": state.passes, **_train_stats(strategy)}
                     record["test"] = _test_score(executor, strategy)
@@ -313,9 +340,7 @@ def run_loop(
                     if parts is not None:
                         record["parts"] = parts
                     record["failures"] = state.failures
-                    line = (json.dumps(record) + "\n").encode()
-                    history.write(line)
-                    history_hash.update(line)
+                    logs["history"].write(record)
                     state.last_log = record
                     bar.update(state.passes - bar.n)
                     bar.set_postfix(
@@ -337,8 +362,40 @@ def run_loop(
         elapsed = elapsed_before + time.perf_counter() - session_start
     _write_archive(run_dir / ARCHIVE, strategy, ops)
     summary = _summary(strategy, state, settings, info or {}, elapsed)
+    stats = getattr(executor, "stats", None)  # e.g. the Ray executor's workers, bytes sent, utilization
+    if stats is not None:
+        summary["executor"] = stats()
     atomic_write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class _Log:
+    """An append-only JSON-lines log of the run (history, lineage, tells) with the running sha256 of its bytes:
+    a checkpoint records its size and digest, a resume cuts it back to them after checking them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.digest = hashlib.sha256()
+        self.handle: Any = None
+
+    def resume(self, size: int, sha256: str | None) -> None:
+        self.digest = _truncate(self.path, size, sha256)
+
+    @contextlib.contextmanager
+    def open(self):
+        with open(self.path, "ab") as self.handle:
+            yield self
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        self.handle.write(line)
+        self.digest.update(line)
+
+    def sync(self) -> tuple[int, str]:
+        """Flush to disk; the size and sha256 of what is written."""
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        return self.handle.tell(), self.digest.hexdigest()
 
 
 def _part_means(executor: Executor, strategy: Strategy) -> dict[str, float] | None:

@@ -48,6 +48,7 @@ class RunInfo:
         spec_hash: the hash of `spec.yaml`'s text (a modified copy refuses to resume).
         spec_dir: the original spec's folder: relative model paths and include_path resolve against it.
         push: the `--push` target given on the command line (a resumed run still publishes there).
+        executor: the `--executor/--workers/--ray-address` given on the command line (a resumed run keeps them).
     """
 
     seed: int
@@ -55,6 +56,7 @@ class RunInfo:
     spec_hash: str
     spec_dir: str | None = None
     push: dict[str, Any] | None = None
+    executor: dict[str, Any] | None = None
 
     def save(self, run_dir: Path, spec_text: str) -> None:
         """Write the run directory's `spec.yaml` (the spec's text) and `run.json`."""
@@ -62,12 +64,21 @@ class RunInfo:
         data = {"seed": self.seed, "run": self.run, "spec_hash": self.spec_hash, "spec_dir": self.spec_dir}
         if self.push is not None:
             data["push"] = self.push
+        if self.executor is not None:
+            data["executor"] = self.executor
         atomic_write_text(run_dir / RUN_INFO, json.dumps(data) + "\n")
 
     @classmethod
     def load(cls, run_dir: Path) -> RunInfo:
         data = _read_json(run_dir / RUN_INFO)
-        return cls(data["seed"], data["run"], data["spec_hash"], data.get("spec_dir"), data.get("push"))
+        return cls(
+            data["seed"],
+            data["run"],
+            data["spec_hash"],
+            data.get("spec_dir"),
+            data.get("push"),
+            data.get("executor"),
+        )
 
     @property
     def label_suffix(self) -> str:
@@ -85,6 +96,7 @@ def start_runs(
     push_to_hub: str | None = None,
     private: bool | None = None,
     trust_remote_code: bool = False,
+    executor: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Start the run(s) of a spec in `out_dir`.
 
@@ -99,6 +111,7 @@ def start_runs(
         push_to_hub, private: publish the exported model there (overriding the spec's `output:` section);
             the summary then has `push` (repo_url, commit_oid, commit_url).
         trust_remote_code: let the seeds' own code run (`--trust-remote-code`; or the spec's `trust_remote_code`).
+        executor: `executor:` settings overriding the spec's (`{"kind": "ray", "workers": 8}`), kept for resume.
 
     Returns:
         The summaries, one per run.
@@ -109,7 +122,7 @@ def start_runs(
         PushError: the upload failed (the run directory is complete; retry with `hf-m2n2 push`).
     """
     spec, text = load_evolve_spec(spec_path)
-    spec = _trusting(spec, trust_remote_code)
+    spec = _with_executor(_trusting(spec, trust_remote_code), executor)
     spec_dir = str(Path(spec_path).resolve().parent)
     if runs is not None and runs < 1:
         raise HfM2n2Error(f"--runs must be at least 1, got {runs}")
@@ -123,26 +136,28 @@ def start_runs(
     with locks.hold(out, RUN_OWNER):  # held until the run ends: a second evolve into `out` is refused
         _clear(out, overwrite)  # outside the `try`: what it refuses to empty is not ours to delete below
         try:
-            return _start(out, spec, text, spec_dir, runs, progress, on_done, target)
+            return _start(out, spec, text, spec_dir, runs, progress, on_done, target, executor)
         except Exception:
             if not any(out.glob(f"**/{CHECKPOINT}")):  # failed before its first checkpoint: nothing to resume
                 shutil.rmtree(out, ignore_errors=True)
             raise
 
 
-def _start(out, spec, text, spec_dir, runs, progress, on_done, target) -> list[dict[str, Any]]:
+def _start(out, spec, text, spec_dir, runs, progress, on_done, target, executor) -> list[dict[str, Any]]:
     if runs is None:
         push = None if target is None else _target_record(target)
-        info = RunInfo(spec.evolve.seed, None, spec_hash(text), spec_dir, push)
+        info = RunInfo(spec.evolve.seed, None, spec_hash(text), spec_dir, push, executor)
         return [_start_one(out, spec, text, info, progress, on_done, target)]
     index_info = {"runs": runs, "seed": spec.evolve.seed, "spec_dir": spec_dir}
+    if executor:
+        index_info["executor"] = executor
     atomic_write_text(out / RUNS_INFO, json.dumps(index_info) + "\n")
     atomic_write_text(out / SPEC_COPY, text)
     summaries = []
     for index in range(runs):
         run_dir = out / f"run-{index}"
         run_dir.mkdir()
-        info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), spec_dir)
+        info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), spec_dir, executor=executor)
         with locks.hold(run_dir, RUN_OWNER):
             summaries.append(_start_one(run_dir, spec, text, info, progress, on_done))
     return summaries
@@ -155,6 +170,7 @@ def resume_runs(
     progress: bool = True,
     on_done: Reporter | None = None,
     trust_remote_code: bool = False,
+    executor: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Continue the run(s) in `out_dir`: finished runs are kept, interrupted ones resume from their checkpoint,
     runs that never checkpointed start over.
@@ -165,6 +181,7 @@ def resume_runs(
         progress: show progress bars.
         on_done: called with (run directory, summary) after each run.
         trust_remote_code: let the seeds' own code run (not recorded in the run: give it again to resume).
+        executor: `executor:` settings overriding those the runs started with (recorded for the next resume).
 
     Returns:
         The summaries, one per run.
@@ -178,11 +195,16 @@ def resume_runs(
     if not (out / RUNS_INFO).is_file() and not (out / RUN_INFO).is_file():
         raise HfM2n2Error(f"{out} is not an hf-m2n2 evolve run directory (no {RUN_INFO} or {RUNS_INFO})")
     with locks.hold(out, RUN_OWNER):  # held until the runs end: a second evolve into `out` is refused
-        return _resume(out, runs, progress, on_done, trust_remote_code)
+        return _resume(out, runs, progress, on_done, trust_remote_code, executor)
 
 
 def _resume(
-    out: Path, runs: int | None, progress: bool, on_done: Reporter | None, trust_remote_code: bool
+    out: Path,
+    runs: int | None,
+    progress: bool,
+    on_done: Reporter | None,
+    trust_remote_code: bool,
+    executor: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
     if (out / RUNS_INFO).is_file():
         _sweep(out)
@@ -197,21 +219,55 @@ def _resume(
             run_dir.mkdir(exist_ok=True)
             if not (run_dir / RUN_INFO).is_file():  # killed before this run started
                 spec, text = load_evolve_spec(out / SPEC_COPY)
-                info = RunInfo(spec.evolve.seed + index, index, spec_hash(text), index_info.get("spec_dir"))
+                info = RunInfo(
+                    spec.evolve.seed + index,
+                    index,
+                    spec_hash(text),
+                    index_info.get("spec_dir"),
+                    executor=index_info.get("executor"),
+                )
                 info.save(run_dir, text)
         summaries = []
         for run_dir in dirs:
             with locks.hold(run_dir, RUN_OWNER):  # also refuses a --resume of this run alone meanwhile
-                summaries.append(_resume_one(run_dir, progress, on_done, trust_remote_code))
+                summaries.append(_resume_one(run_dir, progress, on_done, trust_remote_code, executor))
         return summaries
     if runs is not None:
         raise HfM2n2Error(f"{out} is a single run (started without --runs); --runs does not apply")
-    return [_resume_one(out, progress, on_done, trust_remote_code)]
+    return [_resume_one(out, progress, on_done, trust_remote_code, executor)]
 
 
 def _trusting(spec: EvolveSpec, trust_remote_code: bool) -> EvolveSpec:
     """The spec with `--trust-remote-code` applied (the flag only adds trust; the spec's own value stays)."""
     return spec.model_copy(update={"trust_remote_code": True}) if trust_remote_code else spec
+
+
+def _with_executor(spec: EvolveSpec, overrides: dict[str, Any] | None) -> EvolveSpec:
+    """The spec with command-line executor settings applied over its `executor:` section.
+
+    Raises:
+        HfM2n2Error: the settings do not make a valid executor section (`--workers 0`, `--workers` without ray).
+    """
+    from pydantic import ValidationError
+
+    from hf_m2n2.errors import SpecError
+    from hf_m2n2.evolve.config import ExecutorConfig, check_executor
+
+    if not overrides:
+        return spec
+    given = spec.executor.model_dump(exclude_unset=True)
+    if overrides.get("kind") == "local":
+        given = {}  # the spec's Ray settings do not apply to a local run
+    try:
+        config = ExecutorConfig(**{**given, **overrides})
+        check_executor(config)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise HfM2n2Error(f"executor.{where} (from the command line): {error['msg']}") from None
+    except SpecError as exc:
+        raise HfM2n2Error(f"{exc} (from the command line: add --executor ray)") from None
+    return spec.model_copy(update={"executor": config})
 
 
 def _refuse_busy(out: Path, overwrite: bool, held: bool = False) -> None:
@@ -310,14 +366,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _resume_one(
-    run_dir: Path, progress: bool, on_done: Reporter | None, trust_remote_code: bool = False
+    run_dir: Path,
+    progress: bool,
+    on_done: Reporter | None,
+    trust_remote_code: bool = False,
+    executor: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     _sweep(run_dir)
     info = RunInfo.load(run_dir)
     spec, text = load_evolve_spec(run_dir / SPEC_COPY)
     if spec_hash(text) != info.spec_hash:
         raise HfM2n2Error(f"{run_dir / SPEC_COPY} was modified after the run started (spec hash differs)")
-    spec = _trusting(spec, trust_remote_code)
+    if executor:  # given again: replaces what the run started with, for this and later resumes
+        local = executor.get("kind") == "local"
+        info.executor = executor if local else {**(info.executor or {}), **executor}
+        info.save(run_dir, text)
+    spec = _with_executor(_trusting(spec, trust_remote_code), info.executor)
     exports = spec.kind.uses_models
     if is_finished(run_dir, exports):
         summary = _read_json(run_dir / SUMMARY)
@@ -354,6 +418,17 @@ def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
     return threadpool_limits(limits=threads, user_api="blas")
 
 
+@contextlib.contextmanager
+def _closing(executor: Any):
+    """Stop the executor's workers when the run ends, however it ends (the local executor has none)."""
+    try:
+        yield executor
+    finally:
+        close = getattr(executor, "close", None)
+        if close is not None:
+            close()
+
+
 def _execute(
     run_dir: Path,
     spec: EvolveSpec,
@@ -385,6 +460,8 @@ def _execute(
         progress=progress,
         label=spec.label + info.label_suffix,
         lineage=exports,
+        ordering=spec.executor.ordering,
+        tell_log=spec.executor.kind != "local",
     )
     summary_info = {
         "name": spec.label,
@@ -396,7 +473,7 @@ def _execute(
         "mutation_std": parts.genome.mutation_std,
         "slerp_scope": spec.kind.slerp_scope(spec.genome),
     }
-    with _blas_threads(evolve.threads):
+    with _blas_threads(evolve.threads), _closing(parts.executor):
         summary = run_loop(
             parts.strategy, parts.ops, parts.executor, run_dir, settings, info=summary_info, resume=resume
         )

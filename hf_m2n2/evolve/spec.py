@@ -43,7 +43,13 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate import evaluate_parts, evaluator_kind, evaluator_kinds
-from hf_m2n2.evolve.config import ALGORITHM_DESCRIPTIONS, EvolveConfig, check_evolve
+from hf_m2n2.evolve.config import (
+    ALGORITHM_DESCRIPTIONS,
+    EvolveConfig,
+    ExecutorConfig,
+    check_evolve,
+    check_executor,
+)
 from hf_m2n2.genomes import check_algorithm, default_genome_kind, genome_kind, genome_kinds
 from hf_m2n2.spec import (
     InputModel,
@@ -68,6 +74,7 @@ class EvolveSpec(StrictModel):
         genome: the genome section (default: blend with `models:`, dense without).
         evolve: the strategy and budget.
         evaluate: one evaluator section, or a list of parts whose score vectors concatenate.
+        executor: where candidates are evaluated (this process, or workers on a Ray cluster).
         output: where the exported model is pushed.
         trust_remote_code: let the seeds' own Python code (`auto_map`) run to load them (as `--trust-remote-code`).
     """
@@ -77,6 +84,7 @@ class EvolveSpec(StrictModel):
     genome: Any = None
     evolve: EvolveConfig
     evaluate: Any
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     output: OutputConfig | None = None
     trust_remote_code: bool = False
 
@@ -166,6 +174,7 @@ def parse_evolve_spec(data: Any, *, source: str = "spec") -> EvolveSpec:
     if spec.genome is None:
         raise SpecError("genome", "required")
     check_evolve(spec.evolve)
+    check_executor(spec.executor)
     kind = spec.kind
     check_algorithm(kind, spec.evolve.algorithm, ALGORITHM_DESCRIPTIONS)
     if kind.uses_models and spec.models is None:

@@ -86,7 +86,7 @@ class GenomeRun:
     """
 
     ops: Any
-    target: Target
+    target: Target | None
     initial: list[Any]
     mutation_std: float = 0.0
     context: EvaluationContext = field(default_factory=EvaluationContext)
@@ -123,8 +123,13 @@ class GenomeKind:
         """Where the section measures SLERP angles (for the run summary; None: the kind has no crossover)."""
         return getattr(config, "slerp_scope", None)
 
-    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
-        """The run's parts; `rng` draws whatever the kind draws at the start (random initial genomes)."""
+    def build(
+        self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None, live: bool = True
+    ) -> GenomeRun:
+        """The run's parts; `rng` draws whatever the kind draws at the start (random initial genomes).
+
+        `live` False: the driver of workers that hold the live model themselves (the Ray executor): build the ops,
+        the initial genomes, the seeds and what `export` needs, not the live model (`target` may be None)."""
         raise NotImplementedError
 
     def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:

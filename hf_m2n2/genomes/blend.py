@@ -114,8 +114,11 @@ class BlendKind(GenomeKind):
             close_seeds(seeds)
             raise
 
-    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
-        """Open the seeds, build the live model, the Gram sums (cached in the run directory) and the ops."""
+    def build(
+        self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None, live: bool = True
+    ) -> GenomeRun:
+        """Open the seeds, build the live model (unless `live` is False), the Gram sums (cached in the run
+        directory) and the ops."""
         from hf_m2n2.blend_ops import BlendOps, BlendTarget, SeedTensors, seed_gram
         from hf_m2n2.models import model_kind
         from hf_m2n2.plan import torch_dtype
@@ -123,6 +126,13 @@ class BlendKind(GenomeKind):
         seeds, fixed, names, layout = self._open(spec, spec_dir)
         genome = spec.genome
         dtype = torch_dtype(genome.dtype)
+        export = {"fixed": fixed, "tensors": names}
+        if not live:  # the Gram sums stream the seeds from disk; no live model, nothing resident
+            gram = seed_gram(layout, SeedTensors(seeds, names, dtype, "cpu", False), run_dir / "gram.npz")
+            ops = BlendOps(layout, gram, len(seeds), genome.slerp_scope)
+            return GenomeRun(
+                ops, None, ops.seed_genomes(), seeds=seeds, cache_scores=True, timed=True, export=export
+            )
         offload = None
         if genome.offload_folder is not None:
             offload = Path(genome.offload_folder)
@@ -152,7 +162,7 @@ class BlendKind(GenomeKind):
             seeds=seeds,
             cache_scores=True,
             timed=True,
-            export={"fixed": fixed, "tensors": names},
+            export=export,
         )
 
     def export(self, run: GenomeRun, spec: Any, outcome: Any, model_dir: Path) -> None:

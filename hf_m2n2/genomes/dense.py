@@ -213,7 +213,9 @@ class DenseKind(GenomeKind):
         if isinstance(seeds, PythonSeeds):
             resolve_callable(seeds.callable, "genome.seeds.callable")
 
-    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
+    def build(
+        self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None, live: bool = True
+    ) -> GenomeRun:
         ops = DenseVectorOps(spec.genome.size, spec.genome.slerp_scope)
         initial = initial_vectors(spec.genome, ops, rng)
         return GenomeRun(ops, DenseTarget(), initial, mutation_std=self.mutation_std(spec))

@@ -461,8 +461,10 @@ class MethodKind(GenomeKind):
     def check(self, spec: Any) -> None:
         check_method_spec(spec)
 
-    def build(self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None) -> GenomeRun:
-        """Open the seeds (the models, then the base), build the live model and the ops.
+    def build(
+        self, spec: Any, rng: np.random.Generator, run_dir: Path, spec_dir: Path | None, live: bool = True
+    ) -> GenomeRun:
+        """Open the seeds (the models, then the base), build the live model (unless `live` is False) and the ops.
 
         Raises:
             SpecError: the seeds' layer counts differ, the layer groups do not fit, or the merge cannot be
@@ -473,13 +475,15 @@ class MethodKind(GenomeKind):
 
         genome: MethodGenomeConfig = spec.genome
         seeds, template, reference, merged = self._open(spec, spec_dir)
+        ops = MethodOps(template, len(seeds))
+        if not live:
+            return GenomeRun(ops, None, [], seeds=seeds, cache_scores=True)
         live = model_kind(seeds[reference].kind).live_target(
             seeds[reference],
             dtype=torch_dtype(genome.dtype),
             device=genome.device,
             trust_remote_code=spec.trust_remote_code,
         )
-        ops = MethodOps(template, len(seeds))
         target = MethodTarget(template, seeds, live, genome.device, merged=merged)
         context = EvaluationContext.of_seed(
             live.model, seeds[reference], spec_dir, genome.device, spec.trust_remote_code, evolved=merged
