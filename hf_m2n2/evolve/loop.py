@@ -98,6 +98,7 @@ class LoopState:
     elapsed_s: float = 0.0
     sessions: int = 0
     last_log: dict[str, Any] | None = None
+    log_pending: bool = False  # the last pass's history line is still to write (its test score met an outage)
 
 
 _STOP_EVENT: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("stop", default=None)
@@ -291,11 +292,27 @@ def run_loop(
                 arrived[scored.candidate.lineage.id] = scored
             return arrived.pop(wanted if in_order else next(iter(arrived)))
 
+        def log_step() -> None:
+            """The history line of the pass just told (with the best member's test score)."""
+            record = {"passes": state.passes, **_train_stats(strategy)}
+            record["test"] = _test_score(executor, strategy)
+            parts = _part_means(executor, strategy)
+            if parts is not None:
+                record["parts"] = parts
+            record["failures"] = state.failures
+            logs["history"].write(record)
+            state.last_log, state.log_pending = record, False
+            bar.update(state.passes - bar.n)
+            bar.set_postfix(
+                best=f"{record['best_train']:.4f}", mean=f"{record['mean_train']:.4f}", test=record["test"]
+            )
+
         every_s, every_steps = settings.checkpoint_every_s, settings.checkpoint_every_steps
-        told = True  # the state is that of a finished step (a checkpoint now resumes exactly)
-        try:
+        try:  # from here on the state is always whole: a checkpoint on an outage resumes exactly
             for candidate in in_flight:
                 executor.submit(candidate)
+            if state.log_pending:  # checkpointed between a tell and its history line (its test score failed)
+                log_step()
             while state.passes < settings.budget:
                 if stop.requested or (stop.event is not None and stop.event.is_set()):
                     checkpoint()
@@ -307,7 +324,7 @@ def run_loop(
                 ):
                     in_flight.append(
                         candidate
-                    )  # before submitting: a failing submit leaves it in the checkpoint
+                    )  # before submitting: a failed submit leaves it in the checkpoint
                     executor.submit(candidate)
                 if not in_flight:
                     raise ContractError(f"{strategy.name} asked no candidate while none was in flight")
@@ -316,7 +333,6 @@ def run_loop(
                 if position is None:
                     raise ContractError("the executor collected a candidate that was not in flight")
                 scores = _checked(scored, state)
-                told = False
                 del in_flight[position]
                 strategy.tell(scored.candidate, scores)
                 state.passes += 1
@@ -325,37 +341,22 @@ def run_loop(
                         {**scored.candidate.lineage.to_dict(), "score": float(np.mean(scores))}
                     )
                 if "tells" in logs:
-                    logs["tells"].write(
-                        {
-                            "pass": state.passes,
-                            "id": scored.candidate.lineage.id,
-                            "worker": scored.worker,
-                            "seconds": None if scored.seconds is None else round(scored.seconds, 4),
-                        }
-                    )
-                if state.passes % settings.log_every == 0 or state.passes == settings.budget:
-                    record = {"passes": state.passes, **_train_stats(strategy)}
-                    record["test"] = _test_score(executor, strategy)
-                    parts = _part_means(executor, strategy)
-                    if parts is not None:
-                        record["parts"] = parts
-                    record["failures"] = state.failures
-                    logs["history"].write(record)
-                    state.last_log = record
-                    bar.update(state.passes - bar.n)
-                    bar.set_postfix(
-                        best=f"{record['best_train']:.4f}",
-                        mean=f"{record['mean_train']:.4f}",
-                        test=record["test"],
-                    )
-                told = True
+                    seconds = None if scored.seconds is None else round(scored.seconds, 4)
+                    record = {
+                        "pass": state.passes,
+                        "id": scored.candidate.lineage.id,
+                        "worker": scored.worker,
+                    }
+                    logs["tells"].write({**record, "seconds": seconds})
+                state.log_pending = state.passes % settings.log_every == 0 or state.passes == settings.budget
+                if state.log_pending:
+                    log_step()
                 if (every_steps and state.passes - last_checkpoint_pass >= every_steps) or (
                     every_s is not None and time.perf_counter() - last_checkpoint >= every_s
                 ):
                     checkpoint()
         except InfrastructureError:
-            if told:  # else the last checkpoint stands: resuming redoes the step
-                checkpoint()
+            checkpoint()
             raise
         if state.passes - last_checkpoint_pass or not (run_dir / CHECKPOINT).exists():
             checkpoint()

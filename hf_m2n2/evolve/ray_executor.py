@@ -23,6 +23,7 @@ import os
 import pickle
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections import deque
@@ -49,7 +50,19 @@ class ScoringWorker:
     no Ray). Build failures are kept and reported by `ready`, so that the driver can tell a bad spec (one line)
     from a lost machine."""
 
-    def __init__(self, spec: Any, seed: int, run_dir: str | None, spec_dir: str | None, threads: int):
+    def __init__(
+        self,
+        spec: Any,
+        seed: int,
+        run_dir: str | None,
+        spec_dir: str | None,
+        threads: int,
+        env: dict[str, str],
+    ):
+        # set before anything reads them (a fresh worker process has imported only Ray); not a Ray runtime_env,
+        # which would start a new process instead of taking one of the idle ones Ray keeps ready
+        os.environ.update(env)
+        sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
         import torch
 
         torch.set_num_threads(threads)
@@ -121,7 +134,8 @@ class _Worker:
     load: int = 0
     alive: bool = True
     restarting: Any = None  # the pending `ready` call while Ray restarts the worker's process
-    restarts_left: int = 0
+    node: str = ""
+    pid: int | None = None
 
 
 def pinned_spec(spec: Any, seeds: list[Any]) -> Any:
@@ -151,6 +165,23 @@ def ray_executor(
     seeds_stream, _ = np.random.SeedSequence(seed).spawn(2)
     genome = spec.kind.build(spec, make_rng(seeds_stream), run_dir or Path("."), spec_dir, live=False)
     return genome, RayExecutor(spec, seed, run_dir, spec_dir, genome)
+
+
+def _probe(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an unreachable `host:port` cluster address (`ray.init` waits minutes before giving up).
+
+    Raises:
+        InfrastructureError: nothing answers there.
+    """
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # `auto` and other forms: Ray resolves them itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InfrastructureError(
+            f"Ray cluster at {address}", f"unreachable ({exc.strerror or exc})"
+        ) from None
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -265,6 +296,20 @@ class RayExecutor:
             "candidates_resubmitted": self._resubmitted,
         }
 
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's index, node, process id, candidates queued on it and whether it is alive (for operators,
+        and tests that kill one)."""
+        return [
+            {
+                "index": w.index,
+                "node": w.node,
+                "pid": w.pid,
+                "queued": w.load,
+                "alive": w.alive and w.restarting is None,
+            }
+            for w in self._workers
+        ]
+
     def close(self) -> None:
         """Stop the workers (and the local Ray instance this executor started)."""
         if not self._workers:
@@ -295,6 +340,7 @@ class RayExecutor:
             if not ray.is_initialized():
                 address = config.address or os.environ.get("RAY_ADDRESS")
                 if address:
+                    _probe(address)
                     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
                 else:  # a local instance, as large as the workers ask (more than the cores is the user's choice)
                     cpus = max(os.cpu_count() or 1, math.ceil(config.workers * resources.num_cpus))
@@ -305,38 +351,41 @@ class RayExecutor:
                         log_to_driver=False,
                     )
                 self._started_ray = True
+        except InfrastructureError:
+            raise
         except Exception as exc:
             where = config.address or os.environ.get("RAY_ADDRESS") or "a local instance"
-            raise InfrastructureError(f"cannot start Ray ({where}): {first_line(exc)}") from None
+            raise InfrastructureError(f"Ray ({where})", f"cannot start: {first_line(exc)}") from None
         actor = ray.remote(ScoringWorker).options(
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
             max_restarts=config.max_restarts,
             max_task_retries=0,
-            runtime_env={"env_vars": worker_env(self._threads)},
         )
-        handles = [actor.remote(self._spec, *self._args, self._threads) for _ in range(config.workers)]
-        self._workers = [_Worker(i, h, restarts_left=config.max_restarts) for i, h in enumerate(handles)]
+        env = worker_env(self._threads)
+        handles = [actor.remote(self._spec, *self._args, self._threads, env) for _ in range(config.workers)]
+        self._workers = [_Worker(i, h) for i, h in enumerate(handles)]
         try:
             infos = ray.get([h.ready.remote() for h in handles], timeout=config.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise InfrastructureError(
-                f"the {config.workers} Ray workers did not start within {config.start_timeout_s:g} s (does the "
-                f"cluster have {resources.num_gpus:g} GPUs and {resources.num_cpus:g} CPUs free per worker?)"
+                "Ray workers",
+                f"the {config.workers} workers did not start within {config.start_timeout_s:g} s (does the "
+                f"cluster have {resources.num_gpus:g} GPUs and {resources.num_cpus:g} CPUs free per worker?)",
             ) from None
         except ray.exceptions.RayError as exc:
             self.close()
-            raise InfrastructureError(f"a Ray worker could not start: {first_line(exc)}") from None
+            raise InfrastructureError("Ray workers", f"a worker could not start: {first_line(exc)}") from None
         failure = next((info["failure"] for info in infos if info["failure"]), None)
         if failure is not None:
             self.close()
             message = f"a Ray worker could not build the run: {failure['message']}"
-            raise (
-                InfrastructureError(message)
-                if failure["kind"] == "infrastructure"
-                else EvaluationError(message)
-            )
+            if failure["kind"] == "infrastructure":
+                raise InfrastructureError("Ray workers", message)
+            raise EvaluationError(message)
+        for worker, info in zip(self._workers, infos):
+            worker.node, worker.pid = info["node"], info["pid"]
         self._nodes.update(info["node"] for info in infos)
         self._started_at = time.perf_counter()
         logger.info("%d Ray workers ready on %d node(s)", len(handles), len(self._nodes))
@@ -391,7 +440,7 @@ class RayExecutor:
             self._done.append(Scored(candidate, error=first_line(exc), worker=worker.index))
             return
         if "infrastructure" in result:
-            raise InfrastructureError(f"Ray worker {worker.index}: {result['infrastructure']}")
+            raise InfrastructureError(f"Ray worker {worker.index}", result["infrastructure"])
         scores = result["scores"]
         if isinstance(scores, np.ndarray):
             scores = np.array(scores)  # Ray hands back read-only arrays
@@ -404,32 +453,30 @@ class RayExecutor:
         self._done.append(Scored(candidate, scores, result["error"], worker.index, result["seconds"]))
 
     def _lose(self, worker: _Worker, exc: BaseException) -> None:
-        """A worker's process died: Ray restarts it while restarts are left; meanwhile it gets no work."""
+        """A worker's process died: it gets no work until it answers again (Ray restarts it while its
+        `max_restarts` last; a dead one answers `ActorDiedError`)."""
         if not worker.alive or worker.restarting is not None:
             return
         self._lost += 1
-        if worker.restarts_left > 0:
-            worker.restarts_left -= 1
-            worker.restarting = worker.handle.ready.remote()
-            logger.warning(
-                "Ray worker %d lost (%s); its candidates go to the other workers while it restarts",
-                worker.index,
-                first_line(exc),
-            )
-        else:
-            worker.alive = False
-            logger.warning("Ray worker %d lost for good (%s)", worker.index, first_line(exc))
+        worker.restarting = worker.handle.ready.remote()
+        logger.warning(
+            "Ray worker %d lost (%s); its candidates go to the other workers", worker.index, first_line(exc)
+        )
 
     def _back(self, worker: _Worker) -> None:
-        """A restarting worker answered (or failed for good)."""
+        """A lost worker answered: back at work, still restarting (ask again), or dead for good."""
         import ray
 
         ref, worker.restarting = worker.restarting, None
         try:
             info = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # still restarting
+            time.sleep(0.2)
+            worker.restarting = worker.handle.ready.remote()
+            return
         except ray.exceptions.RayActorError as exc:
             worker.alive = False
-            logger.warning("Ray worker %d could not be restarted (%s)", worker.index, first_line(exc))
+            logger.warning("Ray worker %d is gone for good (%s)", worker.index, first_line(exc))
             return
         if info["failure"] is not None:
             worker.alive = False
@@ -438,10 +485,11 @@ class RayExecutor:
             )
             return
         self._nodes.add(info["node"])
+        worker.node, worker.pid = info["node"], info["pid"]
         logger.warning("Ray worker %d is back (pid %d on %s)", worker.index, info["pid"], info["node"])
 
     def _all_lost(self) -> InfrastructureError:
-        return InfrastructureError(f"all {self.config.workers} Ray workers were lost (restarts spent)")
+        return InfrastructureError("Ray workers", f"all {self.config.workers} were lost (restarts spent)")
 
     def _call(self, method: str, *args: Any) -> Any:
         """Run a method of the local executor on the least loaded live worker (another one if it dies)."""
@@ -462,7 +510,7 @@ class RayExecutor:
                 self._lose(worker, exc)
                 continue
             if "infrastructure" in result:
-                raise InfrastructureError(f"Ray worker {worker.index}: {result['infrastructure']}")
+                raise InfrastructureError(f"Ray worker {worker.index}", result["infrastructure"])
             if "error" in result:
                 raise EvaluationError(f"{method} on Ray worker {worker.index}: {result['error']}")
             if self.timing is not None and "timing" in result:
