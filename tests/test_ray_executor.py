@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from helpers import sigkill_evolve
@@ -217,6 +218,21 @@ def test_completion_order_is_logged_and_an_interrupted_run_resumes(ray_address, 
     assert len((run / "history.jsonl").read_text().splitlines()) == 120 // 25 + 1
 
 
+def test_cma_es_generations_run_in_parallel_and_equal_the_local_run(ray_address, tmp_path):
+    """A generation's samples are scored on two workers and told together, in ask order even when the workers
+    finish out of order: the run is the local one bit for bit."""
+    spec = digits_spec(24, log_every=8)
+    spec["genome"]["seeds"]["count"] = 1
+    spec["evolve"].update(algorithm="cma_es", cma={"popsize": 6, "sigma0": 0.01, "diagonal": True})
+    spec["evaluate"] = {**DIGITS_EVAL, "callable": "ray_tasks:slow_train_scores"}
+    path = write(tmp_path / "spec.yaml", spec)
+    start_runs(path, tmp_path / "local", progress=False)
+    executor = {"kind": "ray", "workers": 2, "ordering": "completion", "address": ray_address}
+    [summary] = start_runs(path, tmp_path / "ray", progress=False, executor=executor)
+    same_files(tmp_path / "local", tmp_path / "ray", ("history.jsonl", "archive.npz"))
+    assert {t["worker"] for t in tells(tmp_path / "ray")} == {0, 1}
+
+
 def test_sigkill_of_the_driver_then_resume_equals_an_undisturbed_run(two_workers_undisturbed, tmp_path):
     spec, undisturbed = two_workers_undisturbed
     data = yaml.safe_load(spec.read_text())
@@ -292,3 +308,43 @@ def test_ray_settings_on_the_local_executor_are_refused(cli, tmp_path):
     assert code == 2 and "add --executor ray" in err and not (tmp_path / "run").exists()
     code, _, err = cli("evolve", path, "--out", tmp_path / "run", "--executor", "ray", "--workers", "0")
     assert code == 2 and "executor.workers" in err and not (tmp_path / "run").exists()
+
+
+def test_workers_get_the_seeds_pinned_where_the_driver_found_them(seeds, cached_repo, tmp_path):
+    """A Hub seed travels as `org/name@sha` (the commit the driver resolved; a worker never follows a branch that
+    moved), a local seed as its absolute path, `fixed_from` along with it; a worker's build of the pinned spec
+    opens the same commits and scores a candidate as the driver-side local build does."""
+    import shutil
+
+    from hf_m2n2.evolve.ray_executor import pinned_spec, ray_executor
+    from hf_m2n2.evolve.scorer import build_scorer
+    from hf_m2n2.evolve.strategy import Candidate, Lineage
+
+    shutil.copytree(seeds["b"], tmp_path / "b")
+    data = {
+        "models": [{"model": cached_repo["repo_id"]}, {"model": "b"}],
+        "genome": {"kind": "blend", "block_size": 2048, "fixed_from": cached_repo["repo_id"]},
+        "evolve": {"algorithm": "m2n2", "budget": 4, "seed": 1},
+        "evaluate": {
+            "kind": "python",
+            "callable": "hf_m2n2.demo.tasks.likelihood:token_likelihood",
+            "kwargs": {"sequences": [[1, 40, 41, 42, 2], [1, 50, 51, 52, 2]]},
+        },
+        "executor": {"kind": "ray", "workers": 2},
+    }
+    spec = parse_evolve_spec(data)
+    driver, executor = ray_executor(spec, 1, tmp_path, tmp_path)  # starts nothing until the first candidate
+    assert driver.target is None and executor.workers() == []
+    pinned = pinned_spec(spec, driver.seeds)
+    at = f"{cached_repo['repo_id']}@{cached_repo['main']}"
+    assert [m.model for m in pinned.models] == [at, str((tmp_path / "b").resolve())]
+    assert pinned.genome.fixed_from == at
+    (tmp_path / "worker").mkdir()
+    (tmp_path / "local").mkdir()
+    worker, scorer = build_scorer(pinned, 1, tmp_path / "worker", None, None)
+    local, local_scorer = build_scorer(spec, 1, tmp_path / "local", tmp_path, None)
+    assert [s.model.commit for s in worker.seeds] == [cached_repo["main"], None]
+    child = driver.ops.crossover(*driver.initial, 0.3, driver.ops.size // 2)
+    for one in (scorer, local_scorer):
+        one.submit(Candidate(child, Lineage(0, "crossover")))
+    assert np.array_equal(scorer.collect().scores, local_scorer.collect().scores)

@@ -1,7 +1,8 @@
 """The ask/tell strategy interface shared by M2N2 and its baselines.
 
-A strategy proposes candidates (`ask`), is told their per-example score vectors (`tell`) in the order it asked
-them, possibly after several asks (an executor with several workers keeps several in flight), and keeps
+A strategy proposes candidates (`ask`), is told their per-example score vectors (`tell`), possibly after several
+asks (an executor with several workers keeps several in flight): in the order it asked them, or as they finish
+under `executor.ordering: completion` unless it sets `told_in_order` (CMA-ES generations). It keeps
 all of its state (archive, score matrix, random generator) in explicit objects that `state_dict` returns and
 `load_state_dict` restores exactly: a resumed run draws the same numbers as an uninterrupted one. Strategies see
 genomes (through `GenomeOps`) and score vectors, never models.
@@ -79,8 +80,9 @@ class Strategy(Protocol):
         ...
 
     def tell(self, candidate: Candidate, scores: np.ndarray) -> None:
-        """Report the per-example scores (float, shape (n_examples,)) of a candidate returned by `ask`; candidates
-        are told in the order they were asked."""
+        """Report the per-example scores (float, shape (n_examples,)) of a candidate returned by `ask`; in ask
+        order, or in the order the candidates finished (`executor.ordering: completion`) for a strategy that
+        does not set `told_in_order`."""
         ...
 
     def best(self) -> Member | None:
