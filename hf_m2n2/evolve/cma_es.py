@@ -54,7 +54,9 @@ class ReplayedCMA(BestSample):
     """
 
     name = "cma"
-    told_in_order = True  # the loop tells a generation's samples in ask order whatever the executor's ordering
+    told_in_order = (
+        True  # the loop tells a generation's samples in ask order whatever the executor's ordering
+    )
 
     def best_extra(self) -> dict[str, Any]:
         return {"generation": self.generation}
