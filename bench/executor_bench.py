@@ -11,7 +11,7 @@ For each worker count W (default 1 2 4 8 16), on one Ray instance started here (
 * `m2n2 completion`: steady-state M2N2 through the real pipeline (`start_runs` on a generated spec, `executor:
   {kind: ray, workers: W, ordering: completion}`), budget = W x --evals-per-worker, one held-out test call at the
   end (`log_every` = budget);
-* `m2n2 deterministic`: the same, told in ask order;
+* `m2n2 deterministic` (with --methods): the same, told in ask order;
 * `cma_es`: CMA-ES (popsize max(W, 2), or --cma-popsize) through the same pipeline: its generation is a barrier;
 * `m2n2 barrier`: the mergekit-evolve design as the comparison: generations of W candidates asked from the same
   M2N2 strategy, evaluated in order by `ray.util.ActorPool.map` on W of the executor's own `ScoringWorker` actors,
@@ -25,12 +25,15 @@ Figures per row:
 * efficiency: useful worker time / worker time = sum of the workers' evaluation seconds / (W x wall); for the
   pipeline runs this is the executor's `utilization`.
 * ideal: the efficiency of a zero-overhead greedy scheduler on the same durations in the same ask order (each
-  candidate to the first free worker; from `tells.jsonl`; for the barrier, generation by generation). What is
-  lost between it and 1 is the finite budget's start and drain (and the barrier's wait for each generation's
-  slowest candidate), not overhead; what is lost between efficiency and ideal is the scheduler's overhead.
+  candidate to the first free worker; from `tells.jsonl`): for M2N2 the children start once the first of the two
+  seeds is scored; for CMA-ES and the barrier, generation by generation with a barrier between. What is lost
+  between it and 1 is the strategy's start, the finite budget's drain and the barriers' wait for each
+  generation's slowest candidate, not overhead; what is lost between efficiency and ideal is the scheduler's
+  overhead (and, for `m2n2 deterministic`, its head-of-line wait: a result told in ask order frees no worker
+  before the results asked earlier are told, which this greedy bound does not model).
 
 Usage:
-    PYTHONPATH=$PWD RAY_AUTH_MODE=disabled python bench/executor_bench.py --out executor_bench.json   # ~8 min
+    PYTHONPATH=$PWD RAY_AUTH_MODE=disabled python bench/executor_bench.py --out executor_bench.json   # ~12 min
     python bench/executor_bench.py --workers 4 16 --evals-per-worker 40 --methods m2n2-completion barrier
 """
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -51,8 +55,10 @@ from typing import Any
 import yaml
 
 METHODS = ("m2n2-completion", "m2n2-deterministic", "cma_es", "barrier")
+DEFAULT_METHODS = ("m2n2-completion", "cma_es", "barrier")  # each row starts W actors (~5 s each on 2 cores)
 GENOME_SIZE = 64
 EXAMPLES = 16
+SEEDS = 2  # random initial vectors: M2N2 asks its first children once one of them is told
 
 
 def make_spec(args: argparse.Namespace, workers: int, method: str) -> dict[str, Any]:
@@ -69,7 +75,7 @@ def make_spec(args: argparse.Namespace, workers: int, method: str) -> dict[str, 
         "genome": {
             "kind": "dense",
             "size": GENOME_SIZE,
-            "seeds": {"kind": "random", "count": 2, "std": 0.01},
+            "seeds": {"kind": "random", "count": SEEDS, "std": 0.01},
         },
         "evolve": evolve,
         "evaluate": {
@@ -82,12 +88,29 @@ def make_spec(args: argparse.Namespace, workers: int, method: str) -> dict[str, 
     }
 
 
-def greedy_makespan(durations: list[float], workers: int) -> float:
-    """The wall time of a zero-overhead list scheduler: each duration, in order, to the worker free first."""
+def greedy_makespan(durations: list[float], workers: int, seeds: int = 0) -> float:
+    """The wall time of a zero-overhead list scheduler: each duration, in order, to the worker free first. With
+    `seeds`, the candidates after the first `seeds` start only once one of those finished (M2N2 asks no child
+    before an archive member is told)."""
     free = [0.0] * workers
-    for seconds in durations:
-        heapq.heappush(free, heapq.heappop(free) + seconds)
+    release = min(durations[:seeds]) if seeds else 0.0
+    for index, seconds in enumerate(durations):
+        start = heapq.heappop(free)
+        heapq.heappush(free, (start if index < seeds else max(start, release)) + seconds)
     return max(free)
+
+
+def ideal_efficiency(
+    durations: list[float], workers: int, generations: list[int] | None = None, seeds: int = 0
+) -> float:
+    """The efficiency of a zero-overhead scheduler on these durations (in ask order): one list schedule, or one
+    per generation (`generations`: their sizes) with a barrier between them."""
+    if generations is None:
+        wall = greedy_makespan(durations, workers, seeds)
+    else:
+        ends = list(itertools.accumulate(generations, initial=0))
+        wall = sum(greedy_makespan(durations[a:b], workers) for a, b in zip(ends, ends[1:]))
+    return sum(durations) / (workers * wall)
 
 
 def run_pipeline(args: argparse.Namespace, workers: int, method: str, scratch: Path) -> dict[str, Any]:
@@ -104,6 +127,12 @@ def run_pipeline(args: argparse.Namespace, workers: int, method: str, scratch: P
     wall = stats["worker_busy_s"] / (workers * stats["utilization"])
     tells = [json.loads(line) for line in (run_dir / "tells.jsonl").read_text().splitlines()]
     durations = [t["seconds"] for t in sorted(tells, key=lambda t: t["id"])]
+    if method == "cma_es":  # told in order, a generation of popsize at a time
+        popsize = make_spec(args, workers, method)["evolve"]["cma"]["popsize"]
+        whole, rest = divmod(len(durations), popsize)
+        ideal = ideal_efficiency(durations, workers, [popsize] * whole + [rest] * (rest > 0))
+    else:
+        ideal = ideal_efficiency(durations, workers, seeds=SEEDS)
     return {
         "workers": workers,
         "method": method,
@@ -112,7 +141,7 @@ def run_pipeline(args: argparse.Namespace, workers: int, method: str, scratch: P
         "wall_s": round(wall, 3),
         "evals_per_s": round(summary["forward_passes"] / wall, 3),
         "efficiency": stats["utilization"],
-        "ideal": round(sum(durations) / (workers * greedy_makespan(durations, workers)), 4),
+        "ideal": round(ideal, 4),
         "busy_s": stats["worker_busy_s"],
         "best_train": summary["best_train"],
         "test": summary["test"],
@@ -169,10 +198,6 @@ def run_barrier(args: argparse.Namespace, workers: int, scratch: Path) -> dict[s
     finally:
         for handle in handles:
             ray.kill(handle, no_restart=True)
-    ideal_wall, done = 0.0, 0
-    for size in generations:  # the barrier's own ideal: each generation list-scheduled, then a barrier
-        ideal_wall += greedy_makespan(durations[done : done + size], workers)
-        done += size
     test = parts.executor.score(strategy.best().genome, "test")
     return {
         "workers": workers,
@@ -182,7 +207,7 @@ def run_barrier(args: argparse.Namespace, workers: int, scratch: Path) -> dict[s
         "wall_s": round(wall, 3),
         "evals_per_s": round(passes / wall, 3),
         "efficiency": round(busy / (workers * wall), 4),
-        "ideal": round(sum(durations) / (workers * ideal_wall), 4),
+        "ideal": round(ideal_efficiency(durations, workers, generations), 4),
         "busy_s": round(busy, 3),
         "best_train": strategy.stats()["best"],
         "test": test,
@@ -212,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mean-s", type=float, default=0.5, help="mean seconds per evaluation")
     parser.add_argument("--sigma", type=float, default=0.75, help="log-std of the lognormal cost")
     parser.add_argument("--cma-popsize", type=int, default=None, help="CMA-ES popsize (default max(W, 2))")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, help="write the rows and settings to this JSON file")
     args = parser.parse_args(argv)
@@ -254,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "efficiency = worker busy s / (W x wall since the workers were ready): RayExecutor.stats() utilization"
     )
-    print("ideal = a zero-overhead greedy scheduler on the same durations (start-up and drain only)\n")
+    print(
+        "ideal = a zero-overhead scheduler on the same durations: what the strategy's start, the budget's drain"
+    )
+    print("and the generation barriers cost (efficiency below ideal = the scheduler's own overhead)\n")
     print_table(rows)
     print(f"\nbench wall time {total:.0f} s; load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} cores")
     if args.out:
