@@ -32,8 +32,13 @@ Figures per row:
   overhead (and, for `m2n2 deterministic`, its head-of-line wait: a result told in ask order frees no worker
   before the results asked earlier are told, which this greedy bound does not model).
 
+Most of the default run's time is the workers' start-up (each row starts W actors that import torch and build the
+run; Ray starts at most as many worker processes at once as there are cores): ~90-120 s for 16 workers on 2
+cores. The 20 evaluations per worker of the default make the budget's drain a large part of each row's wall at 16
+workers (see `ideal`); `--evals-per-worker 60` shows the steady state.
+
 Usage:
-    PYTHONPATH=$PWD RAY_AUTH_MODE=disabled python bench/executor_bench.py --out executor_bench.json   # ~12 min
+    PYTHONPATH=$PWD RAY_AUTH_MODE=disabled python bench/executor_bench.py --out executor_bench.json   # ~14 min on 2 busy cores
     python bench/executor_bench.py --workers 4 16 --evals-per-worker 40 --methods m2n2-completion barrier
 """
 
