@@ -1,7 +1,7 @@
 """Scheduling benchmark of the Ray executor: evaluations per second and scheduling efficiency against the number
 of workers, on an evaluator of controlled, skewed cost (issue 18).
 
-The task: `hf_m2n2.tasks.timed` on a dense genome. Each evaluation sleeps a lognormal duration (default mean
+The task: `hf_m2n2.demo.tasks.timed` on a dense genome. Each evaluation sleeps a lognormal duration (default mean
 0.5 s, log-std 0.75: most short, a few several times the mean, as GPU evaluations of different lengths) seeded
 by the genome's bytes, then returns real per-example scores. Sleeping workers cost little CPU, so 16 of them
 fit on a 2-core machine and the figures measure the scheduling, not the hardware.
@@ -32,14 +32,17 @@ Figures per row:
   overhead (and, for `m2n2 deterministic`, its head-of-line wait: a result told in ask order frees no worker
   before the results asked earlier are told, which this greedy bound does not model).
 
-Most of the default run's time is the workers' start-up (each row starts W actors that import torch and build the
-run; Ray starts at most as many worker processes at once as there are cores): ~90-120 s for 16 workers on 2
-cores. The 20 evaluations per worker of the default make the budget's drain a large part of each row's wall at 16
-workers (see `ideal`); `--evals-per-worker 60` shows the steady state.
+Much of the default run's time is the workers' start-up (each row starts W actors that import torch and build
+the run; Ray starts at most as many worker processes at once as there are cores): 40-120 s for 16 workers on 2
+cores. The default 60 evaluations per worker show the steady state; with fewer, the budget's drain (the last
+candidates finishing one by one) becomes a large part of each row's wall at 16 workers (see `ideal`).
+`--lookahead K` asks K x W candidates ahead in the M2N2 rows (`executor.lookahead`): what keeps the workers busy
+under `m2n2-deterministic`.
 
 Usage:
-    PYTHONPATH=$PWD RAY_AUTH_MODE=disabled python bench/executor_bench.py --out executor_bench.json   # ~14 min on 2 busy cores
-    python bench/executor_bench.py --workers 4 16 --evals-per-worker 40 --methods m2n2-completion barrier
+    python bench/executor_bench.py --out executor_bench.json          # the default table, ~20 min on 2 cores
+    python bench/executor_bench.py --workers 16 --methods m2n2-completion m2n2-deterministic barrier
+    python bench/executor_bench.py --workers 16 --lookahead 3 --methods m2n2-deterministic
 """
 
 from __future__ import annotations
@@ -85,11 +88,16 @@ def make_spec(args: argparse.Namespace, workers: int, method: str) -> dict[str, 
         "evolve": evolve,
         "evaluate": {
             "kind": "python",
-            "callable": "hf_m2n2.tasks.timed:scores",
-            "test_callable": "hf_m2n2.tasks.timed:test_score",
+            "callable": "hf_m2n2.demo.tasks.timed:scores",
+            "test_callable": "hf_m2n2.demo.tasks.timed:test_score",
             "kwargs": kwargs,
         },
-        "executor": {"kind": "ray", "workers": workers, "ordering": ordering},
+        "executor": {
+            "kind": "ray",
+            "workers": workers,
+            "ordering": ordering,
+            "lookahead": workers * args.lookahead,
+        },
     }
 
 
@@ -171,8 +179,8 @@ def run_barrier(args: argparse.Namespace, workers: int, scratch: Path) -> dict[s
     spec, _ = load_evolve_spec(spec_path)
     start = time.perf_counter()
     parts = build_run(spec, args.seed, scratch, scratch)
-    actor = ray.remote(ScoringWorker).options(num_cpus=1, runtime_env={"env_vars": worker_env(1)})
-    handles = [actor.remote(spec, args.seed, None, str(scratch), 1) for _ in range(workers)]
+    actor = ray.remote(ScoringWorker).options(num_cpus=1)
+    handles = [actor.remote(spec, args.seed, None, str(scratch), 1, worker_env(1)) for _ in range(workers)]
     try:
         failures = [
             info["failure"] for info in ray.get([h.ready.remote() for h in handles]) if info["failure"]
@@ -238,11 +246,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="worker counts")
-    parser.add_argument("--evals-per-worker", type=int, default=20, help="budget = workers x this")
+    parser.add_argument("--evals-per-worker", type=int, default=60, help="budget = workers x this")
     parser.add_argument("--mean-s", type=float, default=0.5, help="mean seconds per evaluation")
     parser.add_argument("--sigma", type=float, default=0.75, help="log-std of the lognormal cost")
     parser.add_argument("--cma-popsize", type=int, default=None, help="CMA-ES popsize (default max(W, 2))")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    parser.add_argument(
+        "--lookahead",
+        type=int,
+        default=1,
+        help="M2N2 rows: candidates asked ahead = W x this (executor.lookahead)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, help="write the rows and settings to this JSON file")
     args = parser.parse_args(argv)

@@ -111,10 +111,16 @@ UNDISTURBED_SETTINGS = LoopSettings(
 
 @pytest.fixture(scope="module")
 def two_workers_undisturbed(ray_address, tmp_path_factory):
-    """A digits run (20 ms per evaluation) with two workers, two candidates queued on each, told in ask order: the
-    spec and its finished run directory."""
+    """A digits run (20 ms per evaluation) with two workers, two candidates queued on each and two more asked
+    ahead, told in ask order: the spec and its finished run directory."""
     root = tmp_path_factory.mktemp("two-workers")
-    executor = {"kind": "ray", "workers": 2, "in_flight_per_worker": 2, "address": ray_address}
+    executor = {
+        "kind": "ray",
+        "workers": 2,
+        "in_flight_per_worker": 2,
+        "lookahead": 6,
+        "address": ray_address,
+    }
     spec = digits_spec(150, executor)
     spec["evaluate"] = {**DIGITS_EVAL, "callable": "ray_tasks:slow_train_scores"}
     path = write(root / "spec.yaml", spec)
@@ -303,6 +309,12 @@ def test_an_unreachable_cluster_checkpoints_and_a_local_resume_finishes(tmp_path
 def test_ray_settings_on_the_local_executor_are_refused(cli, tmp_path):
     with pytest.raises(SpecError, match=r"executor\.workers: only used by the ray executor"):
         parse_evolve_spec(digits_spec(10, {"workers": 2}))
+    with pytest.raises(
+        SpecError, match=r"executor\.lookahead: must be at least workers x in_flight_per_worker \(4\)"
+    ):
+        parse_evolve_spec(
+            digits_spec(10, {"kind": "ray", "workers": 2, "in_flight_per_worker": 2, "lookahead": 3})
+        )
     path = write(tmp_path / "spec.yaml", digits_spec(10))
     code, _, err = cli("evolve", path, "--out", tmp_path / "run", "--workers", "2")
     assert code == 2 and "add --executor ray" in err and not (tmp_path / "run").exists()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_m2n2.tasks import timed
+from hf_m2n2.demo.tasks import timed
 
 SIZE = 64
 

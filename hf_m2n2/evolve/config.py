@@ -70,6 +70,9 @@ class ExecutorConfig(StrictModel):
         workers: Ray actors evaluating candidates.
         resources_per_worker: what Ray reserves per worker.
         in_flight_per_worker: candidates queued on each worker (2 hides the round trip between two candidates).
+        lookahead: candidates asked and not yet told (default: workers x in_flight_per_worker). More keeps the
+            workers busy under `deterministic` ordering (a result that arrives early no longer leaves its worker
+            idle until the earlier ones are told), at the price of children drawn from an older archive.
         ordering: `deterministic` (told in ask order: a seed gives the same run whatever the timing, and one
             worker equals the local executor) or `completion` (told on arrival: the highest throughput; the
             order is logged in `tells.jsonl`).
@@ -82,6 +85,7 @@ class ExecutorConfig(StrictModel):
     workers: int = Field(1, ge=1)
     resources_per_worker: WorkerResources = Field(default_factory=WorkerResources)
     in_flight_per_worker: int = Field(1, ge=1)
+    lookahead: int | None = Field(None, ge=1)
     ordering: Literal["deterministic", "completion"] = "deterministic"
     max_restarts: int = Field(2, ge=0)
     start_timeout_s: float = Field(600.0, gt=0)
@@ -96,6 +100,12 @@ def check_executor(config: ExecutorConfig, prefix: str = "executor") -> None:
     if config.kind == "local":
         for key in sorted(config.model_fields_set - {"kind"}):
             raise SpecError(f"{prefix}.{key}", "only used by the ray executor (executor: {kind: ray, ...})")
+    slots = config.workers * config.in_flight_per_worker
+    if config.lookahead is not None and config.lookahead < slots:
+        raise SpecError(
+            f"{prefix}.lookahead",
+            f"must be at least workers x in_flight_per_worker ({slots}): fewer would leave workers idle",
+        )
 
 
 class EvolveConfig(StrictModel):

@@ -193,7 +193,8 @@ def worker_env(threads: int) -> dict[str, str]:
 
 
 class RayExecutor:
-    """Scores candidates on `executor.workers` Ray actors, up to `in_flight_per_worker` queued on each.
+    """Scores candidates on `executor.workers` Ray actors, up to `in_flight_per_worker` queued on each (and up to
+    `lookahead` submitted in all: those past the workers' slots wait here for the first free one).
 
     `collect` returns candidates as they finish (the loop tells them in ask order or on arrival, as
     `executor.ordering` says). A recipe scored before is answered from the driver's cache without a round trip.
@@ -209,7 +210,8 @@ class RayExecutor:
 
     def __init__(self, spec: Any, seed: int, run_dir: Path | None, spec_dir: Path | None, genome: Any):
         self.config = spec.executor
-        self.parallelism = self.config.workers * self.config.in_flight_per_worker
+        slots = self.config.workers * self.config.in_flight_per_worker
+        self.parallelism = self.config.lookahead or slots  # asked ahead; past the slots they wait here
         self.ops = genome.ops
         self.cache_scores = genome.cache_scores
         self.timing = CandidateTiming() if genome.timed else None
@@ -285,6 +287,7 @@ class RayExecutor:
             "kind": "ray",
             "workers": self.config.workers,
             "in_flight_per_worker": self.config.in_flight_per_worker,
+            "lookahead": self.parallelism,
             "ordering": self.config.ordering,
             "nodes": sorted(self._nodes),
             "candidates_sent": self._sent,

@@ -9,8 +9,8 @@ The scores: the vector is cut into `examples` contiguous slices (`numpy.array_sp
 `exp(-||slice_i - target_i||^2 / (len(slice_i) * width^2))`, with targets drawn once from `target_seed`. A search
 improves them (every slice has its own optimum, so crossover can combine specialists); they are never constant.
 
-Use it as `evaluate: {kind: python, callable: hf_m2n2.tasks.timed:scores, test_callable:
-hf_m2n2.tasks.timed:test_score, kwargs: {mean_s: 0.5, sigma: 0.75}}` with `genome: {kind: dense, size: N}`.
+Use it as `evaluate: {kind: python, callable: hf_m2n2.demo.tasks.timed:scores, test_callable:
+hf_m2n2.demo.tasks.timed:test_score, kwargs: {mean_s: 0.5, sigma: 0.75}}` with `genome: {kind: dense, size: N}`.
 
 Example:
     >>> import numpy as np
