@@ -109,6 +109,25 @@ UNDISTURBED_SETTINGS = LoopSettings(
 )
 
 
+def kill_workers(run: Path, executor, choose) -> tuple[threading.Thread, list[dict]]:
+    """A started thread that SIGKILLs the worker processes `choose(executor.workers())` names, at the first moment
+    it names any once 40 candidates are told; the list of those it killed."""
+    killed: list[dict] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            told = (run / "tells.jsonl").read_text().count("\n") if (run / "tells.jsonl").exists() else 0
+            for worker in choose(executor.workers()) if told >= 40 else []:
+                os.kill(worker["pid"], signal.SIGKILL)
+                killed.append(worker)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, killed
+
+
 @pytest.fixture(scope="module")
 def two_workers_undisturbed(ray_address, tmp_path_factory):
     """A digits run (20 ms per evaluation) with two workers, two candidates queued on each and two more asked
@@ -170,27 +189,17 @@ def test_a_killed_worker_process_loses_nothing(two_workers_undisturbed, tmp_path
     run = tmp_path / "run"
     run.mkdir()
     parts = build_run(spec, spec.evolve.seed, run)
-    victim: dict = {}
-
-    def kill_a_busy_worker() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            told = (run / "tells.jsonl").read_text().count("\n") if (run / "tells.jsonl").exists() else 0
-            workers = parts.executor.workers()
-            if told >= 40 and workers[0]["alive"] and workers[0]["queued"] == 2:
-                victim.update(workers[0])
-                os.kill(victim["pid"], signal.SIGKILL)
-                return
-            time.sleep(0.002)
-
-    killer = threading.Thread(target=kill_a_busy_worker)
-    killer.start()
+    killer, killed = kill_workers(
+        run,
+        parts.executor,
+        lambda workers: workers[:1] if workers[0]["alive"] and workers[0]["queued"] == 2 else [],
+    )
     try:
         summary = run_loop(parts.strategy, parts.ops, parts.executor, run, UNDISTURBED_SETTINGS)
     finally:
         killer.join()
         parts.executor.close()
-    assert victim, "no worker was killed"
+    assert len(killed) == 1, "no worker was killed"
     assert summary["executor"]["workers_lost"] == 1
     assert summary["executor"]["candidates_resubmitted"] >= 1
     same_files(undisturbed, run, ("history.jsonl", "archive.npz"))
@@ -260,24 +269,14 @@ def test_all_workers_lost_checkpoints_and_resume_continues(two_workers_undisturb
     settings = UNDISTURBED_SETTINGS
     parts = build_run(spec, spec.evolve.seed, run)
 
-    def kill_every_worker() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            told = (run / "tells.jsonl").read_text().count("\n") if (run / "tells.jsonl").exists() else 0
-            if told >= 40:
-                for worker in parts.executor.workers():
-                    os.kill(worker["pid"], signal.SIGKILL)
-                return
-            time.sleep(0.005)
-
-    killer = threading.Thread(target=kill_every_worker)
-    killer.start()
+    killer, killed = kill_workers(run, parts.executor, lambda workers: workers)
     try:
         with pytest.raises(InfrastructureError, match="Ray workers: all 2 were lost"):
             run_loop(parts.strategy, parts.ops, parts.executor, run, settings)
     finally:
         killer.join()
         parts.executor.close()
+    assert len(killed) == 2
     assert (run / "checkpoint.npz").is_file()
     parts = build_run(spec, spec.evolve.seed, run)  # the cluster is still there: new workers
     try:
