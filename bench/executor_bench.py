@@ -40,7 +40,7 @@ candidates finishing one by one) becomes a large part of each row's wall at 16 w
 under `m2n2-deterministic`.
 
 Usage:
-    python bench/executor_bench.py --out executor_bench.json          # the default table, ~20 min on 2 cores
+    python bench/executor_bench.py --out executor_bench.json          # the default table (14 min here at 20/worker)
     python bench/executor_bench.py --workers 16 --methods m2n2-completion m2n2-deterministic barrier
     python bench/executor_bench.py --workers 16 --lookahead 3 --methods m2n2-deterministic
 """
