@@ -207,7 +207,9 @@ def test_a_killed_worker_process_loses_nothing(two_workers_undisturbed, tmp_path
 
 def test_completion_order_is_logged_and_an_interrupted_run_resumes(ray_address, tmp_path):
     executor = {"kind": "ray", "workers": 2, "ordering": "completion", "address": ray_address}
-    path = write(tmp_path / "spec.yaml", digits_spec(120, executor, checkpoint_every_steps=10))
+    spec = digits_spec(120, executor, checkpoint_every_steps=10)
+    spec["evaluate"] = {**DIGITS_EVAL, "callable": "ray_tasks:slow_train_scores"}  # time to stop it midway
+    path = write(tmp_path / "spec.yaml", spec)
     run = tmp_path / "run"
     stop = threading.Event()
 
@@ -215,7 +217,7 @@ def test_completion_order_is_logged_and_an_interrupted_run_resumes(ray_address, 
         while not stop.is_set():
             if (run / "tells.jsonl").exists() and (run / "tells.jsonl").read_text().count("\n") >= 50:
                 stop.set()
-            time.sleep(0.01)
+            time.sleep(0.002)
 
     watcher = threading.Thread(target=stop_midway, daemon=True)
     watcher.start()
