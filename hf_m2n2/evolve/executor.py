@@ -103,6 +103,38 @@ class CandidateTiming:
         return {**out, "cache_hits": self.cache_hits, "records": self.records}
 
 
+class ScoreCache:
+    """Scores of genomes already evaluated, by split and recipe hash (a recipe seen again costs nothing); hits are
+    counted in the timing. Disabled, it keeps nothing.
+
+    Args:
+        ops: genome operations (their `hash` is the key).
+        enabled: cache at all.
+        timing: where hits are counted (None: not counted).
+    """
+
+    def __init__(self, ops: Any, enabled: bool, timing: CandidateTiming | None):
+        self.ops = ops
+        self.enabled = enabled
+        self.timing = timing
+        self._entries: dict[tuple[str, str], Any] = {}
+
+    def key(self, genome: Any, split: str) -> tuple[str, str] | None:
+        return (split, self.ops.hash(genome)) if self.enabled else None
+
+    def get(self, key: tuple[str, str] | None) -> tuple[bool, Any]:
+        """(True, the scores) for a cached key, counting the hit; else (False, None)."""
+        if key is None or key not in self._entries:
+            return False, None
+        if self.timing is not None:
+            self.timing.cache_hits += 1
+        return True, self._entries[key]
+
+    def put(self, key: tuple[str, str] | None, value: Any) -> None:
+        if key is not None:
+            self._entries[key] = value
+
+
 class LocalExecutor:
     """Scores candidates one at a time in this process.
 
@@ -125,9 +157,8 @@ class LocalExecutor:
         self.ops = ops
         self.target = target
         self.evaluator = evaluator
-        self.cache_scores = cache_scores
         self.timing = CandidateTiming() if timed else None
-        self._cache: dict[tuple[str, str], Any] = {}
+        self.cache = ScoreCache(ops, cache_scores, self.timing)
         self._queue: deque[Candidate] = deque()
 
     def submit(self, candidate: Candidate) -> None:
@@ -155,11 +186,10 @@ class LocalExecutor:
 
     def _score(self, genome: Any, split: Split) -> tuple[Any, bool]:
         """The genome's `fit` scores or `test` score, and whether the evaluator computed them now (not cached)."""
-        key = (split, self.ops.hash(genome)) if self.cache_scores else None
-        if key is not None and key in self._cache:
-            if self.timing is not None:
-                self.timing.cache_hits += 1
-            return self._cache[key], False
+        key = self.cache.key(genome, split)
+        hit, cached = self.cache.get(key)
+        if hit:
+            return cached, False
         start = time.perf_counter()
         model = self.target.write(genome)
         written = time.perf_counter()
@@ -167,8 +197,7 @@ class LocalExecutor:
         if self.timing is not None:
             parts = getattr(self.evaluator, "last_timing", None) or {}  # e.g. a CLIP fitness's generate/score
             self.timing.add(split, written - start, time.perf_counter() - written, **parts)
-        if key is not None:
-            self._cache[key] = result
+        self.cache.put(key, result)
         return result, True
 
     def report(self, genome: Any) -> Report:

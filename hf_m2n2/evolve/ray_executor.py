@@ -35,7 +35,7 @@ import numpy as np
 
 from hf_m2n2.errors import ContractError, EvaluationError, HfM2n2Error, InfrastructureError, first_line
 from hf_m2n2.evaluate.base import Report
-from hf_m2n2.evolve.executor import CandidateTiming, Scored, Split
+from hf_m2n2.evolve.executor import CandidateTiming, ScoreCache, Scored, Split
 from hf_m2n2.evolve.strategy import Candidate
 from hf_m2n2.spec import model_ref_string
 
@@ -95,28 +95,29 @@ class ScoringWorker:
     def fit(self, candidate: Candidate) -> dict[str, Any]:
         """A candidate's fitness scores (or its one-line failure), seconds spent, and the timing record."""
         start = time.perf_counter()
-        timing = self.scorer.timing
-        before = len(timing.records) if timing is not None else 0
-        self.scorer.submit(candidate)
-        try:
-            scored = self.scorer.collect()
-        except InfrastructureError as exc:
-            return {"infrastructure": first_line(exc)}
-        out = {"scores": scored.scores, "error": scored.error, "seconds": time.perf_counter() - start}
-        if timing is not None and len(timing.records) > before:
-            out["timing"] = timing.records[-1]
-        return out
+
+        def score() -> dict[str, Any]:
+            self.scorer.submit(candidate)
+            scored = self.scorer.collect()  # a candidate failure comes back as `error`, not raised
+            return {"scores": scored.scores, "error": scored.error, "seconds": time.perf_counter() - start}
+
+        return self._timed(score)
 
     def call(self, method: str, *args: Any) -> dict[str, Any]:
         """Run one of the local executor's other methods (`score`, `report`, `images`, ...)."""
+        try:
+            return self._timed(lambda: {"value": getattr(self.scorer, method)(*args)})
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {first_line(exc)}"}
+
+    def _timed(self, work: Any) -> dict[str, Any]:
+        """`work()`'s answer with the timing record it added, if any; an outage as `infrastructure`."""
         timing = self.scorer.timing
         before = len(timing.records) if timing is not None else 0
         try:
-            out = {"value": getattr(self.scorer, method)(*args)}
+            out = work()
         except InfrastructureError as exc:
             return {"infrastructure": first_line(exc)}
-        except Exception as exc:
-            return {"error": f"{type(exc).__name__}: {first_line(exc)}"}
         if timing is not None and len(timing.records) > before:
             out["timing"] = timing.records[-1]
         return out
@@ -212,9 +213,8 @@ class RayExecutor:
         self.config = spec.executor
         slots = self.config.workers * self.config.in_flight_per_worker
         self.parallelism = self.config.lookahead or slots  # asked ahead; past the slots they wait here
-        self.ops = genome.ops
-        self.cache_scores = genome.cache_scores
         self.timing = CandidateTiming() if genome.timed else None
+        self.cache = ScoreCache(genome.ops, genome.cache_scores, self.timing)
         self._spec = pinned_spec(spec, genome.seeds)
         self._args = (seed, str(run_dir) if run_dir else None, str(spec_dir) if spec_dir else None)
         self._threads = spec.evolve.threads
@@ -223,7 +223,6 @@ class RayExecutor:
         self._queue: deque[Candidate] = deque()  # submitted, waiting for a free worker
         self._running: dict[Any, tuple[Candidate, _Worker]] = {}  # ObjectRef -> what it scores, where
         self._done: deque[Scored] = deque()
-        self._cache: dict[tuple[str, str], Any] = {}
         self._nodes: set[str] = set()
         self._sent = 0
         self._bytes = 0
@@ -236,11 +235,9 @@ class RayExecutor:
     # --- the loop's interface -------------------------------------------------------------------------------
 
     def submit(self, candidate: Candidate) -> None:
-        key = self._key(candidate.genome, "fit")
-        if key is not None and key in self._cache:
-            if self.timing is not None:
-                self.timing.cache_hits += 1
-            self._done.append(Scored(candidate, self._cache[key]))
+        hit, scores = self.cache.get(self.cache.key(candidate.genome, "fit"))
+        if hit:
+            self._done.append(Scored(candidate, scores))
             return
         self._queue.append(candidate)
         self._dispatch()
@@ -253,14 +250,11 @@ class RayExecutor:
         return self._done.popleft()
 
     def score(self, genome: Any, split: Split) -> Any:
-        key = self._key(genome, split)
-        if key is not None and key in self._cache:
-            if self.timing is not None:
-                self.timing.cache_hits += 1
-            return self._cache[key]
-        value = self._call("score", genome, split)
-        if key is not None:
-            self._cache[key] = value
+        key = self.cache.key(genome, split)
+        hit, value = self.cache.get(key)
+        if not hit:
+            value = self._call("score", genome, split)
+            self.cache.put(key, value)
         return value
 
     def report(self, genome: Any) -> Report:
@@ -328,9 +322,6 @@ class RayExecutor:
             ray.shutdown()
 
     # --- workers ---------------------------------------------------------------------------------------------
-
-    def _key(self, genome: Any, split: str) -> tuple[str, str] | None:
-        return (split, self.ops.hash(genome)) if self.cache_scores else None
 
     def _start(self) -> None:
         if self._workers:
@@ -450,9 +441,8 @@ class RayExecutor:
         self._busy_s += result["seconds"]
         if self.timing is not None and "timing" in result:
             self.timing.records.append(result["timing"])
-        key = self._key(candidate.genome, "fit")
-        if key is not None and result["error"] is None:
-            self._cache[key] = scores
+        if result["error"] is None:
+            self.cache.put(self.cache.key(candidate.genome, "fit"), scores)
         self._done.append(Scored(candidate, scores, result["error"], worker.index, result["seconds"]))
 
     def _lose(self, worker: _Worker, exc: BaseException) -> None:
