@@ -203,3 +203,14 @@ def test_scores_of_another_length_raise_value_error():
     candidate = strategy.ask()
     with pytest.raises(ValueError, match="shape"):
         strategy.tell(candidate, np.zeros(4))
+
+
+def test_best_is_the_first_asked_of_equal_means():
+    strategy = make(popsize=3)
+    asked = [strategy.ask() for _ in range(3)]
+    for candidate, scores in zip(
+        asked, ([0.0, 0, 1, 1, 1], [1.0, 1, 0, 0, 0], [0.0, 0, 1, 1, 1]), strict=True
+    ):
+        strategy.tell(candidate, np.array(scores))
+    assert [m.lineage.id for m in strategy.front()] == [1, 0, 2]  # equal objectives: both on the front
+    assert strategy.best().lineage.id == 0 and strategy.best().mean_score == 0.6

@@ -79,12 +79,8 @@ class NSGA2:
         if not np.all(lower < upper):
             raise ValueError("lower must be below upper everywhere")
         groups = np.asarray(groups)
-        if (
-            groups.ndim != 1
-            or not groups.size
-            or not np.issubdtype(groups.dtype, np.integer)
-            or groups.min() < 0
-        ):
+        integers = np.issubdtype(groups.dtype, np.integer)
+        if groups.ndim != 1 or not groups.size or not integers or groups.min() < 0:
             raise ValueError("groups must be a non-empty 1-D integer array of ids 0..G-1")
         self.n_groups = int(groups.max()) + 1
         counts = np.bincount(groups, minlength=self.n_groups)
@@ -177,14 +173,8 @@ class NSGA2:
         objectives = self.objectives(scores)
         self.fvalues.append(-objectives)
         self.means.append(float(np.mean(scores)))
-        self._add_to_front(
-            Member(
-                candidate.genome,
-                np.array(scores, dtype=np.float64),
-                candidate.lineage,
-                {"objectives": objectives},
-            )
-        )
+        scores = np.array(scores, dtype=np.float64)
+        self._add_to_front(Member(candidate.genome, scores, candidate.lineage, {"objectives": objectives}))
         if len(self.fvalues) == len(self.pop):
             F = np.array(self.fvalues, dtype=np.float64)
             self.told.append((np.array(self.pop.get("X"), dtype=np.float64), F))
@@ -201,15 +191,10 @@ class NSGA2:
         """The Pareto front of everything evaluated, by objective 0 descending then id; `extra` holds
         `objectives` (the group means, a list) and `front_index` (the position in this list)."""
         order = sorted(self.archive, key=lambda m: (-m.extra["objectives"][0], m.lineage.id))
-        return [
-            Member(
-                m.genome,
-                m.scores,
-                m.lineage,
-                {"objectives": [float(o) for o in m.extra["objectives"]], "front_index": i},
-            )
-            for i, m in enumerate(order)
+        extras = [
+            {"objectives": m.extra["objectives"].tolist(), "front_index": i} for i, m in enumerate(order)
         ]
+        return [Member(m.genome, m.scores, m.lineage, extra) for m, extra in zip(order, extras, strict=True)]
 
     def members(self) -> list[Member]:
         return self.front()
@@ -295,10 +280,9 @@ class NSGA2:
         self.next_id, self.gen_start = int(state["next_id"]), int(state["gen_start"])
         self.archive = []
         for m in state["front"]:
-            scores = np.asarray(m["scores"], dtype=np.float64)
-            lineage = Lineage.from_dict(m["lineage"])
-            genome = self.ops.from_state(m["genome"])
-            self.archive.append(Member(genome, scores, lineage, {"objectives": self.objectives(scores)}))
+            scores, genome = np.asarray(m["scores"], dtype=np.float64), self.ops.from_state(m["genome"])
+            extra = {"objectives": self.objectives(scores)}
+            self.archive.append(Member(genome, scores, Lineage.from_dict(m["lineage"]), extra))
 
     def _replayed_ask(self, X: np.ndarray, what: str) -> Any:
         pop = self._pymoo_ask()
