@@ -285,6 +285,8 @@ def evolve_card_info(
     merge_device: str | None = None,
     grid: dict[str, Any] | None = None,
     scoring: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    custom_code: bool = False,
 ) -> CardInfo:
     """The lineage card of an evolved model: held-out scores of the merged model (as model-index) and of the
     seeds, the lineage table, the fitness curve and the recipe (and, when the recipe is a merge spec merged on
@@ -294,6 +296,9 @@ def evolve_card_info(
         grid: the image grid of the seeds and the merge, when the evaluator draws images
             (`hf_m2n2.evolve.outcome.image_grid_entry`).
         scoring: how the evaluator scores (its `describe()`: judge, prompts, generation settings), when it says.
+        notes: lines shown under the seeds (how to load a routed model, the seeds' own recipes).
+        custom_code: the model's class is its own code (a routed model): the usage snippet passes
+            `trust_remote_code=True`.
         metric: what every task's figure measures, or `{task: metric}` (a list of evaluators: exact match beside a
             reward).
     """
@@ -322,6 +327,8 @@ def evolve_card_info(
             **({"merge_device": merge_device} if merge_device is not None else {}),
             **({"grid": grid} if grid is not None else {}),
             **({"scoring": scoring} if scoring is not None else {}),
+            **({"notes": list(notes)} if notes else {}),
+            **({"custom_code": True} if custom_code else {}),
         },
         eval_results=[
             EvalScore(task, metric if isinstance(metric, str) else metric.get(task, "score"), float(value))

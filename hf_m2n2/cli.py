@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir")
     export.add_argument("--overwrite", action="store_true")
     export.add_argument(
+        "--front",
+        type=int,
+        metavar="K",
+        help="an nsga2 run: export member K of its Pareto front (as numbered in RUN_DIR/pareto.json) instead of "
+        "the best mean; its held-out scores are measured for the card",
+    )
+    export.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="let the seeds' custom code (auto_map in config.json or tokenizer_config.json) run, for runs started "
@@ -326,7 +333,19 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from hf_m2n2.evolve.outcome import export_run
+    from hf_m2n2.evolve.pareto import export_front
 
+    if args.front is not None:
+        out = export_front(
+            args.run_dir,
+            args.out_dir,
+            args.front,
+            overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+        )
+        if not args.quiet:
+            print(f"exported member {args.front} of the Pareto front of {args.run_dir} to {out}")
+        return 0
     out = export_run(
         args.run_dir, args.out_dir, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code
     )

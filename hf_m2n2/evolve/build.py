@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from hf_m2n2.errors import SpecError
-from hf_m2n2.evolve.config import M2N2_SETTINGS, CMAOptions, EvolveConfig, EvomergeOptions, MapElitesOptions
+from hf_m2n2.evolve.config import (
+    M2N2_SETTINGS,
+    CMAOptions,
+    DFSOptions,
+    EvolveConfig,
+    EvomergeOptions,
+    MapElitesOptions,
+    NSGA2Options,
+)
 from hf_m2n2.evolve.executor import Executor
 from hf_m2n2.evolve.ray_executor import ray_executor
 from hf_m2n2.evolve.scorer import local_executor
@@ -82,6 +90,40 @@ def _evomerge_ps(config, ops, initial, seed, mutation_std, groups, name) -> Stra
     return EvomergePS(ops, popsize=options.popsize, sigma0=options.sigma0, x0=options.x0, rng_seed=seed)
 
 
+def _evomerge_dfs(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
+    from hf_m2n2.evolve.evomerge_dfs import EvomergeDFS
+
+    options = config.evomerge_dfs or DFSOptions()
+    return EvomergeDFS(
+        ops,
+        popsize=options.popsize,
+        indicator_sigma=options.indicator_sigma,
+        scale_sigma=options.scale_sigma,
+        rng_seed=seed,
+    )
+
+
+def _nsga2(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
+    from hf_m2n2.evolve.nsga2 import NSGA2
+
+    if groups is None:
+        raise SpecError(
+            "evaluate",
+            "nsga2 needs per-example group ids (one objective per task or evaluator part); this fitness gives none",
+        )
+    if int(np.max(groups)) < 1:
+        raise SpecError("evaluate", "nsga2 needs at least two objectives: this fitness has one task or part")
+    options = config.nsga2 or NSGA2Options()
+    bounds = getattr(ops, "bounds", None)
+    lower, upper = bounds() if bounds is not None else (0.0, 1.0)  # method genomes: parameters in [0, 1]
+    start = getattr(ops, "initial_array", None)
+    x0 = start() if start is not None else np.full(ops.size, 0.5)  # as evomerge_ps starts
+    try:
+        return NSGA2(ops, groups, lower=lower, upper=upper, popsize=options.popsize, x0=x0, rng_seed=seed)
+    except ValueError as exc:
+        raise SpecError("evolve.nsga2", str(exc)) from None
+
+
 def _map_elites(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
     from hf_m2n2.evolve.map_elites import MapElites
 
@@ -121,6 +163,8 @@ STRATEGIES: dict[str, StrategyBuilder] = {
     "ga": _m2n2,
     "cma_es": _cma_es,
     "evomerge_ps": _evomerge_ps,
+    "evomerge_dfs": _evomerge_dfs,
+    "nsga2": _nsga2,
     "map_elites": _map_elites,
     "sweep": _sweep,
 }
@@ -143,7 +187,7 @@ def build_strategy(
         initial: initial genomes.
         seed: seed of the strategy's generator.
         mutation_std: noise added to children (0: none).
-        groups: per-example group ids (MAP-Elites only).
+        groups: per-example group ids (MAP-Elites and NSGA-II only).
 
     Raises:
         SpecError: the algorithm cannot run with these initial genomes.
@@ -173,7 +217,7 @@ def build_run(spec: Any, seed: int, run_dir: Path | None = None, spec_dir: Path 
     """
     _, strategy_stream = np.random.SeedSequence(seed).spawn(2)
     genome, executor = EXECUTORS[spec.executor.kind](spec, seed, run_dir, spec_dir)
-    groups = executor.example_groups() if spec.evolve.algorithm == "map_elites" else None
+    groups = executor.example_groups() if spec.evolve.algorithm in ("map_elites", "nsga2") else None
     strategy = build_strategy(
         spec.evolve,
         genome.ops,

@@ -15,7 +15,7 @@ from hf_m2n2.errors import SpecError
 from hf_m2n2.evolve.m2n2 import M2N2Config
 from hf_m2n2.spec import StrictModel
 
-ALGORITHMS = ("m2n2", "ga", "cma_es", "map_elites", "sweep", "evomerge_ps")
+ALGORITHMS = ("m2n2", "ga", "cma_es", "map_elites", "sweep", "evomerge_ps", "evomerge_dfs", "nsga2")
 # What each algorithm evolves, for the errors that refuse an algorithm a genome kind cannot take.
 ALGORITHM_DESCRIPTIONS = {
     "m2n2": "evolves genomes by crossover",
@@ -24,6 +24,8 @@ ALGORITHM_DESCRIPTIONS = {
     "map_elites": "evolves genomes by crossover",
     "sweep": "interpolates two genomes",
     "evomerge_ps": "evolves merge-method parameters",
+    "evomerge_dfs": "evolves paths through the seeds' layers",
+    "nsga2": "evolves bounded vectors (merge-method parameters or paths)",
 }
 # M2N2's own settings (M2N2Config's fields but the two it shares with other algorithms): the GA uses them too.
 M2N2_SETTINGS = tuple(f.name for f in fields(M2N2Config) if f.name not in ("split_point", "mutation_std"))
@@ -44,6 +46,23 @@ class EvomergeOptions(StrictModel):
     popsize: int | None = Field(None, ge=2)
     sigma0: float = Field(1.0 / 6.0, gt=0)
     x0: float = Field(0.5, ge=0, le=1)
+
+
+class DFSOptions(StrictModel):
+    """evomerge_dfs settings: CMA-ES over the indicator and the scaling matrix (Akiba et al.: population 128 for 100
+    generations, each candidate scored on 200 training examples; their step sizes are not published, these are
+    ours). The indicator starts at +1 (on) / -1 (off), so `indicator_sigma` 0.5 flips about 2% of the slots per
+    sample at first; W starts at 1 with `scale_sigma`."""
+
+    popsize: int = Field(128, ge=2)
+    indicator_sigma: float = Field(0.5, gt=0)
+    scale_sigma: float = Field(0.1, gt=0)
+
+
+class NSGA2Options(StrictModel):
+    """NSGA-II settings (pymoo): the population size (one objective per evaluator part or task group)."""
+
+    popsize: int = Field(40, ge=2)
 
 
 class MapElitesOptions(StrictModel):
@@ -112,7 +131,8 @@ class EvolveConfig(StrictModel):
     """The `evolve:` section.
 
     Attributes:
-        algorithm: m2n2, ga (M2N2 with alpha 0 and no attraction), cma_es, map_elites, sweep or evomerge_ps.
+        algorithm: m2n2, ga (M2N2 with alpha 0 and no attraction), cma_es, map_elites, sweep, evomerge_ps,
+            evomerge_dfs or nsga2.
         budget: forward passes (candidate evaluations, seeds included) for every algorithm.
         seed: seed of the run (run r of `--runs` uses seed + r).
         archive_size, alpha, epsilon, capacity, crossover, attraction: M2N2 settings (`M2N2Config`'s defaults).
@@ -125,9 +145,13 @@ class EvolveConfig(StrictModel):
         cma: CMA-ES settings (cma_es only).
         map_elites: MAP-Elites settings (map_elites only).
         evomerge_ps: CMA-ES settings of evomerge_ps (model specs with a method genome only).
+        evomerge_dfs: CMA-ES settings of evomerge_dfs (model specs with a route genome only).
+        nsga2: NSGA-II settings (method and route genomes).
     """
 
-    algorithm: Literal["m2n2", "ga", "cma_es", "map_elites", "sweep", "evomerge_ps"] = "m2n2"
+    algorithm: Literal[
+        "m2n2", "ga", "cma_es", "map_elites", "sweep", "evomerge_ps", "evomerge_dfs", "nsga2"
+    ] = "m2n2"
     budget: int = Field(gt=0)
     seed: int = 42
     archive_size: int = Field(_M2N2.archive_size, ge=1)
@@ -145,6 +169,8 @@ class EvolveConfig(StrictModel):
     cma: CMAOptions | None = None
     map_elites: MapElitesOptions | None = None
     evomerge_ps: EvomergeOptions | None = None
+    evomerge_dfs: DFSOptions | None = None
+    nsga2: NSGA2Options | None = None
 
 
 _USES = {
@@ -153,6 +179,8 @@ _USES = {
     "cma": ("cma_es",),
     "map_elites": ("map_elites",),
     "evomerge_ps": ("evomerge_ps",),
+    "evomerge_dfs": ("evomerge_dfs",),
+    "nsga2": ("nsga2",),
     **{key: ("m2n2", "ga") for key in M2N2_SETTINGS},
 }
 

@@ -90,12 +90,22 @@ class RunOutcome:
     scoring: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, spec: Any, parts: Any, run_dir: Path, summary: dict[str, Any]) -> RunOutcome:
-        """Gather the outcome of a finished run (`parts`: the run's `RunParts`)."""
-        best = parts.strategy.best()
+    def of(
+        cls,
+        spec: Any,
+        parts: Any,
+        run_dir: Path,
+        summary: dict[str, Any],
+        *,
+        best: Any = None,
+        merged_name: str | None = None,
+    ) -> RunOutcome:
+        """Gather the outcome of a finished run (`parts`: the run's `RunParts`; `best`: the member to export, by
+        default the strategy's best; `merged_name`: its name in the report and card)."""
+        best = best if best is not None else parts.strategy.best()
         if best is None:
             raise HfM2n2Error("the run has no archive member to export")
-        merged_name = spec.name or f"{spec.evolve.algorithm}-merge"
+        merged_name = merged_name or spec.name or f"{spec.evolve.algorithm}-merge"
         seeds = parts.genome.seeds
         rows = [(s.name, g) for s, g in zip(seeds, parts.ops.seed_genomes())] + [(merged_name, best.genome)]
         executor = parts.executor
@@ -192,6 +202,10 @@ def finish_model_run(
     timing = parts.executor.timing
     if timing is not None:
         atomic_write_text(run_dir / TIMING, json.dumps(timing.to_dict(), indent=2) + "\n")
+    if hasattr(parts.strategy, "front"):  # a multi-objective run: every front member is exportable by index
+        from hf_m2n2.evolve.pareto import save_front
+
+        save_front(parts.strategy, spec, run_dir)
     outcome = RunOutcome.of(spec, parts, run_dir, summary)
     spec.kind.export(parts.genome, spec, outcome, run_dir / MODEL_DIR)
     return outcome.save_report(progress)

@@ -1,4 +1,4 @@
-"""Method genomes: merge-method parameters per seed and per layer group, evolved by `evomerge_ps`.
+"""Method genomes: merge-method parameters per seed and per layer group, evolved by `evomerge_ps` (or `nsga2`).
 
 A method genome is a vector in [0, 1]^n: the evolved per-model parameters (e.g. TIES/DARE `weight` and `density`)
 of every seed in every layer group, ordered group by group, then seed by seed, then parameter by parameter:
@@ -330,7 +330,7 @@ class MethodOps:
         return self.from_array(state)
 
     def crossover(self, x: Any, y: Any, w: float, split: int) -> Any:
-        raise HfM2n2Error("method genomes are evolved by evomerge_ps (CMA-ES), not by crossover")
+        raise HfM2n2Error("method genomes are evolved by evomerge_ps (CMA-ES) or nsga2, not by crossover")
 
     def mutate(self, x: Any, std: float, rng: np.random.Generator) -> Any:
         raise HfM2n2Error("method genomes are evolved by evomerge_ps (CMA-ES), not by mutation")
@@ -455,7 +455,7 @@ class MethodKind(GenomeKind):
 
     name = "method"
     config = MethodGenomeConfig
-    algorithms = ("evomerge_ps",)
+    algorithms = ("evomerge_ps", "nsga2")
     uses_models = True
 
     def check(self, spec: Any) -> None:
@@ -564,7 +564,8 @@ class MethodKind(GenomeKind):
         genome: MethodGenomeConfig = spec.genome
         score = float(np.mean(best.scores))
         header = (
-            f"{outcome.merged_name}: evolved by hf-m2n2 evomerge_ps (CMA-ES over {genome.method} "
+            f"{outcome.merged_name}: evolved by hf-m2n2 {spec.evolve.algorithm} "
+            f"({_SEARCH.get(spec.evolve.algorithm, spec.evolve.algorithm)} over {genome.method} "
             f"{', '.join(genome.parameters)} per {_per(run.ops.template)}), run seed {summary['seed']}, "
             f"candidate {best.lineage.id} of {summary['forward_passes']} (mean fitness {score:.4f}).\n"
             f"The weights next to this file are `hf-m2n2 merge {MERGE_CONFIG} OUT_DIR"
@@ -618,6 +619,9 @@ class MethodKind(GenomeKind):
             extras=lambda out: copy_card(model_dir, out),
             trust_remote_code=trust_remote_code,
         )
+
+
+_SEARCH = {"evomerge_ps": "CMA-ES", "nsga2": "NSGA-II"}
 
 
 def _per(template: MethodTemplate) -> str:

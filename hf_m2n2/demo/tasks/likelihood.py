@@ -32,3 +32,9 @@ def token_likelihood(model, sequences: Sequence[Sequence[int]]) -> np.ndarray:
 def mean_likelihood(model, sequences: Sequence[Sequence[int]]) -> float:
     """The mean of `token_likelihood` (a held-out figure for logs)."""
     return float(token_likelihood(model, sequences).mean())
+
+
+def sequence_halves(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """Group ids of the sequences: 0 for the first half, 1 for the rest (two objectives, or two MAP-Elites axes)."""
+    half = (len(sequences) + 1) // 2
+    return np.array([0 if i < half else 1 for i in range(len(sequences))], dtype=np.int64)
