@@ -325,8 +325,6 @@ class RouteKind(GenomeKind):
 
     def check(self, spec: Any) -> None:
         refs = spec.seed_refs()
-        if len(refs) < 2:
-            raise SpecError("models", f"a route needs at least two models (model A first), got {len(refs)}")
         if len(set(refs)) != len(refs):
             raise SpecError("models", "a seed is listed twice")
 
