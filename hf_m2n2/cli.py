@@ -332,8 +332,8 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from hf_m2n2.evolve.front_export import export_front
     from hf_m2n2.evolve.outcome import export_run
-    from hf_m2n2.evolve.pareto import export_front
 
     if args.front is not None:
         out = export_front(

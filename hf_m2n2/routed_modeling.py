@@ -137,7 +137,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: RoutedConfig):
         super().__init__(config)
         stored = config.stored_config()
-        self.model = AutoModel.from_config(stored)
+        self.model = AutoModel.from_config(
+            stored, dtype=torch.get_default_dtype()
+        )  # as from_pretrained's dtype set it
         self.lm_head = nn.Linear(stored.hidden_size, stored.vocab_size, bias=False)
         self._route_cache: Any = None
         check_route(config.path, config.scales, len(self.model.layers))

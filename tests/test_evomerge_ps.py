@@ -302,7 +302,11 @@ def _genome_error(seeds, change: dict, evolve: dict | None = None) -> str:
         ({"method_parameters": {"weight": 1}}, None, "genome.method_parameters.weight: is evolved"),
         ({"layer_groups": 0}, None, "genome.layer_groups: Input should be greater than or equal to 1"),
         ({"block_size": 1024}, None, "genome.block_size: unknown key"),
-        ({}, {"algorithm": "m2n2"}, "evolve.algorithm: a method genome is evolved by evomerge_ps, not m2n2"),
+        (
+            {},
+            {"algorithm": "m2n2"},
+            "genome.kind: m2n2 evolves genomes by crossover: use genome: {kind: blend",
+        ),
         ({}, {"evomerge_ps": {"sigma0": 0}}, "evolve.evomerge_ps.sigma0: Input should be greater than 0"),
         ({}, {"evomerge_ps": {"x0": 2}}, "evolve.evomerge_ps.x0: Input should be less than or equal to 1"),
         (

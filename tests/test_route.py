@@ -244,6 +244,45 @@ def test_a_run_exports_a_model_transformers_loads_with_its_own_code(finished_run
     assert torch.equal(_logits(loaded), expected)
     card = (model_dir / "README.md").read_text()
     assert "trust_remote_code=True" in card and "route.json" in card and "evomerge_dfs" in card
+    half = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from hf_m2n2.demo.toy import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "base", seed=0, tie=True)
+    refs = [
+        str(build_tiny_llama(tmp_path / name, seed=i + 1, base=base, tie=True)) for i, name in enumerate("ab")
+    ]
+    tied = open_seeds(refs)
+    try:
+        live = RoutedLive(tied)
+        a = AutoModelForCausalLM.from_pretrained(refs[0]).eval()
+        assert torch.equal(_logits(live.route([0, 1], [1.0, 1.0])), _logits(a))
+        expected = _logits(live.route([0, 2, 3, 1], [1.0, 0.5, 1.0, 1.25]))
+        recipe = RouteRecipe(
+            seeds=[{"ref": s.name, "name": s.name, "path": str(s.model.path)} for s in tied],
+            layers=[2, 2],
+            repeats=2,
+            scales=True,
+            dtype="float32",
+            genome=[],
+            stored=[[0, 0], [0, 1], [1, 0], [1, 1]],
+            path=[0, 2, 3, 1],
+            hop_scales=[1.0, 0.5, 1.0, 1.25],
+        )
+        write_route(recipe, tied, tmp_path / "out", overwrite=False, extras=None)
+    finally:
+        close_seeds(tied)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(_logits(loaded), expected)
 
 
 def test_export_writes_the_same_model_again(finished_run, tmp_path, cli):
