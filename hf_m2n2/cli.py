@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(card)
 
     rebuild = sub.add_parser(
-        "rebuild", help="rebuild an evolved model's weights bit for bit from its recipe.json"
+        "rebuild", help="rebuild an evolved model's weights bit for bit from its recipe.json (or route.json)"
     )
-    rebuild.add_argument("recipe", help="recipe.json (written next to every exported model)")
+    rebuild.add_argument(
+        "recipe", help="recipe.json (or a routed model's route.json), next to the exported model"
+    )
     rebuild.add_argument("out_dir")
     rebuild.add_argument("--out-shard-size", type=parse_size, default="5GB")
     rebuild.add_argument("--overwrite", action="store_true")
@@ -323,9 +325,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
-    from hf_m2n2.blend_ops import rebuild
+    from pathlib import Path
 
-    out = rebuild(args.recipe, args.out_dir, overwrite=args.overwrite, shard_size=args.out_shard_size)
+    from hf_m2n2.blend_ops import rebuild
+    from hf_m2n2.genomes.route import ROUTE_RECIPE, rebuild_route
+
+    if Path(args.recipe).name == ROUTE_RECIPE:  # a routed model's recipe (data-flow space)
+        out = rebuild_route(Path(args.recipe), Path(args.out_dir), overwrite=args.overwrite)
+    else:
+        out = rebuild(args.recipe, args.out_dir, overwrite=args.overwrite, shard_size=args.out_shard_size)
     if not args.quiet:
         print(f"rebuilt {out} from {args.recipe}")
     return 0

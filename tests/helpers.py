@@ -39,6 +39,14 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def write_yaml(path: Path, data: dict) -> Path:
+    """Write a spec as YAML (keys in their order) and return its path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def copy_seed(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

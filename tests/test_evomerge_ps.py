@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import load_dir, sigkill_evolve
+from helpers import load_dir, sigkill_evolve, write_yaml
 from test_evolve_loop import _assert_same_archive, _comparable
 from test_evolve_models import LIKELIHOOD_EVALUATE
 
@@ -50,15 +50,10 @@ def _spec(seeds, genome=None, **evolve) -> dict:
     }
 
 
-def _write(path, spec):
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def finished_run(seeds, tmp_path_factory):
     root = tmp_path_factory.mktemp("evomerge_ps")
-    start_runs(_write(root / "spec.yaml", _spec(seeds)), root / "run", progress=False)
+    start_runs(write_yaml(root / "spec.yaml", _spec(seeds)), root / "run", progress=False)
     return root / "run"
 
 
@@ -247,7 +242,7 @@ def test_run_report_summary_and_card(finished_run):
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(seeds, tmp_path, cli):
-    spec = _write(tmp_path / "spec.yaml", _spec(seeds, budget=30, log_every=5))
+    spec = write_yaml(tmp_path / "spec.yaml", _spec(seeds, budget=30, log_every=5))
     killed = tmp_path / "killed"
     at_kill = sigkill_evolve(spec, killed, min_passes=12, timeout=120, fresh_interpreter=False)  # mid gen. 2
     assert 12 <= at_kill < 30
@@ -351,4 +346,4 @@ def test_too_many_layer_groups_fail_before_the_first_candidate(seeds, tmp_path):
     spec = _spec(seeds)
     spec["genome"]["layer_groups"] = 3
     with pytest.raises(SpecError, match="genome.layer_groups: 3 groups for 2 layers"):
-        start_runs(_write(tmp_path / "spec.yaml", spec), tmp_path / "run", progress=False)
+        start_runs(write_yaml(tmp_path / "spec.yaml", spec), tmp_path / "run", progress=False)

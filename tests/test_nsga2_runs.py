@@ -8,8 +8,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from helpers import sigkill_evolve
+from helpers import sigkill_evolve, write_yaml
 from test_evolve_models import LIKELIHOOD_EVALUATE
 
 from hf_m2n2.evolve.loop import load_archive
@@ -41,15 +40,10 @@ def _spec(seeds, genome=None, **evolve) -> dict:
     }
 
 
-def _write(path, spec):
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def front_run(seeds, tmp_path_factory):
     root = tmp_path_factory.mktemp("nsga2")
-    start_runs(_write(root / "spec.yaml", _spec(seeds)), root / "run", progress=False)
+    start_runs(write_yaml(root / "spec.yaml", _spec(seeds)), root / "run", progress=False)
     return root / "run"
 
 
@@ -99,7 +93,7 @@ def test_bad_front_exports_fail_with_one_line(front_run, tmp_path, cli, seeds):
     dfs = _spec(seeds, algorithm="evomerge_dfs", nsga2=None)
     del dfs["evolve"]["nsga2"]
     dfs["evolve"]["budget"] = 2
-    start_runs(_write(tmp_path / "dfs.yaml", dfs), tmp_path / "dfs", progress=False)
+    start_runs(write_yaml(tmp_path / "dfs.yaml", dfs), tmp_path / "dfs", progress=False)
     code, _, err = cli("export", tmp_path / "dfs", tmp_path / "out", "--front", "0")
     assert code == 2 and "has no pareto.json" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
@@ -108,7 +102,7 @@ def test_bad_front_exports_fail_with_one_line(front_run, tmp_path, cli, seeds):
 def test_method_genomes_evolve_with_nsga2(seeds, tmp_path):
     genome = {"kind": "method", "method": "linear", "parameters": ["weight"]}
     start_runs(
-        _write(tmp_path / "spec.yaml", _spec(seeds, genome=genome, budget=8)),
+        write_yaml(tmp_path / "spec.yaml", _spec(seeds, genome=genome, budget=8)),
         tmp_path / "run",
         progress=False,
     )
@@ -121,7 +115,7 @@ def test_method_genomes_evolve_with_nsga2(seeds, tmp_path):
 def test_nsga2_needs_two_objectives(seeds, tmp_path, cli):
     spec = _spec(seeds)
     spec["evaluate"] = LIKELIHOOD_EVALUATE
-    code, _, err = cli("evolve", _write(tmp_path / "spec.yaml", spec), "--out", tmp_path / "out")
+    code, _, err = cli("evolve", write_yaml(tmp_path / "spec.yaml", spec), "--out", tmp_path / "out")
     assert code == 2 and "nsga2 needs per-example group ids" in err and len(err.strip().splitlines()) == 1, (
         err
     )
@@ -130,7 +124,7 @@ def test_nsga2_needs_two_objectives(seeds, tmp_path, cli):
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(seeds, tmp_path, cli):
     slow = {**GROUPED, "kwargs": {"sequences": [[1, *range(10 + i, 40 + i), 2] for i in range(40)]}}
-    path = _write(tmp_path / "spec.yaml", {**_spec(seeds, budget=20), "evaluate": slow})
+    path = write_yaml(tmp_path / "spec.yaml", {**_spec(seeds, budget=20), "evaluate": slow})
     killed = tmp_path / "killed"
     at_kill = sigkill_evolve(path, killed, min_passes=6, timeout=120, fresh_interpreter=False)
     assert 6 <= at_kill < 20

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import sigkill_evolve
+from helpers import sigkill_evolve, write_yaml
 from test_evolve_models import LIKELIHOOD_EVALUATE
 
 from hf_m2n2.errors import HfM2n2Error
@@ -46,15 +46,10 @@ def _spec(seeds, genome=None, models=("a", "b"), **evolve) -> dict:
     }
 
 
-def _write(path, spec):
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def finished_run(seeds, tmp_path_factory):
     root = tmp_path_factory.mktemp("route")
-    start_runs(_write(root / "spec.yaml", _spec(seeds)), root / "run", progress=False)
+    start_runs(write_yaml(root / "spec.yaml", _spec(seeds)), root / "run", progress=False)
     return root / "run"
 
 
@@ -63,6 +58,21 @@ def opened(seeds):
     opened = open_seeds([str(seeds["a"]), str(seeds["b"])])
     yield opened
     close_seeds(opened)
+
+
+def _hand_route(opened_seeds, scales) -> RouteRecipe:
+    """The route A0, B0, B1, A1 over two 2-layer seeds, with the given hop scales."""
+    return RouteRecipe(
+        seeds=[{"ref": s.name, "name": s.name, "path": str(s.model.path)} for s in opened_seeds],
+        layers=[2, 2],
+        repeats=2,
+        scales=True,
+        dtype="float32",
+        genome=[],
+        stored=[[0, 0], [0, 1], [1, 0], [1, 1]],
+        path=[0, 2, 3, 1],
+        hop_scales=list(scales),
+    )
 
 
 def _logits(model, ids=IDS) -> torch.Tensor:
@@ -264,18 +274,9 @@ def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
         a = AutoModelForCausalLM.from_pretrained(refs[0]).eval()
         assert torch.equal(_logits(live.route([0, 1], [1.0, 1.0])), _logits(a))
         expected = _logits(live.route([0, 2, 3, 1], [1.0, 0.5, 1.0, 1.25]))
-        recipe = RouteRecipe(
-            seeds=[{"ref": s.name, "name": s.name, "path": str(s.model.path)} for s in tied],
-            layers=[2, 2],
-            repeats=2,
-            scales=True,
-            dtype="float32",
-            genome=[],
-            stored=[[0, 0], [0, 1], [1, 0], [1, 1]],
-            path=[0, 2, 3, 1],
-            hop_scales=[1.0, 0.5, 1.0, 1.25],
+        write_route(
+            _hand_route(tied, [1.0, 0.5, 1.0, 1.25]), tied, tmp_path / "out", overwrite=False, extras=None
         )
-        write_route(recipe, tied, tmp_path / "out", overwrite=False, extras=None)
     finally:
         close_seeds(tied)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
@@ -285,27 +286,22 @@ def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
     assert torch.equal(_logits(loaded), expected)
 
 
-def test_export_writes_the_same_model_again(finished_run, tmp_path, cli):
+def test_export_and_rebuild_write_the_same_model_again(finished_run, tmp_path, cli):
     code, _, err = cli("export", finished_run, tmp_path / "again")
+    assert code == 0, err
+    code, _, err = cli("rebuild", finished_run / "model" / "route.json", tmp_path / "rebuilt")
     assert code == 0, err
     for name in ("model.safetensors", "config.json", "route.json", "modeling_hf_m2n2_routed.py", "README.md"):
         assert (tmp_path / "again" / name).read_bytes() == (finished_run / "model" / name).read_bytes()
+        if name != "README.md":  # rebuild writes the weights and their recipe; the card stays with the run
+            assert (tmp_path / "rebuilt" / name).read_bytes() == (finished_run / "model" / name).read_bytes()
+    assert "hf-m2n2 rebuild route.json OUT_DIR" in (finished_run / "model" / "README.md").read_text()
 
 
 def test_all_ones_scales_export_a_plain_passthrough_frankenmerge_too(opened, tmp_path, cli):
     from transformers import AutoModelForCausalLM
 
-    recipe = RouteRecipe(
-        seeds=[{"ref": s.name, "name": s.name, "path": str(s.model.path)} for s in opened],
-        layers=[2, 2],
-        repeats=2,
-        scales=False,
-        dtype="float32",
-        genome=[],
-        stored=[[0, 0], [0, 1], [1, 0], [1, 1]],
-        path=[0, 2, 3, 1],  # A0, B0, B1, A1: what people write by hand
-        hop_scales=[1.0] * 4,
-    )
+    recipe = _hand_route(opened, [1.0] * 4)  # A0, B0, B1, A1: what people write by hand
     write_route(recipe, opened, tmp_path / "routed", overwrite=False, extras=None)
     spec = yaml.safe_load((tmp_path / "routed" / "passthrough.yaml").read_text())
     assert [s["sources"][0]["layer_range"] for s in spec["slices"]] == [[0, 1], [0, 2], [1, 2]]
@@ -326,7 +322,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(seeds, tmp_path, cli):
         "kwargs": {"sequences": [[1, *range(10 + i, 40 + i), 2] for i in range(40)]},
     }
     spec = {**_spec(seeds, budget=24, evomerge_dfs={"popsize": 6}), "evaluate": slow}
-    path = _write(tmp_path / "spec.yaml", spec)
+    path = write_yaml(tmp_path / "spec.yaml", spec)
     killed = tmp_path / "killed"
     at_kill = sigkill_evolve(path, killed, min_passes=8, timeout=120, fresh_interpreter=False)
     assert 8 <= at_kill < 24
@@ -345,10 +341,10 @@ def test_ps_then_dfs_keeps_both_recipes(seeds, tmp_path):
         "evolve": {"algorithm": "evomerge_ps", "budget": 3, "seed": 1, "log_every": 1},
         "evaluate": LIKELIHOOD_EVALUATE,
     }
-    start_runs(_write(tmp_path / "ps.yaml", ps), tmp_path / "ps", progress=False)
+    start_runs(write_yaml(tmp_path / "ps.yaml", ps), tmp_path / "ps", progress=False)
     ps_model = tmp_path / "ps" / "model"
     spec = _spec(seeds, models=(ps_model, "b"), budget=3)
-    start_runs(_write(tmp_path / "dfs.yaml", spec), tmp_path / "dfs", progress=False)
+    start_runs(write_yaml(tmp_path / "dfs.yaml", spec), tmp_path / "dfs", progress=False)
     model_dir = tmp_path / "dfs" / "model"
     kept = model_dir / "seed_recipes" / "0-merge_config.yaml"
     assert kept.read_bytes() == (ps_model / "merge_config.yaml").read_bytes()
@@ -370,7 +366,7 @@ def test_ps_then_dfs_keeps_both_recipes(seeds, tmp_path):
     ],
 )
 def test_bad_seeds_and_settings_fail_with_one_line(seeds, tmp_path, cli, models, genome, expected):
-    path = _write(tmp_path / "spec.yaml", _spec(seeds, genome=genome, models=models))
+    path = write_yaml(tmp_path / "spec.yaml", _spec(seeds, genome=genome, models=models))
     code, _, err = cli("evolve", path, "--out", tmp_path / "out")
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
@@ -407,7 +403,7 @@ def test_a_routed_model_is_not_a_merge_seed(finished_run, seeds, tmp_path, cli):
         "models": [{"model": str(finished_run / "model"), "parameters": {"weight": 1}}],
     }
     merge["models"].append({"model": str(seeds["a"]), "parameters": {"weight": 1}})
-    code, _, err = cli("merge", _write(tmp_path / "merge.yaml", merge), tmp_path / "out")
+    code, _, err = cli("merge", write_yaml(tmp_path / "merge.yaml", merge), tmp_path / "out")
     assert code == 2 and "is a routed model" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
@@ -415,14 +411,14 @@ def test_a_routed_model_is_not_a_merge_seed(finished_run, seeds, tmp_path, cli):
 def test_dfs_is_only_for_route_genomes(seeds, tmp_path, cli):
     spec = _spec(seeds)
     spec["genome"] = {"kind": "blend"}
-    code, _, err = cli("evolve", _write(tmp_path / "spec.yaml", spec), "--out", tmp_path / "out")
+    code, _, err = cli("evolve", write_yaml(tmp_path / "spec.yaml", spec), "--out", tmp_path / "out")
     assert code == 2 and "evomerge_dfs" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_route_genome_rejects_another_algorithm(seeds, tmp_path, cli):
     spec = _spec(seeds)
     spec["evolve"] = {"algorithm": "m2n2", "budget": 4}
-    code, _, err = cli("evolve", _write(tmp_path / "spec.yaml", spec), "--out", tmp_path / "out")
+    code, _, err = cli("evolve", write_yaml(tmp_path / "spec.yaml", spec), "--out", tmp_path / "out")
     expected = "genome.kind: m2n2 evolves genomes by crossover: use genome: {kind: blend"
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
 

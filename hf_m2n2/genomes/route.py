@@ -392,7 +392,7 @@ class RouteKind(GenomeKind):
             outcome.write_card(
                 out,
                 recipe_file=ROUTE_RECIPE,
-                rebuild_command=f"hf-m2n2 export {model_dir.parent} OUT_DIR",
+                rebuild_command=f"hf-m2n2 rebuild {ROUTE_RECIPE} OUT_DIR",
                 paper=DFS_PAPER,
                 notes=route_notes(recipe, run.seeds),
                 custom_code=True,
@@ -403,21 +403,35 @@ class RouteKind(GenomeKind):
     def export_again(
         self, model_dir: Path, out_dir: Path, overwrite: bool, *, trust_remote_code: bool = False
     ) -> Path | None:  # the seeds' tensors are read, no seed code runs
-        from hf_m2n2.blend_ops import recipe_refs
         from hf_m2n2.card import copy_card
-        from hf_m2n2.seeds import close_seeds, open_seeds
 
         if not (model_dir / ROUTE_RECIPE).is_file():
             return None
-        recipe = RouteRecipe.load(model_dir / ROUTE_RECIPE)
-        seeds = open_seeds(recipe_refs(recipe), base_dir=model_dir)
-        try:
-            check_recipe_seeds(recipe, seeds, model_dir / ROUTE_RECIPE)
-            return write_route(
-                recipe, seeds, out_dir, overwrite=overwrite, extras=lambda out: copy_card(model_dir, out)
-            )
-        finally:
-            close_seeds(seeds)
+        return rebuild_route(
+            model_dir / ROUTE_RECIPE,
+            out_dir,
+            overwrite=overwrite,
+            extras=lambda out: copy_card(model_dir, out),
+        )
+
+
+def rebuild_route(recipe_path: Path, out_dir: Path, *, overwrite: bool = False, extras: Any = None) -> Path:
+    """`hf-m2n2 rebuild route.json OUT`: the routed model of a route recipe, from its (pinned) seeds, bit for bit.
+
+    Raises:
+        HfM2n2Error: the recipe cannot be read, or its seeds no longer match it.
+    """
+    from hf_m2n2.blend_ops import recipe_refs
+    from hf_m2n2.seeds import close_seeds, open_seeds
+
+    recipe_path = Path(recipe_path)
+    recipe = RouteRecipe.load(recipe_path)
+    seeds = open_seeds(recipe_refs(recipe), base_dir=recipe_path.resolve().parent)
+    try:
+        check_recipe_seeds(recipe, seeds, recipe_path)
+        return write_route(recipe, seeds, out_dir, overwrite=overwrite, extras=extras)
+    finally:
+        close_seeds(seeds)
 
 
 def check_recipe_seeds(recipe: RouteRecipe, seeds: list[Any], where: Path) -> None:
