@@ -389,7 +389,11 @@ class LmEvalEvaluator:
         device = str(next(model.parameters()).device)
         self._lm = _quiet_call(
             lambda: HFLM(
-                pretrained=model, tokenizer=self._tokenizer, device=device, batch_size=self.config.batch_size
+                pretrained=model,
+                tokenizer=self._tokenizer,
+                device=device,
+                batch_size=self.config.batch_size,
+                backend="causal",  # said, not guessed from the model type: a routed model's type is its own
             )
         )
         self._model = model
