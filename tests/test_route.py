@@ -429,3 +429,15 @@ def test_routes_of_a_finished_run_decode_within_the_seeds(finished_run):
     with pytest.raises(HfM2n2Error, match="cannot read the route"):
         (finished_run.parent / "bad.json").write_text("{}")
         RouteRecipe.load(finished_run.parent / "bad.json")
+
+
+def test_the_shipped_dfs_compare_specs_are_valid(cli):
+    from pathlib import Path
+
+    from hf_m2n2.spec import load_spec
+
+    compare = Path(__file__).resolve().parents[1] / "examples" / "specialists" / "compare"
+    code, out, err = cli("validate", compare / "evomerge_dfs.yaml", "--no-resolve")
+    assert code == 0 and "valid evomerge_dfs evolve spec (60 forward passes)" in out, err
+    franken = load_spec(compare / "frankenmerge.yaml")
+    assert franken.merge_method == "passthrough" and len(franken.slices) == 3
