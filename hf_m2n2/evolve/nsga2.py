@@ -4,7 +4,8 @@ Multi-objective: one objective per example group (`groups`, one id 0..G-1 per sc
 score of that group's examples, maximized (pymoo minimizes: it is told their negatives). pymoo's own NSGA-II does
 the work (random sampling, SBX crossover, polynomial mutation, duplicate elimination, rank-and-crowding
 survival); this class asks it a generation, hands the samples out one by one, and tells it the generation once
-all of it is scored. The archive is the Pareto front of everything evaluated (not only pymoo's population).
+all of it is scored. The archive is the Pareto front of everything evaluated (not only pymoo's population), one member per distinct
+objective vector (the first evaluated).
 
 Randomness: pymoo 0.6.2 draws every number from `algorithm.random_state`, a `numpy.random.Generator` that
 `setup` makes with `default_rng(seed)`; it never touches numpy's global generator. We replace that generator,
@@ -182,8 +183,13 @@ class NSGA2:
             self.last_means, self.pop = list(self.means), None
 
     def _add_to_front(self, member: Member) -> None:
+        """Keep `member` unless an earlier one dominates it or has the same objectives (a front of distinct trade-offs:
+        exact-match fitnesses often tie); remove those it dominates."""
         new = member.extra["objectives"]
-        if any(_dominates(m.extra["objectives"], new) for m in self.archive):
+        if any(
+            _dominates(m.extra["objectives"], new) or np.array_equal(m.extra["objectives"], new)
+            for m in self.archive
+        ):
             return
         self.archive = [m for m in self.archive if not _dominates(new, m.extra["objectives"])] + [member]
 
