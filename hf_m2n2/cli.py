@@ -328,7 +328,7 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hf_m2n2.blend_ops import rebuild
-    from hf_m2n2.genomes.route import ROUTE_RECIPE, rebuild_route
+    from hf_m2n2.route_recipe import ROUTE_RECIPE, rebuild_route
 
     if Path(args.recipe).name == ROUTE_RECIPE:  # a routed model's recipe (data-flow space)
         out = rebuild_route(Path(args.recipe), Path(args.out_dir), overwrite=args.overwrite)

@@ -13,7 +13,7 @@ from test_evolve_models import LIKELIHOOD_EVALUATE
 
 from hf_m2n2.evolve.loop import load_archive
 from hf_m2n2.evolve.runs import start_runs
-from hf_m2n2.genomes.route import RouteRecipe
+from hf_m2n2.route_recipe import RouteRecipe
 
 GROUPED = {
     **LIKELIHOOD_EVALUATE,

@@ -18,8 +18,9 @@ from test_evolve_models import LIKELIHOOD_EVALUATE
 from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evolve.loop import load_archive
 from hf_m2n2.evolve.runs import start_runs
-from hf_m2n2.genomes.route import RouteLayout, RouteOps, RouteRecipe, route_of, write_route
+from hf_m2n2.genomes.route import RouteLayout, RouteOps, route_of
 from hf_m2n2.models.routed import RoutedLive
+from hf_m2n2.route_recipe import RouteRecipe, write_route
 from hf_m2n2.routed_modeling import RoutedConfig, RoutedForCausalLM
 from hf_m2n2.seeds import close_seeds, open_seeds
 
