@@ -1,0 +1,178 @@
+"""Carrying permutations and merges through every tensor of a space graph.
+
+`permute_state` reorders one model's units (aligning it to another is exact: its function does not change);
+`merge_states` applies one (M, U) pair per space to N models (ZipIt!'s `M_out W U_in`); `validate_graph`
+permutes every space at random and checks the outputs stay the same, which catches a wrong graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from hf_m2n2.align.spaces import Space, SpaceGraph
+from hf_m2n2.errors import HfM2n2Error
+
+Match = tuple[np.ndarray, np.ndarray]  # (merge M: k x N*n, unmerge U: N*n x k)
+
+
+def _expanded(indices: np.ndarray, unit: int) -> torch.Tensor:
+    """Unit indices as entry indices along an axis where each unit is `unit` consecutive entries."""
+    entries = (np.asarray(indices)[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+    return torch.as_tensor(entries, dtype=torch.long)
+
+
+def permute_state(
+    graph: SpaceGraph, state: Mapping[str, torch.Tensor], perms: Mapping[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """`state` with the units of each space in `perms` reordered: new unit u is old unit `perms[space][u]`.
+
+    Example:
+        >>> aligned = permute_state(graph, state_b, {"fc1": np.array([2, 0, 1])})  # doctest: +SKIP
+    """
+    out = dict(state)
+    for space in graph.spaces:
+        perm = perms.get(space.name)
+        if perm is None:
+            continue
+        if sorted(np.asarray(perm).tolist()) != list(range(space.size)):
+            raise HfM2n2Error(
+                f"the permutation of space {space.name!r} is not a permutation of {space.size} units"
+            )
+        index = _expanded(perm, space.unit)
+        for use in space.uses:
+            out[use.tensor] = out[use.tensor].index_select(use.axis, index)
+    return out
+
+
+def _along(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """`matrix @ tensor` along `axis` (matrix: new x old entries)."""
+    moved = tensor.movedim(axis, 0)
+    result = (matrix @ moved.reshape(moved.shape[0], -1)).reshape(matrix.shape[0], *moved.shape[1:])
+    return result.movedim(0, axis)
+
+
+def _blocks(space: Space, match: Match, n_models: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per model i: (M_i, U_i^T) expanded to entries, float64."""
+    merge, unmerge = (np.asarray(m, dtype=np.float64) for m in match)
+    n = space.size
+    if (
+        merge.shape[1] != n_models * n
+        or unmerge.shape[0] != n_models * n
+        or merge.shape[0] != unmerge.shape[1]
+    ):
+        raise HfM2n2Error(
+            f"space {space.name!r}: the match has shapes {merge.shape} / {unmerge.shape}, expected (k, {n_models * n})"
+            f" / ({n_models * n}, k)"
+        )
+    eye = np.eye(space.unit)
+    out = []
+    for i in range(n_models):
+        m_i = np.kron(merge[:, i * n : (i + 1) * n], eye)
+        u_i = np.kron(unmerge[i * n : (i + 1) * n, :], eye)
+        out.append((torch.from_numpy(m_i), torch.from_numpy(u_i.T.copy())))
+    return out
+
+
+def merge_states(
+    graph: SpaceGraph,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    matches: Mapping[str, Match],
+    *,
+    spaces: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One state from N models: along every axis of a merged space, model i's tensor is multiplied by its block of
+    M (axes that produce the units) or of U (axes that consume them), and the models are summed; a tensor with no
+    producing axis in a merged space is averaged (M's rows already average). Computed in float64, stored in each
+    tensor's dtype.
+
+    Args:
+        graph: the models' spaces.
+        states: the N models' state dicts (same names and shapes).
+        matches: (M, U) per space name; a space without one is merged by averaging (the identity match).
+        spaces: the spaces to merge (default: all of them).
+
+    Raises:
+        HfM2n2Error: the states differ in names or shapes, or a match does not fit its space.
+    """
+    n_models = len(states)
+    names = list(states[0])
+    for k, state in enumerate(states[1:], 1):
+        if set(state) != set(names):
+            raise HfM2n2Error(f"model {k} has other tensors than model 0")
+        for name in names:
+            if state[name].shape != states[0][name].shape:
+                raise HfM2n2Error(
+                    f"tensor {name!r} has shape {list(state[name].shape)} in model {k}, "
+                    f"{list(states[0][name].shape)} in model 0: the spaces differ in size"
+                )
+    chosen = {s.name for s in graph.spaces} if spaces is None else set(spaces)
+    blocks = {
+        s.name: _blocks(s, matches[s.name] if s.name in matches else _identity(s.size, n_models), n_models)
+        for s in graph.spaces
+        if s.name in chosen
+    }
+    merged: dict[str, torch.Tensor] = {}
+    for name in names:
+        first = states[0][name]
+        if not first.is_floating_point():
+            merged[name] = first.clone()  # counters (BatchNorm's num_batches_tracked): the first model's
+            continue
+        total = None
+        produces = False
+        for i, state in enumerate(states):
+            tensor = state[name].to(torch.float64)
+            for axis in range(tensor.dim()):
+                space = graph.space_of(name, axis)
+                if space is None or space.name not in blocks:
+                    continue
+                m_i, u_i_t = blocks[space.name][i]
+                role = next(u.role for u in space.uses if u.tensor == name and u.axis == axis)
+                tensor = _along(tensor, axis, m_i if role == "out" else u_i_t)
+                produces = produces or role == "out"
+            total = tensor if total is None else total + tensor
+        merged[name] = (total if produces else total / n_models).to(first.dtype)
+    return merged
+
+
+def _identity(n: int, n_models: int) -> Match:
+    eye = np.eye(n)
+    return np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models)
+
+
+def validate_graph(
+    model: torch.nn.Module,
+    graph: SpaceGraph,
+    run: Callable[[torch.nn.Module], torch.Tensor],
+    *,
+    seed: int = 0,
+    rtol: float = 1e-4,
+) -> None:
+    """Permute every space of `model` at random, one space at a time, and check `run(model)` is unchanged.
+
+    Raises:
+        HfM2n2Error: naming the first space whose permutation changes the outputs (the graph is wrong there).
+    """
+    import copy
+
+    rng = np.random.default_rng(seed)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = run(model)
+        probe = copy.deepcopy(model)
+        for space in graph.spaces:
+            probe.load_state_dict(permute_state(graph, state, {space.name: rng.permutation(space.size)}))
+            got = run(probe)
+            scale = float(expected.abs().max()) or 1.0
+            if not torch.allclose(got, expected, rtol=0, atol=rtol * scale):
+                raise HfM2n2Error(
+                    f"permuting space {space.name!r} changes the model's outputs: the space graph is wrong there"
+                )
+
+
+def as_numpy_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state dict as float64 numpy arrays (for the data-free matchers)."""
+    return {k: v.detach().to(torch.float64).numpy() for k, v in state.items() if v.is_floating_point()}
