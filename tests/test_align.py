@@ -251,3 +251,51 @@ def test_collect_stacks_the_models_features_and_names_a_batch_that_does_not_fit(
     assert statistics_bytes(graph, 2) == 8 * (32**2 + 32 + 24**2 + 24)
     with pytest.raises(HfM2n2Error, match="would take 0.0 MiB, over the budget"):
         collect([a, b], graph, [X], budget_bytes=100)
+
+
+def _deep_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 12),
+        nn.ReLU(),
+        nn.Linear(12, 10),
+        nn.ReLU(),
+        nn.Linear(10, 4),
+    ).eval()
+
+
+def test_partial_zips_share_a_trunk_and_keep_each_model_s_head():
+    from hf_m2n2.align.apply import partial_zip
+
+    a, b = _deep_mlp(0), _deep_mlp(1)
+    graph = classifier_graph(a)
+    states = [_state(a), _state(b)]
+    stats = collect([a, b], graph, [X])
+    matches = {s.name: zipit(stats[s.name].correlation(), s.size).pair() for s in graph.spaces}
+    ensemble = partial_zip(graph, states, matches, 0)
+    assert all(torch.equal(ensemble[i][k], states[i][k]) for i in range(2) for k in states[0])
+    full = partial_zip(graph, states, matches, graph.depth)
+    merged = merge_states(graph, states, matches)
+    assert all(torch.equal(full[i][k], merged[k]) for i in range(2) for k in merged)
+    halfway = partial_zip(graph, states, matches, 2)  # layers 0 and 2 shared; 4 and 6 each model's own
+    assert all(halfway[0][k] is halfway[1][k] for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
+    assert not torch.equal(halfway[0]["4.weight"], halfway[1]["4.weight"])
+    assert (
+        halfway[0]["4.weight"].shape == states[0]["4.weight"].shape
+    )  # an ordinary checkpoint of the architecture
+
+
+def test_a_partial_zip_with_a_permuted_copy_of_itself_keeps_the_function():
+    from hf_m2n2.align.apply import partial_zip
+
+    model = _deep_mlp(3)
+    graph = classifier_graph(model)
+    permuted, perms = _permuted_copy(model, graph, 7)
+    oracle = {n: from_permutation(np.argsort(p)).pair() for n, p in perms.items()}
+    for stop in range(graph.depth + 1):
+        for state in partial_zip(graph, [_state(model), permuted], oracle, stop):
+            copy = _deep_mlp(0)
+            copy.load_state_dict(state)
+            assert torch.allclose(copy(X), model(X), atol=1e-5), stop

@@ -138,6 +138,51 @@ def merge_states(
     return merged
 
 
+def partial_zip(
+    graph: SpaceGraph,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    matches: Mapping[str, Match],
+    stop: int,
+) -> list[dict[str, torch.Tensor]]:
+    """ZipIt!'s partial zip: the spaces of depth < `stop` merged into a shared trunk, the rest left to each model,
+    whose first layers after the trunk take the merged units through their unmerge (U_i folded into the tensors
+    that consume a merged space). Returns N ordinary checkpoints of the original architecture; their trunk tensors
+    are the same objects (byte-identical when saved). `stop` 0 gives back the N models (the ensemble); `stop` >=
+    the graph's depth gives N copies of the full merge (`merge_states`).
+    """
+    if stop >= graph.depth:
+        full = merge_states(graph, states, matches)
+        return [dict(full) for _ in states]
+    merged = [s.name for s in graph.spaces if s.depth < stop]
+    trunk = merge_states(graph, states, matches, spaces=merged) if merged else {}
+    blocks = {
+        s.name: _blocks(
+            s, matches[s.name] if s.name in matches else _identity(s.size, len(states)), len(states)
+        )
+        for s in graph.spaces
+        if s.name in merged
+    }
+    out = []
+    for i, state in enumerate(states):
+        own: dict[str, torch.Tensor] = {}
+        for name, tensor in state.items():
+            axes = [(axis, graph.space_of(name, axis)) for axis in range(tensor.dim())]
+            axes = [(axis, space) for axis, space in axes if space is not None and space.name in blocks]
+            roles = {
+                axis: next(u.role for u in space.uses if u.tensor == name and u.axis == axis)
+                for axis, space in axes
+            }
+            if any(role == "out" for role in roles.values()):
+                own[name] = trunk[name]
+                continue
+            folded = tensor.to(torch.float64) if axes else tensor
+            for axis, space in axes:
+                folded = _along(folded, axis, blocks[space.name][i][1])
+            own[name] = folded.to(tensor.dtype) if axes else tensor
+        out.append(own)
+    return out
+
+
 def _identity(n: int, n_models: int) -> Match:
     eye = np.eye(n)
     return np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models)
