@@ -109,10 +109,17 @@ def merge(
     check_output_dir(out_dir, options.overwrite)
     target = PushTarget.resolve(spec.output, options.push_to_hub, options.private)
     refs = spec.referenced_models()
+    from hf_m2n2.align.merge import align_merge, check_align_spec, is_align_method
+
+    check_align_spec(spec)
     seeds = _open_seeds(spec, refs, spec_dir, options.trust_remote_code)
     try:
-        kind = seeds_kind(spec, seeds, options)
-        result = kind.merge(spec, seeds, refs, out_dir, options, spec_text, target)
+        if is_align_method(spec):  # two models of different initializations, aligned or zipped
+            written = align_merge(spec, seeds, out_dir, options, spec_text, spec_dir)
+            result = MergeResult(out_dir, [s.model for s in seeds], *written)
+        else:
+            kind = seeds_kind(spec, seeds, options)
+            result = kind.merge(spec, seeds, refs, out_dir, options, spec_text, target)
     finally:
         for seed in seeds:
             seed.checkpoint.close()
@@ -409,16 +416,25 @@ def validate(
 ) -> MergeSpec:
     """`hf-m2n2 validate`: parse the spec and check its parameters; with `resolve`, also resolve the seeds and
     plan the merge (no writes), which checks every parameter value as the merge would."""
+    from hf_m2n2.align.merge import calibration_texts, check_align_spec, is_align_method, plan_align
+
     spec = load_spec(config_path)
+    base_dir = Path(config_path).resolve().parent
+    check_align_spec(spec)
+    if is_align_method(spec) and spec.calibration is not None:
+        calibration_texts(spec.calibration, base_dir)
     if not resolve:
-        check_parameters(spec, lenient=lenient_parameters)
+        if not is_align_method(spec):
+            check_parameters(spec, lenient=lenient_parameters)
     else:
         refs = spec.referenced_models()
-        base_dir = Path(config_path).resolve().parent
         seeds = _open_seeds(spec, refs, base_dir, trust_remote_code)
         options = MergeOptions(trust_remote_code=trust_remote_code, lenient_parameters=lenient_parameters)
         try:
-            seeds_kind(spec, seeds).plan(spec, seeds, refs, options)
+            if is_align_method(spec):
+                plan_align(spec, seeds)
+            else:
+                seeds_kind(spec, seeds).plan(spec, seeds, refs, options)
         finally:
             close_seeds(seeds)
     return spec

@@ -183,6 +183,22 @@ class TokenizerConfig(StrictModel):
     _ref = field_validator("source", mode="before")(_coerce_ref)
 
 
+class CalibrationConfig(StrictModel):
+    """`calibration:` (an hf-m2n2 extension of mergekit's schema): the unlabeled text the feature-matching merge
+    methods (`permute`, `zipit`) run both models on.
+
+    Attributes:
+        data: a `.jsonl` file of `{"text": ...}` lines or a text file with one sample per line (relative to the
+            spec's folder).
+        samples: how many samples to use (the first ones).
+        max_length: tokens per sample (longer ones are truncated); every token position counts.
+    """
+
+    data: str
+    samples: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=2)
+
+
 class OutputConfig(StrictModel):
     """The `output:` section: where `hf-m2n2 merge` / `evolve` publish the result when they finish.
 
@@ -244,6 +260,7 @@ class MergeSpec(StrictModel):
         None  # pipelines: the diffusers folder single-file seeds take configs from
     )
     output: OutputConfig | None = None
+    calibration: CalibrationConfig | None = None  # hf-m2n2's feature-matching methods (permute, zipit)
 
     _ref = field_validator("base_model", "tokenizer_source", "single_file_config", mode="before")(
         lambda v: None if v is None else _coerce_ref(v)
