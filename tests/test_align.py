@@ -299,3 +299,99 @@ def test_a_partial_zip_with_a_permuted_copy_of_itself_keeps_the_function():
             copy = _deep_mlp(0)
             copy.load_state_dict(state)
             assert torch.allclose(copy(X), model(X), atol=1e-5), stop
+
+
+def _plain_zipit(corr: np.ndarray, n: int, alpha: float, beta: float) -> list[list[int]]:
+    """The greedy spelled out (a full scan per merge): the reference the fast `zipit` must equal."""
+    corr = corr.copy()
+    np.fill_diagonal(corr, -np.inf)
+    groups = {f: ([f], {f // n}) for f in range(2 * n)}
+    budget = [int(n // 2 * beta + 1e-9)] * 2
+    while len(groups) > n:
+        best = None
+        for i in sorted(groups):
+            for j in sorted(groups):
+                if j <= i:
+                    continue
+                shared = groups[i][1] & groups[j][1]
+                if any(budget[m] <= 0 for m in shared):
+                    continue
+                if best is None or corr[i, j] > best[0]:
+                    best = (corr[i, j], i, j, shared)
+        _, i, j, shared = best
+        row = alpha * np.minimum(corr[i], corr[j])
+        corr[i, :] = corr[:, i] = row
+        corr[i, i] = -np.inf
+        groups[i] = (groups[i][0] + groups[j][0], groups[i][1] | groups[j][1])
+        del groups[j]
+        for m in shared:
+            budget[m] -= 1
+    return [sorted(groups[k][0]) for k in sorted(groups)]
+
+
+@pytest.mark.parametrize("seed, alpha, beta", [(0, 0.3, 0.125), (1, 1.0, 0.5), (2, 0.5, 0.0), (3, 0.3, 2.0)])
+def test_zipit_equals_the_plain_greedy(seed, alpha, beta):
+    n = 12
+    features = np.random.default_rng(seed).normal(size=(200, 2 * n))
+    features[:, n:] += 0.8 * features[:, :n][:, np.random.default_rng(seed + 10).permutation(n)]
+    corr = np.corrcoef(features.T)
+    fast = zipit(corr, n, alpha=alpha, beta=beta)
+    assert _groups(fast) == _plain_zipit(corr, n, alpha, beta)
+    if beta == 0:  # no within-model merge: every merged unit is one unit of A and one of B
+        assert all(len(g) == 2 and g[0] < n <= g[1] for g in _groups(fast))
+
+
+class _InputResidual(nn.Module):
+    """`x + f(x)` with x the network's input: f's output units are tied to the input's order."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+        self.hidden = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(x + self.f(x))))
+
+
+def test_a_space_added_to_the_input_is_not_a_space():
+    torch.manual_seed(0)
+    model = _InputResidual().eval()
+    graph = classifier_graph(model)
+    assert [s.size for s in graph.spaces] == [
+        16
+    ]  # only the hidden layer's units; f's are pinned to the input
+    validate_graph(model, graph, lambda m: m(X))
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 12)
+        self.f1 = nn.Linear(12, 6)
+        self.f2 = nn.Linear(6, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.f2(torch.relu(self.f1(h)))
+        return self.head(torch.relu(h))
+
+
+def test_a_partial_zip_that_cuts_a_residual_stream_is_refused():
+    from hf_m2n2.align.apply import partial_zip
+
+    torch.manual_seed(0)
+    a, b = _ResidualMLP().eval(), _ResidualMLP().eval()
+    graph = classifier_graph(a)
+    assert [(s.size, s.depth) for s in graph.spaces] == [
+        (12, 0),
+        (6, 1),
+    ]  # the residual stream, then f1's units
+    validate_graph(a, graph, lambda m: m(X))
+    matches = {s.name: identity(s.size).pair() for s in graph.spaces}
+    with pytest.raises(
+        HfM2n2Error, match="stop 1 cuts through f2.weight: it writes a merged space but reads 'space1'"
+    ):
+        partial_zip(graph, [_state(a), _state(b)], matches, 1)
+    assert len(partial_zip(graph, [_state(a), _state(b)], matches, 2)) == 2

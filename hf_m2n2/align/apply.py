@@ -173,6 +173,13 @@ def partial_zip(
                 for axis, space in axes
             }
             if any(role == "out" for role in roles.values()):
+                for axis in range(tensor.dim()):
+                    space = graph.space_of(name, axis)
+                    if space is not None and space.name not in blocks:
+                        raise HfM2n2Error(
+                            f"stop {stop} cuts through {name}: it writes a merged space but reads {space.name!r}, "
+                            "which stays each model's own (a residual stream); choose another stop"
+                        )
                 own[name] = trunk[name]
                 continue
             folded = tensor.to(torch.float64) if axes else tensor
@@ -209,7 +216,12 @@ def validate_graph(
         expected = run(model)
         probe = copy.deepcopy(model)
         for space in graph.spaces:
-            probe.load_state_dict(permute_state(graph, state, {space.name: rng.permutation(space.size)}))
+            perm = rng.permutation(space.size)
+            if space.size > 1 and np.array_equal(
+                perm, np.arange(space.size)
+            ):  # the identity would prove nothing
+                perm = np.roll(perm, 1)
+            probe.load_state_dict(permute_state(graph, state, {space.name: perm}))
             got = run(probe)
             scale = float(expected.abs().max()) or 1.0
             if not torch.allclose(got, expected, rtol=0, atol=rtol * scale):

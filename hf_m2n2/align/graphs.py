@@ -90,6 +90,7 @@ def classifier_graph(model: nn.Module, example_input: torch.Tensor | None = None
         return space_of.get(node.name) if isinstance(node, fx.Node) else None
 
     output_space: int | None = None
+    pinned: set[int] = set()  # spaces joined with something shared (the input): not spaces after all
     for node in traced.graph.nodes:
         args = node.args
         if node.op == "placeholder":
@@ -143,9 +144,17 @@ def classifier_graph(model: nn.Module, example_input: torch.Tensor | None = None
             spatial[node.name] = spatial.get(getattr(first, "name", ""), True)
             if target in (operator.add, torch.add) or target == "add":
                 other = source(args[1])
+                tensors = [a for a in args[:2] if isinstance(a, fx.Node)]
                 if s_in is not None and other is not None:
                     space_of[node.name] = spaces.union(s_in, other, f"the add {node.name}")
-                else:
+                elif (
+                    len(tensors) == 2
+                ):  # a space added to the input (or another shared value): it cannot move
+                    for side in (s_in, other):
+                        if side is not None:
+                            pinned.add(side)
+                    space_of[node.name] = None
+                else:  # plus a constant
                     space_of[node.name] = s_in if s_in is not None else other
             elif target in _PASS_FUNCTIONS or target in _PASS_METHODS:
                 space_of[node.name] = s_in
@@ -161,16 +170,18 @@ def classifier_graph(model: nn.Module, example_input: torch.Tensor | None = None
             space_of[node.name] = None
         elif node.op == "output":
             output_space = source(args[0])
-    return _finish(spaces, order, output_space, batchnorms)
+    if output_space is not None:
+        pinned.add(output_space)  # the logits are shared
+    return _finish(spaces, order, pinned, batchnorms)
 
 
-def _finish(spaces: _Spaces, order: list[int], output_space: int | None, batchnorms: list[str]) -> SpaceGraph:
-    """The union-find's roots as spaces, in creation order; the logits' space dropped (shared)."""
-    dropped = spaces.find(output_space) if output_space is not None else None
+def _finish(spaces: _Spaces, order: list[int], pinned: set[int], batchnorms: list[str]) -> SpaceGraph:
+    """The union-find's roots as spaces, in creation order; those joined with a shared value dropped."""
+    dropped = {spaces.find(p) for p in pinned}
     roots: list[int] = []
     for s in order:
         root = spaces.find(s)
-        if root not in roots and root != dropped:
+        if root not in roots and root not in dropped:
             roots.append(root)
     members: dict[int, list[Use]] = {r: [] for r in roots}
     consumers: dict[int, list[str]] = {r: [] for r in roots}

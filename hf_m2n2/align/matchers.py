@@ -9,8 +9,8 @@
 - `zipit`: ZipIt!'s greedy matching (Stoica et al., 2024, section 4.3) over both models' features: the most
   correlated pair of features is merged, within a model too, until 2n features are n. A merged feature may be
   merged again, its correlation with every other becoming alpha times the smaller of its two parts' ("repeated
-  matching"; alpha in (0, 1]); within-model merges are limited to beta x n/2 per model (beta = 0: none; a
-  feature that already mixes both models merges with either, uncharged).
+  matching"; alpha in (0, 1]); within-model merges (two features holding units of one model) are limited to
+  beta x n/2 per model (beta = 0: none, so every merged feature is one unit of A and one of B).
   Defaults alpha 0.3, beta 0.125 are the reference implementation's; choose them on a validation split, never on
   the test split.
 """
@@ -97,41 +97,57 @@ def zipit(correlation: np.ndarray, n: int, *, alpha: float = ZIPIT_ALPHA, beta: 
     if beta < 0:
         raise ValueError(f"zipit beta must be >= 0, got {beta}")
     _check_square(correlation, 2 * n)
+    size = 2 * n
     corr = np.array(correlation, dtype=np.float64)
     np.fill_diagonal(corr, -np.inf)
-    groups: list[list[int]] = [[f] for f in range(2 * n)]  # alive features: their original members
-    owner = [f // n for f in range(2 * n)]  # the model of a feature, or -1 once it mixes both
+    members: list[list[int]] = [[f] for f in range(size)]  # per slot: the original features merged into it
+    alive = np.ones(size, dtype=bool)
+    has = np.zeros((2, size), dtype=bool)  # has[m, slot]: the slot holds a feature of model m
+    has[0, :n] = has[1, n:] = True
     budget = [int(n // 2 * beta + 1e-9)] * 2
     within, values = 0, []
-
-    def forbid_within(model: int) -> None:
-        alive = [i for i, o in enumerate(owner) if o == model]
-        corr[np.ix_(alive, alive)] = -np.inf
-
-    for model in (0, 1):
+    for model in (0, 1):  # a model without budget: none of its features merge with each other
         if budget[model] <= 0:
-            forbid_within(model)
-    while len(groups) > n:
-        flat = int(np.argmax(corr))
-        i, j = divmod(flat, corr.shape[1])
-        if not np.isfinite(corr[i, j]):
+            corr[np.ix_(has[model], has[model])] = -np.inf
+    # the best pair is found from each row's cached maximum; a merge changes one row and one column, so only the
+    # rows whose maximum was there (or that a new ban touched) are scanned again: O(n) per merge, not O(n^2)
+    row_max, row_arg = corr.max(axis=1), corr.argmax(axis=1)
+    for _ in range(n):
+        i = int(np.argmax(row_max))
+        j = int(row_arg[i])
+        if not np.isfinite(row_max[i]):
             raise ValueError("zipit: no pair of features is left to merge")
         i, j = min(i, j), max(i, j)
         values.append(float(corr[i, j]))
-        same = owner[i] == owner[j] and owner[i] >= 0
+        shared = [m for m in (0, 1) if has[m, i] and has[m, j]]  # a within-model merge for these models
         merged_row = alpha * np.minimum(corr[i], corr[j])
-        groups[i] = groups[i] + groups[j]
-        owner[i] = owner[i] if same else -1
-        corr[i, :] = merged_row
-        corr[:, i] = merged_row
-        corr[i, i] = -np.inf
-        corr = np.delete(np.delete(corr, j, axis=0), j, axis=1)
-        del groups[j], owner[j]
-        if same:
+        members[i] += members[j]
+        has[:, i] |= has[:, j]
+        has[:, j] = alive[j] = False
+        corr[j, :] = corr[:, j] = -np.inf
+        merged_row[~alive] = merged_row[i] = -np.inf
+        rescan = {i, *np.flatnonzero(np.isin(row_arg, (i, j))).tolist()}
+        if shared:
             within += 1
-            budget[owner[i]] -= 1
-            if budget[owner[i]] <= 0:
-                forbid_within(owner[i])
+            for m in shared:
+                budget[m] -= 1
+        for m in (0, 1):  # no budget left: the merged feature cannot join another holding that model's
+            if budget[m] <= 0 and has[m, i]:
+                merged_row[has[m]] = -np.inf
+        corr[i, :] = corr[:, i] = merged_row
+        for m in shared:
+            if (
+                budget[m] == 0
+            ):  # just spent: every pair of features holding that model's is banned from now on
+                held = np.flatnonzero(has[m] & alive)
+                corr[np.ix_(held, held)] = -np.inf
+                rescan.update(held.tolist())
+        row_max[j] = -np.inf
+        better = alive & (corr[:, i] > row_max)
+        row_max[better], row_arg[better] = corr[better, i], i
+        for r in rescan - {j}:
+            row_max[r], row_arg[r] = corr[r].max(), corr[r].argmax()
+    groups = [members[slot] for slot in np.flatnonzero(alive)]
     merge = np.zeros((n, 2 * n))
     unmerge = np.zeros((2 * n, n))
     for r, members in enumerate(groups):
