@@ -134,14 +134,26 @@ def write_in_place(
 
 def _filled(model, ckpt: Checkpoint, dtype: torch.dtype):
     """Replace the empty (meta) parameters by the checkpoint's tensors; buffers built at init stay as they are."""
+    try:
+        return fill_model(model, {name: (ckpt, name) for name in ckpt.names}, dtype, str(ckpt.path))
+    finally:
+        ckpt.close()
+
+
+def fill_model(model: Any, sources: Mapping[str, tuple[Any, str]], dtype: torch.dtype, where: str) -> Any:
+    """Replace a model built on `meta` by tensors read lazily: `sources` maps each of its state-dict names to
+    (a checkpoint, the tensor's name there); only the names the model has are read. Tied weights are tied again.
+
+    Raises:
+        CheckpointError: a parameter got no tensor (naming `where`).
+    """
     wanted = model.state_dict()
-    state = {name: ckpt.get(name).to(dtype) for name in ckpt.names if name in wanted}
-    ckpt.close()
+    state = {name: ckpt.get(source).to(dtype) for name, (ckpt, source) in sources.items() if name in wanted}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if empty:
-        raise CheckpointError(f"{ckpt.path}: no weights for {len(empty)} parameters (first: {empty[0]})")
+        raise CheckpointError(f"{where}: no weights for {len(empty)} parameters (first: {empty[0]})")
     return model
 
 

@@ -118,6 +118,7 @@ def check_recipe_seeds(recipe: RouteRecipe, seeds: list[Any], where: Path) -> No
         HfM2n2Error: naming the file and the seed.
     """
     from hf_m2n2.models.routed import check_layer_shapes, check_routable
+    from hf_m2n2.routed_modeling import check_route
 
     if len(seeds) != len(recipe.layers):
         raise HfM2n2Error(f"{where}: the route has {len(recipe.layers)} seeds, {len(seeds)} were opened")
@@ -129,10 +130,10 @@ def check_recipe_seeds(recipe: RouteRecipe, seeds: list[Any], where: Path) -> No
     for seed_index, layer in recipe.stored:
         if not (0 <= seed_index < len(seeds) and 0 <= layer < seeds[seed_index].num_layers):
             raise HfM2n2Error(f"{where}: stored layer [{seed_index}, {layer}] is not a layer of the seeds")
-    if not recipe.path or any(not 0 <= p < len(recipe.stored) for p in recipe.path):
-        raise HfM2n2Error(f"{where}: the path must visit stored layers 0..{len(recipe.stored) - 1}")
-    if len(recipe.hop_scales) != len(recipe.path):
-        raise HfM2n2Error(f"{where}: {len(recipe.path)} hops but {len(recipe.hop_scales)} scales")
+    try:
+        check_route(list(recipe.path), list(recipe.hop_scales), len(recipe.stored))
+    except ValueError as exc:
+        raise HfM2n2Error(f"{where}: {exc}") from None
     try:
         check_routable(seeds)
         check_layer_shapes(seeds)

@@ -63,10 +63,7 @@ class RoutedConfig(PretrainedConfig):
         for key, value in self.base_config.items():  # one layer's settings, read by generation and evaluators
             if key not in _STACK_KEYS:
                 kwargs.setdefault(key, value)
-        kwargs["num_hidden_layers"] = len(self.path)  # one cache entry per hop
-        stored_types = self.base_config.get("layer_types")
-        if stored_types and self.path:
-            kwargs["layer_types"] = [stored_types[p] for p in self.path if 0 <= p < len(stored_types)]
+        kwargs.update(hop_stack(self.base_config.get("layer_types"), self.path))
         super().__init__(**kwargs)
 
     def stored_config(self) -> PretrainedConfig:
@@ -81,17 +78,26 @@ class RoutedConfig(PretrainedConfig):
         return config
 
 
+def hop_stack(stored_types: list[str] | None, path: list[int]) -> dict[str, Any]:
+    """The config fields of a stack of hops: one layer (and one cache entry) per hop, each of its stored layer's
+    type where the family has `layer_types`."""
+    fields: dict[str, Any] = {"num_hidden_layers": len(path)}
+    if stored_types:
+        fields["layer_types"] = [stored_types[p] for p in path if 0 <= p < len(stored_types)]
+    return fields
+
+
 def check_route(path: list[int], scales: list[float], stored: int) -> None:
     """Raise ValueError unless `path` is a non-empty list of stored-layer indices with one scale per hop."""
     if not path:
         raise ValueError("the path is empty: a routed model needs at least one hop")
-    if len(scales) != len(path):
-        raise ValueError(f"the path has {len(path)} hops but {len(scales)} scales")
     bad = [p for p in path if not 0 <= p < stored]
     if bad:
         raise ValueError(
             f"the path visits layer {bad[0]}, but there are {stored} stored layers (0..{stored - 1})"
         )
+    if len(scales) != len(path):
+        raise ValueError(f"the path has {len(path)} hops but {len(scales)} scales")
 
 
 class Hop(nn.Module):
@@ -150,11 +156,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         check_route(list(path), list(scales), len(self.model.layers))
         self.config.path = [int(p) for p in path]
         self.config.scales = [float(s) for s in scales]
-        self.config.num_hidden_layers = len(self.config.path)
-        stored_types = self.config.base_config.get("layer_types")
-        if stored_types:
-            self.config.layer_types = [stored_types[p] for p in self.config.path]
-        self._route_cache = None
+        for key, value in hop_stack(self.config.base_config.get("layer_types"), self.config.path).items():
+            setattr(self.config, key, value)
 
     def _router(self) -> nn.Module:
         """The decoder over the hops: a shallow copy of the stored decoder (same embeddings, norm, rotary
@@ -167,10 +170,10 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             hops = [Hop(layers[p], h, s) for h, (p, s) in enumerate(zip(*route))]
             decoder._modules["layers"] = nn.ModuleList(hops)
             decoder.config = copy.copy(self.model.config)
-            decoder.config.num_hidden_layers = len(hops)
-            if getattr(decoder.config, "layer_types", None):
-                decoder.config.layer_types = [self.model.config.layer_types[p] for p in route[0]]
-            self._route_cache = (route, decoder)
+            stack = hop_stack(getattr(self.model.config, "layer_types", None), list(route[0]))
+            for key, value in stack.items():
+                setattr(decoder.config, key, value)
+            self._route_cache = (route, decoder)  # rebuilt when the config's path or scales change
         return self._route_cache[1]
 
     def get_input_embeddings(self) -> nn.Module:
@@ -191,7 +194,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
+        return_dict: bool
+        | None = None,  # taken here, not passed on: the output is always a CausalLMOutputWithPast
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         outputs = self._router()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -394,7 +394,7 @@ def test_a_route_whose_seeds_changed_is_refused(finished_run, seeds, tmp_path, c
     recipe["path"] = [0, stored]
     recipe_file.write_text(json.dumps(recipe))
     code, _, err = cli("export", tmp_path / "run", tmp_path / "out")
-    assert code == 2 and f"the path must visit stored layers 0..{stored - 1}" in err, err
+    assert code == 2 and f"the path visits layer {stored}, but there are {stored} stored layers" in err, err
     assert not (tmp_path / "out").exists()
 
 

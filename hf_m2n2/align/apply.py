@@ -13,16 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_m2n2.align.spaces import Space, SpaceGraph
+from hf_m2n2.align.spaces import Space, SpaceGraph, entries
 from hf_m2n2.errors import HfM2n2Error
 
 Match = tuple[np.ndarray, np.ndarray]  # (merge M: k x N*n, unmerge U: N*n x k)
-
-
-def _expanded(indices: np.ndarray, unit: int) -> torch.Tensor:
-    """Unit indices as entry indices along an axis where each unit is `unit` consecutive entries."""
-    entries = (np.asarray(indices)[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
-    return torch.as_tensor(entries, dtype=torch.long)
 
 
 def permute_state(
@@ -42,7 +36,7 @@ def permute_state(
             raise HfM2n2Error(
                 f"the permutation of space {space.name!r} is not a permutation of {space.size} units"
             )
-        index = _expanded(perm, space.unit)
+        index = torch.as_tensor(entries(perm, space.unit), dtype=torch.long)
         for use in space.uses:
             out[use.tensor] = out[use.tensor].index_select(use.axis, index)
     return out
@@ -109,33 +103,48 @@ def merge_states(
                     f"tensor {name!r} has shape {list(state[name].shape)} in model {k}, "
                     f"{list(states[0][name].shape)} in model 0: the spaces differ in size"
                 )
-    chosen = {s.name for s in graph.spaces} if spaces is None else set(spaces)
-    blocks = {
-        s.name: _blocks(s, matches[s.name] if s.name in matches else _identity(s.size, n_models), n_models)
-        for s in graph.spaces
-        if s.name in chosen
-    }
+    blocks = _all_blocks(graph, matches, n_models, spaces)
     merged: dict[str, torch.Tensor] = {}
     for name in names:
         first = states[0][name]
         if not first.is_floating_point():
             merged[name] = first.clone()  # counters (BatchNorm's num_batches_tracked): the first model's
             continue
+        axes = _merged_axes(graph, name, first.dim(), blocks)
         total = None
-        produces = False
         for i, state in enumerate(states):
             tensor = state[name].to(torch.float64)
-            for axis in range(tensor.dim()):
-                space = graph.space_of(name, axis)
-                if space is None or space.name not in blocks:
-                    continue
+            for axis, space, role in axes:
                 m_i, u_i_t = blocks[space.name][i]
-                role = next(u.role for u in space.uses if u.tensor == name and u.axis == axis)
                 tensor = _along(tensor, axis, m_i if role == "out" else u_i_t)
-                produces = produces or role == "out"
             total = tensor if total is None else total + tensor
+        produces = any(role == "out" for _, _, role in axes)
         merged[name] = (total if produces else total / n_models).to(first.dtype)
     return merged
+
+
+def _all_blocks(
+    graph: SpaceGraph, matches: Mapping[str, Match], n_models: int, spaces: Sequence[str] | None
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each merged space's per-model (M_i, U_i^T); a space without a match is merged by averaging."""
+    from hf_m2n2.align.matchers import identity
+
+    chosen = {s.name for s in graph.spaces} if spaces is None else set(spaces)
+    return {
+        s.name: _blocks(
+            s, matches[s.name] if s.name in matches else identity(s.size, n_models).pair(), n_models
+        )
+        for s in graph.spaces
+        if s.name in chosen
+    }
+
+
+def _merged_axes(
+    graph: SpaceGraph, name: str, ndim: int, blocks: Mapping[str, Any]
+) -> list[tuple[int, Space, str]]:
+    """(axis, space, role) of each axis of tensor `name` whose space is merged."""
+    found = [(axis, graph.use_of(name, axis)) for axis in range(ndim)]
+    return [(axis, use[0], use[1].role) for axis, use in found if use is not None and use[0].name in blocks]
 
 
 def partial_zip(
@@ -155,24 +164,13 @@ def partial_zip(
         return [dict(full) for _ in states]
     merged = [s.name for s in graph.spaces if s.depth < stop]
     trunk = merge_states(graph, states, matches, spaces=merged) if merged else {}
-    blocks = {
-        s.name: _blocks(
-            s, matches[s.name] if s.name in matches else _identity(s.size, len(states)), len(states)
-        )
-        for s in graph.spaces
-        if s.name in merged
-    }
+    blocks = _all_blocks(graph, matches, len(states), merged)
     out = []
     for i, state in enumerate(states):
         own: dict[str, torch.Tensor] = {}
         for name, tensor in state.items():
-            axes = [(axis, graph.space_of(name, axis)) for axis in range(tensor.dim())]
-            axes = [(axis, space) for axis, space in axes if space is not None and space.name in blocks]
-            roles = {
-                axis: next(u.role for u in space.uses if u.tensor == name and u.axis == axis)
-                for axis, space in axes
-            }
-            if any(role == "out" for role in roles.values()):
+            axes = _merged_axes(graph, name, tensor.dim(), blocks)
+            if any(role == "out" for _, _, role in axes):
                 for axis in range(tensor.dim()):
                     space = graph.space_of(name, axis)
                     if space is not None and space.name not in blocks:
@@ -183,16 +181,11 @@ def partial_zip(
                 own[name] = trunk[name]
                 continue
             folded = tensor.to(torch.float64) if axes else tensor
-            for axis, space in axes:
+            for axis, space, _ in axes:
                 folded = _along(folded, axis, blocks[space.name][i][1])
             own[name] = folded.to(tensor.dtype) if axes else tensor
         out.append(own)
     return out
-
-
-def _identity(n: int, n_models: int) -> Match:
-    eye = np.eye(n)
-    return np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models)
 
 
 def validate_graph(

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_m2n2.align.spaces import SpaceGraph
+from hf_m2n2.align.spaces import SpaceGraph, entries
 
 ZIPIT_ALPHA = 0.3
 ZIPIT_BETA = 0.125
@@ -236,6 +236,5 @@ def _permute_others(
         space = graph.space_of(name, other)
         if other == axis or space is None:
             continue
-        index = (perms[space.name][:, None] * space.unit + np.arange(space.unit)[None, :]).reshape(-1)
-        tensor = np.take(tensor, index, axis=other)
+        tensor = np.take(tensor, entries(perms[space.name], space.unit), axis=other)
     return tensor

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Use:
@@ -67,7 +69,9 @@ class SpaceGraph:
     spaces: tuple[Space, ...]
     batchnorms: tuple[str, ...] = ()
     depth: int = 0
-    _by_axis: dict[tuple[str, int], Space] = field(default_factory=dict, repr=False, compare=False)
+    _by_axis: dict[tuple[str, int], tuple[Space, Use]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.spaces]
@@ -78,11 +82,21 @@ class SpaceGraph:
                 key = (use.tensor, use.axis)
                 if key in self._by_axis:
                     raise ValueError(f"{use.tensor} axis {use.axis} is in two spaces")
-                self._by_axis[key] = space
+                self._by_axis[key] = (space, use)
+
+    def use_of(self, tensor: str, axis: int) -> tuple[Space, Use] | None:
+        """The space carried by `tensor`'s `axis` and how the tensor uses it, None when that axis is shared."""
+        return self._by_axis.get((tensor, axis))
 
     def space_of(self, tensor: str, axis: int) -> Space | None:
         """The space carried by `tensor`'s `axis`, None when that axis is shared (no space)."""
-        return self._by_axis.get((tensor, axis))
+        found = self._by_axis.get((tensor, axis))
+        return None if found is None else found[0]
 
     def space(self, name: str) -> Space:
         return next(s for s in self.spaces if s.name == name)
+
+
+def entries(units: np.ndarray, unit: int) -> np.ndarray:
+    """Unit indices as entry indices along an axis where each unit is `unit` consecutive entries."""
+    return (np.asarray(units)[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)

@@ -114,12 +114,17 @@ def _nsga2(config, ops, initial, seed, mutation_std, groups, name) -> Strategy:
     if int(np.max(groups)) < 1:
         raise SpecError("evaluate", "nsga2 needs at least two objectives: this fitness has one task or part")
     options = config.nsga2 or NSGA2Options()
-    bounds = getattr(ops, "bounds", None)
-    lower, upper = bounds() if bounds is not None else (0.0, 1.0)  # method genomes: parameters in [0, 1]
-    start = getattr(ops, "initial_array", None)
-    x0 = start() if start is not None else np.full(ops.size, 0.5)  # as evomerge_ps starts
+    lower, upper = ops.bounds()  # the genome kinds nsga2 evolves (method, route) box their vectors
     try:
-        return NSGA2(ops, groups, lower=lower, upper=upper, popsize=options.popsize, x0=x0, rng_seed=seed)
+        return NSGA2(
+            ops,
+            groups,
+            lower=lower,
+            upper=upper,
+            popsize=options.popsize,
+            x0=ops.initial_array(),
+            rng_seed=seed,
+        )
     except ValueError as exc:
         raise SpecError("evolve.nsga2", str(exc)) from None
 

@@ -26,9 +26,9 @@ def export_front(
         HfM2n2Error: the run is not a finished nsga2 run, K is not on its front, or `out_dir` exists.
     """
     from hf_m2n2.evolve.build import build_run
-    from hf_m2n2.evolve.loop import load_archive
+    from hf_m2n2.evolve.loop import SUMMARY, load_archive
     from hf_m2n2.evolve.outcome import RunOutcome
-    from hf_m2n2.evolve.runs import SPEC_COPY, RunInfo
+    from hf_m2n2.evolve.runs import SPEC_COPY, RunInfo, closing_executor, with_trust
     from hf_m2n2.evolve.spec import load_evolve_spec
     from hf_m2n2.evolve.strategy import Lineage, Member
     from hf_m2n2.outdir import check_output_dir
@@ -44,12 +44,10 @@ def export_front(
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     info = RunInfo.load(run)
-    spec, _ = load_evolve_spec(run / SPEC_COPY)
-    if trust_remote_code:
-        spec = spec.model_copy(update={"trust_remote_code": True})
-    summary = json.loads((run / "summary.json").read_text())
+    spec = with_trust(load_evolve_spec(run / SPEC_COPY)[0], trust_remote_code)
+    summary = json.loads((run / SUMMARY).read_text())
     parts = build_run(spec, info.seed, run, Path(info.spec_dir) if info.spec_dir else None)
-    try:
+    with closing_executor(parts.executor):
         stored = load_archive(run)["members"][index]
         lineage = Lineage.from_dict(stored["lineage"])
         if lineage.id != front[index]["id"]:
@@ -60,8 +58,4 @@ def export_front(
         name = f"{spec.name or 'nsga2-merge'}-front{index}"
         outcome = RunOutcome.of(spec, parts, run, summary, best=member, merged_name=name)
         spec.kind.export(parts.genome, spec, outcome, out)
-    finally:
-        close = getattr(parts.executor, "close", None)
-        if close is not None:
-            close()
     return out

@@ -122,7 +122,7 @@ def start_runs(
         PushError: the upload failed (the run directory is complete; retry with `hf-m2n2 push`).
     """
     spec, text = load_evolve_spec(spec_path)
-    spec = _with_executor(_trusting(spec, trust_remote_code), executor)
+    spec = _with_executor(with_trust(spec, trust_remote_code), executor)
     spec_dir = str(Path(spec_path).resolve().parent)
     if runs is not None and runs < 1:
         raise HfM2n2Error(f"--runs must be at least 1, got {runs}")
@@ -237,7 +237,7 @@ def _resume(
     return [_resume_one(out, progress, on_done, trust_remote_code, executor)]
 
 
-def _trusting(spec: EvolveSpec, trust_remote_code: bool) -> EvolveSpec:
+def with_trust(spec: EvolveSpec, trust_remote_code: bool) -> EvolveSpec:
     """The spec with `--trust-remote-code` applied (the flag only adds trust; the spec's own value stays)."""
     return spec.model_copy(update={"trust_remote_code": True}) if trust_remote_code else spec
 
@@ -381,7 +381,7 @@ def _resume_one(
         local = executor.get("kind") == "local"
         info.executor = executor if local else {**(info.executor or {}), **executor}
         info.save(run_dir, text)
-    spec = _with_executor(_trusting(spec, trust_remote_code), info.executor)
+    spec = _with_executor(with_trust(spec, trust_remote_code), info.executor)
     exports = spec.kind.uses_models
     if is_finished(run_dir, exports):
         summary = _read_json(run_dir / SUMMARY)
@@ -419,7 +419,7 @@ def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def _closing(executor: Any):
+def closing_executor(executor: Any):
     """Stop the executor's workers when the run ends, however it ends (the local executor has none)."""
     try:
         yield executor
@@ -473,7 +473,7 @@ def _execute(
         "mutation_std": parts.genome.mutation_std,
         "slerp_scope": spec.kind.slerp_scope(spec.genome),
     }
-    with _blas_threads(evolve.threads), _closing(parts.executor):
+    with _blas_threads(evolve.threads), closing_executor(parts.executor):
         summary = run_loop(
             parts.strategy, parts.ops, parts.executor, run_dir, settings, info=summary_info, resume=resume
         )

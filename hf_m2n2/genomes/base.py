@@ -143,6 +143,13 @@ class GenomeKind:
         return None
 
 
+def check_distinct_seeds(spec: Any) -> None:
+    """Refuse a spec listing one seed twice (at `models`)."""
+    refs = spec.seed_refs()
+    if len(set(refs)) != len(refs):
+        raise SpecError("models", "a seed is listed twice")
+
+
 GENOME_KINDS = Registry[GenomeKind]("genome kind", "genome.kind")
 
 

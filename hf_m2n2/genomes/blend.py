@@ -23,7 +23,7 @@ from pydantic import Field
 
 from hf_m2n2.errors import SpecError
 from hf_m2n2.evaluate.base import EvaluationContext
-from hf_m2n2.genomes.base import GenomeKind, GenomeRun
+from hf_m2n2.genomes.base import GenomeKind, GenomeRun, check_distinct_seeds
 from hf_m2n2.spec import StrictModel
 
 RECIPE = "recipe.json"
@@ -72,10 +72,8 @@ class BlendKind(GenomeKind):
             raise SpecError("evolve.mutation_std", "Blend genomes of pretrained seeds are not mutated")
         if spec.evolve.algorithm == "sweep" and len(spec.models) != 2:
             raise SpecError("models", "the sweep needs exactly two seeds")
-        refs = spec.seed_refs()
-        if len(set(refs)) != len(refs):
-            raise SpecError("models", "a seed is listed twice")
-        if spec.genome.fixed_from is not None and spec.genome.fixed_from not in refs:
+        check_distinct_seeds(spec)
+        if spec.genome.fixed_from is not None and spec.genome.fixed_from not in spec.seed_refs():
             raise SpecError("genome.fixed_from", f"{spec.genome.fixed_from!r} is not one of the models")
 
     def preflight(self, spec: Any, spec_dir: Path | None, resolve: bool = True) -> None:

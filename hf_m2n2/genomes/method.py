@@ -329,6 +329,14 @@ class MethodOps:
     def from_state(self, state: Any) -> np.ndarray:
         return self.from_array(state)
 
+    def initial_array(self) -> np.ndarray:
+        """0.5 everywhere, where evomerge_ps starts (nsga2's first individual)."""
+        return np.full(self.size, 0.5)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every parameter in [0, 1]."""
+        return np.zeros(self.size), np.ones(self.size)
+
     def crossover(self, x: Any, y: Any, w: float, split: int) -> Any:
         raise HfM2n2Error("method genomes are evolved by evomerge_ps (CMA-ES) or nsga2, not by crossover")
 

@@ -37,9 +37,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from hf_m2n2.errors import HfM2n2Error, SpecError
+from hf_m2n2.errors import HfM2n2Error
 from hf_m2n2.evaluate.base import EvaluationContext
-from hf_m2n2.genomes.base import GenomeKind, GenomeRun
+from hf_m2n2.genomes.base import GenomeKind, GenomeRun, check_distinct_seeds
 from hf_m2n2.genomes.method import SeedPick
 from hf_m2n2.route_recipe import (
     ROUTE_RECIPE,
@@ -95,9 +95,14 @@ class RouteLayout:
         return self.num_layers * self.repeats
 
     @property
+    def scale_count(self) -> int:
+        """M x M when W evolves, else 0."""
+        return self.num_layers**2 if self.scales else 0
+
+    @property
     def size(self) -> int:
-        """T, plus M x M when W evolves."""
-        return self.slots + (self.num_layers**2 if self.scales else 0)
+        """T, plus W's entries."""
+        return self.slots + self.scale_count
 
     @property
     def last(self) -> int:
@@ -116,14 +121,16 @@ class RouteLayout:
         """A's first repetition on, everything else off (indicator 1 / -1), W = 1."""
         indicator = np.full(self.slots, -1.0)
         indicator[: self.layers[0]] = 1.0
-        scales = np.ones(self.num_layers**2 if self.scales else 0)
-        return np.concatenate([indicator, scales])
+        return np.concatenate([indicator, np.ones(self.scale_count)])
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Box bounds for searches that need them (NSGA-II): indicators in [-1, 1], scales in [0, 2]."""
-        n_scales = self.num_layers**2 if self.scales else 0
-        lower = np.concatenate([np.full(self.slots, INDICATOR_BOUNDS[0]), np.full(n_scales, SCALE_BOUNDS[0])])
-        upper = np.concatenate([np.full(self.slots, INDICATOR_BOUNDS[1]), np.full(n_scales, SCALE_BOUNDS[1])])
+        lower = np.concatenate(
+            [np.full(self.slots, INDICATOR_BOUNDS[0]), np.full(self.scale_count, SCALE_BOUNDS[0])]
+        )
+        upper = np.concatenate(
+            [np.full(self.slots, INDICATOR_BOUNDS[1]), np.full(self.scale_count, SCALE_BOUNDS[1])]
+        )
         return lower, upper
 
     def decode(self, x: np.ndarray) -> tuple[list[int], list[float]]:
@@ -256,9 +263,7 @@ class RouteKind(GenomeKind):
     uses_models = True
 
     def check(self, spec: Any) -> None:
-        refs = spec.seed_refs()
-        if len(set(refs)) != len(refs):
-            raise SpecError("models", "a seed is listed twice")
+        check_distinct_seeds(spec)
 
     def preflight(self, spec: Any, spec_dir: Path | None, resolve: bool = True) -> None:
         if resolve:

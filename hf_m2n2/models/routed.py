@@ -119,8 +119,24 @@ def base_config(seeds: Sequence[Any], stored: Sequence[StoredLayer], dtype: torc
     return config
 
 
-def layer_sources(seeds: Sequence[Any], stored: Sequence[StoredLayer]) -> list[dict[str, Any]]:
-    return [{"seed": seeds[s.seed].name, "layer": s.layer} for s in stored]
+def routed_config(
+    seeds: Sequence[Any],
+    stored: Sequence[StoredLayer],
+    path: Sequence[int],
+    scales: Sequence[float],
+    dtype: torch.dtype,
+    **extra: Any,
+) -> Any:
+    """The `RoutedConfig` of `stored` layers of `seeds` visited along `path` with `scales`."""
+    from hf_m2n2.routed_modeling import RoutedConfig
+
+    return RoutedConfig(
+        base_config=base_config(seeds, stored, dtype),
+        path=list(path),
+        scales=list(scales),
+        layer_sources=[{"seed": seeds[s.seed].name, "layer": s.layer} for s in stored],
+        **extra,
+    )
 
 
 def stored_tensors(seeds: Sequence[Any], stored: Sequence[StoredLayer]) -> list[tuple[str, int, str]]:
@@ -147,31 +163,17 @@ class RoutedLive:
     def __init__(self, seeds: Sequence[Any], dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from accelerate import init_empty_weights
 
-        from hf_m2n2.routed_modeling import RoutedConfig, RoutedForCausalLM
+        from hf_m2n2.live import fill_model
+        from hf_m2n2.routed_modeling import RoutedForCausalLM
 
         self.stored = [StoredLayer(k, i) for k, seed in enumerate(seeds) for i in range(seed.num_layers)]
         initial = list(range(seeds[0].num_layers))
-        config = RoutedConfig(
-            base_config=base_config(seeds, self.stored, dtype),
-            path=initial,
-            scales=[1.0] * len(initial),
-            layer_sources=layer_sources(seeds, self.stored),
-        )
         with init_empty_weights():
-            model = RoutedForCausalLM(config)
-        state = {
-            name: seeds[k].checkpoint.get(source).to(dtype)
-            for name, k, source in stored_tensors(seeds, self.stored)
+            model = RoutedForCausalLM(routed_config(seeds, self.stored, initial, [1.0] * len(initial), dtype))
+        sources = {
+            name: (seeds[k].checkpoint, source) for name, k, source in stored_tensors(seeds, self.stored)
         }
-        wanted = set(model.state_dict())
-        model.load_state_dict({n: t for n, t in state.items() if n in wanted}, strict=False, assign=True)
-        model.tie_weights()
-        empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        if empty:
-            raise CheckpointError(
-                f"{seeds[0].name}: no weights for {len(empty)} parameters (first: {empty[0]})"
-            )
-        self.model = model.to(device).eval()
+        self.model = fill_model(model, sources, dtype, seeds[0].name).to(device).eval()
         self.dtype = dtype
         self.device = torch.device(device)
 
@@ -193,7 +195,7 @@ def write_routed(
     """Write a routed model into the (empty, temporary) directory `out_dir`: the stored tensors streamed from the
     seeds, config.json with `auto_map`, the modeling code, and model A's tokenizer and generation config."""
     from hf_m2n2.outdir import copy_generation_config, copy_tokenizer_files
-    from hf_m2n2.routed_modeling import RoutedConfig, check_route
+    from hf_m2n2.routed_modeling import check_route
     from hf_m2n2.writer import PlannedTensor, ShardedSafetensorsWriter
 
     try:
@@ -214,13 +216,7 @@ def write_routed(
         writer.finish()
     finally:
         writer.abort()
-    config = RoutedConfig(
-        base_config=base_config(seeds, stored, dtype),
-        path=list(path),
-        scales=list(scales),
-        layer_sources=layer_sources(seeds, stored),
-        tie_word_embeddings=tied,
-    )
+    config = routed_config(seeds, stored, path, scales, dtype, tie_word_embeddings=tied)
     config.architectures = ["RoutedForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     config.dtype = str(dtype).removeprefix("torch.")
